@@ -1,0 +1,382 @@
+"""Configs for every fine-tuning method, validated on construction.
+
+`LoraConfig` takes PEFT's field names and meanings, and writes/reads PEFT's `adapter_config.json`.
+The other configs (bottleneck adapters, top-layer and full fine-tuning) are deltatune's own and use
+the same JSON file with their own `peft_type`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "adapter_config.json"
+TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS", "TOKEN_CLS", "SEQ_2_SEQ_LM", "FEATURE_EXTRACTION", "QUESTION_ANS")
+LORA_BIAS = ("none", "all", "lora_only")
+
+
+class ConfigError(ValueError):
+    """A config value is wrong; the message says which one and what is allowed."""
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+def _check_task_type(task_type: str | None) -> None:
+    _check(
+        task_type is None or task_type in TASK_TYPES,
+        f"unknown task_type {task_type!r}; use one of {', '.join(TASK_TYPES)} (or None)",
+    )
+
+
+def _check_str_list(value: Any, name: str, allow_str: bool = True) -> None:
+    if value is None or (allow_str and isinstance(value, str)):
+        return
+    _check(
+        isinstance(value, (list, tuple, set)) and all(isinstance(v, str) for v in value),
+        f"{name} must be a list of module names{' or a regex string' if allow_str else ''}, got {value!r}",
+    )
+
+
+@dataclass
+class _BaseConfig:
+    """Fields every method shares."""
+
+    peft_type: ClassVar[str] = ""
+
+    task_type: str | None = None
+    modules_to_save: list[str] | None = None
+    base_model_name_or_path: str | None = None
+    revision: str | None = None
+    inference_mode: bool = False
+
+    def __post_init__(self) -> None:
+        _check_task_type(self.task_type)
+        _check_str_list(self.modules_to_save, "modules_to_save", allow_str=False)
+        if self.modules_to_save is not None:
+            self.modules_to_save = list(self.modules_to_save)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the config as the JSON-ready dict written to `adapter_config.json`."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        for k, v in out.items():
+            if isinstance(v, (set, tuple)):
+                out[k] = sorted(v) if isinstance(v, set) else list(v)
+        out["peft_type"] = self.peft_type
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, strict: bool = True) -> _BaseConfig:
+        """Build a config from a dict. Unknown keys raise (strict) or are dropped with a warning."""
+        data = dict(data)
+        data.pop("peft_type", None)
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = [k for k in data if k not in names]
+        for k in unknown:
+            data.pop(k)
+            hint = difflib.get_close_matches(k, names, n=1)
+            msg = f"unknown {cls.__name__} key {k!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
+            if strict:
+                raise ConfigError(msg)
+            logger.warning("%s; ignored", msg)
+        return cls(**data)
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write `adapter_config.json` into `directory` atomically."""
+        from deltatune.checkpoint import atomic_write_text
+
+        os.makedirs(directory, exist_ok=True)
+        atomic_write_text(
+            os.path.join(directory, CONFIG_NAME), json.dumps(self.to_dict(), indent=2, sort_keys=True)
+        )
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> _BaseConfig:
+        """Read `adapter_config.json` from `directory` (any method's config, chosen by `peft_type`)."""
+        return load_config(directory)
+
+
+# PEFT's LoRA keys that deltatune reads but does not implement: loading is refused when they hold a
+# value that changes the adapter's numerics, since the outputs would silently differ from PEFT's.
+_PEFT_LORA_INERT = {
+    "alora_invocation_tokens": (None,),
+    "arrow_config": (None,),
+    "auto_mapping": None,  # any value: informational
+    "corda_config": (None,),
+    "ensure_weight_tying": None,
+    "eva_config": (None,),
+    "kasa_config": (None,),
+    "layer_replication": (None,),
+    "loftq_config": ({}, None),
+    "lora_bias": (False,),
+    "lora_ga_config": (None,),
+    "megatron_config": (None,),
+    "megatron_core": None,
+    "monteclora_config": (None,),
+    "peft_version": None,
+    "qalora_group_size": None,
+    "target_parameters": (None, []),
+    "trainable_token_indices": (None,),
+    "use_bdlora": (None, False),
+    "use_qalora": (False,),
+    "velora_config": (None,),
+}
+
+
+@dataclass
+class LoraConfig(_BaseConfig):
+    """LoRA: learn `W' = W + (lora_alpha / r) * B @ A` beside chosen layers (PEFT's names and meanings).
+
+    Args:
+        r: rank of the update.
+        lora_alpha: scaling numerator; the update is scaled by `lora_alpha / r` (or `/ sqrt(r)` with rslora).
+        lora_dropout: dropout on the input of the LoRA branch.
+        target_modules: a list matches module names exactly or as a suffix after a dot; a string is a regex
+            full-matched against the full module name; `"all-linear"` targets every linear layer but the
+            output head; `None` uses the architecture's default (e.g. `q_proj`/`v_proj` for OPT/Llama).
+        exclude_modules: same syntax as `target_modules`; matching modules are never adapted.
+        bias: `"none"`, `"all"` (every bias trains) or `"lora_only"` (biases of adapted layers train).
+        task_type: `CAUSAL_LM`, `SEQ_CLS`, `TOKEN_CLS`, `SEQ_2_SEQ_LM` or `FEATURE_EXTRACTION`; with
+            `SEQ_CLS`/`TOKEN_CLS` the classification head (`classifier` or `score`) trains and is saved.
+        modules_to_save: modules trained in full and saved with the adapter.
+        fan_in_fan_out: the layer stores its weight as `[in, out]` (GPT-2's `Conv1D`; set automatically).
+        use_rslora: scale by `lora_alpha / sqrt(r)`.
+        init_lora_weights: `True` (A Kaiming-uniform, B zero: the model starts unchanged), `"gaussian"`
+            (A normal with std 1/r, B zero), `False` (both random: not a no-op) or `"pissa"` (A and B from the
+            top-r SVD of W; the residual stays in the base weight).
+        layers_to_transform: only adapt layers with these indices.
+        layers_pattern: the name of the layer list the indices refer to (e.g. `"layers"`, `"h"`).
+        rank_pattern: per-module rank overrides, `{name_or_regex: r}`.
+        alpha_pattern: per-module alpha overrides, `{name_or_regex: alpha}`.
+        use_dora: DoRA, a trained magnitude vector per output row (mergeable).
+    """
+
+    peft_type: ClassVar[str] = "LORA"
+
+    r: int = 8
+    lora_alpha: float = 8
+    lora_dropout: float = 0.0
+    target_modules: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
+    bias: str = "none"
+    fan_in_fan_out: bool = False
+    use_rslora: bool = False
+    init_lora_weights: bool | str = True
+    layers_to_transform: list[int] | int | None = None
+    layers_pattern: list[str] | str | None = None
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    use_dora: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(
+            isinstance(self.r, int) and not isinstance(self.r, bool) and self.r > 0,
+            f"r must be a positive integer, got {self.r!r}",
+        )
+        _check(
+            isinstance(self.lora_alpha, (int, float))
+            and not isinstance(self.lora_alpha, bool)
+            and self.lora_alpha > 0,
+            f"lora_alpha must be a positive number, got {self.lora_alpha!r}",
+        )
+        _check(
+            isinstance(self.lora_dropout, (int, float)) and 0 <= self.lora_dropout < 1,
+            f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}",
+        )
+        _check(self.bias in LORA_BIAS, f"unknown bias {self.bias!r}; use one of {', '.join(LORA_BIAS)}")
+        _check(
+            isinstance(self.init_lora_weights, bool) or self.init_lora_weights in ("gaussian", "pissa"),
+            f"unknown init_lora_weights {self.init_lora_weights!r}; use True, False, 'gaussian' or 'pissa'",
+        )
+        _check_str_list(self.target_modules, "target_modules")
+        _check_str_list(self.exclude_modules, "exclude_modules")
+        if isinstance(self.target_modules, (set, tuple)):
+            self.target_modules = (
+                sorted(self.target_modules)
+                if isinstance(self.target_modules, set)
+                else list(self.target_modules)
+            )
+        if isinstance(self.exclude_modules, (set, tuple)):
+            self.exclude_modules = list(self.exclude_modules)
+        if self.layers_to_transform is not None:
+            layers = (
+                [self.layers_to_transform]
+                if isinstance(self.layers_to_transform, int)
+                else self.layers_to_transform
+            )
+            _check(
+                isinstance(layers, (list, tuple)) and all(isinstance(i, int) and i >= 0 for i in layers),
+                f"layers_to_transform must be a non-negative int or a list of them, got {self.layers_to_transform!r}",
+            )
+            _check(
+                not isinstance(self.target_modules, str),
+                "layers_to_transform cannot be used when target_modules is a regex string; put the layer index in the regex",
+            )
+        for key, value in self.rank_pattern.items():
+            _check(
+                isinstance(value, int) and value > 0,
+                f"rank_pattern[{key!r}] must be a positive integer, got {value!r}",
+            )
+        for key, value in self.alpha_pattern.items():
+            _check(
+                isinstance(value, (int, float)) and value > 0,
+                f"alpha_pattern[{key!r}] must be positive, got {value!r}",
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        # PEFT's own keys with their neutral values, so that PEFT reads our file without surprises.
+        out.update(
+            {
+                "lora_bias": False,
+                "layer_replication": None,
+                "loftq_config": {},
+                "megatron_config": None,
+                "megatron_core": "megatron.core",
+                "use_qalora": False,
+                "target_parameters": None,
+                "trainable_token_indices": None,
+            }
+        )
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, strict: bool = True) -> LoraConfig:
+        data = dict(data)
+        for key, neutral in _PEFT_LORA_INERT.items():
+            if key not in data:
+                continue
+            value = data.pop(key)
+            if neutral is not None and value not in neutral:
+                raise ConfigError(
+                    f"this adapter uses PEFT's {key}={value!r}, which deltatune does not implement; "
+                    "load it with peft instead"
+                )
+        return super().from_dict(data, strict=strict)  # type: ignore[return-value]
+
+
+BOTTLENECK_STYLES = ("houlsby", "pfeiffer")
+NON_LINEARITIES = ("relu", "gelu", "swish", "silu", "tanh")
+BOTTLENECK_INITS = ("zeros", "bert")
+
+
+@dataclass
+class BottleneckConfig(_BaseConfig):
+    """Bottleneck adapters `h + up(act(down(h)))` (Houlsby "AdapterH", Pfeiffer/Lin "AdapterL").
+
+    Args:
+        style: `"houlsby"` (after each block's attention output and FFN output projections) or
+            `"pfeiffer"` (after the FFN output projection only).
+        reduction_factor: bottleneck size is `hidden // reduction_factor`.
+        non_linearity: `"relu"`, `"gelu"`, `"swish"` (= `"silu"`) or `"tanh"`.
+        dropout: dropout inside the adapter, after the non-linearity.
+        init: `"zeros"` (up-projection zero: the model starts unchanged) or `"bert"` (normal, std 0.02).
+        attention_output_modules: names/suffixes (or a regex) of the attention output projections,
+            for models deltatune does not know.
+        ffn_output_modules: the same for the feed-forward output projections.
+    """
+
+    peft_type: ClassVar[str] = "BOTTLENECK"
+
+    style: str = "houlsby"
+    reduction_factor: int = 16
+    non_linearity: str = "relu"
+    dropout: float = 0.0
+    init: str = "zeros"
+    attention_output_modules: list[str] | str | None = None
+    ffn_output_modules: list[str] | str | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(self.style in BOTTLENECK_STYLES, f"unknown style {self.style!r}; use 'houlsby' or 'pfeiffer'")
+        _check(
+            isinstance(self.reduction_factor, int)
+            and not isinstance(self.reduction_factor, bool)
+            and self.reduction_factor > 0,
+            f"reduction_factor must be a positive integer, got {self.reduction_factor!r}",
+        )
+        _check(
+            self.non_linearity in NON_LINEARITIES,
+            f"unknown non_linearity {self.non_linearity!r}; use one of {', '.join(NON_LINEARITIES)}",
+        )
+        _check(
+            isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1,
+            f"dropout must be in [0, 1), got {self.dropout!r}",
+        )
+        _check(self.init in BOTTLENECK_INITS, f"unknown init {self.init!r}; use 'zeros' or 'bert'")
+        _check_str_list(self.attention_output_modules, "attention_output_modules")
+        _check_str_list(self.ffn_output_modules, "ffn_output_modules")
+
+
+@dataclass
+class TopLayersConfig(_BaseConfig):
+    """Train only the last `num_layers` transformer blocks and the task head (`0`: the head only).
+
+    Args:
+        num_layers: how many of the top blocks train.
+        blocks_module: the dotted name of the model's `ModuleList` of blocks, when it can't be found.
+        train_final_norm: also train the norm layers after the last block (e.g. `final_layer_norm`).
+    """
+
+    peft_type: ClassVar[str] = "TOP_LAYERS"
+
+    num_layers: int = 2
+    blocks_module: str | None = None
+    train_final_norm: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(
+            isinstance(self.num_layers, int)
+            and not isinstance(self.num_layers, bool)
+            and self.num_layers >= 0,
+            f"num_layers must be a non-negative integer, got {self.num_layers!r}",
+        )
+
+
+@dataclass
+class FullFinetuneConfig(_BaseConfig):
+    """Every weight trains (the article's baseline)."""
+
+    peft_type: ClassVar[str] = "FULL"
+
+
+CONFIG_TYPES: dict[str, type[_BaseConfig]] = {
+    c.peft_type: c for c in (LoraConfig, BottleneckConfig, TopLayersConfig, FullFinetuneConfig)
+}
+AnyConfig = _BaseConfig
+
+
+def config_from_dict(data: dict[str, Any], *, strict: bool = True) -> _BaseConfig:
+    """Build the right config class for `data["peft_type"]`."""
+    peft_type = data.get("peft_type")
+    if peft_type not in CONFIG_TYPES:
+        raise ConfigError(f"unsupported peft_type {peft_type!r}; deltatune reads {', '.join(CONFIG_TYPES)}")
+    return CONFIG_TYPES[peft_type].from_dict(data, strict=strict)
+
+
+def load_config(directory: str | os.PathLike) -> _BaseConfig:
+    """Read an adapter directory's `adapter_config.json`. Unknown keys load with a warning."""
+    path = os.path.join(directory, CONFIG_NAME)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"no {CONFIG_NAME} in {os.fspath(directory)!r}: is this an adapter directory?"
+        )
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a JSON object")
+    return config_from_dict(data, strict=False)

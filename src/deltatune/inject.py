@@ -1,0 +1,211 @@
+"""Find where a method goes in a model and swap modules in and out. Knows no method.
+
+Name matching follows PEFT exactly, so a config means the same module set here and there:
+a list matches full names or suffixes after a dot, a string is a regex full-matched against the full
+module name, and `"all-linear"` is every linear layer but the output head.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Sequence
+
+from torch import nn
+
+ALL_LINEAR = "all-linear"
+
+# PEFT's per-architecture LoRA defaults (config.model_type -> target names).
+DEFAULT_LORA_TARGETS: dict[str, list[str]] = {
+    "gpt2": ["c_attn"],
+    "gpt_neo": ["q_proj", "v_proj"],
+    "gptj": ["q_proj", "v_proj"],
+    "gpt_neox": ["query_key_value"],
+    "gpt_bigcode": ["c_attn"],
+    "opt": ["q_proj", "v_proj"],
+    "bart": ["q_proj", "v_proj"],
+    "llama": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "mixtral": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "qwen3": ["q_proj", "v_proj"],
+    "gemma": ["q_proj", "v_proj"],
+    "gemma2": ["q_proj", "v_proj"],
+    "phi": ["q_proj", "v_proj", "fc1", "fc2"],
+    "phi3": ["qkv_proj"],
+    "falcon": ["query_key_value"],
+    "bloom": ["query_key_value"],
+    "t5": ["q", "v"],
+    "mt5": ["q", "v"],
+    "bert": ["query", "value"],
+    "roberta": ["query", "value"],
+    "xlm-roberta": ["query", "value"],
+    "electra": ["query", "value"],
+    "deberta": ["in_proj"],
+    "deberta-v2": ["query_proj", "value_proj"],
+    "distilbert": ["q_lin", "v_lin"],
+    "albert": ["query", "value"],
+    "mpnet": ["q", "v"],
+}
+
+SEQ_CLS_HEADS = ["classifier", "score"]
+
+
+def model_type(model: nn.Module) -> str | None:
+    """The Hugging Face `config.model_type` of a model, or None for a plain PyTorch model."""
+    config = getattr(model, "config", None)
+    return getattr(config, "model_type", None)
+
+
+def get_module(model: nn.Module, name: str) -> nn.Module:
+    """The submodule at dotted path `name` (`""` is the model itself)."""
+    return model.get_submodule(name) if name else model
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put `new` at dotted path `name`, in place of what was there."""
+    parent_name, _, child = name.rpartition(".")
+    setattr(get_module(model, parent_name), child, new)
+
+
+def matches(name: str, patterns: str | Sequence[str] | None) -> bool:
+    """PEFT's rule: a string is a full-match regex; a list matches exact names or `.suffix`es."""
+    if not patterns:
+        return False
+    if isinstance(patterns, str):
+        return re.fullmatch(patterns, name) is not None
+    return name in patterns or any(name.endswith(f".{p}") for p in patterns)
+
+
+def layer_index(name: str, layers_pattern: str | Sequence[str] | None = None) -> int | None:
+    """The block index in a module name (`model.layers.3.mlp` -> 3), PEFT's way."""
+    if not layers_pattern:
+        m = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
+        return int(m.group("idx")) if m else None
+    for pattern in [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern:
+        m = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", name)
+        if m:
+            return int(m.group("idx"))
+    return None
+
+
+def pattern_key(keys: Iterable[str], name: str) -> str | None:
+    """The `rank_pattern`/`alpha_pattern` key that applies to module `name` (PEFT's rule), if any."""
+    for key in keys:
+        if re.match(rf"(.*\.)?({key})$", name):
+            return key
+    return None
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    """nn.Linear, transformers' Conv1D (duck-typed), or a frozen quantized linear of deltatune."""
+    return (
+        isinstance(module, nn.Linear)
+        or (type(module).__name__ == "Conv1D" and hasattr(module, "nf"))
+        or getattr(module, "is_quantized_linear", False)
+    )
+
+
+def output_head_names(model: nn.Module) -> set[str]:
+    """Names of the modules that produce the model's final outputs (never targeted by `all-linear`)."""
+    heads: set[str] = set()
+    get_out = getattr(model, "get_output_embeddings", None)
+    out = get_out() if callable(get_out) else None
+    for name, module in model.named_modules():
+        if out is not None and module is out:
+            heads.add(name)
+    if not heads:
+        for head in SEQ_CLS_HEADS:
+            if isinstance(getattr(model, head, None), nn.Module):
+                heads.add(head)
+                break
+    return heads
+
+
+def find_targets(
+    model: nn.Module,
+    target_modules: str | Sequence[str] | None,
+    *,
+    adaptable: Callable[[nn.Module], bool],
+    exclude_modules: str | Sequence[str] | None = None,
+    skip: Sequence[str] = (),
+    layers_to_transform: int | Sequence[int] | None = None,
+    layers_pattern: str | Sequence[str] | None = None,
+    what: str = "adapt",
+) -> list[str]:
+    """Names of the modules to adapt, in model order.
+
+    Raises:
+        ValueError: nothing matched, or a matched module is of a type that can't be adapted; the message
+            lists the model's adaptable module names.
+    """
+    if target_modules is None:
+        mtype = model_type(model)
+        if mtype not in DEFAULT_LORA_TARGETS:
+            raise ValueError(
+                f"target_modules is None and there is no default for model type {mtype!r}; pass target_modules "
+                f"explicitly. Adaptable modules: {suggest(model, adaptable)}"
+            )
+        target_modules = DEFAULT_LORA_TARGETS[mtype]
+    if isinstance(target_modules, str) and target_modules.lower() == ALL_LINEAR:
+        heads = output_head_names(model)
+        candidates = [n for n, m in model.named_modules() if n and is_linear_like(m) and n not in heads]
+    else:
+        candidates = [n for n, _ in model.named_modules() if n and matches(n, target_modules)]
+    if layers_to_transform is not None:
+        wanted = {layers_to_transform} if isinstance(layers_to_transform, int) else set(layers_to_transform)
+        candidates = [n for n in candidates if layer_index(n, layers_pattern) in wanted]
+    candidates = [
+        n
+        for n in candidates
+        if not matches(n, exclude_modules) and not any(re.match(rf"(^|.*\.){s}($|\..*)", n) for s in skip)
+    ]
+    # Never nest: drop a candidate that sits inside another candidate (e.g. a wrapped layer's base_layer).
+    candidates = [n for n in candidates if not any(n.startswith(f"{o}.") for o in candidates)]
+    bad = [n for n in candidates if not adaptable(get_module(model, n))]
+    if bad:
+        kinds = sorted({type(get_module(model, n)).__name__ for n in bad})
+        raise ValueError(
+            f"target_modules matched {bad[:5]}{'...' if len(bad) > 5 else ''} of type {', '.join(kinds)}, which can't "
+            f"be adapted. Adaptable modules: {suggest(model, adaptable)}"
+        )
+    if not candidates:
+        raise ValueError(
+            f"target_modules={target_modules!r} matched no module to {what}. "
+            f"Adaptable modules in this model: {suggest(model, adaptable)}"
+        )
+    return candidates
+
+
+def suggest(model: nn.Module, adaptable: Callable[[nn.Module], bool]) -> str:
+    """A short list of the model's adaptable module names (suffixes, then a few full names)."""
+    names = [n for n, m in model.named_modules() if n and adaptable(m)]
+    suffixes = sorted({n.rsplit(".", 1)[-1] for n in names})
+    return f"suffixes {suffixes}; e.g. {names[:4]}" if names else "none found"
+
+
+def find_blocks(model: nn.Module, blocks_module: str | None = None) -> tuple[str, nn.ModuleList]:
+    """The model's main list of transformer blocks: the `nn.ModuleList` holding the most parameters.
+
+    Raises:
+        ValueError: no list of blocks was found (or `blocks_module` isn't one); says how to pass it.
+    """
+    if blocks_module is not None:
+        try:
+            found = get_module(model, blocks_module)
+        except AttributeError:
+            found = None
+        if not isinstance(found, nn.ModuleList):
+            raise ValueError(f"blocks_module={blocks_module!r} is not an nn.ModuleList in this model")
+        return blocks_module, found
+    best: tuple[int, str, nn.ModuleList] | None = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            size = sum(p.numel() for p in module.parameters())
+            if best is None or size > best[0]:
+                best = (size, name, module)
+    if best is None:
+        raise ValueError(
+            "could not find the model's transformer blocks (no nn.ModuleList of layers); pass "
+            "blocks_module='<dotted name of the ModuleList>' explicitly"
+        )
+    return best[1], best[2]

@@ -1,0 +1,469 @@
+"""LoRA: a low-rank update `(alpha / r) * B @ A` beside a frozen layer (Hu et al., 2021), and DoRA.
+
+One wrapper per layer type (the dict at the bottom is the whole dispatch). A wrapper owns its frozen
+`base_layer` next to `lora_A`/`lora_B` dicts keyed by adapter name, so several adapters share one base,
+and the parameter names are PEFT's (`<layer>.lora_A.<adapter>.weight`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deltatune import inject
+from deltatune.config import LoraConfig
+from deltatune.methods.mixed import MIXED, MixedBatch, rows_view
+
+PREFIX = "lora_"
+
+
+def _device(module: nn.Module) -> torch.device:
+    for t in (*module.parameters(), *module.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+class _LoraLayer(nn.Module):
+    """Bookkeeping shared by the LoRA wrappers: adapters by name, which are active, which are merged."""
+
+    is_delta_layer = True
+
+    def __init__(self, base_layer: nn.Module):
+        super().__init__()
+        self.base_layer = base_layer
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.use_dora: dict[str, bool] = {}
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.disabled = False
+        self._stack_key: tuple | None = None
+        self._stack: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def adapters(self) -> list[str]:
+        return list(self.r)
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    def set_active(self, names: Iterable[str]) -> None:
+        self.active_adapters = [n for n in names if n in self.r]
+
+    def _register(self, name: str, r: int, alpha: float, use_rslora: bool, use_dora: bool) -> None:
+        self.r[name] = r
+        self.lora_alpha[name] = alpha
+        self.scaling[name] = alpha / math.sqrt(r) if use_rslora else alpha / r
+        self.use_dora[name] = use_dora
+
+    def delete(self, name: str) -> None:
+        if name in self.merged_adapters:
+            raise ValueError(f"adapter {name!r} is merged into the base; unmerge it before deleting it")
+        for holder in (
+            "lora_A",
+            "lora_B",
+            "lora_dropout",
+            "lora_embedding_A",
+            "lora_embedding_B",
+            "lora_magnitude_vector",
+        ):
+            d = getattr(self, holder, None)
+            if d is not None and name in d:
+                del d[name]
+        for d in (self.r, self.lora_alpha, self.scaling, self.use_dora):
+            d.pop(name, None)
+        self.active_adapters = [n for n in self.active_adapters if n != name]
+
+    def merge(self, adapter_names: Iterable[str] | None = None) -> None:
+        """Add the adapters' deltas into the base weight (idempotent per adapter)."""
+        if getattr(self.base_layer, "is_quantized_linear", False):
+            raise ValueError("cannot merge into a quantized base in place; use merge_and_unload(dtype=...)")
+        weight = self.base_layer.weight
+        for name in list(adapter_names) if adapter_names is not None else list(self.active_adapters):
+            if name not in self.r or name in self.merged_adapters:
+                continue
+            with torch.no_grad():
+                merged = self._merged_weight(name, weight.float())
+                weight.copy_(merged.to(weight.dtype))
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        """Subtract merged deltas again, last merged first (exact up to the base dtype's rounding)."""
+        weight = self.base_layer.weight
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            with torch.no_grad():
+                weight.copy_(self._unmerged_weight(name, weight.float()).to(weight.dtype))
+
+    def _merged_weight(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        return weight + self.delta_weight(name)
+
+    def _unmerged_weight(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        return weight - self.delta_weight(name)
+
+    def _stacked(self, slots: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Adapters of this layer stacked for a mixed batch: `A [n+1, r_max, in]`, `B*scale [n+1, out, r_max]`,
+        slot 0 all zero (the base). Rebuilt only when a weight changed (tracked by tensor versions)."""
+        a_params, b_params = self._ab_params()
+        key = tuple(
+            (n, a_params[n].data_ptr(), a_params[n]._version, b_params[n]._version, self.scaling[n])
+            for n in slots
+        )
+        if key != self._stack_key:
+            r_max = max(self.r[n] for n in slots)
+            a0, b0 = self._ab_matrix(slots[0])
+            with torch.no_grad():
+                a_stack = a0.new_zeros(len(slots) + 1, r_max, a0.shape[1])
+                b_stack = b0.new_zeros(len(slots) + 1, b0.shape[0], r_max)
+                for i, n in enumerate(slots, start=1):
+                    a, b = self._ab_matrix(n)
+                    a_stack[i, : self.r[n]] = a
+                    b_stack[i, :, : self.r[n]] = b * self.scaling[n]
+            self._stack_key, self._stack = key, (a_stack, b_stack)
+        return self._stack  # type: ignore[return-value]
+
+    def _check_mixable(self, mix: MixedBatch) -> tuple[str, ...]:
+        slots = tuple(n for n in self.r if n in set(mix.names))
+        if any(self.use_dora[n] for n in slots):
+            raise ValueError(
+                "mixed-adapter batches do not support DoRA adapters; run them one adapter at a time"
+            )
+        return slots
+
+
+class LoraLinear(_LoraLayer):
+    """LoRA beside `nn.Linear`, transformers' `Conv1D` (weight stored `[in, out]`) or a frozen quantized linear."""
+
+    def __init__(self, base_layer: nn.Module):
+        super().__init__(base_layer)
+        self.fan_in_fan_out = _is_conv1d(base_layer)
+        if self.fan_in_fan_out:
+            self.in_features, self.out_features = base_layer.weight.shape
+        else:
+            self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.lora_dropout = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ParameterDict()
+        self._dora_norms: dict[str, torch.Tensor] = {}
+
+    def base_weight(self) -> torch.Tensor:
+        """The frozen weight as `[out, in]` (dequantized if the base is quantized)."""
+        if getattr(self.base_layer, "is_quantized_linear", False):
+            return self.base_layer.dequantize()
+        w = self.base_layer.weight
+        return w.T if self.fan_in_fan_out else w
+
+    def add(self, name: str, r: int, alpha: float, config: LoraConfig) -> None:
+        self._register(name, r, alpha, config.use_rslora, config.use_dora)
+        device = _device(self.base_layer)
+        self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, device=device, dtype=torch.float32)
+        self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, device=device, dtype=torch.float32)
+        self.lora_dropout[name] = (
+            nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
+        )
+        self._init_weights(name, config.init_lora_weights)
+        if config.use_dora:
+            with torch.no_grad():
+                norm = self._weight_norm(self.base_weight().float(), name)
+            self.lora_magnitude_vector[name] = nn.Parameter(norm)
+        self.set_active([*self.active_adapters, name] if not self.active_adapters else self.active_adapters)
+
+    def _init_weights(self, name: str, init: bool | str) -> None:
+        a, b = self.lora_A[name].weight, self.lora_B[name].weight
+        with torch.no_grad():
+            if init is False:
+                return
+            if init == "pissa":
+                self._pissa_init(name)
+                return
+            if init == "gaussian":
+                nn.init.normal_(a, std=1 / self.r[name])
+            else:
+                nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+            nn.init.zeros_(b)
+
+    def _pissa_init(self, name: str) -> None:
+        if getattr(self.base_layer, "is_quantized_linear", False):
+            raise ValueError(
+                "init_lora_weights='pissa' needs a float base; it can't rewrite a quantized weight"
+            )
+        weight = self.base_weight().float()
+        u, s, vh = torch.linalg.svd(weight, full_matrices=False)
+        r, scale = self.r[name], self.scaling[name]
+        sr = s[:r] / scale
+        self.lora_A[name].weight.copy_(torch.diag(sr.sqrt()) @ vh[:r])
+        self.lora_B[name].weight.copy_(u[:, :r] @ torch.diag(sr.sqrt()))
+        residual = weight - scale * self.lora_B[name].weight @ self.lora_A[name].weight
+        base = self.base_layer.weight
+        base.copy_((residual.T if self.fan_in_fan_out else residual).to(base.dtype))
+
+    def _ab_params(self) -> tuple[dict, dict]:
+        return ({n: m.weight for n, m in self.lora_A.items()}, {n: m.weight for n, m in self.lora_B.items()})
+
+    def _ab_matrix(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.lora_A[name].weight, self.lora_B[name].weight
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """`scale * B @ A` in the base weight's own layout, fp32."""
+        delta = (self.lora_B[name].weight.float() @ self.lora_A[name].weight.float()) * self.scaling[name]
+        return delta.T if self.fan_in_fan_out else delta
+
+    def _weight_norm(self, weight_oi: torch.Tensor, name: str) -> torch.Tensor:
+        lora = self.lora_B[name].weight.float() @ self.lora_A[name].weight.float()
+        return torch.linalg.norm(weight_oi + self.scaling[name] * lora, dim=1)
+
+    def _merged_weight(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        merged = weight + self.delta_weight(name)
+        if not self.use_dora[name]:
+            return merged
+        # DoRA: W' = m * (W + dW) / ||W + dW||, row norms over the input dimension; the norms are kept so
+        # that unmerging can invert it exactly.
+        merged_oi = merged.T if self.fan_in_fan_out else merged
+        norm = torch.linalg.norm(merged_oi, dim=1, keepdim=True)
+        self._dora_norms[name] = norm
+        out = merged_oi * (self.lora_magnitude_vector[name].float().unsqueeze(1) / norm)
+        return out.T if self.fan_in_fan_out else out
+
+    def _unmerged_weight(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        if not self.use_dora[name]:
+            return weight - self.delta_weight(name)
+        w_oi = weight.T if self.fan_in_fan_out else weight
+        delta = self.delta_weight(name)
+        delta_oi = delta.T if self.fan_in_fan_out else delta
+        orig = (
+            w_oi * (self._dora_norms.pop(name) / self.lora_magnitude_vector[name].float().unsqueeze(1))
+            - delta_oi
+        )
+        return orig.T if self.fan_in_fan_out else orig
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        mix = MIXED.get()
+        if self.disabled or self.merged_adapters or not self.active_adapters and mix is None:
+            return self.base_layer(x, *args, **kwargs)
+        if mix is not None:
+            return self._forward_mixed(x, mix)
+        result = self.base_layer(x, *args, **kwargs)
+        for name in self.active_adapters:
+            lora_a, lora_b = self.lora_A[name], self.lora_B[name]
+            xd = self.lora_dropout[name](x.to(lora_a.weight.dtype))
+            if self.use_dora[name]:
+                result = result + self._dora_delta(
+                    xd,
+                    result,
+                    name,
+                    dropped=not isinstance(self.lora_dropout[name], nn.Identity) and self.training,
+                ).to(result.dtype)
+            else:
+                result = result + (lora_b(lora_a(xd)) * self.scaling[name]).to(result.dtype)
+        return result
+
+    def _dora_delta(
+        self, x: torch.Tensor, base_result: torch.Tensor, name: str, dropped: bool
+    ) -> torch.Tensor:
+        """PEFT's DoRA forward: `(m/||W+sBA|| - 1) * W x + m/||W+sBA|| * s * B A x` (norm detached)."""
+        weight = self.base_weight().to(x.dtype)
+        with torch.no_grad():
+            norm = self._weight_norm(weight.float(), name).to(x.dtype)
+        scale = (self.lora_magnitude_vector[name] / norm).view(*([1] * (x.dim() - 1)), -1)
+        lora = self.lora_B[name](self.lora_A[name](x))
+        if dropped:
+            base = F.linear(x, weight)
+        else:
+            bias = getattr(self.base_layer, "bias", None)
+            base = base_result.to(x.dtype) - (bias.to(x.dtype) if bias is not None else 0)
+        return (scale - 1) * base + scale * lora * self.scaling[name]
+
+    def _forward_mixed(self, x: torch.Tensor, mix: MixedBatch) -> torch.Tensor:
+        result = self.base_layer(x)
+        slots = self._check_mixable(mix)
+        if not slots:
+            return result
+        a_stack, b_stack = self._stacked(slots)
+        rows = mix.rows(slots, x.device)
+        x3 = rows_view(x, len(mix)).to(a_stack.dtype)
+        h = torch.bmm(x3, a_stack[rows].transpose(1, 2))
+        delta = torch.bmm(h, b_stack[rows].transpose(1, 2))
+        return result + delta.reshape(result.shape).to(result.dtype)
+
+    def extra_repr(self) -> str:
+        return f"adapters={self.adapters}, r={self.r}, fan_in_fan_out={self.fan_in_fan_out}"
+
+
+class LoraEmbedding(_LoraLayer):
+    """LoRA beside `nn.Embedding`: `lora_embedding_A [r, vocab]`, `lora_embedding_B [dim, r]` (PEFT's names)."""
+
+    def __init__(self, base_layer: nn.Embedding):
+        super().__init__(base_layer)
+        self.lora_embedding_A = nn.ParameterDict()
+        self.lora_embedding_B = nn.ParameterDict()
+
+    def add(self, name: str, r: int, alpha: float, config: LoraConfig) -> None:
+        if config.use_dora:
+            raise ValueError(
+                "use_dora is supported on linear layers only, not on nn.Embedding; exclude the embedding"
+            )
+        if config.init_lora_weights == "pissa":
+            raise ValueError(
+                "init_lora_weights='pissa' is supported on linear layers only, not on nn.Embedding"
+            )
+        self._register(name, r, alpha, config.use_rslora, False)
+        weight = self.base_layer.weight
+        a = torch.empty(r, weight.shape[0], device=weight.device, dtype=torch.float32)
+        b = torch.empty(weight.shape[1], r, device=weight.device, dtype=torch.float32)
+        if config.init_lora_weights is False:
+            nn.init.normal_(a)
+            nn.init.normal_(b)
+        else:
+            nn.init.zeros_(a)
+            nn.init.normal_(b)
+        self.lora_embedding_A[name] = nn.Parameter(a)
+        self.lora_embedding_B[name] = nn.Parameter(b)
+        self.set_active(self.active_adapters or [name])
+
+    def _ab_params(self) -> tuple[dict, dict]:
+        return dict(self.lora_embedding_A.items()), dict(self.lora_embedding_B.items())
+
+    def _ab_matrix(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        # As a linear map from one-hot rows: A is [r, vocab], B is [dim, r].
+        return self.lora_embedding_A[name], self.lora_embedding_B[name]
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        b, a = self.lora_embedding_B[name].float(), self.lora_embedding_A[name].float()
+        return (b @ a).T * self.scaling[name]
+
+    def _embed(self, ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        base = self.base_layer
+        return F.embedding(
+            ids, table, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse
+        )
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        mix = MIXED.get()
+        if self.disabled or self.merged_adapters or not self.active_adapters and mix is None:
+            return self.base_layer(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        if mix is not None:
+            slots = self._check_mixable(mix)
+            if not slots:
+                return result
+            a_stack, b_stack = self._stacked(slots)  # [n+1, r, vocab], [n+1, dim, r]
+            rows = mix.rows(slots, x.device)
+            ids = x.reshape(len(mix), -1)
+            after_a = a_stack[rows[:, None], :, ids]  # [B, S, r]
+            delta = torch.bmm(after_a, b_stack[rows].transpose(1, 2))
+            return result + delta.reshape(result.shape).to(result.dtype)
+        for name in self.active_adapters:
+            after_a = self._embed(x, self.lora_embedding_A[name].T)
+            result = result + (after_a @ self.lora_embedding_B[name].T * self.scaling[name]).to(result.dtype)
+        return result
+
+    def extra_repr(self) -> str:
+        return f"adapters={self.adapters}, r={self.r}"
+
+
+def wrapper_for(module: nn.Module) -> type[_LoraLayer] | None:
+    """The LoRA wrapper class for a layer type, or None if LoRA can't adapt it."""
+    if isinstance(module, _LoraLayer):
+        return type(module)
+    if isinstance(module, nn.Embedding):
+        return LoraEmbedding
+    if inject.is_linear_like(module):
+        return LoraLinear
+    return None
+
+
+def is_adaptable(module: nn.Module) -> bool:
+    return wrapper_for(module) is not None
+
+
+def inject_adapter(
+    model: nn.Module, config: LoraConfig, adapter_name: str, skip: Iterable[str] = ()
+) -> list[str]:
+    """Wrap every target of `config` with LoRA (or add `adapter_name` to an existing wrapper).
+
+    Returns:
+        The names of the adapted modules.
+    """
+    targets = inject.find_targets(
+        model,
+        config.target_modules,
+        adaptable=is_adaptable,
+        exclude_modules=config.exclude_modules,
+        skip=list(skip),
+        layers_to_transform=config.layers_to_transform,
+        layers_pattern=config.layers_pattern,
+    )
+    # Targets inside an existing wrapper (`x.base_layer`) mean the wrapper itself.
+    targets = [t[: -len(".base_layer")] if t.endswith(".base_layer") else t for t in targets]
+    for name in dict.fromkeys(targets):
+        module = inject.get_module(model, name)
+        key = inject.pattern_key(config.rank_pattern, name)
+        r = config.rank_pattern[key] if key is not None else config.r
+        key = inject.pattern_key(config.alpha_pattern, name)
+        alpha = config.alpha_pattern[key] if key is not None else config.lora_alpha
+        if not isinstance(module, _LoraLayer):
+            module = wrapper_for(module)(module)  # type: ignore[misc]
+            inject.replace_module(model, name, module)
+        if adapter_name in module.r:
+            raise ValueError(f"module {name!r} already has an adapter named {adapter_name!r}")
+        module.add(adapter_name, r, alpha, config)
+    return list(dict.fromkeys(targets))
+
+
+def layers(model: nn.Module) -> list[tuple[str, _LoraLayer]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, _LoraLayer)]
+
+
+def is_adapter_param(name: str, adapter_name: str) -> bool:
+    """Whether a parameter name (relative to the model) belongs to LoRA adapter `adapter_name`."""
+    return PREFIX in name and (f".{adapter_name}." in name or name.endswith(f".{adapter_name}"))
+
+
+# PEFT's saved names drop the adapter name: `q_proj.lora_A.default.weight` <-> `q_proj.lora_A.weight`.
+_HOLDERS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+
+
+def saved_key(name: str, adapter_name: str) -> str:
+    for holder in _HOLDERS:
+        name = name.replace(f".{holder}.{adapter_name}", f".{holder}")
+    return name
+
+
+def internal_key(key: str, adapter_name: str) -> str:
+    if key.endswith(".lora_magnitude_vector.weight"):  # older PEFT releases
+        key = key[: -len(".weight")]
+    for holder in _HOLDERS:
+        key = key.replace(f".{holder}.", f".{holder}.{adapter_name}.")
+        if key.endswith(f".{holder}"):
+            key = f"{key}.{adapter_name}"
+    return key
+
+
+def adapter_param_names(model: nn.Module, config: LoraConfig, adapter_name: str) -> list[str]:
+    """LoRA's parameters of `adapter_name`, plus the biases that `config.bias` trains."""
+    names = [n for n, _ in model.named_parameters() if is_adapter_param(n, adapter_name)]
+    if config.bias == "all":
+        names += [
+            n
+            for n, _ in model.named_parameters()
+            if n.endswith(".bias")
+            and PREFIX not in n
+            and ".original_module." not in n
+            and ".modules_to_save." not in n
+        ]
+    elif config.bias == "lora_only":
+        for layer_name, layer in layers(model):
+            if adapter_name in layer.r and getattr(layer.base_layer, "bias", None) is not None:
+                names.append(f"{layer_name}.base_layer.bias")
+    return list(dict.fromkeys(names))

@@ -1,0 +1,420 @@
+"""The wrapped model: a base model plus named deltas (adapters), PEFT's API and on-disk format.
+
+`get_peft_model(model, config)` puts a method into the model in place and returns a `PeftModel`;
+`PeftModel.from_pretrained(base, directory)` loads an adapter saved here or by PEFT.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from deltatune import checkpoint, inject
+from deltatune.config import AnyConfig, LoraConfig, load_config
+from deltatune.methods import method_for
+from deltatune.methods import modules_to_save as mts
+from deltatune.methods.mixed import BASE, MIXED, MixedBatch
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_ADAPTER = "default"
+# Methods that train base weights themselves: one "adapter" per model, nothing to disable or swap.
+_IN_PLACE = ("FULL", "TOP_LAYERS")
+
+
+def get_peft_model(
+    model: nn.Module, peft_config: AnyConfig, adapter_name: str = DEFAULT_ADAPTER
+) -> PeftModel:
+    """Put `peft_config`'s method into `model` (in place) and return the wrapped model.
+
+    Args:
+        model: a PyTorch or Hugging Face `transformers` model.
+        peft_config: `LoraConfig`, `BottleneckConfig`, `TopLayersConfig` or `FullFinetuneConfig`.
+        adapter_name: name of the first adapter.
+    """
+    return PeftModel(model, peft_config, adapter_name)
+
+
+class PeftModel(nn.Module):
+    """A base model with named adapters: forward/generate pass through, adapters merge, swap and save."""
+
+    def __init__(self, model: nn.Module, peft_config: AnyConfig, adapter_name: str = DEFAULT_ADAPTER):
+        super().__init__()
+        if isinstance(model, PeftModel):
+            raise ValueError("this model is already wrapped; use add_adapter() to add another adapter")
+        self.base_model = model
+        self.peft_config: dict[str, AnyConfig] = {}
+        self.active_adapter: str = adapter_name
+        self._inject(adapter_name, peft_config)
+        self.set_adapter(adapter_name)
+
+    # ---- attribute passthrough -------------------------------------------------------------------
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    def get_base_model(self) -> nn.Module:
+        """The underlying model (with the adapter layers still in it)."""
+        return self.base_model
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return [self.active_adapter]
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.peft_config)
+
+    # ---- adding, choosing and removing adapters ----------------------------------------------------
+    def _inject(self, adapter_name: str, config: AnyConfig) -> None:
+        _check_adapter_name(adapter_name)
+        if adapter_name in self.peft_config:
+            raise ValueError(f"an adapter named {adapter_name!r} exists already; pick another name")
+        if self.peft_config:
+            first = next(iter(self.peft_config.values()))
+            if first.peft_type != config.peft_type or config.peft_type in _IN_PLACE:
+                raise ValueError(
+                    f"this model holds a {first.peft_type} adapter; another {config.peft_type} adapter can't be added "
+                    "to it (several adapters are supported for LoRA and bottleneck adapters of one kind)"
+                )
+        config = _with_task_defaults(config, self.base_model)
+        if config.base_model_name_or_path is None:
+            config.base_model_name_or_path = getattr(self.base_model, "name_or_path", None) or None
+        method = method_for(config.peft_type)
+        skip = config.modules_to_save or []
+        try:
+            method.inject_adapter(self.base_model, config, adapter_name, skip=skip)
+            if config.modules_to_save:
+                found = mts.inject_modules(self.base_model, config.modules_to_save, adapter_name)
+                if not found and not _is_auto_heads(config):
+                    raise ValueError(
+                        f"modules_to_save={config.modules_to_save} matched no module of the model"
+                    )
+        except Exception:
+            self._remove_from_layers(adapter_name)
+            raise
+        self.peft_config[adapter_name] = config
+
+    def add_adapter(self, adapter_name: str, peft_config: AnyConfig) -> None:
+        """Add a new, untrained adapter next to the existing ones (the active adapter doesn't change)."""
+        self._inject(adapter_name, peft_config)
+        self.set_adapter(self.active_adapter)
+
+    def set_adapter(self, adapter_name: str) -> None:
+        """Make `adapter_name` the active adapter; only its parameters train (unless in inference mode)."""
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"no adapter named {adapter_name!r}; loaded adapters: {self.adapter_names}")
+        self.active_adapter = adapter_name
+        for _, layer in self._delta_layers():
+            layer.set_active([adapter_name])
+        self._mark_trainable()
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove an adapter and its weights; layers left with no adapter go back to plain layers."""
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"no adapter named {adapter_name!r}; loaded adapters: {self.adapter_names}")
+        if len(self.peft_config) == 1:
+            raise ValueError(
+                f"{adapter_name!r} is the only adapter; use unload() to get the plain base model back"
+            )
+        self._remove_from_layers(adapter_name)
+        del self.peft_config[adapter_name]
+        if self.active_adapter == adapter_name:
+            self.active_adapter = next(iter(self.peft_config))
+        self.set_adapter(self.active_adapter)
+
+    def _remove_from_layers(self, adapter_name: str) -> None:
+        for name, layer in self._delta_layers():
+            if adapter_name in layer.adapters:
+                layer.delete(adapter_name)
+            if not layer.adapters:
+                inject.replace_module(self.base_model, name, layer.base_layer)
+
+    def _delta_layers(self) -> list[tuple[str, nn.Module]]:
+        return [(n, m) for n, m in self.base_model.named_modules() if getattr(m, "is_delta_layer", False)]
+
+    def _adapter_param_names(self, adapter_name: str) -> list[str]:
+        config = self.peft_config[adapter_name]
+        names = method_for(config.peft_type).adapter_param_names(self.base_model, config, adapter_name)
+        names += [n for n, _ in self.base_model.named_parameters() if mts.is_adapter_param(n, adapter_name)]
+        return list(dict.fromkeys(names))
+
+    def _mark_trainable(self) -> None:
+        for p in self.base_model.parameters():
+            p.requires_grad_(False)
+        config = self.peft_config[self.active_adapter]
+        if config.inference_mode:
+            return
+        params = dict(self.base_model.named_parameters())
+        for name in self._adapter_param_names(self.active_adapter):
+            params[name].requires_grad_(True)
+
+    # ---- forward -----------------------------------------------------------------------------------
+    def forward(self, *args, adapter_names: list[str] | None = None, **kwargs):
+        """The base model's forward; `adapter_names` gives each row of the batch its own adapter."""
+        if adapter_names is None:
+            return self.base_model(*args, **kwargs)
+        with self._mixed_batch(adapter_names, args, kwargs):
+            return self.base_model(*args, **kwargs)
+
+    def generate(self, *args, adapter_names: list[str] | None = None, **kwargs):
+        """The base model's `generate`; `adapter_names` as in `forward`."""
+        if adapter_names is None:
+            return self.base_model.generate(*args, **kwargs)
+        with self._mixed_batch(adapter_names, args, kwargs):
+            return self.base_model.generate(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def _mixed_batch(self, adapter_names: list[str], args: tuple, kwargs: dict) -> Iterator[None]:
+        if isinstance(adapter_names, str) or not isinstance(adapter_names, (list, tuple)):
+            raise ValueError("adapter_names must be a list with one adapter name per row of the batch")
+        unknown = sorted({n for n in adapter_names if n != BASE and n not in self.peft_config})
+        if unknown:
+            raise ValueError(
+                f"unknown adapter(s) {unknown} in adapter_names; loaded adapters: {self.adapter_names} (and '{BASE}')"
+            )
+        batch = _batch_size(args, kwargs)
+        if batch is not None and batch != len(adapter_names):
+            raise ValueError(f"adapter_names has {len(adapter_names)} entries but the batch has {batch} rows")
+        if self.training:
+            raise ValueError("mixed-adapter batches are for inference; call model.eval() first")
+        if any(layer.merged_adapters for _, layer in self._delta_layers()):
+            raise ValueError("mixed-adapter batches need unmerged adapters; call unmerge_adapter() first")
+        if self.peft_config[self.active_adapter].peft_type in _IN_PLACE:
+            raise ValueError(
+                "mixed-adapter batches need adapters (LoRA or bottleneck), not full/top-layer fine-tuning"
+            )
+        token = MIXED.set(MixedBatch(list(adapter_names)))
+        try:
+            yield
+        finally:
+            MIXED.reset(token)
+
+    # ---- merging, disabling, unloading --------------------------------------------------------------
+    def merge_adapter(self, adapter_names: list[str] | None = None) -> None:
+        """Merge the active adapter (or `adapter_names`) into the base weights; idempotent."""
+        for _, layer in self._delta_layers():
+            layer.merge(adapter_names if adapter_names is not None else layer.active_adapters)
+
+    def unmerge_adapter(self) -> None:
+        """Undo `merge_adapter`; idempotent."""
+        for _, layer in self._delta_layers():
+            layer.unmerge()
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Within the block the model computes exactly what the base model computes."""
+        if self.peft_config[self.active_adapter].peft_type in _IN_PLACE:
+            raise ValueError(
+                f"{self.peft_config[self.active_adapter].peft_type} fine-tuning changes the base weights themselves; "
+                "there is no separate base to fall back to"
+            )
+        layers = self._delta_layers()
+        merged = {name: list(layer.merged_adapters) for name, layer in layers}
+        for _, layer in layers:
+            layer.unmerge()
+            layer.disabled = True
+        try:
+            yield
+        finally:
+            for name, layer in layers:
+                layer.disabled = False
+                if merged[name]:
+                    layer.merge(merged[name])
+
+    def merge_and_unload(self, adapter_names: list[str] | None = None, **kwargs) -> nn.Module:
+        """Merge the active adapter into the base and return the plain model, with no trace of deltatune."""
+        self.merge_adapter(adapter_names)
+        return self._unwrap(merge=True, **kwargs)
+
+    def unload(self) -> nn.Module:
+        """Remove every adapter without merging and return the plain base model."""
+        self.unmerge_adapter()
+        return self._unwrap(merge=False)
+
+    def _unwrap(self, merge: bool, **kwargs) -> nn.Module:
+        for name, layer in self._delta_layers():
+            if isinstance(layer, mts.ModulesToSave):
+                replacement = layer.active_module() if merge else layer.original_module
+            else:
+                replacement = layer.unwrapped(**kwargs) if hasattr(layer, "unwrapped") else layer.base_layer
+            inject.replace_module(self.base_model, name, replacement)
+        model = self.base_model
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+
+    # ---- parameters --------------------------------------------------------------------------------
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """(trainable, all) parameter counts, counted as PEFT counts them."""
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.parameters())
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        """Print PEFT's line: `trainable params: X || all params: Y || trainable%: Z`."""
+        trainable, total = self.get_nb_trainable_parameters()
+        print(
+            f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
+        )
+
+    # ---- saving and loading -------------------------------------------------------------------------
+    def adapter_state_dict(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
+        """The tensors of one adapter under PEFT's keys (`base_model.model.<path>...`)."""
+        adapter_name = adapter_name or self.active_adapter
+        method = method_for(self.peft_config[adapter_name].peft_type)
+        params = dict(self.base_model.named_parameters())
+        out = {}
+        for name in self._adapter_param_names(adapter_name):
+            key = mts.saved_key(method.saved_key(name, adapter_name), adapter_name)
+            out[checkpoint.KEY_PREFIX + key] = params[name]
+        return out
+
+    def save_pretrained(
+        self, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None, **_: object
+    ) -> None:
+        """Write each adapter as PEFT does: the default one in `save_directory`, others in sub-folders.
+
+        Each file is written to a temp file and renamed, so a crash mid-save leaves the old adapter intact.
+        """
+        save_directory = os.fspath(save_directory)
+        if os.path.isfile(save_directory):
+            raise ValueError(f"{save_directory!r} is a file; save_pretrained needs a directory")
+        for name in selected_adapters or self.adapter_names:
+            if name not in self.peft_config:
+                raise ValueError(f"no adapter named {name!r}; loaded adapters: {self.adapter_names}")
+            directory = save_directory if name == DEFAULT_ADAPTER else os.path.join(save_directory, name)
+            config = self.peft_config[name].to_dict()
+            config["inference_mode"] = True
+            checkpoint.save_adapter(directory, self.adapter_state_dict(name), config)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: nn.Module,
+        model_id: str | os.PathLike,
+        adapter_name: str = DEFAULT_ADAPTER,
+        is_trainable: bool = False,
+        config: AnyConfig | None = None,
+        **_: object,
+    ) -> PeftModel:
+        """Load an adapter directory (saved here or by PEFT) onto `model`.
+
+        Raises:
+            CheckpointError: the files are missing or corrupt, or their shapes don't fit `model` (every mismatch
+                is named, and `model` is left as it was).
+        """
+        directory = os.fspath(model_id)
+        config = config or load_config(directory)
+        config.inference_mode = not is_trainable
+        tensors = checkpoint.load_adapter_weights(directory)
+        peft = cls(model, config, adapter_name)
+        try:
+            peft._load_tensors(adapter_name, tensors, directory)
+        except Exception:
+            peft.unload()
+            raise
+        peft.set_adapter(adapter_name)
+        if not is_trainable:
+            peft.eval()
+        return peft
+
+    def load_adapter(
+        self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False, **_: object
+    ) -> None:
+        """Load another adapter directory under `adapter_name` (the active adapter doesn't change)."""
+        directory = os.fspath(model_id)
+        config = load_config(directory)
+        config.inference_mode = not is_trainable
+        tensors = checkpoint.load_adapter_weights(directory)
+        self.add_adapter(adapter_name, config)
+        try:
+            self._load_tensors(adapter_name, tensors, directory)
+        except Exception:
+            self._remove_from_layers(adapter_name)
+            del self.peft_config[adapter_name]
+            raise
+
+    def _load_tensors(self, adapter_name: str, tensors: dict[str, torch.Tensor], where: str) -> None:
+        method = method_for(self.peft_config[adapter_name].peft_type)
+        wrappers = [n for n, m in self.base_model.named_modules() if isinstance(m, mts.ModulesToSave)]
+        found = {}
+        for key, tensor in tensors.items():
+            key = key.removeprefix(checkpoint.KEY_PREFIX)
+            for w in wrappers:
+                if (
+                    key.startswith(f"{w}.")
+                    and not key.startswith(f"{w}.modules_to_save.")
+                    and not key.startswith(f"{w}.original_module.")
+                ):
+                    key = f"{w}.modules_to_save.{adapter_name}.{key[len(w) + 1 :]}"
+                    break
+            found[method.internal_key(key, adapter_name)] = tensor
+        params = dict(self.base_model.named_parameters())
+        expected = {n: params[n].shape for n in self._adapter_param_names(adapter_name)}
+        # Tensors a PEFT checkpoint may add (a targeted embedding's base weight, say) load into the base.
+        extra = {k: params[k].shape for k in found if k not in expected and k in params}
+        checkpoint.check_shapes({**expected, **extra}, found, where)
+        with torch.no_grad():
+            for key, tensor in found.items():
+                params[key].copy_(tensor.to(params[key].dtype))
+        for _, layer in self._delta_layers():
+            if hasattr(layer, "_stack_key"):
+                layer._stack_key = None
+
+
+def _check_adapter_name(name: str) -> None:
+    if (
+        not isinstance(name, str)
+        or not name
+        or name == BASE
+        or "/" in name
+        or "\\" in name
+        or ".." in name
+        or "." in name
+    ):
+        raise ValueError(
+            f"invalid adapter name {name!r}: use a plain name without '.', '/' or '..' (and not '{BASE}')"
+        )
+
+
+def _is_auto_heads(config: AnyConfig) -> bool:
+    return (
+        config.task_type in ("SEQ_CLS", "TOKEN_CLS")
+        and config.modules_to_save is not None
+        and set(inject.SEQ_CLS_HEADS) <= set(config.modules_to_save)
+    )
+
+
+def _with_task_defaults(config: AnyConfig, model: nn.Module) -> AnyConfig:
+    """For classification tasks the head trains and is saved (PEFT adds `classifier` and `score`)."""
+    if config.task_type in ("SEQ_CLS", "TOKEN_CLS") and config.peft_type != "FULL":
+        extra = [h for h in inject.SEQ_CLS_HEADS if h not in (config.modules_to_save or [])]
+        config.modules_to_save = [*(config.modules_to_save or []), *extra]
+    if (
+        isinstance(config, LoraConfig)
+        and config.target_modules is None
+        and inject.model_type(model) in inject.DEFAULT_LORA_TARGETS
+    ):
+        config.target_modules = list(inject.DEFAULT_LORA_TARGETS[inject.model_type(model)])
+    return config
+
+
+def _batch_size(args: tuple, kwargs: dict) -> int | None:
+    for key in ("input_ids", "inputs_embeds", "x"):
+        value = kwargs.get(key)
+        if isinstance(value, torch.Tensor):
+            return value.shape[0]
+    for value in args:
+        if isinstance(value, torch.Tensor):
+            return value.shape[0]
+    return None
