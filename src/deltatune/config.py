@@ -380,3 +380,37 @@ def load_config(directory: str | os.PathLike) -> _BaseConfig:
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a JSON object")
     return config_from_dict(data, strict=False)
+
+
+# Method names as the command line and the train/compare configs spell them, each with its config class,
+# its defaults, the quantization of the frozen base (QLoRA) and a learning rate that suits it: adapters and
+# LoRA need a larger one than full fine-tuning, so one shared rate would rig a comparison.
+METHODS: dict[str, dict[str, Any]] = {
+    "full": {"config": FullFinetuneConfig, "args": {}, "quantize": None, "lr": 5e-5},
+    "top-layers": {"config": TopLayersConfig, "args": {"num_layers": 2}, "quantize": None, "lr": 2e-4},
+    "houlsby": {"config": BottleneckConfig, "args": {"style": "houlsby"}, "quantize": None, "lr": 1e-3},
+    "pfeiffer": {"config": BottleneckConfig, "args": {"style": "pfeiffer"}, "quantize": None, "lr": 1e-3},
+    "lora": {"config": LoraConfig, "args": {"r": 8, "lora_alpha": 16}, "quantize": None, "lr": 1e-3},
+    "dora": {"config": LoraConfig, "args": {"r": 8, "lora_alpha": 16, "use_dora": True}, "quantize": None, "lr": 1e-3},
+    "qlora-nf4": {"config": LoraConfig, "args": {"r": 8, "lora_alpha": 16}, "quantize": "nf4", "lr": 1e-3},
+    "qlora-int8": {"config": LoraConfig, "args": {"r": 8, "lora_alpha": 16}, "quantize": "int8", "lr": 1e-3},
+}
+
+
+def method_config(method: str, task_type: str | None = None, **overrides: Any) -> tuple[_BaseConfig, str | None]:
+    """The config for a method name (`"lora"`, `"houlsby"`, ...) and the quantization its base needs.
+
+    Args:
+        method: one of `METHODS`.
+        task_type: the PEFT task type (e.g. `"SEQ_CLS"`, `"CAUSAL_LM"`).
+        **overrides: config fields that replace the method's defaults (a wrong name raises, suggesting one).
+    """
+    if method not in METHODS:
+        hint = difflib.get_close_matches(method, METHODS, n=1)
+        raise ConfigError(
+            f"unknown method {method!r}{f' (did you mean {hint[0]!r}?)' if hint else ''}; "
+            f"deltatune has {', '.join(METHODS)}"
+        )
+    spec = METHODS[method]
+    args = {**spec["args"], **overrides, "task_type": task_type}
+    return spec["config"].from_dict(args, strict=True), spec["quantize"]
