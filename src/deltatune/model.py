@@ -202,8 +202,34 @@ class PeftModel(nn.Module):
     # ---- merging, disabling, unloading --------------------------------------------------------------
     def merge_adapter(self, adapter_names: list[str] | None = None) -> None:
         """Merge the active adapter (or `adapter_names`) into the base weights; idempotent."""
-        for _, layer in self._delta_layers():
+        layers = self._delta_layers()
+        self._untie_merged_weights(layers)
+        for _, layer in layers:
             layer.merge(adapter_names if adapter_names is not None else layer.active_adapters)
+
+    def _untie_merged_weights(self, layers: list[tuple[str, nn.Module]]) -> None:
+        """A merged weight shared with another module (tied input/output embeddings) would change that module
+        too; give the adapted layer its own copy so the merged model computes what the adapter model did."""
+        uses: dict[int, int] = {}
+        for _, p in self.base_model.named_parameters(remove_duplicate=False):
+            uses[id(p)] = uses.get(id(p), 0) + 1
+        for name, layer in layers:
+            weight = getattr(layer.base_layer, "weight", None)
+            if not isinstance(weight, nn.Parameter) or uses.get(id(weight), 0) < 2 or layer.merged_adapters:
+                continue
+            if not getattr(layer, "r", None):
+                continue
+            layer.base_layer.weight = nn.Parameter(
+                weight.detach().clone(), requires_grad=weight.requires_grad
+            )
+            config = getattr(self.base_model, "config", None)
+            if config is not None:
+                config.tie_word_embeddings = False
+            logger.warning(
+                "%s shares its weight with another module (tied embeddings); merging unties it so the "
+                "merged model computes what the adapter did (config.tie_word_embeddings=False)",
+                name,
+            )
 
     def unmerge_adapter(self) -> None:
         """Undo `merge_adapter`; idempotent."""

@@ -406,6 +406,8 @@ def inject_adapter(
     )
     # Targets inside an existing wrapper (`x.base_layer`) mean the wrapper itself.
     targets = [t[: -len(".base_layer")] if t.endswith(".base_layer") else t for t in targets]
+    if any(_is_conv1d(inject.get_module(model, t)) for t in targets):
+        config.fan_in_fan_out = True  # GPT-2's Conv1D stores [in, out]; recorded as PEFT records it
     for name in dict.fromkeys(targets):
         module = inject.get_module(model, name)
         key = inject.pattern_key(config.rank_pattern, name)

@@ -1,0 +1,77 @@
+"""Tiny random-initialized transformers models for tests (no download), one per family we support."""
+
+from __future__ import annotations
+
+import torch
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    OPTConfig,
+    OPTForCausalLM,
+)
+
+VOCAB = 96
+
+
+def gpt2(seed: int = 0) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    cfg = GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=VOCAB, n_positions=64)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def opt(seed: int = 0, hidden: int = 32) -> OPTForCausalLM:
+    torch.manual_seed(seed)
+    cfg = OPTConfig(
+        hidden_size=hidden,
+        num_hidden_layers=2,
+        ffn_dim=2 * hidden,
+        num_attention_heads=2,
+        vocab_size=VOCAB,
+        max_position_embeddings=64,
+        word_embed_proj_dim=hidden,
+    )
+    return OPTForCausalLM(cfg).eval()
+
+
+def llama(seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=VOCAB,
+        max_position_embeddings=64,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+def bert_cls(seed: int = 0, num_labels: int = 3) -> BertForSequenceClassification:
+    torch.manual_seed(seed)
+    cfg = BertConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        vocab_size=VOCAB,
+        max_position_embeddings=64,
+        num_labels=num_labels,
+    )
+    return BertForSequenceClassification(cfg).eval()
+
+
+FAMILIES = {"gpt2": gpt2, "opt": opt, "llama": llama, "bert": bert_cls}
+
+
+def ids(batch: int = 3, seq: int = 9, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(2, VOCAB, (batch, seq), generator=g)
+
+
+def out(model, x: torch.Tensor, **kwargs) -> torch.Tensor:
+    return model(input_ids=x, **kwargs).logits
