@@ -1,0 +1,80 @@
+"""`deltatune demo`: LoRA on the embedded MiniLM in a minute — wrap, train, save, reload, merge."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+
+import torch
+
+from deltatune import LoraConfig, PeftModel, get_peft_model
+from deltatune.embedded import minilm_path
+
+SENTENCES = [
+    ("WINNER!! Claim your free prize now, click the link", 1),
+    ("Lowest price pills, no prescription needed, order today", 1),
+    ("You have been selected for a cash reward, reply with your bank details", 1),
+    ("Exclusive deal: 90% off watches, limited time only", 1),
+    ("Can we move tomorrow's meeting to 3pm?", 0),
+    ("Here are the slides from today's review, comments welcome", 0),
+    ("Lunch on Friday? The new place near the office", 0),
+    ("The invoice for March is attached, thanks for your patience", 0),
+]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="deltatune demo", description=__doc__)
+    parser.add_argument("--steps", type=int, default=30, help="training steps (default 30)")
+    parser.add_argument("--out", default=None, help="where to save the adapter (default: a temp folder)")
+    args = parser.parse_args(argv)
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    torch.manual_seed(0)
+    path = minilm_path()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
+    texts, labels = zip(*SENTENCES)
+    batch = tokenizer(list(texts), padding=True, return_tensors="pt")
+    labels = torch.tensor(labels)
+
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, task_type="SEQ_CLS"))
+    print(f"1. wrapped all-MiniLM-L6-v2 ({path}) with LoRA r=8 on query/value, classifier head trained")
+    model.print_trainable_parameters()
+
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
+    model.train()
+    start = time.perf_counter()
+    for step in range(args.steps):
+        loss = model(**batch, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        if step == 0:
+            first = loss.item()
+    print(f"2. trained {args.steps} steps on {len(texts)} sentences in {time.perf_counter() - start:.1f}s: "
+          f"loss {first:.3f} -> {loss.item():.3f}")
+
+    model.eval()
+    with torch.no_grad():
+        logits = model(**batch).logits
+    out = args.out or tempfile.mkdtemp(prefix="deltatune-demo-")
+    model.save_pretrained(out)
+    size = sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out))
+    print(f"3. saved the adapter to {out} ({size / 1024:.0f} KiB; the base model is "
+          f"{os.path.getsize(os.path.join(path, 'model.safetensors')) / 2**20:.0f} MiB)")
+
+    reloaded = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(path, num_labels=2), out)
+    with torch.no_grad():
+        again = reloaded(**batch).logits
+    print(f"4. reloaded it onto a fresh base: max |diff| = {(again - logits).abs().max().item():.2e}")
+
+    merged = reloaded.merge_and_unload()
+    with torch.no_grad():
+        merged_logits = merged(**batch).logits
+    print(f"5. merged into the base ({type(merged).__name__}, no adapter layers left): "
+          f"max |diff| = {(merged_logits - logits).abs().max().item():.2e}")
+    accuracy = (merged_logits.argmax(-1) == labels).float().mean().item()
+    print(f"   training-set accuracy of the merged model: {accuracy:.0%}")
+    return 0
