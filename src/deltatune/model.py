@@ -257,24 +257,54 @@ class PeftModel(nn.Module):
                 if merged[name]:
                     layer.merge(merged[name])
 
-    def merge_and_unload(self, adapter_names: list[str] | None = None, **kwargs) -> nn.Module:
-        """Merge the active adapter into the base and return the plain model, with no trace of deltatune."""
-        self.merge_adapter(adapter_names)
-        return self._unwrap(merge=True, **kwargs)
+    def merge_and_unload(
+        self, adapter_names: list[str] | None = None, dtype: torch.dtype | None = None
+    ) -> nn.Module:
+        """Merge the active adapter (or `adapter_names`) into the base and return the plain model, with no trace
+        of deltatune.
+
+        Args:
+            adapter_names: adapters to merge (default: the active one).
+            dtype: the float dtype of the returned model. Needed for a quantized base, which is dequantized and
+                merged in fp32, then rounded to `dtype` (default fp32); also casts a float base.
+        """
+        layers = self._delta_layers()
+        self._untie_merged_weights(layers)
+        for name, layer in layers:
+            names = adapter_names if adapter_names is not None else layer.active_adapters
+            if isinstance(layer, mts.ModulesToSave):
+                replacement = layer.active_module()
+            elif getattr(layer.base_layer, "is_quantized_linear", False):
+                replacement = dequantized_linear(
+                    layer.base_layer, dtype or torch.float32, layer.merged_weight(names)
+                )
+            else:
+                layer.merge(names)
+                replacement = layer.base_layer
+            inject.replace_module(self.base_model, name, replacement)
+        return self._finish_unwrap(dtype)
 
     def unload(self) -> nn.Module:
         """Remove every adapter without merging and return the plain base model."""
         self.unmerge_adapter()
-        return self._unwrap(merge=False)
-
-    def _unwrap(self, merge: bool, **kwargs) -> nn.Module:
         for name, layer in self._delta_layers():
-            if isinstance(layer, mts.ModulesToSave):
-                replacement = layer.active_module() if merge else layer.original_module
-            else:
-                replacement = layer.unwrapped(**kwargs) if hasattr(layer, "unwrapped") else layer.base_layer
+            replacement = layer.original_module if isinstance(layer, mts.ModulesToSave) else layer.base_layer
             inject.replace_module(self.base_model, name, replacement)
+        return self._finish_unwrap(None)
+
+    def _finish_unwrap(self, dtype: torch.dtype | None) -> nn.Module:
         model = self.base_model
+        quantized = [n for n, m in model.named_modules() if getattr(m, "is_quantized_linear", False)]
+        if quantized and dtype is not None:
+            logger.warning(
+                "dequantizing %d quantized layers to %s: their weights keep the quantization rounding",
+                len(quantized),
+                dtype,
+            )
+            for name in quantized:
+                inject.replace_module(model, name, dequantized_linear(inject.get_module(model, name), dtype))
+        elif dtype is not None:
+            model.to(dtype)
         for p in model.parameters():
             p.requires_grad_(True)
         return model
@@ -396,6 +426,22 @@ class PeftModel(nn.Module):
         for _, layer in self._delta_layers():
             if hasattr(layer, "_stack_key"):
                 layer._stack_key = None
+
+
+def dequantized_linear(
+    module: nn.Module, dtype: torch.dtype, weight: torch.Tensor | None = None
+) -> nn.Linear:
+    """A plain `nn.Linear` in `dtype` from a frozen quantized linear (or from `weight`, `[out, in]`)."""
+    weight = module.dequantize() if weight is None else weight
+    bias = getattr(module, "bias", None)
+    linear = nn.Linear(
+        weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=dtype
+    )
+    with torch.no_grad():
+        linear.weight.copy_(weight.to(dtype))
+        if bias is not None:
+            linear.bias.copy_(bias.to(dtype))
+    return linear
 
 
 def _check_adapter_name(name: str) -> None:

@@ -235,6 +235,16 @@ class LoraLinear(_LoraLayer):
         out = merged_oi * (self.lora_magnitude_vector[name].float().unsqueeze(1) / norm)
         return out.T if self.fan_in_fan_out else out
 
+    def merged_weight(self, adapter_names: Iterable[str]) -> torch.Tensor:
+        """The base weight (dequantized if quantized) with the adapters merged, fp32 `[out, in]`, computed
+        without touching the base: what a quantized base, which can't take a merge in place, becomes."""
+        weight = self.base_weight().float()
+        for name in adapter_names:
+            if name in self.r:
+                weight = self._merged_weight(name, weight.T if self.fan_in_fan_out else weight)
+                weight = weight.T if self.fan_in_fan_out else weight
+        return weight
+
     def _unmerged_weight(self, name: str, weight: torch.Tensor) -> torch.Tensor:
         if not self.use_dora[name]:
             return weight - self.delta_weight(name)
