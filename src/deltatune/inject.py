@@ -159,7 +159,14 @@ def find_targets(
         for n in candidates
         if not matches(n, exclude_modules) and not any(re.match(rf"(^|.*\.){s}($|\..*)", n) for s in skip)
     ]
-    # Never nest: drop a candidate that sits inside another candidate (e.g. a wrapped layer's base_layer).
+    # Never adapt a method's own parts (an adapter layer's lora_A, say); its base_layer stands for the layer.
+    wrapped = [n for n, m in model.named_modules() if getattr(m, "is_delta_layer", False)]
+    candidates = [
+        n
+        for n in candidates
+        if not any(n.startswith(f"{w}.") for w in wrapped) or any(n == f"{w}.base_layer" for w in wrapped)
+    ]
+    # Never nest: drop a candidate that sits inside another candidate.
     candidates = [n for n in candidates if not any(n.startswith(f"{o}.") for o in candidates)]
     bad = [n for n in candidates if not adaptable(get_module(model, n))]
     if bad:
@@ -195,7 +202,11 @@ def find_blocks(model: nn.Module, blocks_module: str | None = None) -> tuple[str
         except AttributeError:
             found = None
         if not isinstance(found, nn.ModuleList):
-            raise ValueError(f"blocks_module={blocks_module!r} is not an nn.ModuleList in this model")
+            lists = [n for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
+            raise ValueError(
+                f"blocks_module={blocks_module!r} is not an nn.ModuleList in this model; its ModuleLists: "
+                f"{lists or 'none'}"
+            )
         return blocks_module, found
     best: tuple[int, str, nn.ModuleList] | None = None
     for name, module in model.named_modules():
