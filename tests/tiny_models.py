@@ -75,3 +75,24 @@ def ids(batch: int = 3, seq: int = 9, seed: int = 1) -> torch.Tensor:
 
 def out(model, x: torch.Tensor, **kwargs) -> torch.Tensor:
     return model(input_ids=x, **kwargs).logits
+
+
+def tokenizer():
+    """A word-level tokenizer over a tiny vocabulary that fits VOCAB."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "<unk>", "<eos>"] + [f"w{i}" for i in range(VOCAB - 3)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>")
+
+
+def save_with_tokenizer(model, path) -> str:
+    """Save a tiny model and the tiny tokenizer into `path` as an ordinary Hugging Face folder."""
+    model.config.pad_token_id = 0
+    model.config.eos_token_id = 2
+    model.config.bos_token_id = 2
+    model.save_pretrained(path)
+    tokenizer().save_pretrained(path)
+    return str(path)

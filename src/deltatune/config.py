@@ -219,7 +219,7 @@ class LoraConfig(_BaseConfig):
                 f"layers_to_transform must be a non-negative int or a list of them, got {self.layers_to_transform!r}",
             )
             _check(
-                not isinstance(self.target_modules, str),
+                not isinstance(self.target_modules, str) or self.target_modules.lower() == "all-linear",
                 "layers_to_transform cannot be used when target_modules is a regex string; put the layer index in the regex",
             )
         for key, value in self.rank_pattern.items():

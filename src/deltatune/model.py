@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 from collections.abc import Iterator
@@ -108,6 +109,69 @@ class PeftModel(nn.Module):
         """Add a new, untrained adapter next to the existing ones (the active adapter doesn't change)."""
         self._inject(adapter_name, peft_config)
         self.set_adapter(self.active_adapter)
+
+    def add_weighted_adapter(
+        self,
+        adapters: list[str],
+        weights: list[float],
+        adapter_name: str,
+        combination_type: str = "svd",
+        svd_rank: int | None = None,
+    ) -> None:
+        """Add `adapter_name`, a weighted combination of LoRA `adapters` (PEFT's meanings).
+
+        Args:
+            adapters: names of loaded LoRA adapters.
+            weights: one weight per adapter.
+            adapter_name: name of the new adapter (it is not made active).
+            combination_type: `"linear"` (same ranks; A's and B's mixed with `sqrt(w * scale)` weights, so the
+                product has cross terms, as in PEFT), `"cat"` (ranks stacked: exactly `sum w_i dW_i`) or `"svd"`
+                (the best rank-`svd_rank` approximation of `sum w_i dW_i`).
+            svd_rank: rank of the `svd` result (default: the largest rank of `adapters`).
+        """
+        if not adapters or len(adapters) != len(weights):
+            raise ValueError("add_weighted_adapter needs one weight per adapter, and at least one adapter")
+        missing = [a for a in adapters if a not in self.peft_config]
+        if missing:
+            raise ValueError(f"no adapter(s) named {missing}; loaded adapters: {self.adapter_names}")
+        configs = [self.peft_config[a] for a in adapters]
+        if any(not isinstance(c, LoraConfig) or c.use_dora for c in configs):
+            raise ValueError("add_weighted_adapter combines plain LoRA adapters (not DoRA or other methods)")
+        combination_type = "linear" if len(adapters) == 1 else combination_type
+        ranks = [max(c.r, *c.rank_pattern.values()) if c.rank_pattern else c.r for c in configs]
+        if combination_type == "linear":
+            if len(set(ranks)) != 1:
+                raise ValueError(f"combination_type='linear' needs adapters of one rank, got ranks {ranks}; use 'cat' or 'svd'")
+            new_rank = ranks[0]
+        elif combination_type == "cat":
+            new_rank = sum(ranks)
+        elif combination_type == "svd":
+            new_rank = svd_rank or max(ranks)
+        else:
+            raise ValueError(f"unknown combination_type {combination_type!r}; use 'linear', 'cat' or 'svd'")
+        targets = [c.target_modules for c in configs]
+        if all(isinstance(t, str) for t in targets):
+            new_targets: str | list[str] = "|".join(f"({t})" for t in targets)
+        elif all(isinstance(t, list) for t in targets):
+            new_targets = sorted(set().union(*targets))
+        else:
+            raise ValueError("can't combine adapters whose target_modules mix regex strings and lists")
+        config = dataclasses.replace(
+            configs[0], r=new_rank, lora_alpha=new_rank, target_modules=new_targets, rank_pattern={},
+            alpha_pattern={}, use_rslora=False, layers_to_transform=None, init_lora_weights=True,
+        )
+        self.add_adapter(adapter_name, config)
+        for _, layer in self._delta_layers():
+            if adapter_name in layer.adapters and hasattr(layer, "combine"):
+                layer.combine(adapter_name, adapters, list(weights), combination_type)
+            elif adapter_name in layer.adapters:  # a modules_to_save copy: take the trained one, if only one
+                sources = [a for a in adapters if a in layer.adapters]
+                if len(sources) > 1:
+                    self.delete_adapter(adapter_name)
+                    raise ValueError("can't combine adapters that each train their own copy of the same module "
+                                     "(modules_to_save, e.g. a classification head)")
+                if sources:
+                    layer.modules_to_save[adapter_name].load_state_dict(layer.modules_to_save[sources[0]].state_dict())
 
     def set_adapter(self, adapter_name: str) -> None:
         """Make `adapter_name` the active adapter; only its parameters train (unless in inference mode)."""

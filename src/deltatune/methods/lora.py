@@ -132,6 +132,39 @@ class _LoraLayer(nn.Module):
             self._stack_key, self._stack = key, (a_stack, b_stack)
         return self._stack  # type: ignore[return-value]
 
+    def delta_oi(self, name: str) -> torch.Tensor:
+        """`scale * B @ A` as `[out, in]` (`[dim, vocab]` for an embedding), fp32."""
+        a, b = self._ab_matrix(name)
+        return (b.float() @ a.float()) * self.scaling[name]
+
+    def combine(self, new: str, adapters: list[str], weights: list[float], how: str) -> None:
+        """Set adapter `new` (scaling 1) to a weighted combination of `adapters`, with PEFT's meanings:
+        `cat` stacks the weighted ranks (exactly `sum w_i dW_i`), `linear` mixes A's and B's with
+        `sqrt(w_i * scale_i)` weights (same ranks), `svd` takes the top singular directions of `sum w_i dW_i`."""
+        present = [(a, w) for a, w in zip(adapters, weights) if a in self.r]
+        new_a, new_b = self._ab_matrix(new)
+        with torch.no_grad():
+            new_a.zero_()
+            new_b.zero_()
+            if not present:
+                return
+            if how == "cat":
+                a_cat = torch.cat([self._ab_matrix(a)[0] * w * self.scaling[a] for a, w in present], dim=0)
+                b_cat = torch.cat([self._ab_matrix(a)[1] for a, _ in present], dim=1)
+                new_a[: a_cat.shape[0]] = a_cat
+                new_b[:, : b_cat.shape[1]] = b_cat
+            elif how == "linear":
+                for a, w in present:
+                    ws = w * self.scaling[a]
+                    new_a += math.copysign(math.sqrt(abs(ws)), ws) * self._ab_matrix(a)[0]
+                    new_b += math.sqrt(abs(ws)) * self._ab_matrix(a)[1]
+            else:
+                delta = sum(w * self.delta_oi(a) for a, w in present)
+                u, sv, vh = torch.linalg.svd(delta, full_matrices=False)
+                r = min(self.r[new], sv.shape[0])
+                new_b[:, :r] = u[:, :r] * sv[:r]
+                new_a[:r] = vh[:r]
+
     def _check_mixable(self, mix: MixedBatch) -> tuple[str, ...]:
         slots = tuple(n for n in self.r if n in set(mix.names))
         if any(self.use_dora[n] for n in slots):
