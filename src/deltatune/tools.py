@@ -36,7 +36,7 @@ def load_base(path: str, task_type: str | None, num_labels: int | None = None, d
 
     if not os.path.isdir(path) and os.path.exists(path):
         raise FileNotFoundError(f"base model {path!r} is a file; give a Hugging Face model folder")
-    auto = {"SEQ_CLS": AutoModelForSequenceClassification, "CAUSAL_LM": AutoModelForCausalLM}.get(task_type or "", None)
+    auto = {"SEQ_CLS": AutoModelForSequenceClassification, "CAUSAL_LM": AutoModelForCausalLM}.get(task_type or "")
     config = AutoConfig.from_pretrained(path)
     if auto is None:
         auto = AutoModelForCausalLM if any(a.endswith("ForCausalLM") for a in config.architectures or []) else AutoModel
