@@ -8,6 +8,7 @@ and the parameter names are PEFT's (`<layer>.lora_A.<adapter>.weight`).
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterable
 
 import torch
@@ -29,6 +30,45 @@ def _device(module: nn.Module) -> torch.device:
 
 def _is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+# The fused LoRA linear (below) can be turned off, e.g. to compare against the plain path:
+# `deltatune.methods.lora.FUSED = False` or DELTATUNE_FUSED_LORA=0.
+FUSED = os.environ.get("DELTATUNE_FUSED_LORA", "1") != "0"
+
+
+class _FusedLoraLinear(torch.autograd.Function):
+    """`y = x W^T + b + s (x A^T) B^T` with a frozen W, in one pass.
+
+    Saves only `x` (which the LoRA gradient needs anyway) and recomputes the rank-r `x A^T` in backward,
+    instead of keeping the separate branch outputs; the LoRA product is added into the base output in
+    place (`addmm_`), with no `[tokens, out]` temporaries.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scale: float):
+        x2 = x.reshape(-1, x.shape[-1])
+        out = F.linear(x2, weight, bias)
+        out.addmm_(x2 @ lora_a.T, lora_b.T, alpha=scale)
+        ctx.save_for_backward(x2, weight, lora_a, lora_b)
+        ctx.scale = scale
+        ctx.x_shape = x.shape
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x2, weight, lora_a, lora_b = ctx.saved_tensors
+        scale = ctx.scale
+        g = grad_out.reshape(-1, grad_out.shape[-1])
+        g_b = g @ lora_b  # [tokens, r]
+        grad_x = grad_a = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.addmm(g @ weight, g_b, lora_a, alpha=scale).view(ctx.x_shape)
+        if ctx.needs_input_grad[3]:
+            grad_a = (g_b.T @ x2).mul_(scale)
+        if ctx.needs_input_grad[4]:
+            grad_b = (g.T @ (x2 @ lora_a.T)).mul_(scale)
+        return grad_x, None, None, grad_a, grad_b, None
 
 
 class _LoraLayer(nn.Module):
@@ -296,6 +336,17 @@ class LoraLinear(_LoraLayer):
             return self.base_layer(x, *args, **kwargs)
         if mix is not None:
             return self._forward_mixed(x, mix)
+        if FUSED and self._fusable(x):
+            name = self.active_adapters[0]
+            weight = self.base_layer.weight
+            return _FusedLoraLinear.apply(
+                x,
+                weight.T if self.fan_in_fan_out else weight,
+                self.base_layer.bias,
+                self.lora_A[name].weight,
+                self.lora_B[name].weight,
+                self.scaling[name],
+            )
         result = self.base_layer(x, *args, **kwargs)
         for name in self.active_adapters:
             lora_a, lora_b = self.lora_A[name], self.lora_B[name]
@@ -310,6 +361,23 @@ class LoraLinear(_LoraLayer):
             else:
                 result = result + (lora_b(lora_a(xd)) * self.scaling[name]).to(result.dtype)
         return result
+
+    def _fusable(self, x: torch.Tensor) -> bool:
+        """The fused path covers the common training case: one plain adapter on a float base, no dropout."""
+        if len(self.active_adapters) != 1 or torch.is_autocast_enabled(x.device.type):
+            return False
+        name = self.active_adapters[0]
+        return (
+            not self.use_dora[name]
+            and (isinstance(self.lora_dropout[name], nn.Identity) or not self.training)
+            and not getattr(self.base_layer, "is_quantized_linear", False)
+            and (
+                isinstance(self.base_layer, nn.Linear)
+                and type(self.base_layer).forward is nn.Linear.forward
+                or _is_conv1d(self.base_layer)
+            )
+            and x.dtype == self.base_layer.weight.dtype == self.lora_A[name].weight.dtype
+        )
 
     def _dora_delta(
         self, x: torch.Tensor, base_result: torch.Tensor, name: str, dropped: bool

@@ -1,0 +1,111 @@
+"""Causal-LM loss without the full logits: the output head and cross-entropy fused, chunk by chunk.
+
+The usual path holds `[tokens, vocab]` fp32 logits, their log-softmax and its gradient (3 x 103 MB for
+OPT at batch 4 x 128). Here each chunk of tokens is projected, its loss taken, and its gradient with
+respect to the hidden states computed at once (`softmax - onehot` times the head weight), so only a
+`[tokens, hidden]` gradient is kept for backward. Same FLOPs, a fraction of the memory.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IGNORE_INDEX = -100
+
+
+class _FusedLinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, chunk_size: int):
+        n_valid = (labels != IGNORE_INDEX).sum().clamp(min=1)
+        need_w = weight.requires_grad
+        need_b = bias is not None and bias.requires_grad
+        grad_hidden = torch.empty_like(hidden) if hidden.requires_grad else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
+        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if need_b else None
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for start in range(0, hidden.shape[0], chunk_size):
+            h = hidden[start : start + chunk_size]
+            y = labels[start : start + chunk_size]
+            logits = F.linear(h, weight, bias).float()
+            valid = y != IGNORE_INDEX
+            safe_y = torch.where(valid, y, 0)
+            lse = torch.logsumexp(logits, dim=-1)
+            picked = logits.gather(1, safe_y[:, None]).squeeze(1)
+            total += ((lse - picked) * valid).sum()
+            # d(loss)/d(logits) = (softmax - onehot) / n_valid on valid rows, computed in place over the logits.
+            grad = logits.sub_(lse[:, None]).exp_()
+            grad[torch.arange(grad.shape[0], device=grad.device), safe_y] -= 1
+            grad.mul_((valid / n_valid)[:, None])
+            grad = grad.to(weight.dtype)
+            if grad_hidden is not None:
+                grad_hidden[start : start + chunk_size] = grad @ weight
+            if need_w:
+                grad_weight += (grad.T @ h).float()
+            if need_b:
+                grad_bias += grad.sum(0).float()
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        ctx.weight_dtype = weight.dtype
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        return total / n_valid
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+        return (
+            grad_hidden * grad_output.to(grad_hidden.dtype) if grad_hidden is not None else None,
+            (grad_weight * grad_output).to(ctx.weight_dtype) if grad_weight is not None else None,
+            (grad_bias * grad_output).to(ctx.bias_dtype) if grad_bias is not None else None,
+            None,
+            None,
+        )
+
+
+def fused_linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    chunk_size: int = 1024,
+) -> torch.Tensor:
+    """Mean cross-entropy of `hidden @ weight.T + bias` against `labels` (-100 ignored), in chunks of tokens.
+
+    Args:
+        hidden: `[tokens, hidden]` final hidden states (already shifted to line up with `labels`).
+        weight: the output head's `[vocab, hidden]` weight (its gradient is computed if it requires one).
+        labels: `[tokens]` target ids.
+        bias: the head's bias, if any.
+        chunk_size: tokens per chunk; the peak extra memory is `chunk_size x vocab` fp32.
+    """
+    return _FusedLinearCrossEntropy.apply(hidden, weight, bias, labels, chunk_size)
+
+
+_UNSUPPORTED = {
+    "gemma2",
+    "gemma3",
+    "cohere",
+    "cohere2",
+    "granite",
+    "falcon_mamba",
+}  # logit scaling / soft-capping
+
+
+def causal_lm_loss(
+    model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, chunk_size: int = 1024, **kwargs
+) -> torch.Tensor:
+    """The causal-LM loss of a Hugging Face model (wrapped or not) without materializing its logits.
+
+    Runs the model's backbone (`model.<base_model_prefix>`), then the fused head + cross-entropy. Falls back
+    to the model's own loss for architectures whose head does more than a linear layer.
+    """
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    backbone = getattr(inner, getattr(inner, "base_model_prefix", ""), None)
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    mtype = getattr(getattr(inner, "config", None), "model_type", None)
+    if backbone is None or head is None or mtype in _UNSUPPORTED or not hasattr(head, "weight"):
+        return model(input_ids=input_ids, labels=labels, **kwargs).loss
+    hidden = backbone(input_ids=input_ids, **kwargs).last_hidden_state
+    hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    targets = labels[:, 1:].reshape(-1)
+    return fused_linear_cross_entropy(hidden, head.weight, targets, getattr(head, "bias", None), chunk_size)
