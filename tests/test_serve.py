@@ -1,0 +1,639 @@
+"""`deltatune serve` over real HTTP on 127.0.0.1: a tiny random GPT-2 with two LoRA adapters (and a tiny BERT
+classifier with two SEQ_CLS adapters), concurrent requests batched into mixed-adapter calls and checked against
+`generate` (or the forward pass) of each adapter alone, runtime load/unload, sampling, and every kind of bad
+input. All traffic goes to 127.0.0.1, bounded in count and time."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+import torch
+import uvicorn
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    BertConfig,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    PreTrainedTokenizerFast,
+)
+
+from deltatune import LoraConfig, PeftModel, get_peft_model
+from deltatune.serve import Engine, create_app
+
+WORDS = ["[PAD]", "[UNK]", "</s>", "user", "assistant", "system", *(f"w{i}" for i in range(90))]
+EOS = 2
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}"
+    "{% if add_generation_prompt %}assistant{% endif %}"
+)
+BASE = "tiny"
+KEY = "s3cret-key"
+CAP = 24
+BODY_CAP = 4096
+
+
+def _tokenizer(chat: bool) -> PreTrainedTokenizerFast:
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", eos_token="</s>"
+    )
+    if chat:
+        fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def _save_lora(base_dir: str, out: str, seed: int, r: int, cls: type, **kwargs) -> None:
+    model = cls.from_pretrained(base_dir)
+    torch.manual_seed(seed)
+    config = LoraConfig(r=r, lora_alpha=2 * r, init_lora_weights=False, **kwargs)
+    get_peft_model(model, config).save_pretrained(out)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
+    base = str(root / BASE)
+    torch.manual_seed(0)
+    gpt2 = GPT2Config(
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        vocab_size=len(WORDS),
+        n_positions=64,
+        initializer_range=0.2,
+        bos_token_id=EOS,
+        eos_token_id=EOS,
+        pad_token_id=0,
+    )
+    GPT2LMHeadModel(gpt2).save_pretrained(base)
+    _tokenizer(chat=True).save_pretrained(base)
+    adapters = root / "adapters"
+    for name, seed, r in (("alpha", 1, 4), ("beta", 2, 8)):
+        _save_lora(base, str(adapters / name), seed, r, AutoModelForCausalLM, task_type="CAUSAL_LM")
+    _save_lora(base, str(root / "spare" / "gamma"), 3, 2, AutoModelForCausalLM, task_type="CAUSAL_LM")
+    (adapters / "not_an_adapter").mkdir()
+
+    cls_base = str(root / "cls")
+    torch.manual_seed(0)
+    bert = BertConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        vocab_size=len(WORDS),
+        max_position_embeddings=64,
+        num_labels=3,
+        id2label={0: "ham", 1: "spam", 2: "other"},
+    )
+    BertForSequenceClassification(bert).save_pretrained(cls_base)
+    _tokenizer(chat=False).save_pretrained(cls_base)
+    cls_adapters = root / "cls_adapters"
+    for name, seed in (("sentiment", 4), ("topic", 5)):
+        _save_lora(
+            cls_base,
+            str(cls_adapters / name),
+            seed,
+            4,
+            AutoModelForSequenceClassification,
+            task_type="SEQ_CLS",
+            target_modules=["query", "value"],
+        )
+    with open(cls_adapters / "sentiment" / "config.json", "w") as f:
+        json.dump({"id2label": {"0": "neg", "1": "neu", "2": "pos"}}, f)
+    return {
+        "root": root,
+        "base": base,
+        "adapters": str(adapters),
+        "cls_base": cls_base,
+        "cls_adapters": str(cls_adapters),
+    }
+
+
+class _Server:
+    """uvicorn in a thread, on a socket bound to 127.0.0.1 port 0 (no port race)."""
+
+    def __init__(self, app):
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline and self.thread.is_alive(), "the server did not start"
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+        self.sock.close()
+
+
+def _client(url: str, key: str | None = KEY) -> httpx.Client:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return httpx.Client(base_url=url, headers=headers, timeout=60, trust_env=False)
+
+
+@pytest.fixture(scope="module")
+def causal(files):
+    engine = Engine(files["base"], files["adapters"], base_name=BASE, max_batch=16, batch_wait_ms=5)
+    server = _Server(create_app(engine, api_key=KEY, max_tokens_cap=CAP, max_body_bytes=BODY_CAP))
+    with _client(server.url) as client:
+        yield engine, client
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def classifier(files):
+    engine = Engine(files["cls_base"], files["cls_adapters"], base_name="cls", batch_wait_ms=5)
+    server = _Server(create_app(engine))
+    with _client(server.url, key=None) as client:
+        yield engine, client
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def reference(files):
+    """`generate` of one adapter alone (or the plain base), on its own freshly loaded model."""
+    tokenizer = _tokenizer(chat=True)
+    cache: dict[str, torch.nn.Module] = {}
+
+    def run(model: str, prompt: str | list[int], max_tokens: int) -> str:
+        if model not in cache:
+            m = AutoModelForCausalLM.from_pretrained(files["base"]).eval()
+            if model != BASE:
+                where = files["adapters"] if model != "gamma" else str(files["root"] / "spare")
+                m = PeftModel.from_pretrained(m, os.path.join(where, model))
+            cache[model] = m
+        ids = tokenizer(prompt)["input_ids"] if isinstance(prompt, str) else prompt
+        with torch.inference_mode():
+            out = cache[model].generate(
+                input_ids=torch.tensor([ids]),
+                attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                max_new_tokens=max_tokens,
+                do_sample=False,
+                pad_token_id=0,
+            )
+        tokens = out[0, len(ids) :].tolist()
+        tokens = tokens[: tokens.index(EOS)] if EOS in tokens else tokens
+        return tokenizer.decode(tokens, skip_special_tokens=True)
+
+    return run
+
+
+def _complete(client: httpx.Client, model: str, prompt, max_tokens: int, **kwargs) -> dict:
+    r = client.post(
+        "/v1/completions", json={"model": model, "prompt": prompt, "max_tokens": max_tokens, **kwargs}
+    )
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+# ---- batching and correctness ----------------------------------------------------------------------------------
+def test_concurrent_requests_for_two_adapters_and_base_are_batched_and_equal_generate_alone(
+    causal, reference
+):
+    engine, client = causal
+    jobs = [
+        (model, prompt, max_tokens)
+        for model in ("alpha", "beta", BASE)
+        for prompt, max_tokens in (("w1 w2 w3", 12), ("w4 w5", 7), ("w10 w11 w12 w13 w14 w15 w16", 9))
+    ]
+    before = client.get("/health").json()["stats"]
+    engine.batch_wait = 0.5  # long enough for all the concurrent requests to land in one window
+    try:
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            replies = list(pool.map(lambda job: _complete(client, *job, temperature=0), jobs))
+    finally:
+        engine.batch_wait = 0.005
+    after = client.get("/health").json()["stats"]
+
+    for (model, prompt, max_tokens), reply in zip(jobs, replies):
+        assert reply["object"] == "text_completion" and reply["model"] == model
+        (choice,) = reply["choices"]
+        assert choice["text"] == reference(model, prompt, max_tokens), (model, prompt)
+        assert choice["finish_reason"] in ("length", "stop")
+        assert reply["usage"]["prompt_tokens"] == len(prompt.split())
+    texts = {
+        model: [r["choices"][0]["text"] for (m, _, _), r in zip(jobs, replies) if m == model]
+        for model in ("alpha", "beta", BASE)
+    }
+    assert texts["alpha"] != texts["beta"] != texts[BASE]  # the adapters really differ
+    assert after["rows"] - before["rows"] == len(jobs)
+    assert after["model_calls"] - before["model_calls"] < len(jobs)  # batched, not one generate per request
+    assert after["max_adapters_per_call"] >= 2  # rows of different adapters shared a generate call
+
+
+def test_greedy_multiple_prompts_token_ids_and_n(causal, reference):
+    _, client = causal
+    reply = _complete(client, "beta", ["w7 w8", "w9 w10 w11"], 10, temperature=0, n=2)
+    texts = [c["text"] for c in reply["choices"]]
+    assert [c["index"] for c in reply["choices"]] == [0, 1, 2, 3]
+    assert texts == [reference("beta", "w7 w8", 10)] * 2 + [reference("beta", "w9 w10 w11", 10)] * 2
+    assert reply["usage"]["prompt_tokens"] == 2 * (2 + 3)
+    reply = _complete(client, "beta", [[8, 9, 10, 11], [12]], 10, temperature=0)
+    assert [c["text"] for c in reply["choices"]] == [
+        reference("beta", [8, 9, 10, 11], 10),
+        reference("beta", [12], 10),
+    ]
+
+
+def test_sampling_top_p_tiny_is_greedy_and_seed_is_reproducible_whatever_the_batch(causal, reference):
+    engine, client = causal
+    prompt = "w20 w21 w22"
+    nucleus = _complete(client, "alpha", prompt, 12, temperature=1.5, top_p=1e-6)
+    assert nucleus["choices"][0]["text"] == reference("alpha", prompt, 12)
+
+    alone = _complete(client, "alpha", prompt, 12, temperature=1.5, seed=7)["choices"][0]["text"]
+    engine.batch_wait = 0.3
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            kwargs = [{"seed": 7}, {"seed": 8}, {"temperature": 0}, {"seed": 7, "top_p": 0.9}]
+            replies = list(
+                pool.map(
+                    lambda kw: _complete(client, "alpha", prompt, 12, **{"temperature": 1.5, **kw}), kwargs
+                )
+            )
+    finally:
+        engine.batch_wait = 0.005
+    assert replies[0]["choices"][0]["text"] == alone
+    assert replies[2]["choices"][0]["text"] == reference("alpha", prompt, 12)
+    unseeded = {_complete(client, "alpha", prompt, 12, temperature=2)["choices"][0]["text"] for _ in range(3)}
+    assert len(unseeded | {alone}) > 1  # sampling samples
+
+
+def test_stop_strings_cut_the_text(causal, reference):
+    _, client = causal
+    full = reference("alpha", "w1 w2 w3", 12).split()
+    stop = full[3]
+    reply = _complete(client, "alpha", "w1 w2 w3", 12, temperature=0, stop=[stop, "never-there"])
+    choice = reply["choices"][0]
+    first = full.index(stop)
+    assert choice["text"] == " ".join(full[:first]) + (" " if first else "")
+    assert choice["finish_reason"] == "stop"
+
+
+def test_chat_completions_use_the_chat_template(causal, reference):
+    _, client = causal
+    messages = [{"role": "system", "content": "w1"}, {"role": "user", "content": "w2 w3"}]
+    r = client.post(
+        "/v1/chat/completions",
+        json={"model": "beta", "messages": messages, "max_tokens": 8, "temperature": 0},
+    )
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "chat.completion"
+    message = body["choices"][0]["message"]
+    assert message["role"] == "assistant"
+    assert message["content"] == reference("beta", "system w1 user w2 w3 assistant", 8)
+
+
+def test_models_and_health(causal):
+    engine, client = causal
+    models = client.get("/v1/models").json()
+    ids = [m["id"] for m in models["data"]]
+    assert models["object"] == "list" and ids[0] == BASE and set(ids[1:]) >= {"alpha", "beta"}
+    assert "not_an_adapter" not in ids
+    health = client.get("/health").json()
+    assert health["status"] == "ok" and health["task"] == "CAUSAL_LM" and health["base"] == BASE
+
+
+def test_load_and_unload_adapters_at_runtime(causal, files, reference):
+    engine, client = causal
+    shutil.copytree(files["root"] / "spare" / "gamma", os.path.join(files["adapters"], "extra", "gamma"))
+    assert (
+        client.post("/v1/completions", json={"model": "gamma", "prompt": "w1", "max_tokens": 3}).status_code
+        == 404
+    )
+
+    r = client.post("/v1/adapters", json={"name": "gamma", "path": "extra/gamma"})
+    assert r.status_code == 200, r.text
+    assert "gamma" in [m["id"] for m in client.get("/v1/models").json()["data"]]
+    assert _complete(client, "gamma", "w5 w6", 8, temperature=0)["choices"][0]["text"] == reference(
+        "gamma", "w5 w6", 8
+    )
+    assert client.post("/v1/adapters", json={"name": "gamma", "path": "extra/gamma"}).status_code == 409
+
+    assert client.delete("/v1/adapters/gamma").status_code == 200
+    assert client.delete("/v1/adapters/gamma").status_code == 404
+    r = client.post("/v1/completions", json={"model": "gamma", "prompt": "w1", "max_tokens": 3})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+
+    # Down to the bare base and back: the base keeps serving, and reloads work.
+    for name in ("alpha", "beta"):
+        assert client.delete(f"/v1/adapters/{name}").status_code == 200
+    assert _complete(client, BASE, "w1 w2", 6, temperature=0)["choices"][0]["text"] == reference(
+        BASE, "w1 w2", 6
+    )
+    for name in ("alpha", "beta"):
+        assert client.post("/v1/adapters", json={"name": name}).status_code == 200
+    assert _complete(client, "alpha", "w1 w2", 6, temperature=0)["choices"][0]["text"] == reference(
+        "alpha", "w1 w2", 6
+    )
+
+
+# ---- classification --------------------------------------------------------------------------------------------
+def test_classify_batches_adapters_and_returns_their_labels(classifier, files):
+    engine, client = classifier
+    texts = {"sentiment": ["w1 w2 w3", "w4"], "topic": ["w5 w6"], "cls": ["w7 w8 w9 w10"]}
+    engine.batch_wait = 0.3
+    try:
+        with ThreadPoolExecutor(3) as pool:
+            replies = dict(
+                zip(
+                    texts,
+                    pool.map(
+                        lambda m: client.post("/v1/classify", json={"model": m, "input": texts[m]}), texts
+                    ),
+                )
+            )
+    finally:
+        engine.batch_wait = 0.005
+    tokenizer = _tokenizer(chat=False)
+    labels = {
+        "sentiment": ["neg", "neu", "pos"],
+        "topic": ["ham", "spam", "other"],
+        "cls": ["ham", "spam", "other"],
+    }
+    for model, r in replies.items():
+        assert r.status_code == 200, r.text
+        body = r.json()
+        ref = AutoModelForSequenceClassification.from_pretrained(files["cls_base"]).eval()
+        if model != "cls":
+            ref = PeftModel.from_pretrained(ref, os.path.join(files["cls_adapters"], model))
+        for item, text in zip(body["data"], texts[model]):
+            with torch.inference_mode():
+                probs = ref(**tokenizer(text, return_tensors="pt")).logits.softmax(-1)[0]
+            assert list(item["probabilities"]) == labels[model]
+            torch.testing.assert_close(
+                torch.tensor(list(item["probabilities"].values())), probs, atol=1e-5, rtol=0
+            )
+            assert item["label"] == labels[model][int(probs.argmax())]
+    assert engine.health()["stats"]["max_adapters_per_call"] >= 2
+
+
+def test_each_endpoint_refuses_the_other_task(causal, classifier):
+    _, client = causal
+    r = client.post("/v1/classify", json={"model": "alpha", "input": "w1"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "wrong_task"
+    _, cls_client = classifier
+    r = cls_client.post("/v1/completions", json={"model": "sentiment", "prompt": "w1"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "wrong_task"
+    r = cls_client.post(
+        "/v1/chat/completions", json={"model": "cls", "messages": [{"role": "user", "content": "w1"}]}
+    )
+    assert r.status_code == 400
+
+
+# ---- bad input ---------------------------------------------------------------------------------------------------
+LONG = " ".join(["w3"] * 60)
+BAD = [
+    (
+        "unknown adapter",
+        "post",
+        "/v1/completions",
+        {"json": {"model": "nope", "prompt": "w1"}},
+        404,
+        "model_not_found",
+    ),
+    (
+        "slash in name",
+        "post",
+        "/v1/completions",
+        {"json": {"model": "a/b", "prompt": "w1"}},
+        400,
+        "invalid_model_name",
+    ),
+    (
+        "dots in name",
+        "post",
+        "/v1/completions",
+        {"json": {"model": "..", "prompt": "w1"}},
+        400,
+        "invalid_model_name",
+    ),
+    (
+        "malformed json",
+        "post",
+        "/v1/completions",
+        {"content": b'{"model": "alpha", "prompt": ', "headers": {"content-type": "application/json"}},
+        400,
+        "invalid_json",
+    ),
+    ("not an object", "post", "/v1/completions", {"json": ["alpha"]}, 400, "invalid_value"),
+    ("missing prompt", "post", "/v1/completions", {"json": {"model": "alpha"}}, 400, "invalid_value"),
+    ("missing model", "post", "/v1/completions", {"json": {"prompt": "w1"}}, 400, "invalid_value"),
+    (
+        "wrong type",
+        "post",
+        "/v1/completions",
+        {"json": {"model": "alpha", "prompt": "w1", "max_tokens": "many"}},
+        400,
+        "invalid_value",
+    ),
+    (
+        "temperature out of range",
+        "post",
+        "/v1/completions",
+        {"json": {"model": "alpha", "prompt": "w1", "temperature": 9}},
+        400,
+        "invalid_value",
+    ),
+    (
+        "max_tokens over the cap",
+        "post",
+        "/v1/completions",
+        {"json": {"model": "alpha", "prompt": "w1", "max_tokens": CAP + 1}},
+        400,
+        "max_tokens_exceeded",
+    ),
+    (
+        "prompt over the context",
+        "post",
+        "/v1/completions",
+        {"json": {"model": "alpha", "prompt": LONG, "max_tokens": 8}},
+        400,
+        "context_length_exceeded",
+    ),
+    (
+        "token id outside the vocab",
+        "post",
+        "/v1/completions",
+        {"json": {"model": "alpha", "prompt": [1, 5000]}},
+        400,
+        "invalid_value",
+    ),
+    (
+        "empty prompt",
+        "post",
+        "/v1/completions",
+        {"json": {"model": "alpha", "prompt": ""}},
+        400,
+        "invalid_value",
+    ),
+    (
+        "stream",
+        "post",
+        "/v1/completions",
+        {"json": {"model": "alpha", "prompt": "w1", "stream": True}},
+        400,
+        "unsupported",
+    ),
+    (
+        "empty messages",
+        "post",
+        "/v1/chat/completions",
+        {"json": {"model": "alpha", "messages": []}},
+        400,
+        "invalid_value",
+    ),
+    ("load: slash in name", "post", "/v1/adapters", {"json": {"name": "x/y"}}, 400, "invalid_model_name"),
+    ("load: dots in name", "post", "/v1/adapters", {"json": {"name": ".."}}, 400, "invalid_model_name"),
+    (
+        "load: path escapes",
+        "post",
+        "/v1/adapters",
+        {"json": {"name": "x", "path": "../cls_adapters/topic"}},
+        400,
+        "invalid_path",
+    ),
+    (
+        "load: absolute path",
+        "post",
+        "/v1/adapters",
+        {"json": {"name": "x", "path": "/etc"}},
+        400,
+        "invalid_path",
+    ),
+    (
+        "load: no such adapter",
+        "post",
+        "/v1/adapters",
+        {"json": {"name": "missing"}},
+        404,
+        "adapter_not_found",
+    ),
+    (
+        "load: not an adapter",
+        "post",
+        "/v1/adapters",
+        {"json": {"name": "not_an_adapter"}},
+        404,
+        "adapter_not_found",
+    ),
+    ("load: base name", "post", "/v1/adapters", {"json": {"name": BASE}}, 409, "name_taken"),
+    ("unload: dots", "delete", "/v1/adapters/..x", {}, 400, "invalid_model_name"),
+    ("unload: encoded slash", "delete", "/v1/adapters/..%2Fx", {}, 404, "not_found"),
+    ("unload: unknown", "delete", "/v1/adapters/nope", {}, 404, "model_not_found"),
+    ("unknown route", "get", "/v2/nothing", {}, 404, "not_found"),
+]
+
+
+@pytest.mark.parametrize(("case", "method", "path", "kwargs", "status", "code"), BAD, ids=[b[0] for b in BAD])
+def test_bad_input_is_a_4xx_with_a_json_error_and_the_server_keeps_serving(
+    causal, case, method, path, kwargs, status, code
+):
+    _, client = causal
+    r = client.request(method.upper(), path, **kwargs)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert error["code"] == code and error["message"] and error["type"]
+    assert _complete(client, "alpha", "w1", 2, temperature=0)["choices"][0]["text"] is not None
+
+
+def test_a_wrong_task_adapter_fails_to_load_with_a_clear_message(causal, files):
+    _, client = causal
+    shutil.copytree(os.path.join(files["cls_adapters"], "topic"), os.path.join(files["adapters"], "clsx"))
+    r = client.post("/v1/adapters", json={"name": "clsx"})
+    assert r.status_code == 400 and "SEQ_CLS" in r.json()["error"]["message"]
+    assert "clsx" not in [m["id"] for m in client.get("/v1/models").json()["data"]]
+
+
+def test_body_over_the_cap_is_refused_before_parsing(causal):
+    _, client = causal
+    big = {"model": "alpha", "prompt": "w1 " * BODY_CAP}
+    r = client.post("/v1/completions", json=big)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
+    chunks = (b"x" * 1024 for _ in range(8))  # no content-length: counted as it streams in
+    r = client.post("/v1/completions", content=chunks, headers={"content-type": "application/json"})
+    assert r.status_code == 413
+
+
+def test_api_key_guards_every_endpoint(causal):
+    engine, client = causal
+    url = str(client.base_url)
+    for key in (None, "wrong", KEY[:-1]):
+        with _client(url, key) as anon:
+            for method, path in (
+                ("GET", "/health"),
+                ("GET", "/v1/models"),
+                ("POST", "/v1/completions"),
+                ("POST", "/v1/adapters"),
+                ("DELETE", "/v1/adapters/alpha"),
+                ("GET", "/docs"),
+            ):
+                r = anon.request(method, path, json={"model": "alpha", "prompt": "w1"})
+                assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+    with httpx.Client(base_url=url, headers={"x-api-key": KEY}, trust_env=False, timeout=60) as other:
+        assert other.get("/health").status_code == 200
+    assert "alpha" in engine.adapter_names
+
+
+# ---- the command ------------------------------------------------------------------------------------------------
+def test_the_serve_command_binds_localhost_and_reads_the_key_from_env(files, reference):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "DELTATUNE_API_KEY": "from-env"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "deltatune",
+        "serve",
+        "--base",
+        files["base"],
+        "--adapters",
+        files["adapters"],
+        "--base-name",
+        BASE,
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+    ]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        with _client(url, "from-env") as client:
+            deadline = time.monotonic() + 90
+            while True:
+                assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+                assert time.monotonic() < deadline, "deltatune serve did not come up"
+                try:
+                    if client.get("/health").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    time.sleep(0.2)
+            with _client(url, None) as anon:
+                assert anon.get("/health").status_code == 401
+            text = _complete(client, "alpha", "w9 w8", 5, temperature=0)["choices"][0]["text"]
+            assert text == reference("alpha", "w9 w8", 5)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
