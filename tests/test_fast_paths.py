@@ -88,7 +88,7 @@ def test_causal_lm_loss_equals_model_loss(factory):
     expected.backward()
     want = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     model.zero_grad()
-    loss = causal_lm_loss(model, x, labels, chunk_size=5)
+    loss = causal_lm_loss(model, labels, input_ids=x, chunk_size=5)
     loss.backward()
     torch.testing.assert_close(loss, expected, atol=1e-5, rtol=0)
     for n, p in model.named_parameters():
@@ -103,5 +103,5 @@ def test_causal_lm_loss_trains_a_tied_head_in_full_finetuning():
     expected.backward()
     want = model.lm_head.weight.grad.clone()
     model.zero_grad()
-    causal_lm_loss(model, x, x, chunk_size=4).backward()
+    causal_lm_loss(model, x, input_ids=x, chunk_size=4).backward()
     torch.testing.assert_close(model.lm_head.weight.grad, want, atol=1e-5, rtol=1e-4)

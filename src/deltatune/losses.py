@@ -91,21 +91,21 @@ _UNSUPPORTED = {
 }  # logit scaling / soft-capping
 
 
-def causal_lm_loss(
-    model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, chunk_size: int = 1024, **kwargs
-) -> torch.Tensor:
+def causal_lm_loss(model: nn.Module, labels: torch.Tensor, *, chunk_size: int = 1024, **inputs) -> torch.Tensor:
     """The causal-LM loss of a Hugging Face model (wrapped or not) without materializing its logits.
 
-    Runs the model's backbone (`model.<base_model_prefix>`), then the fused head + cross-entropy. Falls back
-    to the model's own loss for architectures whose head does more than a linear layer.
+    Runs the model's backbone (`model.<base_model_prefix>`) on `inputs` (`input_ids` or `inputs_embeds`,
+    `attention_mask`, ...), then the fused head + cross-entropy against `labels` shifted by one, as the
+    model's own loss does. Falls back to the model's own loss for architectures whose head is more than a
+    linear layer (or is itself wrapped by an adapter).
     """
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     backbone = getattr(inner, getattr(inner, "base_model_prefix", ""), None)
     head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
     mtype = getattr(getattr(inner, "config", None), "model_type", None)
-    if backbone is None or head is None or mtype in _UNSUPPORTED or not hasattr(head, "weight"):
-        return model(input_ids=input_ids, labels=labels, **kwargs).loss
-    hidden = backbone(input_ids=input_ids, **kwargs).last_hidden_state
+    if backbone is None or head is None or mtype in _UNSUPPORTED or type(head) is not nn.Linear:
+        return model(**inputs, labels=labels).loss
+    hidden = backbone(**inputs).last_hidden_state
     hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     targets = labels[:, 1:].reshape(-1)
-    return fused_linear_cross_entropy(hidden, head.weight, targets, getattr(head, "bias", None), chunk_size)
+    return fused_linear_cross_entropy(hidden, head.weight, targets, head.bias, chunk_size)

@@ -141,7 +141,9 @@ class PeftModel(nn.Module):
         ranks = [max(c.r, *c.rank_pattern.values()) if c.rank_pattern else c.r for c in configs]
         if combination_type == "linear":
             if len(set(ranks)) != 1:
-                raise ValueError(f"combination_type='linear' needs adapters of one rank, got ranks {ranks}; use 'cat' or 'svd'")
+                raise ValueError(
+                    f"combination_type='linear' needs adapters of one rank, got ranks {ranks}; use 'cat' or 'svd'"
+                )
             new_rank = ranks[0]
         elif combination_type == "cat":
             new_rank = sum(ranks)
@@ -157,8 +159,15 @@ class PeftModel(nn.Module):
         else:
             raise ValueError("can't combine adapters whose target_modules mix regex strings and lists")
         config = dataclasses.replace(
-            configs[0], r=new_rank, lora_alpha=new_rank, target_modules=new_targets, rank_pattern={},
-            alpha_pattern={}, use_rslora=False, layers_to_transform=None, init_lora_weights=True,
+            configs[0],
+            r=new_rank,
+            lora_alpha=new_rank,
+            target_modules=new_targets,
+            rank_pattern={},
+            alpha_pattern={},
+            use_rslora=False,
+            layers_to_transform=None,
+            init_lora_weights=True,
         )
         self.add_adapter(adapter_name, config)
         for _, layer in self._delta_layers():
@@ -168,10 +177,14 @@ class PeftModel(nn.Module):
                 sources = [a for a in adapters if a in layer.adapters]
                 if len(sources) > 1:
                     self.delete_adapter(adapter_name)
-                    raise ValueError("can't combine adapters that each train their own copy of the same module "
-                                     "(modules_to_save, e.g. a classification head)")
+                    raise ValueError(
+                        "can't combine adapters that each train their own copy of the same module "
+                        "(modules_to_save, e.g. a classification head)"
+                    )
                 if sources:
-                    layer.modules_to_save[adapter_name].load_state_dict(layer.modules_to_save[sources[0]].state_dict())
+                    layer.modules_to_save[adapter_name].load_state_dict(
+                        layer.modules_to_save[sources[0]].state_dict()
+                    )
 
     def set_adapter(self, adapter_name: str) -> None:
         """Make `adapter_name` the active adapter; only its parameters train (unless in inference mode)."""
@@ -334,17 +347,19 @@ class PeftModel(nn.Module):
         """
         layers = self._delta_layers()
         self._untie_merged_weights(layers)
+        # Merge everything first, so a layer that can't merge (a bottleneck adapter) raises before any swap.
+        replacements = {}
         for name, layer in layers:
             names = adapter_names if adapter_names is not None else layer.active_adapters
             if isinstance(layer, mts.ModulesToSave):
-                replacement = layer.active_module()
+                replacements[name] = layer.active_module()
             elif getattr(layer.base_layer, "is_quantized_linear", False):
-                replacement = dequantized_linear(
-                    layer.base_layer, dtype or torch.float32, layer.merged_weight(names)
-                )
+                weight = layer.merged_weight(names)
+                replacements[name] = dequantized_linear(layer.base_layer, dtype or torch.float32, weight)
             else:
                 layer.merge(names)
-                replacement = layer.base_layer
+                replacements[name] = layer.base_layer
+        for name, replacement in replacements.items():
             inject.replace_module(self.base_model, name, replacement)
         return self._finish_unwrap(dtype)
 
