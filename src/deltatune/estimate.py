@@ -1,0 +1,220 @@
+"""`deltatune estimate`: the article's back-of-envelope, made a command.
+
+How much accelerator memory fine-tuning a model takes with each method, and how many GPUs of a given
+size that means. Every term is stated, so the number can be checked by hand:
+
+- weights: frozen parameters x the base's bytes (16-bit 2, int8 ~1, NF4 ~0.516 with double-quantized
+  scales) + trainable parameters x the training precision's bytes;
+- gradients: trainable parameters x the training precision's bytes;
+- optimizer: AdamW's two states per trainable parameter x `state_bytes`;
+- activations: per transformer block `s*b*h*(34 + 5*a*s/h)` bytes in 16-bit (Korthikanti et al., 2022);
+  with gradient checkpointing only each block's input (`2*s*b*h`) plus one block's worth are kept. Only
+  blocks that gradients pass through count (top-layer fine-tuning stops at its first trained block).
+
+With the article's assumptions (16-bit weights, gradients and Adam states; checkpointing; batch 1 at
+GPT-3's 2048-token context) GPT-3 175B needs ~1.4 TB for full fine-tuning (~18 A100-80GB) and ~183 GB
+with LoRA on an 8-bit base (~3 of them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import asdict, dataclass
+
+BASE_BYTES = {"16": 2.0, "32": 4.0, "int8": 1.0, "nf4": 0.5 + 1 / 64 + 4 / (64 * 256)}
+METHODS = ("full", "top-layers", "lora", "houlsby", "pfeiffer")
+GB = 1e9
+
+
+@dataclass
+class Shape:
+    """A transformer's size; when only the parameter count is known, a GPT-3-like aspect ratio is assumed
+    (params ~ 12*L*h^2 with L = h/128 and h/128 heads)."""
+
+    params: float
+    hidden: int
+    layers: int
+    heads: int
+
+    @classmethod
+    def from_params(
+        cls, params: float, hidden: int | None = None, layers: int | None = None, heads: int | None = None
+    ) -> Shape:
+        h = hidden or int(round((params * 128 / 12) ** (1 / 3) / 128) * 128) or 128
+        n_layers = layers or max(1, h // 128)
+        return cls(params, h, n_layers, heads or max(1, h // 128))
+
+
+@dataclass
+class Estimate:
+    method: str
+    params: float
+    trainable: float
+    weights_gb: float
+    gradients_gb: float
+    optimizer_gb: float
+    activations_gb: float
+    total_gb: float
+    gpus: int
+    gpu_mem_gb: float
+
+
+def trainable_params(
+    shape: Shape,
+    method: str,
+    r: int = 8,
+    targets_per_layer: int = 2,
+    num_layers: int = 2,
+    reduction_factor: int = 16,
+) -> float:
+    """Trainable parameters of a method (heads ignored: they are tiny next to a large model)."""
+    h, layers = shape.hidden, shape.layers
+    if method == "full":
+        return shape.params
+    if method == "top-layers":
+        return shape.params * min(num_layers, layers) / layers
+    if method == "lora":
+        return layers * targets_per_layer * r * 2 * h
+    bottleneck = max(1, h // reduction_factor)
+    per_adapter = 2 * h * bottleneck + h + bottleneck
+    return layers * per_adapter * (2 if method == "houlsby" else 1)
+
+
+def estimate(
+    params: float,
+    method: str = "full",
+    *,
+    quantize: str | None = None,
+    precision: str = "16",
+    state_bytes: float | None = None,
+    r: int = 8,
+    targets_per_layer: int = 2,
+    num_layers: int = 2,
+    batch: int = 1,
+    seq: int = 2048,
+    checkpointing: bool = True,
+    gpu_mem: float = 80.0,
+    hidden: int | None = None,
+    layers: int | None = None,
+    heads: int | None = None,
+) -> Estimate:
+    """Memory for fine-tuning a model of `params` parameters with `method` (see the module docstring).
+
+    Raises:
+        ValueError: an unknown method/precision, or a quantized base for a method that trains the base.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
+    if precision not in ("16", "32"):
+        raise ValueError(f"precision must be '16' or '32', got {precision!r}")
+    if quantize not in (None, "int8", "nf4"):
+        raise ValueError(f"quantize must be 'int8' or 'nf4', got {quantize!r}")
+    if quantize and method in ("full", "top-layers"):
+        raise ValueError(
+            f"{method} fine-tuning trains the base weights, which can't stay quantized; use lora with --quantize"
+        )
+    shape = Shape.from_params(params, hidden, layers, heads)
+    train_bytes = BASE_BYTES[precision]
+    states = train_bytes if state_bytes is None else state_bytes
+    trainable = trainable_params(shape, method, r, targets_per_layer, num_layers)
+    frozen = shape.params - trainable if method in ("full", "top-layers") else shape.params
+    weights = frozen * BASE_BYTES[quantize or precision] + trainable * train_bytes
+    gradients = trainable * train_bytes
+    optimizer = trainable * 2 * states
+    s, b, h, a = seq, batch, shape.hidden, shape.heads
+    per_block = s * b * h * (34 + 5 * a * s / h) * train_bytes / 2
+    blocks = min(num_layers, shape.layers) if method == "top-layers" else shape.layers
+    activations = (
+        (blocks * 2 * s * b * h * train_bytes / 2 + per_block) if checkpointing else blocks * per_block
+    )
+    total = weights + gradients + optimizer + activations
+    return Estimate(
+        method,
+        shape.params,
+        trainable,
+        weights / GB,
+        gradients / GB,
+        optimizer / GB,
+        activations / GB,
+        total / GB,
+        max(1, math.ceil(total / GB / gpu_mem - 1e-9)),
+        gpu_mem,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="deltatune estimate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--params", type=float, required=True, help="parameter count, e.g. 1.3e9 or 175e9")
+    parser.add_argument("--method", default="all", help=f"one of {', '.join(METHODS)}, or 'all' (default)")
+    parser.add_argument("--r", type=int, default=8, help="LoRA rank (default 8)")
+    parser.add_argument(
+        "--targets-per-layer", type=int, default=2, help="LoRA targets per block (default 2: q, v)"
+    )
+    parser.add_argument("--num-layers", type=int, default=2, help="blocks trained by top-layer fine-tuning")
+    parser.add_argument(
+        "--quantize", choices=["int8", "nf4"], help="frozen base quantization (LoRA, adapters)"
+    )
+    parser.add_argument(
+        "--precision", choices=["16", "32"], default="16", help="training precision in bits (16)"
+    )
+    parser.add_argument(
+        "--state-bytes", type=float, default=None, help="bytes per Adam state (default: as precision)"
+    )
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--no-checkpointing", action="store_true", help="keep every activation")
+    parser.add_argument("--gpu-mem", type=float, default=80.0, help="GB per GPU (default 80: A100-80GB)")
+    parser.add_argument("--hidden", type=int)
+    parser.add_argument("--layers", type=int)
+    parser.add_argument("--heads", type=int)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    methods = METHODS if args.method == "all" else (args.method,)
+    rows = []
+    for method in methods:
+        quantize = args.quantize if method not in ("full", "top-layers") else None
+        try:
+            rows.append(
+                estimate(
+                    args.params,
+                    method,
+                    quantize=quantize,
+                    precision=args.precision,
+                    state_bytes=args.state_bytes,
+                    r=args.r,
+                    targets_per_layer=args.targets_per_layer,
+                    num_layers=args.num_layers,
+                    batch=args.batch,
+                    seq=args.seq,
+                    checkpointing=not args.no_checkpointing,
+                    gpu_mem=args.gpu_mem,
+                    hidden=args.hidden,
+                    layers=args.layers,
+                    heads=args.heads,
+                )
+            )
+        except ValueError as e:
+            parser.error(str(e))
+    if args.json:
+        print(json.dumps([asdict(r) for r in rows], indent=2))
+        return 0
+    shape = Shape.from_params(args.params, args.hidden, args.layers, args.heads)
+    print(
+        f"{args.params:.3g} parameters (hidden {shape.hidden}, {shape.layers} blocks, {shape.heads} heads); "
+        f"{args.precision}-bit training, batch {args.batch} x {args.seq} tokens, "
+        f"{'no ' if args.no_checkpointing else ''}gradient checkpointing"
+        f"{', base ' + args.quantize + ' for LoRA/adapters' if args.quantize else ''}"
+    )
+    print(
+        f"{'method':<11} {'trainable':>11} {'weights':>9} {'grads':>8} {'optim':>8} {'activ':>8} {'total GB':>9} "
+        f"{'GPUs':>5}"
+    )
+    for e in rows:
+        print(
+            f"{e.method:<11} {e.trainable:>11.3g} {e.weights_gb:>9.1f} {e.gradients_gb:>8.1f} {e.optimizer_gb:>8.1f} "
+            f"{e.activations_gb:>8.1f} {e.total_gb:>9.1f} {e.gpus:>5}"
+        )
+    print(f"GPUs: {args.gpu_mem:g} GB each, memory alone (no room kept for the framework or fragmentation).")
+    return 0

@@ -1,0 +1,79 @@
+"""`deltatune estimate` against numbers computed by hand, and the article's GPT-3 figures."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import pytest
+
+from deltatune.estimate import estimate
+
+# GPT-3 175B: hidden 12288, 96 blocks, 96 heads; batch 1 x 2048 tokens, 16-bit, checkpointing.
+S, B, H, A, L = 2048, 1, 12288, 96, 96
+PER_BLOCK = S * B * H * (34 + 5 * A * S / H)  # bytes, 16-bit
+CHECKPOINTED = L * 2 * S * B * H + PER_BLOCK
+
+
+def test_gpt3_full_finetuning_matches_the_article():
+    e = estimate(175e9, "full")
+    assert e.weights_gb == pytest.approx(350.0)
+    assert e.gradients_gb == pytest.approx(350.0)
+    assert e.optimizer_gb == pytest.approx(700.0)
+    assert e.activations_gb == pytest.approx(CHECKPOINTED / 1e9)
+    assert e.total_gb == pytest.approx(1400 + CHECKPOINTED / 1e9)  # the article's "1.4 TB"
+    assert e.gpus == 18  # the article's "~18 A100-80GB"
+
+
+def test_gpt3_lora_on_8bit_base_needs_three_gpus():
+    e = estimate(175e9, "lora", quantize="int8", r=8)
+    lora_params = L * 2 * 8 * 2 * H  # q and v, A [r, h] and B [h, r]
+    assert e.trainable == lora_params
+    expected = 175e9 * 1 + lora_params * (2 + 2 + 4) + CHECKPOINTED
+    assert e.total_gb == pytest.approx(expected / 1e9)
+    assert e.gpus == 3  # the article's "around 3 A100 GPUs"
+    assert estimate(175e9, "lora").weights_gb == pytest.approx(350 + lora_params * 2 / 1e9)  # "350GB"
+    assert estimate(175e9, "lora", quantize="nf4").weights_gb < 91  # "under 90 GB" for the weights at 4 bit
+
+
+def test_fp32_without_checkpointing_and_adapter_counts():
+    e = estimate(
+        1e6, "houlsby", precision="32", checkpointing=False, batch=4, seq=16, hidden=64, layers=2, heads=4
+    )
+    b = 64 // 16
+    assert e.trainable == 2 * 2 * (2 * 64 * b + 64 + b)
+    per_block = 16 * 4 * 64 * (34 + 5 * 4 * 16 / 64) * 2  # fp32 doubles the 16-bit bytes
+    assert e.activations_gb == pytest.approx(2 * per_block / 1e9)
+    assert e.optimizer_gb == pytest.approx(e.trainable * 2 * 4 / 1e9)
+    assert e.gpus == math.ceil(e.total_gb / 80) == 1
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="can't stay quantized"):
+        estimate(1e9, "full", quantize="nf4")
+    with pytest.raises(ValueError, match="unknown method"):
+        estimate(1e9, "prefix")
+
+
+def test_command_line():
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "deltatune",
+            "estimate",
+            "--params",
+            "175e9",
+            "--method",
+            "lora",
+            "--quantize",
+            "int8",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    last = proc.stdout.splitlines()[2].split()
+    assert last[0] == "lora" and last[-1] == "3"
