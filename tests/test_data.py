@@ -1,0 +1,273 @@
+"""Data: every file format, the field mappings, label maps, prompt masking, packing, batching, bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+from tiny_models import tokenizer as tiny_tokenizer
+
+from deltatune import builtin_data
+from deltatune.data import (
+    IGNORE_INDEX,
+    DataError,
+    Fields,
+    collate,
+    epoch_batches,
+    eval_batches,
+    load_datasets,
+    pack,
+    read_rows,
+    split_eval,
+)
+
+RECORDS = [
+    {"text": "w1 w2 w3", "label": "spam"},
+    {"text": "w4 w5", "label": "ham"},
+    {"text": "w6", "label": "spam"},
+]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+def write(path, records, kind):
+    if kind == "jsonl":
+        path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    elif kind == "json":
+        path.write_text(json.dumps(records))
+    elif kind in ("csv", "tsv"):
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(records[0]), delimiter="," if kind == "csv" else "\t")
+            writer.writeheader()
+            writer.writerows(records)
+    elif kind == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(records), path)
+    return str(path)
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "json", "csv", "tsv", "parquet"])
+def test_every_file_format_reads_the_same_records(tmp_path, kind):
+    path = write(tmp_path / f"d.{kind}", RECORDS, kind)
+    assert [r for _, r in read_rows(path)] == RECORDS
+
+
+def test_save_to_disk_folders_and_their_splits(tmp_path):
+    import datasets
+
+    datasets.Dataset.from_list(RECORDS).save_to_disk(str(tmp_path / "one"))
+    assert [r for _, r in read_rows(str(tmp_path / "one"))] == RECORDS
+    both = datasets.DatasetDict(
+        {"train": datasets.Dataset.from_list(RECORDS), "validation": datasets.Dataset.from_list(RECORDS[:1])}
+    )
+    both.save_to_disk(str(tmp_path / "both"))
+    assert len(read_rows(str(tmp_path / "both"), role="train")) == 3
+    assert [r for _, r in read_rows(str(tmp_path / "both"), role="eval")] == RECORDS[:1]
+
+
+def test_plain_text_is_one_example_per_nonblank_line(tmp_path):
+    path = tmp_path / "t.txt"
+    path.write_text("w1 w2\n\nw3\n")
+    rows = read_rows(str(path), Fields(text="body"))
+    assert [r for _, r in rows] == [{"body": "w1 w2"}, {"body": "w3"}]
+    assert rows[1][0].endswith("line 3")
+
+
+def test_classification_maps_string_labels_sorted_and_field_names(tmp_path, tok):
+    records = [{"body": r["text"], "cat": r["label"]} for r in RECORDS]
+    path = write(tmp_path / "d.jsonl", records, "jsonl")
+    data = load_datasets(path, tok, task="seq-cls", fields=Fields(text="body", label="cat"), eval_data=path)
+    assert data.label_map == {"ham": 0, "spam": 1}
+    assert [e["labels"] for e in data.train] == [1, 0, 1]
+    assert data.train[0]["input_ids"] == tok("w1 w2 w3")["input_ids"]
+
+
+def test_integer_labels_keep_their_ids_also_as_csv_strings(tmp_path, tok):
+    records = [{"text": "w1", "label": 2}, {"text": "w2", "label": 0}]
+    for kind in ("jsonl", "csv"):
+        data = load_datasets(write(tmp_path / f"d.{kind}", records, kind), tok, task="seq-cls")
+        assert data.label_map == {"0": 0, "1": 1, "2": 2}
+        assert [e["labels"] for e in data.train] == [2, 0]
+
+
+def test_truncation_to_max_length(tmp_path, tok):
+    path = write(
+        tmp_path / "d.jsonl",
+        [{"text": " ".join(f"w{i}" for i in range(40)), "label": "a"}] * 2 + [{"text": "w1", "label": "b"}],
+        "jsonl",
+    )
+    data = load_datasets(path, tok, task="seq-cls", max_length=7)
+    assert len(data.train[0]["input_ids"]) == 7
+
+
+def test_prompt_tokens_get_no_labels(tmp_path, tok):
+    path = write(tmp_path / "d.jsonl", [{"prompt": "w1 w2 w3", "completion": "w4 w5"}], "jsonl")
+    (example,) = load_datasets(path, tok, task="causal-lm").train
+    prompt, completion = tok("w1 w2 w3")["input_ids"], tok("w4 w5", add_special_tokens=False)["input_ids"]
+    assert example["input_ids"] == prompt + completion + [tok.eos_token_id]
+    assert example["labels"] == [IGNORE_INDEX] * len(prompt) + completion + [tok.eos_token_id]
+
+
+def test_text_examples_learn_every_token_and_end_with_eos(tmp_path, tok):
+    path = tmp_path / "t.txt"
+    path.write_text("w1 w2\nw3\n")
+    data = load_datasets(str(path), tok, task="causal-lm")
+    assert data.format == "text"
+    assert data.train[0]["input_ids"] == data.train[0]["labels"] == tok("w1 w2")["input_ids"] + [2]
+
+
+def test_messages_use_the_chat_template_and_learn_only_assistant_turns(tmp_path, tok):
+    tok.chat_template = "{% for m in messages %}{{ m.role }} {{ m.content }} {% endfor %}{% if add_generation_prompt %}assistant {% endif %}"
+    for word in ("user", "assistant", "system"):
+        tok.add_tokens([word])
+    conversation = [
+        {"role": "user", "content": "w1 w2"},
+        {"role": "assistant", "content": "w3"},
+        {"role": "user", "content": "w4"},
+        {"role": "assistant", "content": "w5 w6"},
+    ]
+    path = write(tmp_path / "d.jsonl", [{"messages": conversation}], "jsonl")
+    (example,) = load_datasets(path, tok, task="causal-lm", max_length=64).train
+    words = tok.convert_ids_to_tokens(example["input_ids"])
+    learned = [w for w, label in zip(words, example["labels"]) if label != IGNORE_INDEX]
+    assert words == ["user", "w1", "w2", "assistant", "w3", "user", "w4", "assistant", "w5", "w6"]
+    assert learned == ["w3", "w5", "w6"]
+
+
+def test_messages_need_a_chat_template(tmp_path):
+    path = write(tmp_path / "d.jsonl", [{"messages": [{"role": "user", "content": "w1"}]}], "jsonl")
+    with pytest.raises(DataError, match="no chat template"):
+        load_datasets(path, tiny_tokenizer(), task="causal-lm")
+
+
+def test_packing_fills_blocks_and_keeps_masks(tmp_path, tok):
+    examples = [
+        {"input_ids": [5, 6, 2], "labels": [-100, 6, 2]},
+        {"input_ids": [7, 8, 9, 2], "labels": [7, 8, 9, 2]},
+    ]
+    blocks = pack(examples, 4)
+    assert [b["input_ids"] for b in blocks] == [[5, 6, 2, 7], [8, 9, 2]]
+    assert [b["labels"] for b in blocks] == [[-100, 6, 2, 7], [8, 9, 2]]
+
+
+def test_collate_pads_per_batch(tok):
+    batch = collate([{"input_ids": [5, 6, 7], "labels": [5, 6, 7]}, {"input_ids": [8], "labels": [-100]}], 0)
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch["labels"].tolist() == [[5, 6, 7], [-100, -100, -100]]
+    assert collate([{"input_ids": [1], "labels": 1}], 0)["labels"].dtype == torch.long
+
+
+def test_eval_fraction_is_deterministic_and_disjoint():
+    rows = [(str(i), {"text": str(i)}) for i in range(20)]
+    train, held = split_eval(rows, 0.25, seed=3)
+    assert len(held) == 5 and len(train) == 15
+    assert {w for w, _ in train}.isdisjoint(w for w, _ in held)
+    assert split_eval(rows, 0.25, seed=3) == (train, held)
+    assert split_eval(rows, 0.25, seed=4)[1] != held
+
+
+def test_shards_of_a_distributed_epoch_make_the_single_process_batches():
+    single = epoch_batches(21, 8, epoch=1, seed=0)
+    shards = [epoch_batches(21, 4, epoch=1, seed=0, rank=r, world=2) for r in range(2)]
+    assert len(shards[0]) == len(shards[1])
+    for k in range(len(single) - 1):  # the last batch of the padded epoch differs only by the padding
+        assert sorted(shards[0][k] + shards[1][k]) == sorted(single[k])
+    assert epoch_batches(21, 8, epoch=1, seed=0) != epoch_batches(21, 8, epoch=2, seed=0)
+    ranks = [eval_batches(5, 2, r, 2) for r in range(2)]
+    assert len(ranks[0]) == len(ranks[1]) and sorted(i for b in ranks[0] + ranks[1] for i in b) == [
+        -1,
+        0,
+        1,
+        2,
+        3,
+        4,
+    ]
+
+
+def test_builtin_spam_is_deterministic_noisy_and_held_out():
+    train, held = builtin_data.spam("train"), builtin_data.spam("eval")
+    assert len(train) == 50 and len(held) == 300
+    assert train == builtin_data.spam("train")
+    assert {r["label"] for r in train} == {"spam", "ham"}
+    assert not {r["text"] for r in train} & {r["text"] for r in held}
+    assert len({r["text"] for r in held}) == 300
+    money_ham = [r for r in held if r["label"] == "ham" and "$" in r["text"]]
+    assert money_ham, "ham that talks about money is among the hard cases"
+    assert read_rows("builtin:spam:eval")[0][1] == held[0]
+
+
+def test_builtin_quotes_and_default_eval_split(tok):
+    assert len(builtin_data.quotes("train")) == 400 and len(builtin_data.quotes("eval")) == 100
+    data = load_datasets("builtin:quotes", tok, task="causal-lm", max_length=16, packing=True)
+    assert len(data.eval) > 0 and all(len(b["input_ids"]) <= 16 for b in data.train)
+
+
+# ---- bad input ------------------------------------------------------------------------------------------
+def test_missing_file_is_named():
+    with pytest.raises(DataError, match="data file not found: 'nope.jsonl'"):
+        read_rows("nope.jsonl")
+
+
+def test_unreadable_json_line_is_named(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"text": "w1", "label": "a"}\n\n{"text": oops}\n')
+    with pytest.raises(DataError, match=r"d.jsonl line 3: not valid JSON"):
+        read_rows(str(path))
+
+
+def test_csv_row_with_wrong_column_count_is_named(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text("text,label\nw1,a\nw2,b,extra\n")
+    with pytest.raises(DataError, match="d.csv line 3"):
+        read_rows(str(path))
+
+
+def test_missing_field_names_the_line_and_field(tmp_path, tok):
+    path = write(tmp_path / "d.jsonl", [{"text": "w1", "label": "a"}, {"txt": "w2", "label": "b"}], "jsonl")
+    with pytest.raises(DataError, match=r"line 2: no field 'text' \(it has 'txt', 'label'\)"):
+        load_datasets(path, tok, task="seq-cls")
+
+
+def test_eval_label_never_seen_in_training(tmp_path, tok):
+    train = write(tmp_path / "t.jsonl", RECORDS, "jsonl")
+    held = write(
+        tmp_path / "e.jsonl", [{"text": "w1", "label": "ham"}, {"text": "w2", "label": "phishing"}], "jsonl"
+    )
+    with pytest.raises(
+        DataError, match=r"e.jsonl line 2: label 'phishing' never appears .*known labels: ham, spam"
+    ):
+        load_datasets(train, tok, task="seq-cls", eval_data=held)
+
+
+def test_empty_dataset(tmp_path, tok):
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n\n")
+    with pytest.raises(DataError, match="no examples"):
+        load_datasets(str(path), tok, task="seq-cls")
+
+
+def test_one_class_only_and_wrong_label_type(tmp_path, tok):
+    with pytest.raises(DataError, match="needs two or more"):
+        load_datasets(
+            write(tmp_path / "a.jsonl", [{"text": "w1", "label": "a"}] * 2, "jsonl"), tok, task="seq-cls"
+        )
+    with pytest.raises(DataError, match=r"line 1: field 'label' should be str or int"):
+        load_datasets(
+            write(tmp_path / "b.jsonl", [{"text": "w1", "label": [1]}], "jsonl"), tok, task="seq-cls"
+        )
+
+
+def test_unknown_builtin_and_file_type(tmp_path):
+    with pytest.raises(DataError, match="builtin:spam, builtin:quotes"):
+        read_rows("builtin:hams")
+    (tmp_path / "d.xml").write_text("<x/>")
+    with pytest.raises(DataError, match="unknown file type"):
+        read_rows(str(tmp_path / "d.xml"))

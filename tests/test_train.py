@@ -1,0 +1,400 @@
+"""Training: config validation, the loop end to end, exact resume, SIGTERM, NaN stop, Trainer, bad input."""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from train_helpers import classification_data, tiny_bert_folder, tiny_opt_folder, trainable_weights
+
+from deltatune.config import ConfigError
+from deltatune.train import (
+    TrainConfig,
+    TrainingError,
+    _loss,
+    config_from_dict,
+    latest_checkpoint,
+    load_train_config,
+    run,
+)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def bert(tmp_path_factory):
+    return tiny_bert_folder(tmp_path_factory.mktemp("bert"))
+
+
+@pytest.fixture(scope="module")
+def emails(tmp_path_factory):
+    return classification_data(tmp_path_factory.mktemp("data") / "emails.jsonl")
+
+
+def make_config(out, model, data, **overrides) -> TrainConfig:
+    values = {
+        "model": model,
+        "data": data,
+        "eval_fraction": 0.25,
+        "batch_size": 4,
+        "max_steps": 6,
+        "save_every": 0,
+        "log_every": 1,
+        "eval_at_start": False,
+        "progress": False,
+        "max_length": 32,
+        "output_dir": str(out),
+        "method_args": {"r": 2, "lora_alpha": 4},
+        "lr": 1e-2,
+    }
+    return config_from_dict(values | overrides)
+
+
+# ---- configs ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "path", sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml"))), ids=os.path.basename
+)
+def test_every_shipped_config_validates(path):
+    with open(path) as f:
+        assert f.readline().startswith("#"), "every shipped config starts with a how-to-run comment"
+    try:
+        config = load_train_config(path)
+    except ConfigError as e:  # a QLoRA config is valid once the quantized base (methods/quant.py) exists
+        assert (
+            "needs deltatune.methods.quant" in str(e)
+            and importlib.util.find_spec("deltatune.methods.quant") is None
+        )
+        return
+    assert config.method in os.path.basename(path) or config.task == "causal-lm"
+
+
+def test_overrides_with_dotted_keys_and_yaml_floats(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("method: lora\nlr: 1e-3\nmethod_args:\n  r: 8\n")
+    config = load_train_config(
+        str(path), ["method_args.lora_alpha=32", "fields.text=body", "lr=2e-4", "eval_data="]
+    )
+    assert config.lr == 2e-4 and isinstance(config.lr, float)
+    assert config.method_args == {"r": 8, "lora_alpha": 32}
+    assert config.fields.text == "body" and config.fields.label == "label"
+    assert load_train_config(str(path)).lr == 1e-3
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["batchsize=4"], "unknown key 'batchsize' (did you mean 'batch_size'?)"),
+        (["fields.txt=body"], "unknown key 'fields.txt' (did you mean 'fields.text'?)"),
+        (["batch_size=abc"], "batch_size: expected int, got str 'abc'"),
+        (["max_steps=1.5"], "max_steps: expected int, got float 1.5"),
+        (["schedule=cos"], "schedule: 'cos' is not one of 'linear', 'cosine', 'constant'"),
+        (["method=lorra"], "method: unknown 'lorra' (did you mean 'lora'?)"),
+        (["method_args.rank=4"], "unknown LoraConfig key 'rank'"),
+        (["data=missing.jsonl"], "data: data file not found: 'missing.jsonl'"),
+        (["eval_data=builtin:hams"], "unknown built-in data set 'builtin:hams'"),
+        (["model=./no/such/model"], "model: folder not found"),
+        (["base_dtype=bf16"], "set precision=bf16"),
+        (["packing=true"], "packing: only for task causal-lm"),
+        (["batch_size=0"], "batch_size: must be at least 1"),
+        (["eval_fraction=0.2", "eval_data=builtin:spam:eval"], "set one of them, not both"),
+        (["lr"], "is not key=value"),
+    ],
+)
+def test_bad_config_is_rejected_with_a_clear_message(overrides, message):
+    with pytest.raises(ConfigError) as e:
+        load_train_config(None, overrides)
+    assert message in str(e.value)
+
+
+def test_every_problem_is_reported_at_once():
+    with pytest.raises(ConfigError) as e:
+        load_train_config(None, ["batchsize=4", "data=missing.jsonl", "method=lorra"])
+    assert "batchsize" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        load_train_config(None, ["data=missing.jsonl", "method=lorra"])
+    assert "missing.jsonl" in str(e.value) and "lorra" in str(e.value)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 works on CUDA")
+def test_fp16_on_cpu_is_refused():
+    with pytest.raises(ConfigError, match="fp16 needs a CUDA device"):
+        load_train_config(None, ["precision=fp16"])
+
+
+# ---- runs -------------------------------------------------------------------------------------------------
+def test_a_run_trains_evaluates_checkpoints_and_saves_an_adapter(tmp_path, bert, emails):
+    from transformers import AutoModelForSequenceClassification
+
+    from deltatune import PeftModel
+
+    config = make_config(
+        tmp_path / "run", bert, emails, max_steps=8, save_every=3, eval_every=4, eval_at_start=True
+    )
+    summary = run(config)
+    assert summary["status"] == "completed" and summary["steps"] == 8
+    for key in (
+        "train_loss",
+        "eval_loss",
+        "eval_accuracy",
+        "eval_f1",
+        "runtime_s",
+        "samples_per_s",
+        "steps_per_s",
+    ):
+        assert isinstance(summary[key], float), key
+    assert summary["peak_mem_mb"] > 50 and 0 < summary["trainable_params"] < summary["total_params"]
+    assert summary["before"]["eval_loss"] > summary["eval_loss"]
+    run_dir = tmp_path / "run"
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 8
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines if "eval_loss" in m] == [0, 4, 8]
+    assert [m["step"] for m in lines if "train_loss" in m] == list(range(1, 9))
+    assert sorted(os.listdir(run_dir / "checkpoints")) == ["step-3", "step-6"]  # keep_checkpoints=2
+    assert json.loads((run_dir / "adapter" / "label_map.json").read_text()) == {"high": 0, "low": 1}
+    assert (run_dir / "adapter" / "tokenizer.json").exists()
+    base = AutoModelForSequenceClassification.from_pretrained(bert, num_labels=2)
+    loaded = PeftModel.from_pretrained(base, str(run_dir / "adapter"))
+    assert loaded(input_ids=torch.tensor([[3, 4, 5]])).logits.shape == (1, 2)
+
+
+def test_output_folder_holding_a_run_is_refused_unless_overwrite_or_resume(tmp_path, bert, emails):
+    config = make_config(tmp_path / "run", bert, emails, max_steps=2)
+    run(config)
+    with pytest.raises(ConfigError, match="already holds a run .*--resume.*--overwrite"):
+        run(config)
+    assert run(config, overwrite=True)["status"] == "completed"
+    with pytest.raises(TrainingError, match="nothing to resume"):
+        run(config, resume=True)  # save_every=0: a completed run without checkpoints
+
+
+class SignalAtForward:
+    """Calls `action` on the k-th training-mode forward of the whole model (a global hook)."""
+
+    def __init__(self, k: int, action):
+        self.k, self.action, self.calls = k, action, 0
+
+    def __enter__(self):
+        def hook(module, args, output):
+            if module.training and type(module).__name__.endswith(
+                ("ForSequenceClassification", "ForCausalLM")
+            ):
+                self.calls += 1
+                if self.calls == self.k:
+                    return self.action(output)
+            return output
+
+        self.handle = torch.nn.modules.module.register_module_forward_hook(hook)
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+def sigterm(output):
+    os.kill(os.getpid(), signal.SIGTERM)
+    return output
+
+
+def test_resume_after_sigterm_ends_with_the_same_weights(tmp_path, bert, emails):
+    # grad_accum=2 and batch 4 over 18 examples: the stop falls mid-epoch and steps straddle epochs.
+    options = {"max_steps": 9, "grad_accum": 2, "schedule": "cosine", "warmup_steps": 2, "save_every": 4}
+    run(make_config(tmp_path / "straight", bert, emails, **options))
+    config = make_config(tmp_path / "stopped", bert, emails, **options)
+    with SignalAtForward(11, sigterm):  # during step 6
+        summary = run(config)
+    assert summary["status"] == "interrupted" and summary["steps"] == 6 and summary["signal"] == "SIGTERM"
+    assert latest_checkpoint(str(tmp_path / "stopped")).endswith("step-6")
+    assert not (tmp_path / "stopped" / "adapter").exists()
+    assert run(config, resume=True)["resumed_from_step"] == 6
+    straight, resumed = trainable_weights(tmp_path / "straight"), trainable_weights(tmp_path / "stopped")
+    assert straight.keys() == resumed.keys()
+    for key in straight:
+        assert torch.equal(straight[key], resumed[key]), key
+    steps = [
+        json.loads(line)["step"] for line in (tmp_path / "stopped" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert steps == list(range(1, 10)) + [9]  # no step logged twice; the final eval at the end
+
+
+def test_nan_loss_stops_and_keeps_the_last_checkpoint_loadable(tmp_path, bert, emails):
+    config = make_config(tmp_path / "run", bert, emails, max_steps=8, save_every=2)
+
+    def poison(output):
+        output.logits = output.logits * float("nan")
+        return output
+
+    with SignalAtForward(5, poison), pytest.raises(TrainingError, match="NaN or infinite at step 5") as e:
+        run(config)
+    assert "step-4" in str(e.value) and "--resume" in str(e.value)
+    assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["step-2", "step-4"]
+    assert not (tmp_path / "run" / "adapter").exists()
+    weights = load_file(str(tmp_path / "run" / "checkpoints" / "step-4" / "trainable.safetensors"))
+    assert all(torch.isfinite(w).all() for w in weights.values())
+    assert run(config, resume=True)["steps"] == 8
+
+
+def test_sigterm_to_a_real_process_then_resume(tmp_path, bert, emails):
+    out = tmp_path / "run"
+    args = [
+        f"model={bert}",
+        f"data={emails}",
+        "eval_fraction=0.25",
+        "batch_size=4",
+        "max_steps=150",
+        "lr=1e-2",
+    ]
+    args += ["max_length=32", "log_every=1", "save_every=0", "eval_at_start=false", "method_args.r=2"]
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(__file__)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "deltatune", "train", f"output_dir={out}", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    metrics, deadline = out / "metrics.jsonl", time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    assert "--resume" in stderr and "Traceback" not in stderr
+    with open(os.path.join(latest_checkpoint(str(out)), "state.json")) as f:
+        assert 3 <= json.load(f)["step"] < 150
+    config = load_train_config(str(out / "train_config.yaml"))
+    assert run(config, resume=True)["steps"] == 150
+    straight = load_train_config(None, [f"output_dir={tmp_path / 'straight'}", *args])
+    run(straight)
+    a, b = trainable_weights(tmp_path / "straight"), trainable_weights(out)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
+
+
+def test_bf16_base_autocast_accumulation_and_checkpointing(tmp_path, bert, emails):
+    config = make_config(
+        tmp_path / "run",
+        bert,
+        emails,
+        base_dtype="bf16",
+        precision="bf16",
+        gradient_checkpointing=True,
+        grad_accum=2,
+        max_steps=2,
+    )
+    summary = run(config)
+    assert summary["status"] == "completed" and summary["global_batch"] == 8
+    assert all(t.dtype == torch.float32 for t in trainable_weights(tmp_path / "run").values())
+
+
+METHODS = ["lora", "dora", "full", "top-layers", "houlsby", "pfeiffer"]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_trains_through_get_peft_model(tmp_path, bert, emails, method):
+    module = {"full": "layers", "top-layers": "layers", "houlsby": "bottleneck", "pfeiffer": "bottleneck"}
+    if importlib.util.find_spec(f"deltatune.methods.{module.get(method, 'lora')}") is None:
+        pytest.skip(f"{method} is not in this checkout yet")
+    args = {"r": 2, "lora_alpha": 4} if method in ("lora", "dora") else {}
+    config = make_config(
+        tmp_path / "run", bert, emails, method=method, method_args=args, max_steps=2, lr=None
+    )
+    summary = run(config)
+    assert summary["status"] == "completed" and summary["trainable_params"] > 0
+    assert os.path.isfile(tmp_path / "run" / "adapter" / "adapter_config.json")
+
+
+def test_causal_lm_masks_the_prompt_out_of_the_loss(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from deltatune.data import collate, load_datasets
+
+    folder = tiny_opt_folder(tmp_path / "opt")
+    data_path = tmp_path / "pc.jsonl"
+    rows = [{"prompt": "w1 w2 w3 w4", "completion": "w5 w6"}, {"prompt": "w7", "completion": "w8 w9 w10"}]
+    data_path.write_text("\n".join(json.dumps(r) for r in rows))
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    batch = collate(load_datasets(str(data_path), tokenizer, task="causal-lm").train, tokenizer.pad_token_id)
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    labels = batch.pop("labels")
+    logits = model(**batch).logits
+    loss, count = _loss(logits, labels, classify=False)
+    assert count == (2 + 1) + (3 + 1)  # completion tokens and EOS, never the prompt or the padding
+    torch.testing.assert_close(loss / count, model(**batch, labels=labels).loss)
+    prompt_positions = logits.clone()
+    prompt_positions[0, :3] += 100 * torch.randn_like(prompt_positions[0, :3])  # predict prompt tokens 2..4
+    torch.testing.assert_close(_loss(prompt_positions, labels, classify=False)[0], loss)
+    completion_position = logits.clone()
+    completion_position[0, 4] += 100 * torch.randn_like(completion_position[0, 4])  # predicts w6
+    assert not torch.allclose(_loss(completion_position, labels, classify=False)[0], loss)
+    config = make_config(
+        tmp_path / "run",
+        folder,
+        str(data_path),
+        task="causal-lm",
+        eval_fraction=0.0,
+        eval_data=str(data_path),
+        batch_size=2,
+        max_steps=3,
+        method_args={"r": 2, "lora_alpha": 4},
+    )
+    summary = run(config)
+    assert summary["eval_perplexity"] > 1 and "eval_accuracy" not in summary
+
+
+def test_causal_lm_packing_on_builtin_quotes(tmp_path):
+    folder = tiny_opt_folder(tmp_path / "opt")
+    config = make_config(
+        tmp_path / "run",
+        folder,
+        "builtin:quotes",
+        task="causal-lm",
+        eval_fraction=0.0,
+        packing=True,
+        max_length=16,
+        max_steps=2,
+        method_args={},
+    )
+    summary = run(config)
+    assert summary["status"] == "completed" and summary["eval_perplexity"] > 1
+
+
+def test_a_wrapped_model_trains_under_transformers_trainer(tmp_path, bert):
+    import datasets
+    from transformers import AutoModelForSequenceClassification, Trainer, TrainingArguments
+
+    from deltatune import LoraConfig, get_peft_model
+
+    base = AutoModelForSequenceClassification.from_pretrained(bert, num_labels=2)
+    model = get_peft_model(base, LoraConfig(r=2, lora_alpha=4, task_type="SEQ_CLS"))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    g = torch.Generator().manual_seed(0)
+    rows = [
+        {"input_ids": torch.randint(3, 90, (6,), generator=g).tolist(), "labels": i % 2} for i in range(16)
+    ]
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "hf"),
+        max_steps=3,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        remove_unused_columns=False,
+        label_names=["labels"],
+    )
+    Trainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows)).train()
+    after = dict(model.named_parameters())
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    trainable = {n for n, p in after.items() if p.requires_grad}
+    assert changed and changed <= trainable
+    model.save_pretrained(tmp_path / "adapter")
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
