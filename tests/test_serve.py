@@ -43,6 +43,7 @@ BASE = "tiny"
 KEY = "s3cret-key"
 CAP = 24
 BODY_CAP = 4096
+SPARE = ("gamma", "delta")
 
 
 def _tokenizer(chat: bool) -> PreTrainedTokenizerFast:
@@ -85,6 +86,9 @@ def files(tmp_path_factory):
     for name, seed, r in (("alpha", 1, 4), ("beta", 2, 8)):
         _save_lora(base, str(adapters / name), seed, r, AutoModelForCausalLM, task_type="CAUSAL_LM")
     _save_lora(base, str(root / "spare" / "gamma"), 3, 2, AutoModelForCausalLM, task_type="CAUSAL_LM")
+    _save_lora(
+        base, str(root / "spare" / "delta"), 6, 4, AutoModelForCausalLM, task_type="CAUSAL_LM", use_dora=True
+    )
     (adapters / "not_an_adapter").mkdir()
 
     cls_base = str(root / "cls")
@@ -178,7 +182,7 @@ def reference(files):
         if model not in cache:
             m = AutoModelForCausalLM.from_pretrained(files["base"]).eval()
             if model != BASE:
-                where = files["adapters"] if model != "gamma" else str(files["root"] / "spare")
+                where = str(files["root"] / "spare") if model in SPARE else files["adapters"]
                 m = PeftModel.from_pretrained(m, os.path.join(where, model))
             cache[model] = m
         ids = tokenizer(prompt)["input_ids"] if isinstance(prompt, str) else prompt
@@ -348,6 +352,53 @@ def test_load_and_unload_adapters_at_runtime(causal, files, reference):
     )
 
 
+def test_dora_adapters_run_in_their_own_call_beside_a_mixed_batch(causal, files, reference):
+    engine, client = causal
+    shutil.copytree(files["root"] / "spare" / "delta", os.path.join(files["adapters"], "delta"))
+    assert client.post("/v1/adapters", json={"name": "delta"}).status_code == 200
+    jobs = [("delta", "w1 w2 w3", 8), ("alpha", "w1 w2 w3", 8), ("delta", "w30", 5), (BASE, "w30", 5)]
+    before = engine.health()["stats"]["model_calls"]
+    engine.batch_wait = 0.3
+    try:
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            replies = list(pool.map(lambda job: _complete(client, *job, temperature=0), jobs))
+    finally:
+        engine.batch_wait = 0.005
+    for (model, prompt, max_tokens), reply in zip(jobs, replies):
+        assert reply["choices"][0]["text"] == reference(model, prompt, max_tokens), model
+    assert engine.health()["stats"]["model_calls"] - before < len(jobs)
+    assert client.delete("/v1/adapters/delta").status_code == 200
+
+
+def test_rows_that_together_would_overrun_the_context_run_in_separate_calls(causal, reference):
+    engine, client = causal
+    jobs = [("alpha", " ".join(["w4"] * 45), 4), ("beta", "w5 w6", CAP)]  # 45 + 24 > 64 in one padded batch
+    before = engine.health()["stats"]["model_calls"]
+    engine.batch_wait = 0.3
+    try:
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            replies = list(pool.map(lambda job: _complete(client, *job, temperature=0), jobs))
+    finally:
+        engine.batch_wait = 0.005
+    for (model, prompt, max_tokens), reply in zip(jobs, replies):
+        assert reply["choices"][0]["text"] == reference(model, prompt, max_tokens)
+    assert engine.health()["stats"]["model_calls"] - before == 2
+
+
+def test_the_event_loop_answers_while_the_model_thread_is_busy(causal):
+    engine, client = causal
+    with ThreadPoolExecutor(1) as pool:
+        with engine._lock:  # the model thread blocks as in a long batch
+            pending = pool.submit(_complete, client, "alpha", "w1", 3, temperature=0)
+            time.sleep(0.2)
+            t0 = time.monotonic()
+            assert client.get("/health").status_code == 200
+            assert client.get("/v1/models").status_code == 200
+            assert time.monotonic() - t0 < 5
+            assert not pending.done()
+        assert pending.result(timeout=60)["choices"][0]["text"]
+
+
 # ---- classification --------------------------------------------------------------------------------------------
 def test_classify_batches_adapters_and_returns_their_labels(classifier, files):
     engine, client = classifier
@@ -395,6 +446,10 @@ def test_each_endpoint_refuses_the_other_task(causal, classifier):
     _, cls_client = classifier
     r = cls_client.post("/v1/completions", json={"model": "sentiment", "prompt": "w1"})
     assert r.status_code == 400 and r.json()["error"]["code"] == "wrong_task"
+    r = cls_client.post("/v1/classify", json={"model": "topic", "input": " ".join(["w1"] * 65)})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    r = cls_client.post("/v1/classify", json={"model": "topic", "input": []})
+    assert r.status_code == 400
     r = cls_client.post(
         "/v1/chat/completions", json={"model": "cls", "messages": [{"role": "user", "content": "w1"}]}
     )

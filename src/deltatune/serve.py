@@ -149,6 +149,8 @@ class Engine:
 
         if max_batch < 1 or batch_wait_ms < 0 or max_queue < 1:
             raise ValueError("max_batch and max_queue must be >= 1 and batch_wait_ms >= 0")
+        if task not in ("auto", *TASKS, *TASKS.values()):
+            raise ValueError(f"task must be 'auto' or one of {list(TASKS)}, got {task!r}")
         if adapters_dir is not None and not os.path.isdir(adapters_dir):
             raise FileNotFoundError(f"--adapters {adapters_dir!r} is not a folder")
         self.adapters_dir = os.path.realpath(adapters_dir) if adapters_dir else None
@@ -289,7 +291,11 @@ class Engine:
         if config.peft_type not in ("LORA", "BOTTLENECK"):
             raise ValueError(f"{config.peft_type} checkpoints are whole models, not adapters to serve")
         if self.peft is None:
-            self.peft = PeftModel.from_pretrained(self.base, directory, adapter_name=name)
+            try:
+                self.peft = PeftModel.from_pretrained(self.base, directory, adapter_name=name)
+            except Exception:
+                self.base.requires_grad_(False)  # a failed load unwraps the base with gradients on
+                raise
         else:
             self.peft.load_adapter(directory, adapter_name=name)
         self.peft.eval()
@@ -337,7 +343,23 @@ class Engine:
                 key = (row.kind, row.adapter if row.adapter in self._solo else None)
                 groups.setdefault(key, []).append(row)
             for group in groups.values():
-                self._run(group)
+                for part in self._fit_context(group):
+                    self._run(part)
+
+    def _fit_context(self, rows: list[_Row]) -> list[list[_Row]]:
+        """Split rows so no call runs past the context: left padding makes every row as long as the longest
+        prompt, and every row runs for the most tokens any row asks for."""
+        limit = self.context_length or float("inf")
+        parts: list[list[_Row]] = []
+        width = new = 0
+        for row in rows:
+            w, n = max(width, len(row.ids)), max(new, row.max_tokens)
+            if not parts or w + n > limit:
+                parts.append([])
+                w, n = len(row.ids), row.max_tokens
+            parts[-1].append(row)
+            width, new = w, n
+        return parts
 
     def _collect(self) -> list[_Row] | None:
         first = self._queue.get()
@@ -922,6 +944,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=int, default=1024, help="waiting rows beyond this get 503")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", choices=list(_DTYPES), default="float32")
+    p.add_argument("--threads", type=int, help="CPU threads for the model (default: torch's choice)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return p
 
@@ -935,6 +958,8 @@ def serve_main(argv: list[str] | None = None) -> int:
     if args.adapters is not None and not os.path.isdir(args.adapters):
         logger.error("--adapters %r is not a folder", args.adapters)
         return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
     engine = Engine(
         args.base,
         args.adapters,
