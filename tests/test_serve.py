@@ -90,6 +90,10 @@ def files(tmp_path_factory):
         base, str(root / "spare" / "delta"), 6, 4, AutoModelForCausalLM, task_type="CAUSAL_LM", use_dora=True
     )
     (adapters / "not_an_adapter").mkdir()
+    (adapters / "broken").mkdir()
+    (adapters / "broken" / "adapter_config.json").write_text("{not json")
+    shutil.copytree(adapters / "alpha", adapters / "corrupt")
+    (adapters / "corrupt" / "adapter_model.safetensors").write_bytes(b"\x00" * 20)
 
     cls_base = str(root / "cls")
     torch.manual_seed(0)
@@ -156,7 +160,9 @@ def _client(url: str, key: str | None = KEY) -> httpx.Client:
 
 @pytest.fixture(scope="module")
 def causal(files):
-    engine = Engine(files["base"], files["adapters"], base_name=BASE, max_batch=16, batch_wait_ms=5)
+    engine = Engine(
+        files["base"], files["adapters"], base_name=BASE, max_batch=16, batch_wait_ms=5, device="cpu"
+    )
     server = _Server(create_app(engine, api_key=KEY, max_tokens_cap=CAP, max_body_bytes=BODY_CAP))
     with _client(server.url) as client:
         yield engine, client
@@ -165,7 +171,7 @@ def causal(files):
 
 @pytest.fixture(scope="module")
 def classifier(files):
-    engine = Engine(files["cls_base"], files["cls_adapters"], base_name="cls", batch_wait_ms=5)
+    engine = Engine(files["cls_base"], files["cls_adapters"], base_name="cls", batch_wait_ms=5, device="cpu")
     server = _Server(create_app(engine))
     with _client(server.url, key=None) as client:
         yield engine, client
@@ -313,9 +319,11 @@ def test_models_and_health(causal):
     models = client.get("/v1/models").json()
     ids = [m["id"] for m in models["data"]]
     assert models["object"] == "list" and ids[0] == BASE and set(ids[1:]) >= {"alpha", "beta"}
-    assert "not_an_adapter" not in ids
+    assert "not_an_adapter" not in ids and "broken" not in ids and "corrupt" not in ids
     health = client.get("/health").json()
     assert health["status"] == "ok" and health["task"] == "CAUSAL_LM" and health["base"] == BASE
+    assert "not valid JSON" in health["failed_adapters"]["broken"]
+    assert "corrupt" in health["failed_adapters"]["corrupt"]
 
 
 def test_load_and_unload_adapters_at_runtime(causal, files, reference):
@@ -592,6 +600,7 @@ BAD = [
         404,
         "adapter_not_found",
     ),
+    ("load: corrupt weights", "post", "/v1/adapters", {"json": {"name": "corrupt"}}, 400, "adapter_invalid"),
     ("load: base name", "post", "/v1/adapters", {"json": {"name": BASE}}, 409, "name_taken"),
     ("unload: dots", "delete", "/v1/adapters/..x", {}, 400, "invalid_model_name"),
     ("unload: encoded slash", "delete", "/v1/adapters/..%2Fx", {}, 404, "not_found"),
@@ -671,6 +680,8 @@ def test_the_serve_command_binds_localhost_and_reads_the_key_from_env(files, ref
         str(port),
         "--log-level",
         "warning",
+        "--device",
+        "cpu",
     ]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:

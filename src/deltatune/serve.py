@@ -159,15 +159,20 @@ class Engine:
         auto = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(auto if device == "auto" else device)
 
-        found = self._discover()
-        configs = {name: load_config(d) for name, d in found.items()}
+        self.failed: dict[str, str] = {}
+        found, configs = self._discover(), {}
+        for name, directory in list(found.items()):
+            try:
+                configs[name] = load_config(directory)
+            except (ValueError, OSError) as e:
+                self._skip(name, e)
+                del found[name]
         base_config = AutoConfig.from_pretrained(base)
         self.task = _decide_task(task, base_config, [c.task_type for c in configs.values()])
         self.tokenizer = AutoTokenizer.from_pretrained(base)
         self.base = _load_base(base, self.task, found, configs, self.tokenizer, _DTYPES[dtype], self.device)
         self.peft: PeftModel | None = None
         self.labels: dict[str, list[str]] = {BASE: _base_labels(self.base.config)}
-        self.failed: dict[str, str] = {}
         self._solo: set[str] = set()
 
         gen = getattr(self.base, "generation_config", None)
@@ -183,8 +188,7 @@ class Engine:
             try:
                 self._load(name, directory)
             except (ValueError, OSError) as e:
-                logger.warning("adapter %r not loaded: %s", name, e)
-                self.failed[name] = str(e)
+                self._skip(name, e)
         logger.info(
             "serving %s (%s) on %s with adapters %s",
             self.base_name,
@@ -283,6 +287,10 @@ class Engine:
                 continue
             found[entry] = directory
         return found
+
+    def _skip(self, name: str, error: Exception) -> None:
+        logger.warning("adapter %r not loaded: %s", name, error)
+        self.failed[name] = str(error)
 
     def _load(self, name: str, directory: str) -> None:
         config = load_config(directory)
