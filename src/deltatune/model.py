@@ -345,6 +345,14 @@ class PeftModel(nn.Module):
             dtype: the float dtype of the returned model. Needed for a quantized base, which is dequantized and
                 merged in fp32, then rounded to `dtype` (default fp32); also casts a float base.
         """
+        n_quantized = sum(1 for m in self.base_model.modules() if getattr(m, "is_quantized_linear", False))
+        if n_quantized:
+            dtype = dtype or torch.float32
+            logger.warning(
+                "dequantizing %d quantized layers to %s: their weights keep the quantization rounding",
+                n_quantized,
+                dtype,
+            )
         layers = self._delta_layers()
         self._untie_merged_weights(layers)
         # Merge everything first, so a layer that can't merge (a bottleneck adapter) raises before any swap.
@@ -374,15 +382,9 @@ class PeftModel(nn.Module):
     def _finish_unwrap(self, dtype: torch.dtype | None) -> nn.Module:
         model = self.base_model
         quantized = [n for n, m in model.named_modules() if getattr(m, "is_quantized_linear", False)]
-        if quantized and dtype is not None:
-            logger.warning(
-                "dequantizing %d quantized layers to %s: their weights keep the quantization rounding",
-                len(quantized),
-                dtype,
-            )
+        if dtype is not None:
             for name in quantized:
                 inject.replace_module(model, name, dequantized_linear(inject.get_module(model, name), dtype))
-        elif dtype is not None:
             model.to(dtype)
         for p in model.parameters():
             p.requires_grad_(True)
@@ -393,6 +395,10 @@ class PeftModel(nn.Module):
         """(trainable, all) parameter counts, counted as PEFT counts them."""
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
         total = sum(p.numel() for p in self.parameters())
+        # A quantized weight is a buffer; PEFT counts it by its original number of elements.
+        total += sum(
+            m.in_features * m.out_features for m in self.modules() if getattr(m, "is_quantized_linear", False)
+        )
         return trainable, total
 
     def print_trainable_parameters(self) -> None:
