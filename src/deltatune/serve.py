@@ -614,7 +614,7 @@ class _Guard:
             return
         too_large = ApiError(413, f"the request body is over {self.max_body} bytes", "body_too_large")
         length = headers.get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.max_body):
+        if length is not None and length.isdigit() and int(length) > self.max_body:
             await too_large.response()(scope, receive, send)
             return
         body, more = bytearray(), True
