@@ -523,14 +523,18 @@ def _adapter_num_labels(directory: str) -> int | None:
 
 
 def _adapter_labels(directory: str) -> list[str] | None:
-    """Labels saved next to an adapter: `id2label` in a `config.json` (transformers' format)."""
-    path = os.path.join(directory, "config.json")
-    try:
-        with open(path, encoding="utf-8") as f:
-            id2label = json.load(f).get("id2label")
-        return [str(id2label[k]) for k in sorted(id2label, key=int)] if id2label else None
-    except (OSError, ValueError, AttributeError, KeyError, TypeError):
-        return None
+    """Labels saved next to an adapter: `label_map.json` (`{label: id}`, as `deltatune train` writes it), or
+    `id2label` in a `config.json` (transformers' format)."""
+    for name in ("label_map.json", "config.json"):
+        try:
+            with open(os.path.join(directory, name), encoding="utf-8") as f:
+                data = json.load(f)
+            id2label = {v: k for k, v in data.items()} if name == "label_map.json" else data.get("id2label")
+            if id2label:
+                return [str(id2label[k]) for k in sorted(id2label, key=int)]
+        except (OSError, ValueError, AttributeError, KeyError, TypeError):
+            continue
+    return None
 
 
 def _base_labels(config: Any) -> list[str]:
