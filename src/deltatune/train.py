@@ -31,7 +31,7 @@ import threading
 import time
 import types
 import typing
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -377,13 +377,16 @@ def seed_everything(seed: int) -> None:
 
 
 # ---- the Python entry ------------------------------------------------------------------------------------
-def run(config: TrainConfig, *, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
+def run(
+    config: TrainConfig, *, resume: bool = False, overwrite: bool = False, wrap: Callable | None = None
+) -> dict[str, Any]:
     """Train as `config` says and return the summary (also written to `<output_dir>/summary.json`).
 
     Args:
         config: a validated config (`load_train_config` or `config_from_dict`).
         resume: continue from the newest complete checkpoint in the output folder.
         overwrite: replace a run that is already in the output folder.
+        wrap: `wrap(model, peft_config) -> model` instead of `get_peft_model` (compare's PEFT peer row).
     """
     errors = validate(config)
     if errors:
@@ -409,7 +412,7 @@ def run(config: TrainConfig, *, resume: bool = False, overwrite: bool = False) -
             checkpoint.atomic_write_text(
                 os.path.join(out, "label_map.json"), json.dumps(data.label_map, indent=2)
             )
-        peft_model = build_model(config, data.label_map, tokenizer, ctx.device)
+        peft_model = build_model(config, data.label_map, tokenizer, ctx.device, wrap=wrap)
         model = _distribute(peft_model, config, ctx)
         with _catch_signals(ctx):
             summary = train(
@@ -478,7 +481,11 @@ def _load_tokenizer(config: TrainConfig) -> Any:
 
 
 def build_model(
-    config: TrainConfig, label_map: dict[str, int] | None, tokenizer: Any, device: torch.device
+    config: TrainConfig,
+    label_map: dict[str, int] | None,
+    tokenizer: Any,
+    device: torch.device,
+    wrap: Callable | None = None,
 ) -> nn.Module:
     """Load the base model, quantize it if asked, and put the method into it with `get_peft_model`."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -509,7 +516,7 @@ def build_model(
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
-    peft = get_peft_model(model, peft_config)
+    peft = (wrap or get_peft_model)(model, peft_config)
     for p in peft.parameters():
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()
