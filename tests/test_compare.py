@@ -1,0 +1,157 @@
+"""`deltatune compare` end to end on tiny random models: schema, report, plots, sane numbers, failures."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+from tiny_models import bert_cls, opt, save_with_tokenizer
+
+from deltatune import compare
+
+RECORD_KEYS = {
+    "method",
+    "train_loss",
+    "eval_loss",
+    "runtime_s",
+    "samples_per_s",
+    "steps_per_s",
+    "peak_mem_mb",
+    "trainable_params",
+    "total_params",
+    "checkpoint_bytes",
+    "latency_ms",
+}
+
+
+def _data(path, n, labels=True, seed=0):
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for _ in range(n):
+            label = rng.randint(0, 1)
+            words = " ".join(f"w{rng.randint(3, 40) + 40 * label}" for _ in range(rng.randint(4, 10)))
+            f.write(
+                json.dumps({"text": words, "label": ["ham", "spam"][label]} if labels else {"text": words})
+                + "\n"
+            )
+    return str(path)
+
+
+def _run(*argv):
+    return compare.main(
+        [*map(str, argv), "--no-progress", "--latency-reps", "2", "--batch-size", "4", "--max-length", "16"]
+    )
+
+
+def test_compare_classifier(tmp_path):
+    model = save_with_tokenizer(bert_cls(num_labels=2), tmp_path / "bert")
+    data, eval_data = _data(tmp_path / "train.jsonl", 24), _data(tmp_path / "eval.jsonl", 12, seed=1)
+    ref = _data(tmp_path / "ref.jsonl", 8, labels=False, seed=2)
+    out = tmp_path / "out"
+    assert (
+        _run(
+            "--model",
+            model,
+            "--data",
+            data,
+            "--eval-data",
+            eval_data,
+            "--reference-data",
+            ref,
+            "--methods",
+            "full,houlsby,lora",
+            "--steps",
+            "3",
+            "--out",
+            out,
+            "--price-per-hour",
+            "2.5",
+        )
+        == 0
+    )
+    results = json.loads((out / "results.json").read_text())
+    assert results["task"] == "seq-cls" and results["dataset"] == data
+    by = {r["method"]: r for r in results["methods"]}
+    assert list(by) == ["full", "houlsby", "lora"]
+    for r in by.values():
+        assert r["status"] == "ok", r
+        assert set(r) >= RECORD_KEYS and 0 <= r["eval_accuracy"] <= 1
+        assert {"b1", "b32", "base_b1", "base_b32"} <= set(r["latency_ms"])
+        assert r["cost"] == pytest.approx(r["runtime_s"] / 3600 * 2.5)
+    assert by["lora"]["checkpoint_bytes"] * 5 < by["full"]["checkpoint_bytes"]
+    assert (
+        max(by["lora"]["trainable_params"], by["houlsby"]["trainable_params"]) * 5
+        < by["full"]["trainable_params"]
+    )
+    assert by["full"]["trainable_params"] == by["full"]["total_params"]
+    assert {"b1_merged", "b32_merged"} <= set(by["lora"]["latency_ms"])
+    assert 0.2 < by["lora"]["latency_ms"]["b1_merged"] / by["lora"]["latency_ms"]["base_b1"] < 5
+    assert by["lora"]["base_restored"] is True and by["houlsby"]["base_restored"] is True
+    assert by["full"]["base_restored"] is None and by["full"]["forgetting"]["embedding_cosine_distance"] > 0
+    report = (out / "report.md").read_text()
+    assert "| lora |" in report and "lora:" in report and "smaller than full fine-tuning's" in report
+    for png in ("metrics.png", "latency.png", "loss_curves.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_compare_causal_lm_with_peer_and_a_failing_method(tmp_path):
+    model = save_with_tokenizer(opt(), tmp_path / "opt")
+    data = _data(tmp_path / "train.jsonl", 24, labels=False)
+    out = tmp_path / "out"
+    code = _run(
+        "--model",
+        model,
+        "--data",
+        data,
+        "--eval-fraction",
+        "0.25",
+        "--reference-data",
+        data,
+        "--task",
+        "causal-lm",
+        "--methods",
+        "lora,top-layers",
+        "--peers",
+        "peft",
+        "--lr",
+        "top-layers=-1",
+        "--steps",
+        "2",
+        "--out",
+        out,
+    )
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    by = {r["method"]: r for r in results["methods"]}
+    assert by["top-layers"]["status"] == "failed" and "lr: must be positive" in by["top-layers"]["error"]
+    for name in ("lora", "peft-lora"):
+        assert by[name]["status"] == "ok", by[name]
+        assert by[name]["eval_perplexity"] > 1 and "reference_ppl_change" in by[name]["forgetting"]
+    assert by["lora"]["trainable_params"] == by["peft-lora"]["trainable_params"]
+    assert "FAILED" in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--methods", "lora,adapterx"], "unknown method 'adapterx'"),
+        (["--model", "./no/such/model"], "does not exist"),
+        (["--data", "missing.jsonl"], "not found"),
+        (["--task", "causal-lm", "--model", "DISTILBERT"], "can't do task 'causal-lm'; try --task seq-cls"),
+        (["--steps", "0"], "--steps must be positive"),
+    ],
+)
+def test_bad_input_fails_before_anything_runs(tmp_path, capsys, argv, message):
+    model = save_with_tokenizer(bert_cls(), tmp_path / "bert")
+    if "DISTILBERT" in argv:
+        from transformers import DistilBertConfig, DistilBertForSequenceClassification
+
+        tiny = DistilBertForSequenceClassification(
+            DistilBertConfig(vocab_size=96, dim=32, n_layers=1, n_heads=2, hidden_dim=64)
+        )
+        argv[argv.index("DISTILBERT")] = save_with_tokenizer(tiny, tmp_path / "distil")
+    argv = ["--model", model, *argv] if "--model" not in argv else argv
+    assert compare.main([*argv, "--out", str(tmp_path / "out")]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
