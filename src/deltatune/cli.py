@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -52,6 +53,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"deltatune: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # transformers' load reports and weight-loading bars are noise in a command's output; our own progress
+    # bars (tqdm, rich) are unaffected. Set TRANSFORMERS_VERBOSITY=info to see them again.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     module = importlib.import_module(COMMANDS[command][0])
     entry = getattr(module, f"{command}_main", None) or module.main
     try:
