@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -174,6 +175,11 @@ def test_output_folder_holding_a_run_is_refused_unless_overwrite_or_resume(tmp_p
     assert run(config, overwrite=True)["status"] == "completed"
     with pytest.raises(TrainingError, match="nothing to resume"):
         run(config, resume=True)  # save_every=0: a completed run without checkpoints
+    run(make_config(tmp_path / "saved", bert, emails, max_steps=2, save_every=1))
+    relabelled = tmp_path / "relabelled.jsonl"
+    relabelled.write_text(Path(emails).read_text().replace('"low"', '"lo"'))
+    with pytest.raises(ConfigError, match="differ from the run being resumed"):
+        run(make_config(tmp_path / "saved", bert, str(relabelled), max_steps=2, save_every=1), resume=True)
 
 
 class SignalAtForward:
@@ -292,18 +298,24 @@ def test_bf16_base_autocast_accumulation_and_checkpointing(tmp_path, bert, email
     )
     summary = run(config)
     assert summary["status"] == "completed" and summary["global_batch"] == 8
-    assert all(t.dtype == torch.float32 for t in trainable_weights(tmp_path / "run").values())
+    weights = trainable_weights(tmp_path / "run")
+    assert all(t.dtype == torch.float32 for t in weights.values())
+    lora_b = [t for k, t in weights.items() if "lora_B" in k]
+    assert lora_b and all(t.abs().sum() > 0 for t in lora_b), (
+        "gradients reached every block through checkpointing"
+    )
 
 
-METHODS = ["lora", "dora", "full", "top-layers", "houlsby", "pfeiffer"]
+METHODS = ["lora", "dora", "full", "top-layers", "houlsby", "pfeiffer", "qlora-int8", "qlora-nf4"]
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_trains_through_get_peft_model(tmp_path, bert, emails, method):
     module = {"full": "layers", "top-layers": "layers", "houlsby": "bottleneck", "pfeiffer": "bottleneck"}
+    module |= {"qlora-int8": "quant", "qlora-nf4": "quant"}
     if importlib.util.find_spec(f"deltatune.methods.{module.get(method, 'lora')}") is None:
         pytest.skip(f"{method} is not in this checkout yet")
-    args = {"r": 2, "lora_alpha": 4} if method in ("lora", "dora") else {}
+    args = {"r": 2, "lora_alpha": 4} if "lora" in method else {}
     config = make_config(
         tmp_path / "run", bert, emails, method=method, method_args=args, max_steps=2, lr=None
     )

@@ -137,6 +137,8 @@ class TrainConfig:
     """How many of the newest checkpoints to keep."""
     seed: int = 0
     """Seeds Python, NumPy and torch, the data order and the eval split: a run repeats exactly."""
+    deterministic: bool = True
+    """CUDA: use deterministic kernels only (a little slower); CPU kernels are deterministic anyway."""
     output_dir: str | None = None
     """The run folder; default `runs/<method>`."""
     progress: bool = True
@@ -355,7 +357,8 @@ def _catch_signals(ctx: Context) -> Iterator[None]:
         ctx.stop_signal = signum
         if ctx.main:
             logger.warning(
-                "%s: stopping after this step and saving a checkpoint", signal.Signals(signum).name
+                "%s: stopping after this step and saving a checkpoint (Ctrl-C again aborts at once)",
+                signal.Signals(signum).name,
             )
 
     if threading.current_thread() is not threading.main_thread():  # signals can only be caught there
@@ -369,11 +372,17 @@ def _catch_signals(ctx: Context) -> Iterator[None]:
             signal.signal(s, h)
 
 
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch (all devices)."""
+def seed_everything(seed: int, deterministic: bool = True) -> None:
+    """Seed Python, NumPy and torch (all devices); optionally insist on deterministic CUDA kernels."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+    if deterministic and torch.cuda.is_available():
+        os.environ.setdefault(
+            "CUBLAS_WORKSPACE_CONFIG", ":4096:8"
+        )  # read when cuBLAS starts: before any matmul
+        torch.backends.cudnn.benchmark = False
+        torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 # ---- the Python entry ------------------------------------------------------------------------------------
@@ -395,7 +404,7 @@ def run(
     try:
         out = output_dir(config)
         resume_dir = _prepare_output(out, config, ctx, resume=resume, overwrite=overwrite)
-        seed_everything(config.seed)
+        seed_everything(config.seed, config.deterministic)
         tokenizer = _load_tokenizer(config)
         data = load_datasets(
             config.data,
@@ -408,10 +417,8 @@ def run(
             packing=config.packing,
             seed=config.seed,
         )
-        if ctx.main and data.label_map is not None:
-            checkpoint.atomic_write_text(
-                os.path.join(out, "label_map.json"), json.dumps(data.label_map, indent=2)
-            )
+        if data.label_map is not None:
+            _keep_label_map(os.path.join(out, "label_map.json"), data.label_map, ctx, resume_dir)
         peft_model = build_model(config, data.label_map, tokenizer, ctx.device, wrap=wrap)
         model = _distribute(peft_model, config, ctx)
         with _catch_signals(ctx):
@@ -463,16 +470,34 @@ def _prepare_output(
                 path = os.path.join(out, name)
                 shutil.rmtree(path) if os.path.isdir(path) else os.unlink(path)
         os.makedirs(out, exist_ok=True)
-        text = yaml.safe_dump(dataclasses.asdict(config), sort_keys=False)
+        text = yaml.safe_dump(
+            dataclasses.asdict(dataclasses.replace(config, output_dir=out)), sort_keys=False
+        )
         checkpoint.atomic_write_text(os.path.join(out, "train_config.yaml"), text)
     ctx.barrier()
     return resume_dir
 
 
+def _keep_label_map(path: str, label_map: dict[str, int], ctx: Context, resume_dir: str | None) -> None:
+    if resume_dir and os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+        if saved != label_map:
+            raise ConfigError(
+                f"the labels of this data ({', '.join(label_map)}) differ from the run being resumed "
+                f"({', '.join(saved)}, {path}); resume with the same data"
+            )
+    if ctx.main:
+        checkpoint.atomic_write_text(path, json.dumps(label_map, indent=2))
+
+
 def _load_tokenizer(config: TrainConfig) -> Any:
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model(config.model))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model(config.model))
+    except OSError as e:
+        raise ConfigError(_cannot_load(config.model, e)) from e
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token_id is None:
             raise ConfigError(f"the tokenizer of {config.model!r} has neither a pad nor an EOS token")
@@ -492,18 +517,16 @@ def build_model(
 
     from deltatune.model import get_peft_model
 
-    path = resolve_model(config.model)
     kwargs: dict[str, Any] = {"dtype": DTYPES[config.base_dtype]}
     if config.task == "seq-cls":
         assert label_map is not None
-        kwargs |= {
-            "num_labels": len(label_map),
-            "id2label": {i: n for n, i in label_map.items()},
-            "label2id": label_map,
-        }
-        model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        kwargs |= {"num_labels": len(label_map), "label2id": label_map}
+        kwargs["id2label"] = {i: n for n, i in label_map.items()}
+    auto = AutoModelForSequenceClassification if config.task == "seq-cls" else AutoModelForCausalLM
+    try:
+        model = auto.from_pretrained(resolve_model(config.model), **kwargs)
+    except OSError as e:
+        raise ConfigError(_cannot_load(config.model, e)) from e
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     model.to(device)
@@ -521,6 +544,14 @@ def build_model(
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()
     return peft.to(device)
+
+
+def _cannot_load(model: str, error: Exception) -> str:
+    return (
+        f"could not load the model {model!r}: {error}\n"
+        "Give a local Hugging Face model folder (with config.json and the tokenizer files), "
+        "or a hub name while the hub is reachable."
+    )
 
 
 def _distribute(model: nn.Module, config: TrainConfig, ctx: Context) -> nn.Module:
@@ -691,10 +722,13 @@ def train(
         summary["signal"] = signal.Signals(ctx.stop_signal).name if ctx.stop_signal else None
         if ctx.main:
             logger.warning(
-                "stopped by %s at step %d; checkpoint saved. Resume with:\n  deltatune train --config %s --resume",
+                "stopped by %s at step %d; checkpoint saved. Resume with:\n  deltatune train --config %s --resume%s",
                 summary["signal"],
                 step,
                 os.path.join(out, "train_config.yaml"),
+                f"\n(under torchrun: the same torchrun command with --resume, {ctx.world} processes)"
+                if ctx.world > 1
+                else "",
             )
     return summary
 
