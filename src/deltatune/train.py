@@ -182,9 +182,8 @@ def config_from_dict(raw: dict[str, Any]) -> TrainConfig:
     """A validated `TrainConfig` from a plain dict (as read from YAML)."""
     errors: list[str] = []
     values = _coerce_dataclass(TrainConfig, raw, "", errors)
-    config = TrainConfig(**values)
-    if not errors:
-        errors += validate(config)
+    config = TrainConfig(**values)  # wrongly typed values were left out: the rest is checked on its own
+    errors += validate(config)
     if errors:
         raise ConfigError("invalid training config:\n  " + "\n  ".join(errors))
     return config
@@ -203,7 +202,10 @@ def _coerce_dataclass(cls: type, raw: Any, prefix: str, errors: list[str]) -> di
             suggestion = f" (did you mean '{prefix}{hint[0]}'?)" if hint else ""
             errors.append(f"unknown key '{prefix}{key}'{suggestion}")
             continue
-        out[key] = _coerce(value, hints[key], f"{prefix}{key}", errors)
+        before = len(errors)
+        coerced = _coerce(value, hints[key], f"{prefix}{key}", errors)
+        if len(errors) == before:
+            out[key] = coerced
     return out
 
 
@@ -378,9 +380,8 @@ def seed_everything(seed: int, deterministic: bool = True) -> None:
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
     if deterministic and torch.cuda.is_available():
-        os.environ.setdefault(
-            "CUBLAS_WORKSPACE_CONFIG", ":4096:8"
-        )  # read when cuBLAS starts: before any matmul
+        # cuBLAS reads this when it starts, i.e. at the first matmul, which comes later.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.backends.cudnn.benchmark = False
         torch.use_deterministic_algorithms(True, warn_only=True)
 
