@@ -332,7 +332,12 @@ def _encode_messages(row: Row, tokenizer: Any, fields: Fields) -> tuple[list[int
         if message["role"] != "assistant":
             continue
         start, end = len(encode(messages[:i], True)), len(encode(messages[: i + 1]))
-        if encode(messages[: i + 1]) != ids[:end]:  # a template that isn't prefix-stable: learn every token
+        if encode(messages[: i + 1]) != ids[:end]:
+            logger.warning(
+                "%s: the chat template renders a conversation's start differently from the whole, so the "
+                "assistant turns can't be told apart; this example trains on every token",
+                row[0],
+            )
             return ids, list(ids)
         labels[start:end] = ids[start:end]
     return ids, labels
