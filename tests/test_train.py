@@ -360,6 +360,32 @@ def test_causal_lm_masks_the_prompt_out_of_the_loss(tmp_path):
     assert summary["eval_perplexity"] > 1 and "eval_accuracy" not in summary
 
 
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_chunked_loss_trains_exactly_like_the_standard_loss(tmp_path, method):
+    """The fused chunked head + cross-entropy (the default for causal LM) ends with the standard loss's weights."""
+    folder = tiny_opt_folder(tmp_path / "opt")
+    weights, losses = {}, {}
+    for loss in ("chunked", "standard"):
+        config = make_config(
+            tmp_path / loss,
+            folder,
+            "builtin:quotes",
+            task="causal-lm",
+            eval_fraction=0.0,
+            max_steps=3,
+            method=method,
+            loss=loss,
+            max_length=16,
+            method_args={"r": 2, "lora_alpha": 4} if method == "lora" else {},
+        )
+        losses[loss] = run(config)["train_loss"]
+        weights[loss] = trainable_weights(tmp_path / loss)
+    assert losses["chunked"] == pytest.approx(losses["standard"], abs=1e-5)
+    assert weights["chunked"].keys() == weights["standard"].keys()
+    for key, value in weights["chunked"].items():
+        torch.testing.assert_close(value, weights["standard"][key], atol=2e-5, rtol=1e-4)
+
+
 def test_causal_lm_packing_on_builtin_quotes(tmp_path):
     folder = tiny_opt_folder(tmp_path / "opt")
     config = make_config(

@@ -54,6 +54,7 @@ from deltatune.data import (
     load_datasets,
 )
 from deltatune.embedded import DEFAULT_MODEL
+from deltatune.losses import causal_lm_loss
 
 logger = logging.getLogger(__name__)
 
@@ -118,6 +119,9 @@ class TrainConfig:
     """Autocast: `bf16` (CPU and CUDA) or `fp16` with a grad scaler (CUDA only); `fp32` for none."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, more time."""
+    loss: Literal["chunked", "standard"] = "chunked"
+    """Causal LM: `chunked` fuses the output head and cross-entropy in chunks of tokens, so the full
+    `[tokens, vocab]` logits are never held (same result, far less memory); `standard` is the model's own."""
     strategy: Literal["ddp", "fsdp"] = "ddp"
     """Under torchrun: `ddp` (replicate the model) or `fsdp` (shard it: for models that don't fit)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -644,6 +648,8 @@ def train(
     bar = tqdm(total=total, initial=state["step"], disable=not (ctx.main and cfg.progress), desc="train")
     start, train_time, steps_run, status = time.perf_counter(), 0.0, 0, "completed"
     global_batch = cfg.batch_size * ctx.world * cfg.grad_accum
+    # The fused loss runs the backbone directly, which would bypass DDP's/FSDP's forward: one process only.
+    chunked = not classify and cfg.loss == "chunked" and ctx.world == 1
     model.train()
     while state["step"] < total:
         t0, loss_sum = time.perf_counter(), 0.0
@@ -652,7 +658,11 @@ def train(
             batch = {k: v.to(dev) for k, v in collate([data.train[i] for i in ids], pad_token_id).items()}
             labels = batch.pop("labels")
             with _maybe_no_sync(model, micro < cfg.grad_accum - 1), autocast:
-                loss, count = _loss(model(**batch).logits, labels, classify)
+                if chunked:
+                    count = int((labels[:, 1:] != IGNORE_INDEX).sum())
+                    loss = causal_lm_loss(model, labels, **batch) * count
+                else:
+                    loss, count = _loss(model(**batch).logits, labels, classify)
                 loss = loss / max(count, 1) / cfg.grad_accum
             scaler.scale(loss).backward()
             loss_sum += loss.item()
