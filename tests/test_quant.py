@@ -171,6 +171,28 @@ def test_qlora_trains_lora_in_fp32_and_leaves_the_base_bit_identical(quantize):
 
 
 @pytest.mark.parametrize("quantize", QUANTIZE)
+def test_disabled_adapter_gives_the_quantized_base_exactly(quantize):
+    peft = _trained_qlora(quantize)
+    x = ids()
+    with peft.disable_adapter():
+        disabled = out(peft, x)
+    torch.testing.assert_close(
+        disabled, out(quantize_model(opt(hidden=64), quantize).eval(), x), atol=0, rtol=0
+    )
+    peft.unmerge_adapter()  # nothing was merged: a no-op, not an error
+
+
+def test_all_linear_targets_every_quantized_layer():
+    model = quantize_model(opt(), "int8")
+    names = {n for n, _ in quant.quantized_layers(model)}
+    peft = get_peft_model(model, LoraConfig(r=2, target_modules="all-linear"))
+    wrapped = {
+        n.removeprefix("base_model.") for n, m in peft.named_modules() if getattr(m, "is_delta_layer", False)
+    }
+    assert wrapped == names
+
+
+@pytest.mark.parametrize("quantize", QUANTIZE)
 def test_trainable_parameters_count_quantized_weights_in_full(quantize):
     config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
     plain = get_peft_model(opt(), copy.deepcopy(config)).get_nb_trainable_parameters()
@@ -210,6 +232,11 @@ def test_adapter_saved_on_quantized_base_loads_on_both_bases(quantize, tmp_path)
     with on_fp32.disable_adapter():
         base = out(on_fp32, x)
     assert (out(on_fp32, x) - base).abs().max() > 10 * (out(on_fp32, x) - expected).abs().mean()
+    if importlib.util.find_spec("peft") is not None:  # and PEFT reads it as any LoRA adapter
+        import peft as hf_peft
+
+        theirs = hf_peft.PeftModel.from_pretrained(opt(hidden=64), str(tmp_path)).eval()
+        torch.testing.assert_close(out(theirs, x), out(on_fp32, x), atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("quantize", QUANTIZE)

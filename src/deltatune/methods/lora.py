@@ -139,6 +139,8 @@ class _LoraLayer(nn.Module):
 
     def unmerge(self) -> None:
         """Subtract merged deltas again, last merged first (exact up to the base dtype's rounding)."""
+        if not self.merged_adapters:  # nothing to do; a quantized base has no `weight` (and never merges)
+            return
         weight = self.base_layer.weight
         while self.merged_adapters:
             name = self.merged_adapters.pop()
