@@ -32,7 +32,8 @@ DEFAULT_BACKEND = {"nf4": "bitsandbytes", "int8": "torch"}
 NF4_BLOCK = 64
 LLM_INT8_THRESHOLD = 6.0  # bitsandbytes' and transformers' default outlier threshold for LLM.int8
 
-_INSTALL = "pip install bitsandbytes (or pip install 'deltatune[quant]')"
+# bitsandbytes runs on CPU from 0.46 on (0.45 and older: CUDA only)
+_INSTALL = "pip install 'bitsandbytes>=0.46' (or pip install 'deltatune[quant]')"
 
 
 class QuantizedLinear(nn.Module):
@@ -198,23 +199,27 @@ def check_backend(quantize: str, backend: str, device: torch.device | str) -> No
             f"quantize='int8' with backend 'bitsandbytes' (LLM.int8) runs on CUDA only, not on {device}; "
             "use backend='torch' (the default for int8), which runs anywhere"
         )
+    other = (
+        "quantize='int8' (its default backend 'torch' needs nothing more)"
+        if quantize == "nf4"
+        else "backend='torch'"
+    )
     if backend == "bitsandbytes":
         try:
             _bnb()
         except ImportError as e:
-            other = " Or use backend='torch', which needs nothing more." if quantize == "int8" else ""
             raise ImportError(
-                f"quantize={quantize!r} with backend 'bitsandbytes' needs the bitsandbytes package: {_INSTALL}.{other}"
+                f"quantize={quantize!r} with backend 'bitsandbytes' needs the bitsandbytes package: {_INSTALL}; "
+                f"or use {other}"
             ) from e
     error = _smoke_test(quantize, backend, device.type, device.index)
     if error is None:
         return
     if backend != "bitsandbytes":
         raise RuntimeError(f"backend {backend!r} can't run quantize={quantize!r} on {device}: {error}")
-    other = "quantize='int8' (backend 'torch')" if quantize == "nf4" else "backend='torch'"
     raise RuntimeError(
-        f"bitsandbytes {_bnb().__version__} can't run quantize={quantize!r} on {device}: {error}. Install a "
-        f"bitsandbytes build that supports this device ({_INSTALL}), run on a CUDA device, or use {other}"
+        f"bitsandbytes {_bnb().__version__} can't run quantize={quantize!r} on {device} ({error}). Install a "
+        f"build that supports this device: {_INSTALL}; or run on a CUDA device; or use {other}"
     )
 
 
