@@ -58,6 +58,14 @@ def test_layer_equals_linear_on_dequantized_weight(quantize, backend):
     assert _rel(layer.dequantize(), w) < REL_ERR[quantize]
 
 
+@pytest.mark.parametrize(("quantize", "backend"), CPU_BACKENDS)
+def test_zero_rows_and_tiny_weights_stay_finite(quantize, backend):
+    w = _weight() * 1e-30
+    w[3] = 0
+    deq = QuantizedLinear.from_weight(w, None, quantize, backend).dequantize()
+    assert torch.isfinite(deq).all() and (deq[3] == 0).all()
+
+
 def test_int8_dequantized_weight_is_within_half_a_step():
     w = _weight()
     deq = QuantizedLinear.from_weight(w, None, "int8", "torch").dequantize()
@@ -103,6 +111,8 @@ def test_to_dtype_keeps_storage_and_state_dict_round_trips(quantize, backend):
     fresh = QuantizedLinear(128, 48, quantize, backend)
     fresh.load_state_dict(layer.state_dict())
     torch.testing.assert_close(fresh(x), expected, atol=0, rtol=0)
+    for name, tensor in layer.named_buffers():  # the non-persistent NF4 code book included
+        assert torch.equal(dict(fresh.named_buffers())[name], tensor)
     torch.testing.assert_close(copy.deepcopy(layer)(x), expected, atol=0, rtol=0)
 
     storage = {n: b.clone() for n, b in layer.named_buffers()}

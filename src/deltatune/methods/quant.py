@@ -69,7 +69,9 @@ class QuantizedLinear(nn.Module):
             self.register_buffer("absmax_scale", empty(-(-n_blocks // 256)))
             self.register_buffer("absmax_code", empty(256))
             self.register_buffer("absmax_offset", empty(()))
-            self.register_buffer("nf4_code", empty(16), persistent=False)
+            # the 16 NF4 values, a constant (not saved); bitsandbytes' batch-1 CUDA kernel reads it
+            code = _bnb().functional.get_4bit_type("nf4", device="cpu").float()
+            self.register_buffer("nf4_code", code.to(device), persistent=False)
         else:
             self.register_buffer("weight_int8", empty((out_features, in_features), dtype=torch.int8))
             self.register_buffer("weight_absmax", empty(out_features))
@@ -320,7 +322,8 @@ def _linear_nf4_bnb(layer: QuantizedLinear, x: torch.Tensor, bias: torch.Tensor 
 def _quantize_int8(weight: torch.Tensor) -> dict[str, torch.Tensor]:
     w = weight.float()
     absmax = w.abs().amax(dim=1)
-    q = torch.round(w * (127 / absmax.clamp_min(torch.finfo(torch.float32).tiny)).unsqueeze(1))
+    inverse = torch.where(absmax > 0, 127 / absmax, torch.zeros_like(absmax))  # an all-zero row stays zero
+    q = torch.round(w * inverse.unsqueeze(1))
     return {"weight_int8": q.clamp_(-127, 127).to(torch.int8), "weight_absmax": absmax}
 
 
