@@ -321,10 +321,10 @@ def _linear_nf4_bnb(layer: QuantizedLinear, x: torch.Tensor, bias: torch.Tensor 
 
 def _quantize_int8(weight: torch.Tensor) -> dict[str, torch.Tensor]:
     w = weight.float()
-    absmax = w.abs().amax(dim=1)
+    absmax = torch.linalg.vector_norm(w, float("inf"), dim=1)
     inverse = torch.where(absmax > 0, 127 / absmax, torch.zeros_like(absmax))  # an all-zero row stays zero
-    q = torch.round(w * inverse.unsqueeze(1))
-    return {"weight_int8": q.clamp_(-127, 127).to(torch.int8), "weight_absmax": absmax}
+    q = (w * inverse.unsqueeze(1)).round_().clamp_(-127, 127)
+    return {"weight_int8": q.to(torch.int8), "weight_absmax": absmax}
 
 
 def _dequantize_int8(layer: QuantizedLinear) -> torch.Tensor:
