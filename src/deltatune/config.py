@@ -384,20 +384,28 @@ def load_config(directory: str | os.PathLike) -> _BaseConfig:
 
 # Method names as the command line and the train/compare configs spell them, each with its config class,
 # its defaults, the quantization of the frozen base (QLoRA) and a learning rate that suits it: adapters and
-# LoRA need a larger one than full fine-tuning, so one shared rate would rig a comparison.
+# LoRA need a larger one than full fine-tuning, so one shared rate would rig a comparison. Each rate is the
+# best of a small sweep on the embedded default (benchmarks/lr_sweep.py; numbers in the README).
 METHODS: dict[str, dict[str, Any]] = {
-    "full": {"config": FullFinetuneConfig, "args": {}, "quantize": None, "lr": 5e-5},
-    "top-layers": {"config": TopLayersConfig, "args": {"num_layers": 2}, "quantize": None, "lr": 2e-4},
-    "houlsby": {"config": BottleneckConfig, "args": {"style": "houlsby"}, "quantize": None, "lr": 1e-3},
-    "pfeiffer": {"config": BottleneckConfig, "args": {"style": "pfeiffer"}, "quantize": None, "lr": 1e-3},
-    "lora": {"config": LoraConfig, "args": {"r": 8, "lora_alpha": 16}, "quantize": None, "lr": 1e-3},
-    "dora": {"config": LoraConfig, "args": {"r": 8, "lora_alpha": 16, "use_dora": True}, "quantize": None, "lr": 1e-3},
-    "qlora-nf4": {"config": LoraConfig, "args": {"r": 8, "lora_alpha": 16}, "quantize": "nf4", "lr": 1e-3},
-    "qlora-int8": {"config": LoraConfig, "args": {"r": 8, "lora_alpha": 16}, "quantize": "int8", "lr": 1e-3},
+    "full": {"config": FullFinetuneConfig, "args": {}, "quantize": None, "lr": 1e-4},
+    "top-layers": {"config": TopLayersConfig, "args": {"num_layers": 2}, "quantize": None, "lr": 3e-4},
+    "houlsby": {"config": BottleneckConfig, "args": {"style": "houlsby"}, "quantize": None, "lr": 3e-3},
+    "pfeiffer": {"config": BottleneckConfig, "args": {"style": "pfeiffer"}, "quantize": None, "lr": 3e-3},
+    "lora": {"config": LoraConfig, "args": {"r": 8, "lora_alpha": 16}, "quantize": None, "lr": 3e-3},
+    "dora": {
+        "config": LoraConfig,
+        "args": {"r": 8, "lora_alpha": 16, "use_dora": True},
+        "quantize": None,
+        "lr": 3e-3,
+    },
+    "qlora-nf4": {"config": LoraConfig, "args": {"r": 8, "lora_alpha": 16}, "quantize": "nf4", "lr": 3e-3},
+    "qlora-int8": {"config": LoraConfig, "args": {"r": 8, "lora_alpha": 16}, "quantize": "int8", "lr": 3e-3},
 }
 
 
-def method_config(method: str, task_type: str | None = None, **overrides: Any) -> tuple[_BaseConfig, str | None]:
+def method_config(
+    method: str, task_type: str | None = None, **overrides: Any
+) -> tuple[_BaseConfig, str | None]:
     """The config for a method name (`"lora"`, `"houlsby"`, ...) and the quantization its base needs.
 
     Args:
