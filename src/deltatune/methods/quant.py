@@ -172,7 +172,7 @@ def quantize_model(
         raise ValueError("this model already holds adapters; quantize the base model before get_peft_model")
     heads = inject.output_head_names(model)
     targets = [
-        (name, module)
+        name
         for name, module in model.named_modules()
         if name
         and (isinstance(module, nn.Linear) or _is_conv1d(module))
@@ -183,12 +183,15 @@ def quantize_model(
         raise ValueError(
             f"no linear layer to quantize in this model (output heads {sorted(heads)}, skip={skip})"
         )
-    for device in {_weight(m).device for _, m in targets}:
+    for device in {_weight(inject.get_module(model, n)).device for n in targets}:
         check_backend(quantize, backend, device)
-    for name, module in targets:
-        bias = module.bias
-        layer = QuantizedLinear.from_weight(_weight(module), bias, quantize, backend, compute_dtype)
+    # One layer at a time, holding no reference to the replaced ones: each fp32 weight is freed as soon as
+    # its quantized copy is in place, so the model never holds both in full.
+    for name in targets:
+        module = inject.get_module(model, name)
+        layer = QuantizedLinear.from_weight(_weight(module), module.bias, quantize, backend, compute_dtype)
         inject.replace_module(model, name, layer)
+        del module
     return model
 
 
