@@ -540,7 +540,7 @@ def build_model(
     if quantize:
         from deltatune.methods.quant import quantize_model
 
-        quantize_model(model, quantize)
+        quantize_model(model, quantize, compute_dtype=DTYPES[config.base_dtype])
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
