@@ -8,13 +8,29 @@ from deltatune import bench
 
 
 @pytest.mark.parametrize("case", ["bound", "lora", "peft", "full", "lora-std"])
-def test_train_case_reports_step_and_memory(case):
-    row = bench.run_train_case(case, "tiny", steps=1, warmup=0, device="cpu", batch=2, seq=16)
-    assert row["step_s"] > 0 and row["peak_mb"] > 0
+def test_memory_case_reports_peak_and_trainable_params(case):
+    row = bench.run_train_memory(case, "tiny", steps=1, device="cpu", batch=2, seq=16)
+    assert row["peak_mb"] > 0 and row["alone_step_s"] > 0
     assert row["loss"] == ("standard" if case in ("peft", "lora-std") else "chunked")
     expected_trainable = {"bound": 0, "lora": 2 * 2 * (8 * 64 + 64 * 8), "peft": 2 * 2 * (8 * 64 + 64 * 8)}
     if case in expected_trainable:
         assert row["trainable_params"] == expected_trainable[case]
+
+
+def test_interleaved_timing_and_paired_ratios():
+    timing = bench.run_train_timing(
+        ["bound", "lora", "peft"], "tiny", rounds=2, device="cpu", batch=2, seq=16
+    )
+    assert {k: len(v) for k, v in timing["times"].items()} == {"bound": 2, "lora": 2, "peft": 2}
+    memory = [
+        {"case": c, "loss": "standard" if c == "peft" else "chunked", "peak_mb": m}
+        for c, m in (("bound", 100.0), ("lora", 110.0), ("peft", 125.0))
+    ]
+    fake = {"times": {"bound": [1.0, 2.0], "lora": [1.1, 2.0], "peft": [1.2, 2.6]}}
+    rows = {r["case"]: r for r in bench._train_rows(fake, memory)}
+    assert rows["lora"]["x_bound"] == pytest.approx((1.1 + 1.0) / 2)
+    assert rows["lora"]["throughput_vs_peft"] == pytest.approx((1.2 / 1.1 + 1.3) / 2)
+    assert rows["lora"]["mem_vs_peft"] == pytest.approx(110 / 125 - 1)
 
 
 def test_latency_rows_cover_every_variant():

@@ -105,3 +105,18 @@ def test_causal_lm_loss_trains_a_tied_head_in_full_finetuning():
     model.zero_grad()
     causal_lm_loss(model, x, input_ids=x, chunk_size=4).backward()
     torch.testing.assert_close(model.lm_head.weight.grad, want, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("factory", [opt, gpt2])
+def test_inference_path_matches_training_path(factory, monkeypatch):
+    model = get_peft_model(
+        factory(), LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)
+    ).eval()
+    x = ids()
+    with_grad = model(input_ids=x).logits
+    with torch.no_grad():
+        without = model(input_ids=x).logits
+    monkeypatch.setattr(lora_method, "FUSED", False)
+    plain = model(input_ids=x).logits
+    torch.testing.assert_close(without, with_grad, atol=1e-5, rtol=0)
+    torch.testing.assert_close(without, plain, atol=1e-5, rtol=0)

@@ -46,12 +46,14 @@ def _alone(model, x, name):
     return out(model, x)
 
 
+@pytest.mark.parametrize("grad", [True, False], ids=["grad", "no_grad"])
 @pytest.mark.parametrize("factory", [opt, llama])
-def test_mixed_batch_equals_each_row_alone(factory):
+def test_mixed_batch_equals_each_row_alone(factory, grad):
     model = _many(factory)
     names = ["a3", "__base__", "a0", "a1", "a2", "a4", "a5", "a6", "a7", "__base__", "a3"]
     x = ids(batch=len(names), seq=7)
-    mixed = model(input_ids=x, adapter_names=names).logits
+    with torch.set_grad_enabled(grad):  # no_grad takes the in-place inference path
+        mixed = model(input_ids=x, adapter_names=names).logits
     for i, name in enumerate(names):
         torch.testing.assert_close(mixed[i : i + 1], _alone(model, x[i : i + 1], name), atol=1e-5, rtol=0)
 
@@ -60,11 +62,15 @@ def test_mixed_generate_equals_each_row_alone():
     model = _many(opt)
     names = ["a1", "__base__", "a2", "a6"]
     x = ids(batch=4, seq=4)
-    mixed = model.generate(input_ids=x, adapter_names=names, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    mixed = model.generate(
+        input_ids=x, adapter_names=names, max_new_tokens=6, do_sample=False, pad_token_id=0
+    )
     for i, name in enumerate(names):
         if name == "__base__":
             with model.disable_adapter():
-                alone = model.generate(input_ids=x[i : i + 1], max_new_tokens=6, do_sample=False, pad_token_id=0)
+                alone = model.generate(
+                    input_ids=x[i : i + 1], max_new_tokens=6, do_sample=False, pad_token_id=0
+                )
         else:
             model.set_adapter(name)
             alone = model.generate(input_ids=x[i : i + 1], max_new_tokens=6, do_sample=False, pad_token_id=0)
@@ -72,7 +78,9 @@ def test_mixed_generate_equals_each_row_alone():
 
 
 def test_mixed_batch_on_conv1d_and_with_beams():
-    model = get_peft_model(gpt2(), LoraConfig(r=2, target_modules=["c_attn", "c_fc"], init_lora_weights=False))
+    model = get_peft_model(
+        gpt2(), LoraConfig(r=2, target_modules=["c_attn", "c_fc"], init_lora_weights=False)
+    )
     model.add_adapter("b", LoraConfig(r=4, target_modules=["c_proj"], init_lora_weights=False))
     model.eval()
     x = ids(batch=2, seq=4)
@@ -157,8 +165,13 @@ def test_unknown_adapter_and_bad_names():
 @pytest.mark.parametrize("how", ["linear", "cat", "svd"])
 def test_add_weighted_adapter_matches_peft(tmp_path, how):
     base = opt()
-    model = get_peft_model(copy.deepcopy(base), LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "fc1"], init_lora_weights=False))
-    model.add_adapter("b", LoraConfig(r=2, lora_alpha=6, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    model = get_peft_model(
+        copy.deepcopy(base),
+        LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "fc1"], init_lora_weights=False),
+    )
+    model.add_adapter(
+        "b", LoraConfig(r=2, lora_alpha=6, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )
     model.save_pretrained(tmp_path)
     theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
     theirs.load_adapter(tmp_path / "b", "b")
@@ -171,7 +184,9 @@ def test_add_weighted_adapter_matches_peft(tmp_path, how):
 
 
 def test_cat_combination_is_the_weighted_sum_of_deltas():
-    model = get_peft_model(opt(), LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], init_lora_weights=False))
+    model = get_peft_model(
+        opt(), LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], init_lora_weights=False)
+    )
     model.add_adapter("b", LoraConfig(r=3, lora_alpha=6, target_modules=["q_proj"], init_lora_weights=False))
     model.add_weighted_adapter(["default", "b"], [0.5, 2.0], "mix", combination_type="cat")
     layer = model.base_model.model.decoder.layers[0].self_attn.q_proj
@@ -186,7 +201,9 @@ def test_cat_combination_is_the_weighted_sum_of_deltas():
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "deltatune", *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "deltatune", *args], capture_output=True, text=True, timeout=120
+    )
 
 
 def test_inspect_merge_and_generate_commands(tmp_path):
@@ -201,9 +218,15 @@ def test_inspect_merge_and_generate_commands(tmp_path):
     assert data["ranks"] == [4] and data["compatible"] and len(data["adapted_modules"]) == 4
     assert data["parameters"] == 2 * (4 * 32 + 32 * 4) + 2 * (4 * 64 + 32 * 4)
     bad = _cli("inspect", str(tmp_path / "adapter"), "--base", str(tmp_path / "other"))
-    assert bad.returncode == 1 and "does NOT fit" in bad.stdout and "expected shape (4, 48), found (4, 32)" in bad.stdout
+    assert (
+        bad.returncode == 1
+        and "does NOT fit" in bad.stdout
+        and "expected shape (4, 48), found (4, 32)" in bad.stdout
+    )
 
-    merged = _cli("merge", "--base", base_dir, "--adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / "merged"))
+    merged = _cli(
+        "merge", "--base", base_dir, "--adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / "merged")
+    )
     assert merged.returncode == 0, merged.stderr
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -211,9 +234,21 @@ def test_inspect_merge_and_generate_commands(tmp_path):
     x = ids()
     torch.testing.assert_close(out(plain, x), out(model.eval(), x), atol=1e-5, rtol=0)
     assert AutoTokenizer.from_pretrained(tmp_path / "merged") is not None
-    again = _cli("merge", "--base", base_dir, "--adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / "merged"))
+    again = _cli(
+        "merge", "--base", base_dir, "--adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / "merged")
+    )
     assert again.returncode == 2 and "exists already" in again.stderr
 
-    gen = _cli("generate", "--base", base_dir, "--adapter", str(tmp_path / "adapter"), "--prompt", "w1 w2", "--max-new-tokens", "3")
+    gen = _cli(
+        "generate",
+        "--base",
+        base_dir,
+        "--adapter",
+        str(tmp_path / "adapter"),
+        "--prompt",
+        "w1 w2",
+        "--max-new-tokens",
+        "3",
+    )
     assert gen.returncode == 0, gen.stderr
     assert gen.stdout.strip().startswith("w1 w2") and len(gen.stdout.split()) == 5

@@ -1,9 +1,10 @@
 """`deltatune bench`: what a training step and a forward pass cost, against the bound and against PEFT.
 
-An OPT-shaped model (random init, no download), batch 4 x seq 128, AdamW. Each training case runs in its
-own process so its peak memory is its own; warm-up steps are dropped and the median step is reported.
-Every time is also given as a ratio against a reference measured in the same run: these machines are
-noisy, an absolute time means little.
+An OPT-shaped model (random init, no download), batch 4 x seq 128, AdamW. Peak memory: each training case
+in its own process. Step time: every case in one process, taking steps in turn (after a warm-up step each),
+so that all cases see the same machine noise; ratios (to the bound, to PEFT, to full fine-tuning) are taken
+within each round and the median reported. These machines are noisy: an absolute time means little, and
+processes run minutes apart differ by several percent.
 
 The bound is the frozen base's forward plus backward to its input embeddings with no weight gradient:
 a LoRA step can't cost less. It is measured with the same loss code as the row it is compared to.
@@ -74,11 +75,11 @@ def _peak_mb(device: str) -> float:
     return torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else _peak_rss_mb()
 
 
-# ---- one training case, in its own process -------------------------------------------------------------
+# ---- training cases: time interleaved in one process, memory one process per case -------------------------
 
 
-def run_train_case(case: str, size: str, steps: int, warmup: int, device: str, batch: int, seq: int) -> dict:
-    """Time `steps` training steps of one case (after `warmup`), and its peak memory."""
+def make_case(case: str, size: str, device: str, batch: int, seq: int):
+    """A training step function for `case` on a fresh model, and the number of trainable parameters."""
     from deltatune import LoraConfig, get_peft_model
     from deltatune.losses import causal_lm_loss
 
@@ -110,24 +111,43 @@ def run_train_case(case: str, size: str, steps: int, warmup: int, device: str, b
             optimizer.zero_grad(set_to_none=True)
         return loss.item()
 
-    times = []
-    for i in range(warmup + steps):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        step()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
+    return step, sum(p.numel() for p in params), "chunked" if chunked else "standard"
+
+
+def _timed(step, device: str) -> float:
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def run_train_memory(case: str, size: str, steps: int, device: str, batch: int, seq: int) -> dict:
+    """Peak memory of `steps` training steps of one case (run this in its own process)."""
+    step, trainable, loss = make_case(case, size, device, batch, seq)
+    times = [_timed(step, device) for _ in range(steps)]
     return {
         "case": case,
-        "loss": "chunked" if chunked else "standard",
-        "step_s": statistics.median(times),
-        "steps": len(times),
+        "loss": loss,
         "peak_mb": _peak_mb(device),
-        "trainable_params": sum(p.numel() for p in params),
+        "trainable_params": trainable,
+        "alone_step_s": statistics.median(times),
     }
+
+
+def run_train_timing(cases: list[str], size: str, rounds: int, device: str, batch: int, seq: int) -> dict:
+    """Step times of every case, interleaved step by step in this one process, so that all of them see the
+    same machine noise; each case's ratio to the bound (and to PEFT) is taken within a round, then the median."""
+    steps = {case: make_case(case, size, device, batch, seq)[0] for case in cases}
+    for step in steps.values():  # warm-up
+        step()
+    times: dict[str, list[float]] = {c: [] for c in cases}
+    for _ in range(rounds):
+        for case, step in steps.items():
+            times[case].append(_timed(step, device))
+    return {"times": times}
 
 
 # ---- forward latency, all variants in one process, measured round-robin ---------------------------------
@@ -148,8 +168,11 @@ def run_latency(
         return model.eval()
 
     ours = many(copy.deepcopy(base))
-    merged = get_peft_model(copy.deepcopy(base), LoraConfig(**LORA, init_lora_weights=False)).eval()
-    merged.merge_adapter()
+    merged = (
+        get_peft_model(copy.deepcopy(base), LoraConfig(**LORA, init_lora_weights=False))
+        .merge_and_unload()
+        .eval()
+    )
     variants = {
         "base": lambda x: base(input_ids=x),
         "lora": lambda x: ours(input_ids=x),
@@ -221,22 +244,54 @@ def _subprocess(args: list[str]) -> dict:
         os.unlink(out)
 
 
+def _paired(times: dict[str, list[float]], case: str, ref: str | None) -> float | None:
+    if ref is None or ref not in times or case not in times:
+        return None
+    return statistics.median(a / b for a, b in zip(times[case], times[ref]))
+
+
+def _train_rows(timing: dict, memory: list[dict]) -> list[dict]:
+    times = timing.get("times", {})
+    rows = []
+    for mem in memory:
+        case = mem["case"]
+        row = dict(mem)
+        if case in times:
+            row["step_s"] = statistics.median(times[case])
+            bound = "bound" if mem.get("loss") == "chunked" else "bound-std"
+            row["x_bound"] = _paired(times, case, bound)
+            peft_ratio = _paired(times, "peft", None if case == "peft" else case)
+            row["throughput_vs_peft"] = 1.0 if case == "peft" else peft_ratio
+            full = _paired(times, "full", case) if case != "full" else 1.0
+            row["steps_per_s_vs_full"] = full
+        rows.append(row)
+    by = {r["case"]: r for r in rows}
+    for r in rows:
+        if "peak_mb" in r and "peft" in by and "peak_mb" in by["peft"]:
+            r["mem_vs_peft"] = r["peak_mb"] / by["peft"]["peak_mb"] - 1
+        if "peak_mb" in r and "full" in by and "peak_mb" in by["full"]:
+            r["mem_vs_full"] = r["peak_mb"] / by["full"]["peak_mb"] - 1
+    return rows
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
 def _train_table(rows: list[dict]) -> list[str]:
-    by = {r["case"]: r for r in rows if "step_s" in r}
     lines = [
-        f"{'case':<10} {'loss':<9} {'s/step':>7} {'x bound':>8} {'steps/s vs peft':>16} {'peak MB':>8} {'MB vs peft':>11}"
+        f"{'case':<10} {'loss':<9} {'s/step':>7} {'x bound':>8} {'vs peft':>8} {'vs full':>8} "
+        f"{'peak MB':>8} {'MB vs peft':>11} {'MB vs full':>11}"
     ]
     for r in rows:
-        if "step_s" not in r:
+        if "peak_mb" not in r:
             lines.append(f"{r['case']:<10} FAILED: {r.get('error')}")
             continue
-        bound = by.get("bound" if r["loss"] == "chunked" else "bound-std")
-        peft_row = by.get("peft")
-        xb = f"{r['step_s'] / bound['step_s']:.3f}" if bound else "-"
-        vp = f"{peft_row['step_s'] / r['step_s']:.3f}x" if peft_row else "-"
-        mp = f"{100 * (r['peak_mb'] / peft_row['peak_mb'] - 1):+.1f}%" if peft_row else "-"
         lines.append(
-            f"{r['case']:<10} {r['loss']:<9} {r['step_s']:>7.3f} {xb:>8} {vp:>16} {r['peak_mb']:>8.0f} {mp:>11}"
+            f"{r['case']:<10} {r['loss']:<9} {_fmt(r.get('step_s'), '7.3f')} {_fmt(r.get('x_bound'), '8.3f')} "
+            f"{_fmt(r.get('throughput_vs_peft'), '7.3f') + 'x':>8} {_fmt(r.get('steps_per_s_vs_full'), '7.2f') + 'x':>8} "
+            f"{r['peak_mb']:>8.0f} {_fmt(100 * r['mem_vs_peft'] if 'mem_vs_peft' in r else None, '+10.1f') + '%':>11} "
+            f"{_fmt(100 * r['mem_vs_full'] if 'mem_vs_full' in r else None, '+10.1f') + '%':>11}"
         )
     return lines
 
@@ -253,19 +308,23 @@ def bench(
 ) -> dict:
     """Run the benchmark and return (and optionally write) its results."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    steps, warmup, rounds = (3, 1, 5) if quick else (6, 2, 15)
+    mem_steps, train_rounds, rounds = (2, 3, 5) if quick else (3, 8, 15)
     with_peft = "peft" in peers
     common = ["--size", size, "--device", device, "--threads", str(threads)]
-    train_rows = []
+    cases = tuple(c for c in cases if c != "peft" or with_peft)
+    memory = []
     for case in cases:
-        if case == "peft" and not with_peft:
-            continue
-        print(f"  train: {case} ...", file=sys.stderr, flush=True)
-        row = _subprocess(
-            ["--worker", "train", "--case", case, "--steps", str(steps), "--warmup", str(warmup), *common]
-        )
+        print(f"  memory: {case} (own process) ...", file=sys.stderr, flush=True)
+        row = _subprocess(["--worker", "memory", "--case", case, "--steps", str(mem_steps), *common])
         row.setdefault("case", case)
-        train_rows.append(row)
+        memory.append(row)
+    print(
+        f"  step time: {len(cases)} cases interleaved, {train_rounds} rounds ...", file=sys.stderr, flush=True
+    )
+    timing = _subprocess(
+        ["--worker", "timing", "--cases", ",".join(cases), "--rounds", str(train_rounds), *common]
+    )
+    train_rows = _train_rows(timing, memory)
     latency_rows = []
     if latency:
         print("  latency: all variants, round-robin ...", file=sys.stderr, flush=True)
@@ -333,11 +392,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-latency", action="store_true", help="skip the forward-latency table")
     parser.add_argument("--out", default="bench-results", help="folder for the JSON results")
     # internal: one case in this process
-    parser.add_argument("--worker", choices=["train", "latency"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=["memory", "timing", "latency"], help=argparse.SUPPRESS)
     parser.add_argument("--worker-out", help=argparse.SUPPRESS)
     parser.add_argument("--case", help=argparse.SUPPRESS)
-    parser.add_argument("--steps", type=int, default=6, help=argparse.SUPPRESS)
-    parser.add_argument("--warmup", type=int, default=2, help=argparse.SUPPRESS)
+    parser.add_argument("--steps", type=int, default=3, help=argparse.SUPPRESS)
     parser.add_argument("--rounds", type=int, default=15, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -345,8 +403,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     peers = tuple(p for p in args.peers.split(",") if p)
     if args.worker:
-        if args.worker == "train":
-            data = run_train_case(args.case, args.size, args.steps, args.warmup, args.device, 4, 128)
+        if args.worker == "memory":
+            data = run_train_memory(args.case, args.size, args.steps, args.device, 4, 128)
+        elif args.worker == "timing":
+            data = run_train_timing(args.cases.split(","), args.size, args.rounds, args.device, 4, 128)
         else:
             data = {
                 "rows": run_latency(args.size, args.rounds, args.device, [(1, 128), (8, 64)], "peft" in peers)

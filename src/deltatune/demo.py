@@ -53,8 +53,10 @@ def main(argv: list[str] | None = None) -> int:
         optimizer.zero_grad()
         if step == 0:
             first = loss.item()
-    print(f"2. trained {args.steps} steps on {len(texts)} sentences in {time.perf_counter() - start:.1f}s: "
-          f"loss {first:.3f} -> {loss.item():.3f}")
+    print(
+        f"2. trained {args.steps} steps on {len(texts)} sentences in {time.perf_counter() - start:.1f}s: "
+        f"loss {first:.3f} -> {loss.item():.3f}"
+    )
 
     model.eval()
     with torch.no_grad():
@@ -62,10 +64,14 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or tempfile.mkdtemp(prefix="deltatune-demo-")
     model.save_pretrained(out)
     size = sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out))
-    print(f"3. saved the adapter to {out} ({size / 1024:.0f} KiB; the base model is "
-          f"{os.path.getsize(os.path.join(path, 'model.safetensors')) / 2**20:.0f} MiB)")
+    print(
+        f"3. saved the adapter to {out} ({size / 1024:.0f} KiB; the base model is "
+        f"{os.path.getsize(os.path.join(path, 'model.safetensors')) / 2**20:.0f} MiB)"
+    )
 
-    reloaded = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(path, num_labels=2), out)
+    reloaded = PeftModel.from_pretrained(
+        AutoModelForSequenceClassification.from_pretrained(path, num_labels=2), out
+    )
     with torch.no_grad():
         again = reloaded(**batch).logits
     print(f"4. reloaded it onto a fresh base: max |diff| = {(again - logits).abs().max().item():.2e}")
@@ -73,8 +79,10 @@ def main(argv: list[str] | None = None) -> int:
     merged = reloaded.merge_and_unload()
     with torch.no_grad():
         merged_logits = merged(**batch).logits
-    print(f"5. merged into the base ({type(merged).__name__}, no adapter layers left): "
-          f"max |diff| = {(merged_logits - logits).abs().max().item():.2e}")
+    print(
+        f"5. merged into the base ({type(merged).__name__}, no adapter layers left): "
+        f"max |diff| = {(merged_logits - logits).abs().max().item():.2e}"
+    )
     accuracy = (merged_logits.argmax(-1) == labels).float().mean().item()
     print(f"   training-set accuracy of the merged model: {accuracy:.0%}")
     return 0

@@ -91,7 +91,9 @@ _UNSUPPORTED = {
 }  # logit scaling / soft-capping
 
 
-def causal_lm_loss(model: nn.Module, labels: torch.Tensor, *, chunk_size: int = 1024, **inputs) -> torch.Tensor:
+def causal_lm_loss(
+    model: nn.Module, labels: torch.Tensor, *, chunk_size: int = 1024, **inputs
+) -> torch.Tensor:
     """The causal-LM loss of a Hugging Face model (wrapped or not) without materializing its logits.
 
     Runs the model's backbone (`model.<base_model_prefix>`) on `inputs` (`input_ids` or `inputs_embeds`,

@@ -18,28 +18,51 @@ from deltatune.embedded import resolve_model
 from deltatune.model import PeftModel
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json",
-                    "merges.txt", "tokenizer.model", "chat_template.jinja", "label_map.json")
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "label_map.json",
+)
 
 
 def _head_labels(tensors: dict[str, torch.Tensor]) -> int | None:
     for key, tensor in tensors.items():
-        if key.endswith(("classifier.weight", "score.weight", "classifier.out_proj.weight")) and tensor.dim() == 2:
+        if (
+            key.endswith(("classifier.weight", "score.weight", "classifier.out_proj.weight"))
+            and tensor.dim() == 2
+        ):
             return tensor.shape[0]
     return None
 
 
-def load_base(path: str, task_type: str | None, num_labels: int | None = None, dtype: torch.dtype = torch.float32,
-              meta: bool = False) -> torch.nn.Module:
+def load_base(
+    path: str,
+    task_type: str | None,
+    num_labels: int | None = None,
+    dtype: torch.dtype = torch.float32,
+    meta: bool = False,
+) -> torch.nn.Module:
     """The base model for an adapter's task type (weights on the meta device when `meta`: shapes only)."""
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     if not os.path.isdir(path) and os.path.exists(path):
         raise FileNotFoundError(f"base model {path!r} is a file; give a Hugging Face model folder")
-    auto = {"SEQ_CLS": AutoModelForSequenceClassification, "CAUSAL_LM": AutoModelForCausalLM}.get(task_type or "")
+    auto = {"SEQ_CLS": AutoModelForSequenceClassification, "CAUSAL_LM": AutoModelForCausalLM}.get(
+        task_type or ""
+    )
     config = AutoConfig.from_pretrained(path)
     if auto is None:
-        auto = AutoModelForCausalLM if any(a.endswith("ForCausalLM") for a in config.architectures or []) else AutoModel
+        auto = (
+            AutoModelForCausalLM
+            if any(a.endswith("ForCausalLM") for a in config.architectures or [])
+            else AutoModel
+        )
     kwargs = {"num_labels": num_labels} if auto is AutoModelForSequenceClassification and num_labels else {}
     if meta:
         for key, value in kwargs.items():
@@ -53,18 +76,28 @@ def _adapter_summary(directory: str) -> dict:
     config = load_config(directory)
     tensors = checkpoint.load_adapter_weights(directory)
     weights_file = next(
-        os.path.join(directory, n) for n in (checkpoint.WEIGHTS_NAME, checkpoint.LEGACY_WEIGHTS_NAME)
+        os.path.join(directory, n)
+        for n in (checkpoint.WEIGHTS_NAME, checkpoint.LEGACY_WEIGHTS_NAME)
         if os.path.isfile(os.path.join(directory, n))
     )
-    modules = sorted({k.removeprefix(checkpoint.KEY_PREFIX).split(".lora_")[0] for k in tensors if ".lora_" in k})
-    ranks = sorted({t.shape[0] for k, t in tensors.items() if k.endswith("lora_A.weight") or k.endswith("lora_embedding_A")})
+    modules = sorted(
+        {k.removeprefix(checkpoint.KEY_PREFIX).split(".lora_")[0] for k in tensors if ".lora_" in k}
+    )
+    ranks = sorted(
+        {
+            t.shape[0]
+            for k, t in tensors.items()
+            if k.endswith("lora_A.weight") or k.endswith("lora_embedding_A")
+        }
+    )
     return {
         "directory": os.path.abspath(directory),
         "method": config.peft_type,
         "task_type": config.task_type,
         "base_model": config.base_model_name_or_path,
         "config": {
-            f.name: getattr(config, f.name) for f in dataclasses.fields(config)
+            f.name: getattr(config, f.name)
+            for f in dataclasses.fields(config)
             if getattr(config, f.name) not in (None, {}, [], False) and f.name != "inference_mode"
         },
         "adapted_modules": modules,
@@ -77,7 +110,9 @@ def _adapter_summary(directory: str) -> dict:
 
 
 def inspect_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="deltatune inspect", description="Show an adapter; with --base, check it fits.")
+    parser = argparse.ArgumentParser(
+        prog="deltatune inspect", description="Show an adapter; with --base, check it fits."
+    )
     parser.add_argument("adapter", help="adapter directory")
     parser.add_argument("--base", help="base model folder to check compatibility against (nothing is loaded)")
     parser.add_argument("--json", action="store_true", help="print JSON")
@@ -97,9 +132,13 @@ def inspect_main(argv: list[str]) -> int:
         print(f"method       {info['method']}  task {info['task_type']}")
         print(f"trained on   {info['base_model']}")
         print(f"rank(s)      {info['ranks']}")
-        print(f"modules      {len(info['adapted_modules'])}: {', '.join(info['adapted_modules'][:6])}"
-              f"{' ...' if len(info['adapted_modules']) > 6 else ''}")
-        print(f"parameters   {info['parameters']:,d} in {info['tensors']} tensors, file {info['file_bytes'] / 1024:.1f} KiB")
+        print(
+            f"modules      {len(info['adapted_modules'])}: {', '.join(info['adapted_modules'][:6])}"
+            f"{' ...' if len(info['adapted_modules']) > 6 else ''}"
+        )
+        print(
+            f"parameters   {info['parameters']:,d} in {info['tensors']} tensors, file {info['file_bytes'] / 1024:.1f} KiB"
+        )
         print("config       " + json.dumps(info["config"], sort_keys=True))
         if args.base:
             verdict = "fits" if info["compatible"] else "does NOT fit"
@@ -117,7 +156,9 @@ def _load(base_path: str, adapter: str, dtype: torch.dtype) -> tuple[PeftModel, 
 
 
 def merge_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="deltatune merge", description="Merge an adapter into its base model.")
+    parser = argparse.ArgumentParser(
+        prog="deltatune merge", description="Merge an adapter into its base model."
+    )
     parser.add_argument("--base", default=None, help="base model folder (default: the one the adapter names)")
     parser.add_argument("--adapter", required=True, help="adapter directory")
     parser.add_argument("--out", required=True, help="output folder for the merged model (must not exist)")
@@ -146,7 +187,9 @@ def merge_main(argv: list[str]) -> int:
 
 
 def generate_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="deltatune generate", description="Generate text with a base and an adapter.")
+    parser = argparse.ArgumentParser(
+        prog="deltatune generate", description="Generate text with a base and an adapter."
+    )
     parser.add_argument("--base", default=None, help="base model folder (default: the one the adapter names)")
     parser.add_argument("--adapter", required=True, help="adapter directory")
     parser.add_argument("--prompt", required=True, action="append", help="prompt (repeat for several)")
@@ -157,7 +200,9 @@ def generate_main(argv: list[str]) -> int:
     from transformers import AutoTokenizer
 
     model, base_path = _load(args.base, args.adapter, torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(args.adapter if os.path.isfile(os.path.join(args.adapter, "tokenizer_config.json")) else base_path)
+    tokenizer = AutoTokenizer.from_pretrained(
+        args.adapter if os.path.isfile(os.path.join(args.adapter, "tokenizer_config.json")) else base_path
+    )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
@@ -165,8 +210,13 @@ def generate_main(argv: list[str]) -> int:
     torch.manual_seed(args.seed)
     sample = args.temperature > 0
     with torch.no_grad():
-        out = model.generate(**batch, max_new_tokens=args.max_new_tokens, do_sample=sample, pad_token_id=tokenizer.pad_token_id,
-                             **({"temperature": args.temperature} if sample else {}))
+        out = model.generate(
+            **batch,
+            max_new_tokens=args.max_new_tokens,
+            do_sample=sample,
+            pad_token_id=tokenizer.pad_token_id,
+            **({"temperature": args.temperature} if sample else {}),
+        )
     for ids in out:
         print(tokenizer.decode(ids, skip_special_tokens=True))
     return 0

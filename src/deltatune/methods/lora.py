@@ -341,6 +341,13 @@ class LoraLinear(_LoraLayer):
         if FUSED and self._fusable(x):
             name = self.active_adapters[0]
             weight = self.base_layer.weight
+            if not torch.is_grad_enabled():  # inference: no autograd bookkeeping at all
+                x2 = x.reshape(-1, x.shape[-1])
+                out = F.linear(x2, weight.T if self.fan_in_fan_out else weight, self.base_layer.bias)
+                out.addmm_(
+                    x2 @ self.lora_A[name].weight.T, self.lora_B[name].weight.T, alpha=self.scaling[name]
+                )
+                return out.view(*x.shape[:-1], out.shape[-1])
             return _FusedLoraLinear.apply(
                 x,
                 weight.T if self.fan_in_fan_out else weight,
@@ -406,6 +413,9 @@ class LoraLinear(_LoraLayer):
         rows = mix.rows(slots, x.device)
         x3 = rows_view(x, len(mix)).to(a_stack.dtype)
         h = torch.bmm(x3, a_stack[rows].transpose(1, 2))
+        if not torch.is_grad_enabled() and result.dtype == h.dtype and result.is_contiguous():
+            result.view(len(mix), -1, result.shape[-1]).baddbmm_(h, b_stack[rows].transpose(1, 2))
+            return result
         delta = torch.bmm(h, b_stack[rows].transpose(1, 2))
         return result + delta.reshape(result.shape).to(result.dtype)
 
