@@ -155,3 +155,37 @@ def test_bad_input_fails_before_anything_runs(tmp_path, capsys, argv, message):
     assert compare.main([*argv, "--out", str(tmp_path / "out")]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_memory_estimate_against_the_measured_peak_on_the_default_model(tmp_path):
+    """`deltatune estimate`'s formula against the peak RSS that `compare` measures on the embedded MiniLM: the
+    estimate is a floor under the measured peak (the process adds its own overhead: the memory-mapped checkpoint,
+    tokenizer, allocator), and the difference between full fine-tuning and LoRA (gradients, AdamW states and the
+    activations below the first adapted layer) is predicted within 30%."""
+    out = tmp_path / "out"
+    assert (
+        compare.main(
+            [
+                "--methods",
+                "full,lora",
+                "--steps",
+                "3",
+                "--out",
+                str(out),
+                "--no-progress",
+                "--latency-reps",
+                "1",
+            ]
+        )
+        == 0
+    )
+    results = json.loads((out / "results.json").read_text())
+    used = {}
+    for r in results["methods"]:
+        assert r["status"] == "ok", r
+        used[r["method"]] = r["peak_mem_mb"] - r["baseline_mem_mb"]
+        assert r["memory_estimate_mb"] < used[r["method"]] < r["memory_estimate_mb"] + 500
+    full, lora = results["methods"]
+    predicted = full["memory_estimate_mb"] - lora["memory_estimate_mb"]
+    assert 0.7 < predicted / (used["full"] - used["lora"]) < 1.3, (predicted, used)
+    assert "overhead MB" in (out / "report.md").read_text()

@@ -57,6 +57,11 @@ def main(argv: list[str] | None = None) -> int:
     # bars (tqdm, rich) are unaffected. Set TRANSFORMERS_VERBOSITY=info to see them again.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    # bitsandbytes (imported by peft and QLoRA) warns that an optional hub kernel package is missing; its own
+    # CPU kernels work without it.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+        lambda r: "kernels-community" not in r.getMessage()
+    )
     module = importlib.import_module(COMMANDS[command][0])
     entry = getattr(module, f"{command}_main", None) or module.main
     try:

@@ -158,6 +158,7 @@ def run_method(spec: dict[str, Any]) -> dict[str, Any]:
         }
     )
     wrap = _peft_wrap if method == "peft-lora" else None
+    baseline_mb = _rss_mb()
     summary = run(cfg, overwrite=True, wrap=wrap)
     record = {
         k: summary.get(k)
@@ -179,6 +180,8 @@ def run_method(spec: dict[str, Any]) -> dict[str, Any]:
     }
     adapter = summary["adapter_dir"]
     record["checkpoint_bytes"] = _folder_bytes(adapter)
+    record["baseline_mem_mb"] = baseline_mb
+    record["memory_estimate_mb"] = _estimate_mb(spec, train_method, record)
 
     from transformers import AutoTokenizer
 
@@ -253,6 +256,47 @@ def run_method(spec: dict[str, Any]) -> dict[str, Any]:
                 latency[f"base_{batch_name}" if key == "base" else f"{batch_name}{key}"] = ms
     record["latency_ms"] = latency
     return record
+
+
+def _rss_mb() -> float:
+    """The process's resident memory now (what the peak is measured against)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _estimate_mb(spec: dict[str, Any], train_method: str, record: dict[str, Any]) -> float | None:
+    """`deltatune estimate`'s number for this run (fp32, AdamW states fp32, no checkpointing, padded length)."""
+    from transformers import AutoConfig
+
+    from deltatune.estimate import estimate
+
+    config = AutoConfig.from_pretrained(resolve_model(spec["model"]))
+    config = getattr(config, "text_config", config)
+    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
+    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
+    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", None)
+    if not (hidden and layers and heads and record.get("trainable_params")):
+        return None
+    quantize = METHODS.get(train_method, {}).get("quantize")
+    kind = train_method if train_method in ("full", "top-layers", "houlsby", "pfeiffer") else "lora"
+    in_place = kind in ("full", "top-layers")
+    base_params = record["total_params"] - (0 if in_place else record["trainable_params"])
+    e = estimate(
+        base_params,
+        kind,
+        quantize=quantize,
+        precision="32",
+        state_bytes=4,
+        checkpointing=False,
+        batch=spec["batch_size"],
+        seq=spec["max_length"],
+        hidden=hidden,
+        layers=layers,
+        heads=heads,
+        num_layers=METHODS.get(train_method, {}).get("args", {}).get("num_layers", 2),
+        trainable=record["trainable_params"],
+    )
+    return e.total_gb * 1e9 / 2**20
 
 
 def _peft_wrap(model, peft_config):

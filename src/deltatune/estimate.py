@@ -99,8 +99,11 @@ def estimate(
     hidden: int | None = None,
     layers: int | None = None,
     heads: int | None = None,
+    trainable: float | None = None,
 ) -> Estimate:
     """Memory for fine-tuning a model of `params` parameters with `method` (see the module docstring).
+
+    `trainable` replaces the method's own count of trainable parameters (when it is known exactly).
 
     Raises:
         ValueError: an unknown method/precision, or a quantized base for a method that trains the base.
@@ -118,7 +121,8 @@ def estimate(
     shape = Shape.from_params(params, hidden, layers, heads)
     train_bytes = BASE_BYTES[precision]
     states = train_bytes if state_bytes is None else state_bytes
-    trainable = trainable_params(shape, method, r, targets_per_layer, num_layers)
+    if trainable is None:
+        trainable = trainable_params(shape, method, r, targets_per_layer, num_layers)
     frozen = shape.params - trainable if method in ("full", "top-layers") else shape.params
     weights = frozen * BASE_BYTES[quantize or precision] + trainable * train_bytes
     gradients = trainable * train_bytes
