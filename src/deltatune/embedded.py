@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 DEFAULT_MODEL = "embedded:minilm"
 
 
@@ -15,5 +17,5 @@ def minilm_path() -> str:
 
 
 def resolve_model(name: str | None) -> str:
-    """`None` or `"embedded:minilm"` -> the embedded folder; anything else is returned as given."""
-    return minilm_path() if name in (None, "", DEFAULT_MODEL) else name
+    """`None` or `"embedded:minilm"` -> the embedded folder; a path has `~` expanded; a hub name is kept."""
+    return minilm_path() if name in (None, "", DEFAULT_MODEL) else os.path.expanduser(name)

@@ -40,7 +40,7 @@ import torch
 import yaml
 from torch import nn
 
-from deltatune import checkpoint, embedded
+from deltatune import checkpoint
 from deltatune.config import METHODS, ConfigError, method_config
 from deltatune.data import (
     IGNORE_INDEX,
@@ -53,7 +53,7 @@ from deltatune.data import (
     eval_batches,
     load_datasets,
 )
-from deltatune.embedded import DEFAULT_MODEL
+from deltatune.embedded import DEFAULT_MODEL, resolve_model
 from deltatune.losses import causal_lm_loss
 
 logger = logging.getLogger(__name__)
@@ -301,11 +301,6 @@ def validate(config: TrainConfig) -> list[str]:
             f"{config.base_dtype} base: set precision=bf16 (or fp16 on CUDA)"
         )
     return errors
-
-
-def resolve_model(model: str) -> str:
-    """The folder (or hub name) of `model`; `embedded:minilm` is the embedded all-MiniLM-L6-v2."""
-    return os.path.expanduser(embedded.resolve_model(model))
 
 
 def output_dir(config: TrainConfig) -> str:
