@@ -250,7 +250,7 @@ def run_method(spec: dict[str, Any]) -> dict[str, Any]:
             variants["_merged"] = copy.deepcopy(tuned).merge_and_unload(dtype=torch.float32)
         latency = {}
         for batch_name, batch in (("b1", b1), ("b32", b32)):
-            reps = spec["latency_reps"] if batch_name == "b1" else max(3, spec["latency_reps"] // 4)
+            reps = spec["latency_reps"] if batch_name == "b1" else max(3, spec["latency_reps"] // 8)
             got = _round_robin({k: (lambda m=m, b=batch: m(**b)) for k, m in variants.items()}, reps)
             for key, ms in got.items():
                 latency[f"base_{batch_name}" if key == "base" else f"{batch_name}{key}"] = ms
