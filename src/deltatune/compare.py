@@ -509,7 +509,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--price-per-hour", type=float, default=None, help="adds a cost column: runtime x price"
     )
     parser.add_argument(
-        "--latency-reps", type=int, default=20, help="forward passes timed per latency number"
+        "--latency-reps", type=int, default=40, help="batch-1 forward passes timed per number"
     )
     parser.add_argument("--out", default="compare-results", help="output folder (default compare-results)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
