@@ -178,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     methods = METHODS if args.method == "all" else (args.method,)
     rows = []
     for method in methods:
-        quantize = args.quantize if method not in ("full", "top-layers") else None
+        # With every method listed, a quantized base applies to those that keep the base frozen.
+        quantize = None if args.method == "all" and method in ("full", "top-layers") else args.quantize
         try:
             rows.append(
                 estimate(
