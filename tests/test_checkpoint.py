@@ -118,3 +118,15 @@ def test_named_adapters_save_in_subfolders_like_peft(tmp_path):
     assert (tmp_path / "other" / "adapter_model.safetensors").is_file()
     tensors = safetensors.torch.load_file(tmp_path / "other" / "adapter_model.safetensors")
     assert all(".fc1.lora_" in k and ".other" not in k for k in tensors)
+
+
+def test_head_num_labels_reads_the_head_not_a_pre_classifier():
+    from deltatune.checkpoint import head_num_labels
+
+    tensors = {
+        "base_model.model.pre_classifier.weight": torch.zeros(32, 32),  # DistilBERT: [dim, dim], not the labels
+        "base_model.model.classifier.weight": torch.zeros(3, 32),
+    }
+    assert head_num_labels(tensors) == 3
+    assert head_num_labels({"base_model.model.score.weight": torch.zeros(5, 8)}) == 5
+    assert head_num_labels({"base_model.model.pre_classifier.weight": torch.zeros(32, 32)}) is None

@@ -103,6 +103,15 @@ def load_adapter_weights(directory: str) -> dict[str, torch.Tensor]:
     raise CheckpointError(f"no {WEIGHTS_NAME} (or {LEGACY_WEIGHTS_NAME}) in {directory!r}")
 
 
+def head_num_labels(tensors: dict[str, torch.Tensor]) -> int | None:
+    """How many labels an adapter's classification head (`classifier`/`score`, saved with it) has, if any."""
+    for head in ("classifier.weight", "score.weight", "classifier.out_proj.weight"):
+        tensor = tensors.get(KEY_PREFIX + head)
+        if tensor is not None and tensor.dim() == 2:
+            return int(tensor.shape[0])
+    return None
+
+
 def check_shapes(expected: dict[str, torch.Size], found: dict[str, torch.Tensor], where: str) -> None:
     """Raise one error naming every missing, unexpected and mismatched key (nothing is loaded before)."""
     problems = []

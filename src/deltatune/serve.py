@@ -37,11 +37,11 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from deltatune import inject
-from deltatune.checkpoint import load_adapter_weights
+from deltatune.checkpoint import head_num_labels, load_adapter_weights
 from deltatune.config import CONFIG_NAME, load_config
 from deltatune.methods.mixed import BASE
 from deltatune.model import PeftModel
+from deltatune.tools import load_base
 
 logger = logging.getLogger(__name__)
 
@@ -491,19 +491,17 @@ def _decide_task(task: str, base_config: Any, task_types: list[str | None]) -> s
 
 
 def _load_base(base, task, found, configs, tokenizer, dtype, device) -> torch.nn.Module:
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    if task == "CAUSAL_LM":
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
-    else:
-        kwargs = {}
+    num_labels = None
+    if task == "SEQ_CLS":
         for name, directory in found.items():
-            if configs[name].task_type == "SEQ_CLS" and (n := _adapter_num_labels(directory)) is not None:
-                kwargs["num_labels"] = n
+            if (
+                configs[name].task_type == "SEQ_CLS"
+                and (num_labels := _adapter_num_labels(directory)) is not None
+            ):
                 break
-        model = AutoModelForSequenceClassification.from_pretrained(base, dtype=dtype, **kwargs)
-        if model.config.pad_token_id is None:
-            model.config.pad_token_id = tokenizer.pad_token_id or tokenizer.eos_token_id
+    model = load_base(base, task, num_labels, dtype=dtype)
+    if task == "SEQ_CLS" and model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id or tokenizer.eos_token_id
     return model.to(device).eval().requires_grad_(False)
 
 
@@ -513,12 +511,7 @@ def _adapter_num_labels(directory: str) -> int | None:
     if labels:
         return len(labels)
     with contextlib.suppress(ValueError, OSError):
-        tensors = load_adapter_weights(directory)
-        for head in inject.SEQ_CLS_HEADS:
-            for suffix in (f"{head}.weight", f"{head}.out_proj.weight"):
-                key = f"base_model.model.{suffix}"
-                if key in tensors:
-                    return int(tensors[key].shape[0])
+        return head_num_labels(load_adapter_weights(directory))
     return None
 
 

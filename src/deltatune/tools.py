@@ -31,16 +31,6 @@ _TOKENIZER_FILES = (
 )
 
 
-def _head_labels(tensors: dict[str, torch.Tensor]) -> int | None:
-    for key, tensor in tensors.items():
-        if (
-            key.endswith(("classifier.weight", "score.weight", "classifier.out_proj.weight"))
-            and tensor.dim() == 2
-        ):
-            return tensor.shape[0]
-    return None
-
-
 def load_base(
     path: str,
     task_type: str | None,
@@ -105,7 +95,7 @@ def _adapter_summary(directory: str) -> dict:
         "tensors": len(tensors),
         "parameters": sum(t.numel() for t in tensors.values()),
         "file_bytes": os.path.getsize(weights_file),
-        "num_labels": _head_labels(tensors),
+        "num_labels": checkpoint.head_num_labels(tensors),
     }
 
 
