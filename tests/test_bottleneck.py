@@ -9,22 +9,25 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
+from tiny_families import (
+    FAMILIES,
+    LABELS,
+    LAYERS,
+    TASK,
+    VOCAB,
+    bert,
+    gpt2,
+    ids,
+    llama,
+    logits,
+    train_briefly,
+)
 from torch import nn
 from transformers import (
-    BertConfig,
-    BertForSequenceClassification,
-    DistilBertConfig,
-    DistilBertForSequenceClassification,
     ElectraConfig,
     ElectraForSequenceClassification,
-    GPT2Config,
-    GPT2LMHeadModel,
-    LlamaConfig,
-    LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
-    OPTConfig,
-    OPTForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
     RobertaConfig,
@@ -35,60 +38,6 @@ from deltatune import BottleneckConfig, ConfigError, PeftModel, get_peft_model
 from deltatune.checkpoint import CheckpointError
 from deltatune.methods.bottleneck import BottleneckLayer
 
-VOCAB, LAYERS, LABELS = 64, 2, 3
-
-
-def bert(seed: int = 0, hidden: int = 32) -> nn.Module:
-    torch.manual_seed(seed)
-    cfg = BertConfig(
-        vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=LAYERS, num_attention_heads=2,
-        intermediate_size=2 * hidden, max_position_embeddings=32, num_labels=LABELS,
-    )  # fmt: skip
-    return BertForSequenceClassification(cfg).eval()
-
-
-def distilbert(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    cfg = DistilBertConfig(
-        vocab_size=VOCAB, dim=32, n_layers=LAYERS, n_heads=2, hidden_dim=64, max_position_embeddings=32,
-        num_labels=LABELS,
-    )  # fmt: skip
-    return DistilBertForSequenceClassification(cfg).eval()
-
-
-def gpt2(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return GPT2LMHeadModel(
-        GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=LAYERS, n_head=2, n_positions=32)
-    ).eval()
-
-
-def opt(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    cfg = OPTConfig(
-        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=LAYERS, num_attention_heads=2, ffn_dim=64,
-        max_position_embeddings=32, word_embed_proj_dim=32,
-    )  # fmt: skip
-    return OPTForCausalLM(cfg).eval()
-
-
-def llama(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=LAYERS, num_attention_heads=2, num_key_value_heads=1,
-        intermediate_size=64, max_position_embeddings=32,
-    )  # fmt: skip
-    return LlamaForCausalLM(cfg).eval()
-
-
-FAMILIES = {"bert": bert, "distilbert": distilbert, "gpt2": gpt2, "opt": opt, "llama": llama}
-TASK = {
-    "bert": "SEQ_CLS",
-    "distilbert": "SEQ_CLS",
-    "gpt2": "CAUSAL_LM",
-    "opt": "CAUSAL_LM",
-    "llama": "CAUSAL_LM",
-}
 # Where each block's attention output and FFN output projections are, written out by hand.
 SITES = {
     "bert": ("bert.encoder.layer.{}.attention.output.dense", "bert.encoder.layer.{}.output.dense"),
@@ -106,15 +55,6 @@ def expected_sites(family: str, style: str) -> list[str]:
     attn, ffn = SITES[family]
     kinds = (attn, ffn) if style == "houlsby" else (ffn,)
     return [k.format(i) for i in range(LAYERS) for k in kinds]
-
-
-def ids(batch: int = 4, seq: int = 6, seed: int = 1) -> torch.Tensor:
-    return torch.randint(1, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
-
-
-def logits(model: nn.Module, x: torch.Tensor, **kwargs) -> torch.Tensor:
-    with torch.no_grad():
-        return model(input_ids=x, **kwargs).logits
 
 
 def wrap(family: str, style: str = "houlsby", seed: int = 0, **kwargs) -> PeftModel:
@@ -316,21 +256,10 @@ def test_training_lowers_loss_and_leaves_base_bit_identical(family, style):
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     adapters = {n: p.detach().clone() for n, p in model.named_parameters() if ".adapter_" in n}
     assert all(model.get_parameter(n).requires_grad for n in adapters)
-    x = ids(batch=8)
-    labels = x if TASK[family] == "CAUSAL_LM" else torch.arange(8) % LABELS
-
-    def loss() -> torch.Tensor:
-        return model(input_ids=x, labels=labels).loss
-
-    opt_ = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-2)
-    first = loss().item()
-    for _ in range(10):
-        opt_.zero_grad()
-        loss().backward()
-        opt_.step()
+    first, last = train_briefly(model, family, lr=3e-2)
     # Deterministic (eval mode, no dropout): a frozen or detached adapter would leave the loss exactly as it was.
     # Tiny random causal LMs move slowly (their tied 0.02-std head caps the logits), hence the small margin.
-    assert loss().item() < first - 0.05
+    assert last < first - 0.05
     assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
     assert all(not torch.equal(model.get_parameter(n), before) for n, before in adapters.items())
 
