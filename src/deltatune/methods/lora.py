@@ -208,7 +208,7 @@ class _LoraLayer(nn.Module):
                 new_a[:r] = vh[:r]
 
     def _check_mixable(self, mix: MixedBatch) -> tuple[str, ...]:
-        slots = tuple(n for n in self.r if n in set(mix.names))
+        slots = tuple(n for n in self.r if n in mix.name_set)
         if any(self.use_dora[n] for n in slots):
             raise ValueError(
                 "mixed-adapter batches do not support DoRA adapters; run them one adapter at a time"

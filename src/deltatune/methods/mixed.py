@@ -18,6 +18,7 @@ class MixedBatch:
 
     def __init__(self, names: list[str]):
         self.names = list(names)
+        self.name_set = frozenset(self.names)
         self._rows: dict[tuple, torch.Tensor] = {}
 
     def __len__(self) -> int:
