@@ -19,7 +19,7 @@ from deltatune.train import load_train_config, run
 LAUNCHER = """
 import os, sys
 from safetensors.torch import save_file
-import deltatune.train as T
+import deltatune.train.loop as T
 from deltatune.cli import main
 
 out, original = sys.argv[1], T.train

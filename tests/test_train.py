@@ -21,12 +21,12 @@ from deltatune.config import ConfigError
 from deltatune.train import (
     TrainConfig,
     TrainingError,
-    _loss,
     config_from_dict,
     latest_checkpoint,
     load_train_config,
     run,
 )
+from deltatune.train.loop import _loss
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -1,4 +1,5 @@
-"""Adapter files in PEFT's on-disk format, written atomically, read without unpickling.
+"""The on-disk formats' one owner: adapter files in PEFT's format and a run's training checkpoints, written
+atomically, read without unpickling.
 
 A directory holds `adapter_config.json` and `adapter_model.safetensors` whose keys are
 `base_model.model.<module path>.<tensor>` with the adapter name removed.
@@ -8,20 +9,24 @@ from __future__ import annotations
 
 import json
 import os
+import random
+import re
+import shutil
 import tempfile
 from collections.abc import Callable
+from typing import Any
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch import nn
+
+from deltatune.errors import CheckpointError, TrainingError
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
 KEY_PREFIX = "base_model.model."
-
-
-class CheckpointError(ValueError):
-    """An adapter file is missing, corrupt, or doesn't fit the model; the message says which and why."""
 
 
 def _atomic_write(path: str, write: Callable[[str], None]) -> None:
@@ -130,3 +135,136 @@ def check_shapes(expected: dict[str, torch.Size], found: dict[str, torch.Tensor]
             + "\n".join(problems[:50])
             + ("\n  ..." if len(problems) > 50 else "")
         )
+
+
+# ---- training checkpoints (a run's `checkpoints/step-N/`) -----------------------------------------------------------------------------------------
+def trainable_state(model: nn.Module, ctx: Any) -> dict[str, torch.Tensor]:
+    """The trainable parameters by name, gathered in full (on rank 0 under FSDP)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    names = {n.removeprefix("module.") for n, p in model.named_parameters() if p.requires_grad}
+    options = StateDictOptions(full_state_dict=True, cpu_offload=ctx.world > 1)
+    return {k: v for k, v in get_model_state_dict(model, options=options).items() if k in names}
+
+
+def _rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def _set_rng_state(rng: dict[str, Any]) -> None:
+    random.setstate((rng["python"][0], tuple(rng["python"][1]), rng["python"][2]))
+    kind, keys, *rest = rng["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def save_checkpoint(
+    out: str,
+    model: nn.Module,
+    optimizer: Any,
+    scheduler: Any,
+    scaler: Any,
+    state: dict,
+    ctx: Any,
+    keep: int,
+) -> str:
+    """Write `<out>/checkpoints/step-N/` atomically: files into a temp folder, renamed into place last."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    weights = trainable_state(model, ctx)
+    options = StateDictOptions(full_state_dict=True, cpu_offload=ctx.world > 1)
+    optim = get_optimizer_state_dict(model, optimizer, options=options)
+    rngs = [None] * ctx.world
+    if ctx.world > 1:
+        torch.distributed.all_gather_object(rngs, _rng_state())
+    else:
+        rngs = [_rng_state()]
+    root = os.path.join(out, "checkpoints")
+    final = os.path.join(root, f"step-{state['step']}")
+    if ctx.main:
+        tmp = os.path.join(root, f".step-{state['step']}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        atomic_save_tensors(os.path.join(tmp, "trainable.safetensors"), weights)
+        training = {
+            "optimizer": optim,
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(),
+            "rng": rngs,
+        }
+        atomic_torch_save(os.path.join(tmp, "training_state.pt"), training)
+        atomic_write_text(os.path.join(tmp, "state.json"), json.dumps(state, indent=2))
+        if os.path.exists(final):  # the same step saved again (a resumed run interrupted at once)
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        fd = os.open(root, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        for old in _checkpoints(out)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    ctx.barrier()
+    return final
+
+
+def _checkpoints(out: str) -> list[str]:
+    root = os.path.join(out, "checkpoints")
+    if not os.path.isdir(root):
+        return []
+    steps = [(int(m.group(1)), m.group(0)) for d in os.listdir(root) if (m := re.fullmatch(r"step-(\d+)", d))]
+    return [
+        os.path.join(root, d) for _, d in sorted(steps) if os.path.isfile(os.path.join(root, d, "state.json"))
+    ]
+
+
+def latest_checkpoint(out: str) -> str | None:
+    """The newest complete checkpoint folder of a run, or None."""
+    found = _checkpoints(out)
+    return found[-1] if found else None
+
+
+def load_checkpoint(
+    directory: str, model: nn.Module, optimizer: Any, scheduler: Any, scaler: Any, ctx: Any, state: dict
+) -> dict:
+    """Restore weights, optimizer, scheduler, scaler and RNG from a checkpoint; return its training state."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    with open(os.path.join(directory, "state.json"), encoding="utf-8") as f:
+        saved = json.load(f)
+    changed = [k for k in ("world", "batch_size", "grad_accum") if saved.get(k) != state[k]]
+    if changed:
+        raise TrainingError(
+            f"{directory} was written with "
+            + ", ".join(f"{k}={saved.get(k)}" for k in changed)
+            + f"; this run has {', '.join(f'{k}={state[k]}' for k in changed)}. Resume with the same settings "
+            "(the data position depends on them)"
+        )
+    weights = load_tensors(os.path.join(directory, "trainable.safetensors"))
+    names = {n.removeprefix("module.") for n, p in model.named_parameters() if p.requires_grad}
+    if set(weights) != names:
+        raise TrainingError(
+            f"{directory} holds other trainable parameters than this model has "
+            f"({len(set(weights) - names)} unexpected, {len(names - set(weights))} missing): "
+            "was it saved with another method or model?"
+        )
+    options = StateDictOptions(full_state_dict=True, strict=False)
+    set_model_state_dict(model, weights, options=options)
+    training = torch.load(os.path.join(directory, "training_state.pt"), map_location="cpu", weights_only=True)
+    set_optimizer_state_dict(model, optimizer, training["optimizer"], options=options)
+    scheduler.load_state_dict(training["scheduler"])
+    scaler.load_state_dict(training["scaler"])
+    _set_rng_state(training["rng"][ctx.rank])
+    return saved

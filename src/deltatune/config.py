@@ -15,15 +15,13 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from deltatune.errors import ConfigError  # noqa: F401  (re-exported: deltatune.config.ConfigError)
+
 logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "adapter_config.json"
 TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS", "TOKEN_CLS", "SEQ_2_SEQ_LM", "FEATURE_EXTRACTION", "QUESTION_ANS")
 LORA_BIAS = ("none", "all", "lora_only")
-
-
-class ConfigError(ValueError):
-    """A config value is wrong; the message says which one and what is allowed."""
 
 
 def _check(cond: bool, msg: str) -> None:

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from deltatune import builtin_data
+from deltatune.errors import DataError  # noqa: F401  (re-exported: deltatune.data.DataError)
 
 logger = logging.getLogger(__name__)
 
@@ -30,10 +31,6 @@ FORMATS = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv", ".p
 FORMATS |= {".txt": "text", ".text": "text"}
 
 Row = tuple[str, dict[str, Any]]  # (where it came from, e.g. "emails.jsonl line 7", the record)
-
-
-class DataError(ValueError):
-    """The data can't be used; the message names the file, line or field and what to do."""
 
 
 @dataclass

@@ -1,0 +1,27 @@
+"""The errors deltatune raises for bad input or a run that can't go on, in one place.
+
+Each message says what was wrong, where, and what to do. The command line prints such an error as one line
+(no traceback; `--debug` or `DELTATUNE_DEBUG=1` shows it); anything else is a bug.
+"""
+
+from __future__ import annotations
+
+
+class DeltatuneError(Exception):
+    """Base of the errors that are the user's to fix (a config, a file, a model): shown as one line."""
+
+
+class ConfigError(DeltatuneError, ValueError):
+    """A config (a method's, a training run's, a command's options) is invalid; the message lists why."""
+
+
+class DataError(DeltatuneError, ValueError):
+    """A data file can't be used; the message names the file, the line and the field."""
+
+
+class CheckpointError(DeltatuneError, ValueError):
+    """An adapter file is missing, corrupt, or doesn't fit the model; the message says which and why."""
+
+
+class TrainingError(DeltatuneError, RuntimeError):
+    """Training can't go on (a NaN loss, a checkpoint that doesn't fit); the message says what to do."""

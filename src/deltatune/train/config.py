@@ -1,0 +1,266 @@
+"""The training config: `TrainConfig`, loading it from YAML with `key=value` overrides, and validating it in
+full before any model loads (every problem at once, unknown keys with the closest name)."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import difflib
+import importlib.util
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+import yaml
+
+from deltatune.config import METHODS, method_config
+from deltatune.data import Fields, check_source
+from deltatune.embedded import DEFAULT_MODEL, resolve_model
+from deltatune.errors import ConfigError
+
+TASK_TYPES = {"seq-cls": "SEQ_CLS", "causal-lm": "CAUSAL_LM"}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+RUN_FILES = ("train_config.yaml", "metrics.jsonl", "summary.json", "label_map.json", "checkpoints", "adapter")
+
+
+@dataclass
+class TrainConfig:
+    """Everything `deltatune train` needs; every field can be set in the YAML or as `key=value`."""
+
+    model: str = DEFAULT_MODEL
+    """A local Hugging Face model folder, a hub name, or `embedded:minilm` (the embedded all-MiniLM-L6-v2)."""
+    task: Literal["seq-cls", "causal-lm"] = "seq-cls"
+    """`seq-cls` (sequence classification: a new head) or `causal-lm` (next-token prediction)."""
+    method: str = "lora"
+    """One of `full`, `top-layers`, `houlsby`, `pfeiffer`, `lora`, `dora`, `qlora-nf4`, `qlora-int8`."""
+    method_args: dict[str, Any] = field(default_factory=dict)
+    """Fields of the method's config that replace its defaults, e.g. `{r: 4, lora_alpha: 32}` for LoRA."""
+    quantize: Literal["nf4", "int8"] | None = None
+    """Quantize the frozen base (QLoRA); the `qlora-*` methods set this themselves."""
+    base_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """The dtype the frozen base is loaded in; trainable parameters always stay fp32."""
+
+    data: str = "builtin:spam"
+    """Training data: a JSONL/CSV/TSV/Parquet/text file, a `save_to_disk` folder, or `builtin:spam|quotes`."""
+    eval_data: str | None = None
+    """Held-out data (same formats). If unset and `eval_fraction` is 0, a built-in set uses its eval split."""
+    eval_fraction: float = 0.0
+    """Hold out this fraction of `data` for evaluation instead (chosen with `seed`)."""
+    fields: Fields = field(default_factory=Fields)
+    """Column names: `fields.text`, `fields.label`, `fields.prompt`, `fields.completion`, `fields.messages`."""
+    max_length: int = 128
+    """Examples are truncated to this many tokens; batches are padded to their longest example."""
+    packing: bool = False
+    """Causal LM: concatenate examples into full `max_length` blocks (no padding)."""
+
+    lr: float | None = None
+    """Peak learning rate; by default the method's own (`deltatune.config.METHODS`)."""
+    weight_decay: float = 0.01
+    """AdamW weight decay on matrices (biases and norms get none)."""
+    schedule: Literal["linear", "cosine", "constant"] = "linear"
+    """Decay of the learning rate after the warm-up, to zero at the last step."""
+    warmup_steps: int = 0
+    """Linear warm-up from 0 over this many optimizer steps."""
+    batch_size: int = 8
+    """Examples per micro-batch on each process; global batch = batch_size x processes x grad_accum."""
+    grad_accum: int = 1
+    """Micro-batches accumulated into one optimizer step."""
+    max_steps: int = 0
+    """Optimizer steps to train; 0: train for `epochs` instead."""
+    epochs: float = 1.0
+    """Passes over the training data, when `max_steps` is 0."""
+    max_grad_norm: float = 1.0
+    """Clip the gradient norm to this; 0 turns clipping off."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Autocast: `bf16` (CPU and CUDA) or `fp16` with a grad scaler (CUDA only); `fp32` for none."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, more time."""
+    loss: Literal["chunked", "standard"] = "chunked"
+    """Causal LM: `chunked` fuses the output head and cross-entropy in chunks of tokens, so the full
+    `[tokens, vocab]` logits are never held (same result, far less memory); `standard` is the model's own."""
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    """Under torchrun: `ddp` (replicate the model) or `fsdp` (shard it: for models that don't fit)."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """`auto`: CUDA when there is one."""
+
+    eval_every: int = 0
+    """Evaluate every N steps (0: only at the end)."""
+    eval_at_start: bool = True
+    """Evaluate once before training too, to show what training gained."""
+    eval_batch_size: int = 32
+    """Examples per evaluation batch on each process."""
+    log_every: int = 10
+    """Append the train loss, lr and samples/s to `metrics.jsonl` every N steps."""
+    save_every: int = 50
+    """Save a checkpoint every N steps (0: only when interrupted); the final adapter is always saved."""
+    keep_checkpoints: int = 2
+    """How many of the newest checkpoints to keep."""
+    seed: int = 0
+    """Seeds Python, NumPy and torch, the data order and the eval split: a run repeats exactly."""
+    deterministic: bool = True
+    """CUDA: use deterministic kernels only (a little slower); CPU kernels are deterministic anyway."""
+    output_dir: str | None = None
+    """The run folder; default `runs/<method>`."""
+    progress: bool = True
+    """Show a progress bar (rank 0 only)."""
+
+
+# ---- loading and validating a config --------------------------------------------------------------------
+def load_train_config(path: str | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """Read a YAML config, apply `key=value` overrides (dotted keys for sections) and validate it in full.
+
+    Raises:
+        ConfigError: listing every problem: unknown keys (with the closest name), wrong types, an unknown
+            method or method argument, missing data files, settings that don't go together.
+    """
+    raw: dict[str, Any] = {}
+    if path is not None:
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file not found: {path!r}")
+        with open(path, encoding="utf-8") as f:
+            try:
+                raw = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:
+                raise ConfigError(f"{path} is not valid YAML: {e}") from e
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path} must hold a mapping of keys to values, not {type(raw).__name__}")
+    for item in overrides or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not key=value (e.g. lr=1e-4, method_args.r=4)")
+        target = raw
+        *parents, leaf = key.strip().split(".")
+        for part in parents:
+            target = target.setdefault(part, {})
+            if not isinstance(target, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is not a section")
+        target[leaf] = yaml.safe_load(value) if value.strip() else None
+    return config_from_dict(raw)
+
+
+def config_from_dict(raw: dict[str, Any]) -> TrainConfig:
+    """A validated `TrainConfig` from a plain dict (as read from YAML)."""
+    errors: list[str] = []
+    values = _coerce_dataclass(TrainConfig, raw, "", errors)
+    config = TrainConfig(**values)  # wrongly typed values were left out: the rest is checked on its own
+    errors += validate(config)
+    if errors:
+        raise ConfigError("invalid training config:\n  " + "\n  ".join(errors))
+    return config
+
+
+def _coerce_dataclass(cls: type, raw: Any, prefix: str, errors: list[str]) -> dict[str, Any]:
+    if not isinstance(raw, dict):
+        errors.append(f"{prefix.rstrip('.')}: expected a section of key: value pairs, got {raw!r}")
+        return {}
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    out = {}
+    for key, value in raw.items():
+        if key not in names:
+            hint = difflib.get_close_matches(str(key), names, n=1)
+            suggestion = f" (did you mean '{prefix}{hint[0]}'?)" if hint else ""
+            errors.append(f"unknown key '{prefix}{key}'{suggestion}")
+            continue
+        before = len(errors)
+        coerced = _coerce(value, hints[key], f"{prefix}{key}", errors)
+        if len(errors) == before:
+            out[key] = coerced
+    return out
+
+
+def _coerce(value: Any, hint: Any, key: str, errors: list[str]) -> Any:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        return hint(**_coerce_dataclass(hint, value, f"{key}.", errors))
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0] if len(inner) == 1 else hint, key, errors)
+    if origin is Literal:
+        if value not in args:
+            choices = ", ".join(repr(a) for a in args)
+            errors.append(f"{key}: {value!r} is not one of {choices}")
+        return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            errors.append(f"{key}: expected a mapping (key: value pairs), got {value!r}")
+        return value
+    if hint is float and isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            return float(value)  # YAML 1.1 reads `1e-4` as a string
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, str, bool) and (type(value) is not hint):
+        errors.append(f"{key}: expected {hint.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def validate(config: TrainConfig) -> list[str]:
+    """Every problem with a type-correct config (empty if it is good); reads no model and no data."""
+    errors = []
+    if config.method not in METHODS:
+        hint = difflib.get_close_matches(config.method, METHODS, n=1)
+        errors.append(
+            f"method: unknown {config.method!r}{f' (did you mean {hint[0]!r}?)' if hint else ''}; "
+            f"use one of {', '.join(METHODS)}"
+        )
+    else:
+        try:
+            _, quantize = method_config(config.method, TASK_TYPES[config.task], **config.method_args)
+        except (ConfigError, TypeError) as e:
+            errors.append(f"method_args: {e}")
+            quantize = None
+        quantize = config.quantize or quantize
+        if quantize and importlib.util.find_spec("deltatune.methods.quant") is None:
+            errors.append(
+                f"quantize={quantize!r} needs deltatune.methods.quant, which this install does not have"
+            )
+    model = resolve_model(config.model)
+    if os.path.isdir(model) and not os.path.isfile(os.path.join(model, "config.json")):
+        errors.append(f"model: {model!r} has no config.json; is it a Hugging Face model folder?")
+    elif os.path.isfile(model):
+        errors.append(f"model: {model!r} is a file; give the model's folder")
+    elif not os.path.isdir(model) and model.startswith((".", "/", "~")):
+        errors.append(f"model: folder not found: {model!r}")
+    for key in ("data", "eval_data"):
+        source = getattr(config, key)
+        if source is not None and (problem := check_source(source)):
+            errors.append(f"{key}: {problem}")
+    positive = ("max_length", "batch_size", "grad_accum", "eval_batch_size", "log_every", "keep_checkpoints")
+    errors += [
+        f"{k}: must be at least 1, got {getattr(config, k)}" for k in positive if getattr(config, k) < 1
+    ]
+    non_negative = ("max_steps", "warmup_steps", "eval_every", "save_every", "weight_decay", "max_grad_norm")
+    errors += [
+        f"{k}: must not be negative, got {getattr(config, k)}" for k in non_negative if getattr(config, k) < 0
+    ]
+    if config.max_steps == 0 and not config.epochs > 0:
+        errors.append(f"epochs: must be positive when max_steps is 0, got {config.epochs}")
+    if config.lr is not None and not config.lr > 0:
+        errors.append(f"lr: must be positive, got {config.lr}")
+    if not 0 <= config.eval_fraction < 1:
+        errors.append(f"eval_fraction: must be in [0, 1), got {config.eval_fraction}")
+    if config.eval_fraction and config.eval_data is not None:
+        errors.append("eval_data and eval_fraction: set one of them, not both")
+    if config.packing and config.task != "causal-lm":
+        errors.append("packing: only for task causal-lm")
+    cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
+    if config.device == "cuda" and not torch.cuda.is_available():
+        errors.append("device: cuda was asked for, but torch sees no CUDA device")
+    if config.precision == "fp16" and not cuda:
+        errors.append("precision: fp16 needs a CUDA device (its grad scaler is CUDA-only); use bf16 on CPU")
+    if config.base_dtype != "fp32" and config.precision == "fp32":
+        errors.append(
+            f"base_dtype {config.base_dtype} needs autocast so that the fp32 trainable weights meet the "
+            f"{config.base_dtype} base: set precision=bf16 (or fp16 on CUDA)"
+        )
+    return errors
+
+
+def output_dir(config: TrainConfig) -> str:
+    return config.output_dir or os.path.join("runs", config.method)

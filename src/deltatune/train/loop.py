@@ -1,0 +1,403 @@
+"""The training loop: `train(model, data, config)` gets a ready model (its trainable parameters have
+`requires_grad`) and knows no method; `evaluate` scores it on the eval split."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import random
+import resource
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from deltatune import checkpoint
+from deltatune.config import METHODS
+from deltatune.data import (
+    IGNORE_INDEX,
+    Datasets,
+    batches_per_epoch,
+    collate,
+    epoch_batches,
+    eval_batches,
+)
+from deltatune.errors import TrainingError
+from deltatune.losses import causal_lm_loss
+from deltatune.train.config import DTYPES, TrainConfig
+
+logger = logging.getLogger(__name__)
+
+
+# ---- distributed context ---------------------------------------------------------------------------------
+@dataclass
+class Context:
+    """Where this process trains: its rank among `world` processes, its device, and the stop flag."""
+
+    rank: int = 0
+    world: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    stop_signal: int | None = None
+    """Set by SIGINT/SIGTERM: the loop finishes its step, saves a checkpoint and returns."""
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+    def any(self, *flags: bool) -> list[bool]:
+        """Each flag, true if it is true on any rank (so every rank takes the same branch)."""
+        if self.world == 1:
+            return list(flags)
+        t = torch.tensor([float(f) for f in flags], device=self.device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return [bool(v) for v in t.tolist()]
+
+
+def _init_context(config: TrainConfig) -> Context:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if cuda else "gloo")
+    rank = torch.distributed.get_rank() if world > 1 else 0
+    return Context(rank=rank, world=world, device=device)
+
+
+@contextlib.contextmanager
+def _catch_signals(ctx: Context) -> Iterator[None]:
+    """First SIGINT/SIGTERM: stop after this step and save; a second SIGINT aborts at once."""
+
+    def handler(signum: int, _frame: Any) -> None:
+        if ctx.stop_signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        ctx.stop_signal = signum
+        if ctx.main:
+            logger.warning(
+                "%s: stopping after this step and saving a checkpoint (Ctrl-C again aborts at once)",
+                signal.Signals(signum).name,
+            )
+
+    if threading.current_thread() is not threading.main_thread():  # signals can only be caught there
+        yield
+        return
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def seed_everything(seed: int, deterministic: bool = True) -> None:
+    """Seed Python, NumPy and torch (all devices); optionally insist on deterministic CUDA kernels."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic and torch.cuda.is_available():
+        # cuBLAS reads this when it starts, i.e. at the first matmul, which comes later.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.benchmark = False
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+# ---- the loop --------------------------------------------------------------------------------------------
+def train(
+    model: nn.Module,
+    data: Datasets,
+    config: TrainConfig,
+    *,
+    out: str,
+    ctx: Context | None = None,
+    pad_token_id: int = 0,
+    resume_dir: str | None = None,
+) -> dict[str, Any]:
+    """Train `model` (ready: its trainable parameters have `requires_grad`) and return the summary.
+
+    Checkpoints go to `<out>/checkpoints/step-N/`, metrics to `<out>/metrics.jsonl`. Stops early (status
+    `interrupted`, after saving a checkpoint) when `ctx.stop_signal` is set.
+
+    Raises:
+        TrainingError: the loss became NaN or infinite (nothing is saved; earlier checkpoints stay intact).
+    """
+    from tqdm.auto import tqdm
+
+    cfg, ctx = config, ctx or Context()
+    dev, classify = ctx.device, data.label_map is not None
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise TrainingError("the model has no trainable parameters")
+    lr = cfg.lr if cfg.lr is not None else METHODS[cfg.method]["lr"]
+    decay, no_decay = [p for p in params if p.ndim >= 2], [p for p in params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
+    per_epoch = batches_per_epoch(len(data.train), cfg.batch_size, ctx.world)
+    total = cfg.max_steps or max(1, math.ceil(cfg.epochs * per_epoch / cfg.grad_accum))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, _lr_lambda(cfg.schedule, cfg.warmup_steps, total)
+    )
+    scaler = torch.amp.GradScaler("cuda", enabled=cfg.precision == "fp16")
+    autocast = torch.autocast(dev.type, dtype=DTYPES[cfg.precision], enabled=cfg.precision != "fp32")
+    state = {"step": 0, "epoch": 0, "batch": 0, "loss": None, "loss_ema": None}
+    state |= {"world": ctx.world, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum}
+    if resume_dir:
+        state = checkpoint.load_checkpoint(resume_dir, model, optimizer, scheduler, scaler, ctx, state)
+        logger.info("resumed from %s at step %d", resume_dir, state["step"])
+    metrics = _Metrics(os.path.join(out, "metrics.jsonl"), ctx.main, truncate_after=state["step"])
+    summary: dict[str, Any] = {"resumed_from_step": state["step"] if resume_dir else None}
+    if cfg.eval_at_start and data.eval and not resume_dir:
+        summary["before"] = metrics.log(0, evaluate(model, data, cfg, ctx, pad_token_id, autocast))
+
+    stream = _micro_batches(len(data.train), cfg, ctx, state)
+    bar = tqdm(total=total, initial=state["step"], disable=not (ctx.main and cfg.progress), desc="train")
+    start, train_time, steps_run, status = time.perf_counter(), 0.0, 0, "completed"
+    global_batch = cfg.batch_size * ctx.world * cfg.grad_accum
+    # The fused loss runs the backbone directly, which would bypass DDP's/FSDP's forward: one process only.
+    chunked = not classify and cfg.loss == "chunked" and ctx.world == 1
+    model.train()
+    while state["step"] < total:
+        t0, loss_sum = time.perf_counter(), 0.0
+        for micro in range(cfg.grad_accum):
+            epoch, index, ids = next(stream)
+            batch = {k: v.to(dev) for k, v in collate([data.train[i] for i in ids], pad_token_id).items()}
+            labels = batch.pop("labels")
+            with _maybe_no_sync(model, micro < cfg.grad_accum - 1), autocast:
+                if chunked:
+                    count = int((labels[:, 1:] != IGNORE_INDEX).sum())
+                    loss = causal_lm_loss(model, labels, **batch) * count
+                else:
+                    loss, count = _loss(model(**batch).logits, labels, classify)
+                loss = loss / max(count, 1) / cfg.grad_accum
+            scaler.scale(loss).backward()
+            loss_sum += loss.item()
+        grad_norm = _clip(scaler, optimizer, params, cfg.max_grad_norm)
+        bad = not math.isfinite(loss_sum) or (not math.isfinite(grad_norm) and not scaler.is_enabled())
+        bad, stop = ctx.any(bad, ctx.stop_signal is not None)  # every rank takes the same branch
+        if bad:
+            last = checkpoint.latest_checkpoint(out)
+            raise TrainingError(
+                f"the loss or the gradients became NaN or infinite at step {state['step'] + 1}; stopped without "
+                f"saving. Try a lower lr (now {lr:g}) or precision=fp32. "
+                + (f"The last good checkpoint is {last} (--resume continues from it)." if last else "")
+            )
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        train_time, steps_run = train_time + time.perf_counter() - t0, steps_run + 1
+        loss = _mean(loss_sum, ctx)
+        ema = loss if state["loss_ema"] is None else 0.9 * state["loss_ema"] + 0.1 * loss
+        state |= {
+            "step": state["step"] + 1,
+            "epoch": epoch,
+            "batch": index + 1,
+            "loss": loss,
+            "loss_ema": ema,
+        }
+        step, lr_now, speed = state["step"], scheduler.get_last_lr()[0], steps_run * global_batch / train_time
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr_now:.2e}", samples_s=f"{speed:.1f}")
+        if step % cfg.log_every == 0 or step == total:
+            epochs = round(epoch + (index + 1) / per_epoch, 4)
+            metrics.log(
+                step,
+                {
+                    "train_loss": loss,
+                    "train_loss_smoothed": ema,
+                    "lr": lr_now,
+                    "epoch": epochs,
+                    "samples_per_s": speed,
+                },
+            )
+        if data.eval and cfg.eval_every and step % cfg.eval_every == 0 and step < total:
+            metrics.log(step, evaluate(model, data, cfg, ctx, pad_token_id, autocast))
+        if stop or (cfg.save_every and step % cfg.save_every == 0):
+            checkpoint.save_checkpoint(
+                out, model, optimizer, scheduler, scaler, state, ctx, cfg.keep_checkpoints
+            )
+        if stop:
+            status = "interrupted"
+            break
+    bar.close()
+    runtime = time.perf_counter() - start
+    summary |= {"status": status, "steps": state["step"], "total_steps": total}
+    summary |= {"train_loss": state["loss_ema"], "train_loss_last": state["loss"]}
+    if status == "completed" and data.eval:
+        summary |= metrics.log(state["step"], evaluate(model, data, cfg, ctx, pad_token_id, autocast))
+    summary |= {
+        "runtime_s": runtime,
+        "samples_per_s": steps_run * global_batch / train_time if train_time else 0.0,
+        "steps_per_s": steps_run / train_time if train_time else 0.0,
+        "peak_mem_mb": peak_memory_mb(dev),
+        "trainable_params": sum(p.numel() for p in params),
+        "total_params": sum(p.numel() for p in model.parameters()),
+        "world_size": ctx.world,
+        "global_batch": global_batch,
+        "lr": lr,
+    }
+    if status == "interrupted":
+        summary["signal"] = signal.Signals(ctx.stop_signal).name if ctx.stop_signal else None
+        if ctx.main:
+            logger.warning(
+                "stopped by %s at step %d; checkpoint saved. Resume with:\n  deltatune train --config %s --resume%s",
+                summary["signal"],
+                step,
+                os.path.join(out, "train_config.yaml"),
+                f"\n(under torchrun: the same torchrun command with --resume, {ctx.world} processes)"
+                if ctx.world > 1
+                else "",
+            )
+    return summary
+
+
+def _lr_lambda(schedule: str, warmup: int, total: int):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total - warmup)
+        if schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+        return 1.0 if schedule == "constant" else max(0.0, 1 - progress)
+
+    return factor
+
+
+def _micro_batches(
+    n: int, cfg: TrainConfig, ctx: Context, state: dict
+) -> Iterator[tuple[int, int, list[int]]]:
+    """(epoch, batch index, example indices) from the saved position on; a resumed run skips exactly the
+    batches the checkpointed run consumed."""
+    epoch, start = state["epoch"], state["batch"]
+    while True:
+        batches = epoch_batches(n, cfg.batch_size, epoch, cfg.seed, ctx.rank, ctx.world)
+        for i in range(start, len(batches)):
+            yield epoch, i, batches[i]
+        epoch, start = epoch + 1, 0
+
+
+def _loss(logits: torch.Tensor, labels: torch.Tensor, classify: bool) -> tuple[torch.Tensor, int]:
+    """(summed cross-entropy, number of terms): per example for classification, per predicted token for LM
+    (position t predicts token t+1; labels of -100, the prompt and the padding, count for nothing)."""
+    if classify:
+        return nn.functional.cross_entropy(logits.float(), labels, reduction="sum"), labels.numel()
+    logits, labels = logits[:, :-1], labels[:, 1:]
+    loss = nn.functional.cross_entropy(
+        logits.reshape(-1, logits.size(-1)).float(),
+        labels.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+    return loss, int((labels != IGNORE_INDEX).sum())
+
+
+def _maybe_no_sync(model: nn.Module, skip: bool) -> contextlib.AbstractContextManager:
+    if skip and isinstance(model, nn.parallel.DistributedDataParallel):
+        return model.no_sync()
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2: reduce-scatter only on the last micro-batch
+        model.set_requires_gradient_sync(not skip)
+    return contextlib.nullcontext()
+
+
+def _clip(
+    scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer, params: list, max_norm: float
+) -> float:
+    scaler.unscale_(optimizer)
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm or float("inf"))
+    if hasattr(norm, "full_tensor"):  # FSDP2 returns a DTensor
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+def _mean(value: float, ctx: Context) -> float:
+    if ctx.world == 1:
+        return value
+    t = torch.tensor([value], device=ctx.device, dtype=torch.float64)
+    torch.distributed.all_reduce(t)
+    return float(t) / ctx.world
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, data: Datasets, cfg: TrainConfig, ctx: Context, pad_token_id: int, autocast: Any
+) -> dict[str, float]:
+    """Eval loss; accuracy and macro F1 (classification) or perplexity (causal LM), over every rank's share."""
+    classify = data.label_map is not None
+    k = len(data.label_map) if classify else 1
+    totals = torch.zeros(
+        2 + k * k, dtype=torch.float64
+    )  # loss sum, count, confusion matrix (gold x predicted)
+    model.eval()
+    for ids in eval_batches(len(data.eval), cfg.eval_batch_size, ctx.rank, ctx.world):
+        examples = [data.eval[max(i, 0)] for i in ids]
+        batch = {key: v.to(ctx.device) for key, v in collate(examples, pad_token_id).items()}
+        labels, valid = batch.pop("labels"), torch.tensor([i >= 0 for i in ids], device=ctx.device)
+        with autocast:
+            logits = model(**batch).logits.float()
+        if classify:
+            losses = nn.functional.cross_entropy(logits, labels, reduction="none")
+            totals[0] += float(losses[valid].sum())
+            totals[1] += int(valid.sum())
+            pairs = labels[valid] * k + logits[valid].argmax(-1)
+            totals[2:] += torch.bincount(pairs.cpu(), minlength=k * k).double()
+        else:
+            labels[~valid] = IGNORE_INDEX
+            loss, count = _loss(logits, labels, classify=False)
+            totals[0] += float(loss)
+            totals[1] += count
+    model.train()
+    if ctx.world > 1:
+        totals = totals.to(ctx.device)
+        torch.distributed.all_reduce(totals)
+        totals = totals.cpu()
+    loss = float(totals[0] / max(totals[1], 1))
+    if not classify:
+        return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
+    confusion = totals[2:].reshape(k, k)
+    tp = confusion.diag()
+    f1_denominator = confusion.sum(0) + confusion.sum(1)  # 2tp + fp + fn
+    present = f1_denominator > 0
+    f1 = float((2 * tp[present] / f1_denominator[present]).mean()) if present.any() else 0.0
+    return {"eval_loss": loss, "eval_accuracy": float(tp.sum() / max(confusion.sum(), 1)), "eval_f1": f1}
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory of this process: allocated CUDA memory on GPU, peak RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+class _Metrics:
+    """`metrics.jsonl`, one JSON object per line; a resumed run first drops lines past its checkpoint."""
+
+    def __init__(self, path: str, enabled: bool, truncate_after: int):
+        self.path, self.enabled = path, enabled
+        if enabled and truncate_after and os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                kept = [
+                    line for line in f if line.strip() and json.loads(line).get("step", 0) <= truncate_after
+                ]
+            checkpoint.atomic_write_text(path, "".join(kept))
+
+    def log(self, step: int, values: dict[str, float]) -> dict[str, float]:
+        if self.enabled:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"step": step, **values}) + "\n")
+            if "eval_loss" in values:
+                logger.info("step %d: %s", step, ", ".join(f"{k}={v:.4f}" for k, v in values.items()))
+        return values

@@ -1,0 +1,286 @@
+"""`run(config)`: load the tokenizer, the data and the model, put the method in, train, save; and
+`deltatune train`, its command line."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import signal
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+
+from deltatune import checkpoint
+from deltatune.config import method_config
+from deltatune.data import Datasets, load_datasets
+from deltatune.embedded import resolve_model
+from deltatune.errors import ConfigError, TrainingError
+from deltatune.train import loop
+from deltatune.train.config import (
+    DTYPES,
+    RUN_FILES,
+    TASK_TYPES,
+    TrainConfig,
+    load_train_config,
+    output_dir,
+    validate,
+)
+from deltatune.train.loop import Context, _catch_signals, _init_context, seed_everything
+
+logger = logging.getLogger(__name__)
+
+
+# ---- the Python entry ------------------------------------------------------------------------------------
+def run(
+    config: TrainConfig, *, resume: bool = False, overwrite: bool = False, wrap: Callable | None = None
+) -> dict[str, Any]:
+    """Train as `config` says and return the summary (also written to `<output_dir>/summary.json`).
+
+    Args:
+        config: a validated config (`load_train_config` or `config_from_dict`).
+        resume: continue from the newest complete checkpoint in the output folder.
+        overwrite: replace a run that is already in the output folder.
+        wrap: `wrap(model, peft_config) -> model` instead of `get_peft_model` (compare's PEFT peer row).
+    """
+    errors = validate(config)
+    if errors:
+        raise ConfigError("invalid training config:\n  " + "\n  ".join(errors))
+    ctx = _init_context(config)
+    try:
+        out = output_dir(config)
+        resume_dir = _prepare_output(out, config, ctx, resume=resume, overwrite=overwrite)
+        seed_everything(config.seed, config.deterministic)
+        tokenizer = _load_tokenizer(config)
+        data = load_datasets(
+            config.data,
+            tokenizer,
+            task=config.task,
+            eval_data=config.eval_data,
+            eval_fraction=config.eval_fraction,
+            fields=config.fields,
+            max_length=config.max_length,
+            packing=config.packing,
+            seed=config.seed,
+        )
+        if data.label_map is not None:
+            _keep_label_map(os.path.join(out, "label_map.json"), data.label_map, ctx, resume_dir)
+        peft_model = build_model(config, data.label_map, tokenizer, ctx.device, wrap=wrap)
+        model = _distribute(peft_model, config, ctx)
+        with _catch_signals(ctx):
+            summary = loop.train(
+                model,
+                data,
+                config,
+                out=out,
+                ctx=ctx,
+                pad_token_id=tokenizer.pad_token_id,
+                resume_dir=resume_dir,
+            )
+        if summary["status"] == "completed":
+            _save_final(model, peft_model, tokenizer, data, out, ctx)
+            summary["adapter_dir"] = os.path.join(out, "adapter")
+        summary.update(
+            {"method": config.method, "model": config.model, "task": config.task, "data": config.data}
+        )
+        if ctx.main:
+            checkpoint.atomic_write_text(os.path.join(out, "summary.json"), json.dumps(summary, indent=2))
+        return summary
+    finally:
+        if ctx.world > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _prepare_output(
+    out: str, config: TrainConfig, ctx: Context, *, resume: bool, overwrite: bool
+) -> str | None:
+    if resume and overwrite:
+        raise ConfigError("--resume and --overwrite contradict each other; pick one")
+    found = [f for f in RUN_FILES if os.path.exists(os.path.join(out, f))]
+    resume_dir = None
+    if resume:
+        resume_dir = checkpoint.latest_checkpoint(out)
+        if resume_dir is None:
+            raise TrainingError(
+                f"nothing to resume: no complete checkpoint in {os.path.join(out, 'checkpoints')!r}"
+            )
+    elif found and not overwrite:
+        raise ConfigError(
+            f"output_dir {out!r} already holds a run ({', '.join(found)}); continue it with --resume, "
+            "replace it with --overwrite, or set another output_dir"
+        )
+    ctx.barrier()
+    if ctx.main:
+        if overwrite:
+            for name in found:
+                path = os.path.join(out, name)
+                shutil.rmtree(path) if os.path.isdir(path) else os.unlink(path)
+        os.makedirs(out, exist_ok=True)
+        text = yaml.safe_dump(
+            dataclasses.asdict(dataclasses.replace(config, output_dir=out)), sort_keys=False
+        )
+        checkpoint.atomic_write_text(os.path.join(out, "train_config.yaml"), text)
+    ctx.barrier()
+    return resume_dir
+
+
+def _keep_label_map(path: str, label_map: dict[str, int], ctx: Context, resume_dir: str | None) -> None:
+    if resume_dir and os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+        if saved != label_map:
+            raise ConfigError(
+                f"the labels of this data ({', '.join(label_map)}) differ from the run being resumed "
+                f"({', '.join(saved)}, {path}); resume with the same data"
+            )
+    if ctx.main:
+        checkpoint.atomic_write_text(path, json.dumps(label_map, indent=2))
+
+
+def _load_tokenizer(config: TrainConfig) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model(config.model))
+    except OSError as e:
+        raise ConfigError(_cannot_load(config.model, e)) from e
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token_id is None:
+            raise ConfigError(f"the tokenizer of {config.model!r} has neither a pad nor an EOS token")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def build_model(
+    config: TrainConfig,
+    label_map: dict[str, int] | None,
+    tokenizer: Any,
+    device: torch.device,
+    wrap: Callable | None = None,
+) -> nn.Module:
+    """Load the base model, quantize it if asked, and put the method into it with `get_peft_model`."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from deltatune.model import get_peft_model
+
+    kwargs: dict[str, Any] = {"dtype": DTYPES[config.base_dtype]}
+    if config.task == "seq-cls":
+        assert label_map is not None
+        kwargs |= {"num_labels": len(label_map), "label2id": label_map}
+        kwargs["id2label"] = {i: n for n, i in label_map.items()}
+    auto = AutoModelForSequenceClassification if config.task == "seq-cls" else AutoModelForCausalLM
+    try:
+        model = auto.from_pretrained(resolve_model(config.model), **kwargs)
+    except OSError as e:
+        raise ConfigError(_cannot_load(config.model, e)) from e
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    model.to(device)
+    peft_config, quantize = method_config(config.method, TASK_TYPES[config.task], **config.method_args)
+    quantize = config.quantize or quantize
+    if quantize:
+        from deltatune.methods.quant import quantize_model
+
+        quantize_model(model, quantize, compute_dtype=DTYPES[config.base_dtype])
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    peft = (wrap or get_peft_model)(model, peft_config)
+    for p in peft.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+    return peft.to(device)
+
+
+def _cannot_load(model: str, error: Exception) -> str:
+    return (
+        f"could not load the model {model!r}: {error}\n"
+        "Give a local Hugging Face model folder (with config.json and the tokenizer files), "
+        "or a hub name while the hub is reachable."
+    )
+
+
+def _distribute(model: nn.Module, config: TrainConfig, ctx: Context) -> nn.Module:
+    if ctx.world == 1:
+        return model
+    if config.strategy == "ddp":
+        device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+        # find_unused_parameters: a method may train a parameter that some batch doesn't reach.
+        return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=True)
+    from torch.distributed.fsdp import fully_shard
+
+    blocks = max((m for m in model.modules() if isinstance(m, nn.ModuleList)), key=len, default=[])
+    for block in blocks:
+        fully_shard(block)
+    return fully_shard(model)
+
+
+def _save_final(
+    model: nn.Module, peft_model: nn.Module, tokenizer: Any, data: Datasets, out: str, ctx: Context
+) -> None:
+    directory = os.path.join(out, "adapter")
+    if isinstance(model, nn.parallel.DistributedDataParallel) or ctx.world == 1:
+        if ctx.main:
+            peft_model.save_pretrained(directory)
+    else:  # FSDP: gather the trained tensors, then write them under the adapter's keys
+        full = checkpoint.trainable_state(model, ctx)
+        if ctx.main:
+            names = {id(p): n for n, p in peft_model.named_parameters()}
+            tensors = {k: full[names[id(p)]] for k, p in peft_model.adapter_state_dict().items()}
+            config = peft_model.peft_config[peft_model.active_adapter].to_dict() | {"inference_mode": True}
+            checkpoint.save_adapter(directory, tensors, config)
+    if ctx.main:
+        tokenizer.save_pretrained(directory)
+        if data.label_map is not None:
+            checkpoint.atomic_write_text(
+                os.path.join(directory, "label_map.json"), json.dumps(data.label_map, indent=2)
+            )
+    ctx.barrier()
+
+
+# ---- the command line ------------------------------------------------------------------------------------
+def train_main(argv: list[str]) -> int:
+    """`deltatune train --config FILE [key=value ...] [--resume | --overwrite]`."""
+    parser = argparse.ArgumentParser(
+        prog="deltatune train",
+        description="Fine-tune a model with one method. Settings come from --config and key=value overrides "
+        "(dotted keys for sections: fields.text=body, method_args.r=4).",
+    )
+    parser.add_argument(
+        "--config", help="a YAML file (see configs/); without it, the defaults: LoRA on MiniLM + builtin:spam"
+    )
+    parser.add_argument(
+        "--resume", action="store_true", help="continue from the newest checkpoint in output_dir"
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace a run already in output_dir")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    args = parser.parse_args(argv)
+    try:
+        config = load_train_config(args.config, args.overrides)
+        summary = run(config, resume=args.resume, overwrite=args.overwrite)
+    except (ConfigError, TrainingError, checkpoint.CheckpointError) as e:
+        print(f"deltatune train: error: {e}", file=sys.stderr)
+        return 2 if isinstance(e, ConfigError) else 1
+    if int(os.environ.get("RANK", "0")) == 0:
+        _print_summary(summary)
+    if summary["status"] == "interrupted":
+        return 128 + int(signal.Signals[summary["signal"]] if summary.get("signal") else signal.SIGINT)
+    return 0
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
+    rows = [(k, v) for k, v in summary.items() if not isinstance(v, dict) and v is not None]
+    if "before" in summary:
+        rows += [(f"{k} (before training)", v) for k, v in summary["before"].items()]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(
+            f"{key.ljust(width)}  {value:.4g}" if isinstance(value, float) else f"{key.ljust(width)}  {value}"
+        )
