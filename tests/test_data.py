@@ -89,12 +89,96 @@ def test_classification_maps_string_labels_sorted_and_field_names(tmp_path, tok)
     assert data.train[0]["input_ids"] == tok("w1 w2 w3")["input_ids"]
 
 
-def test_integer_labels_keep_their_ids_also_as_csv_strings(tmp_path, tok):
-    records = [{"text": "w1", "label": 2}, {"text": "w2", "label": 0}]
+def test_integer_labels_are_the_class_ids_also_as_csv_strings(tmp_path, tok):
+    records = [{"text": "w1", "label": 1}, {"text": "w2", "label": 0}, {"text": "w3", "label": 2}]
     for kind in ("jsonl", "csv"):
         data = load_datasets(write(tmp_path / f"d.{kind}", records, kind), tok, task="seq-cls")
         assert data.label_map == {"0": 0, "1": 1, "2": 2}
-        assert [e["labels"] for e in data.train] == [2, 0]
+        assert [e["labels"] for e in data.train] == [1, 0, 2]
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "csv"])
+def test_integer_labels_that_are_not_0_to_k_minus_1_are_refused_naming_the_line(tmp_path, tok, kind):
+    records = [{"text": "w1", "label": 0}, {"text": "w2", "label": 1}, {"text": "w3", "label": 100000}]
+    path = write(tmp_path / f"d.{kind}", records, kind)
+    line = 4 if kind == "csv" else 3  # the CSV header is line 1
+    with pytest.raises(
+        DataError,
+        match=rf"d.{kind} line {line}: label 100000 is not a class id: integer labels must be the ids 0..2 of the 3 "
+        r"classes seen \(\[0, 1, 100000\]\).*declare the label set in the config \(labels: \[...\]",
+    ):
+        load_datasets(path, tok, task="seq-cls")
+    gap = write(tmp_path / f"g.{kind}", [{"text": "w1", "label": 2}, {"text": "w2", "label": 0}], kind)
+    with pytest.raises(DataError, match=rf"g.{kind} line {line - 2}: label 2 is not a class id"):
+        load_datasets(gap, tok, task="seq-cls")
+
+
+def test_declared_labels_fix_the_ids_and_refuse_anything_else(tmp_path, tok):
+    records = [{"text": "w1", "label": 2}, {"text": "w2", "label": 0}]
+    path = write(tmp_path / "d.jsonl", records, "jsonl")
+    data = load_datasets(path, tok, task="seq-cls", labels=[0, 1, 2])
+    assert data.label_map == {"0": 0, "1": 1, "2": 2} and [e["labels"] for e in data.train] == [2, 0]
+    stars = load_datasets(path, tok, task="seq-cls", labels=[2, 0])  # class i is the i-th entry
+    assert stars.label_map == {"2": 0, "0": 1} and [e["labels"] for e in stars.train] == [0, 1]
+    words = write(tmp_path / "w.jsonl", RECORDS, "jsonl")
+    assert load_datasets(words, tok, task="seq-cls", labels=["spam", "ham", "other"]).label_map == {
+        "spam": 0,
+        "ham": 1,
+        "other": 2,
+    }
+    with pytest.raises(
+        DataError, match=r"d.jsonl line 1: label 2 is not one of the declared labels \(0, 1\)"
+    ):
+        load_datasets(path, tok, task="seq-cls", labels=[0, 1])
+
+
+def test_a_bad_label_stops_the_run_before_any_model_loads(tmp_path, monkeypatch):
+    import tiny_models
+
+    import importlib
+
+    from deltatune.train import config_from_dict, run
+
+    run_module = importlib.import_module("deltatune.train.run")
+
+    folder = tiny_models.save_with_tokenizer(tiny_models.bert_cls(), tmp_path / "bert")
+    path = write(tmp_path / "d.jsonl", [{"text": "w1", "label": 0}, {"text": "w2", "label": 7}], "jsonl")
+    monkeypatch.setattr(run_module, "build_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    config = config_from_dict(
+        {"model": folder, "data": path, "eval_data": path, "output_dir": str(tmp_path / "r")}
+    )
+    with pytest.raises(DataError, match="d.jsonl line 2: label 7 is not a class id"):
+        run(config)
+
+
+def test_labels_option_is_validated():
+    from deltatune.errors import ConfigError
+    from deltatune.train import config_from_dict
+
+    assert config_from_dict({"labels": [0, 1, 2]}).labels == [0, 1, 2]
+    for value, message in [
+        ([1], "two or more"),
+        (["a", "a", "b"], "a appear more than once"),
+        ("a,b", "expected a list"),
+        ([[1], 2], "expected a list"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            config_from_dict({"labels": value})
+    with pytest.raises(ConfigError, match="labels: only for task seq-cls"):
+        config_from_dict({"labels": [0, 1], "task": "causal-lm", "data": "builtin:quotes"})
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "csv", "tsv", "json"])
+def test_a_utf8_byte_order_mark_is_accepted(tmp_path, kind):
+    path = write(tmp_path / f"d.{kind}", RECORDS, kind)
+    with open(path, "rb") as f:
+        body = f.read()
+    with open(path, "wb") as f:
+        f.write(b"\xef\xbb\xbf" + body)
+    assert [r for _, r in read_rows(path)] == RECORDS
+    text = tmp_path / "t.txt"
+    text.write_bytes(b"\xef\xbb\xbfw1 w2\n")
+    assert [r for _, r in read_rows(str(text))] == [{"text": "w1 w2"}]
 
 
 def test_truncation_to_max_length(tmp_path, tok):

@@ -86,7 +86,7 @@ def read_rows(source: str, fields: Fields | None = None, role: str = "train") ->
 
 def _read_jsonl(path: str, fields: Fields) -> list[Row]:
     rows = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:  # -sig: a UTF-8 byte-order mark is skipped
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -101,7 +101,7 @@ def _read_jsonl(path: str, fields: Fields) -> list[Row]:
 
 
 def _read_json(path: str, fields: Fields) -> list[Row]:
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:
         text = f.read()
     try:
         data = json.loads(text)
@@ -114,7 +114,7 @@ def _read_json(path: str, fields: Fields) -> list[Row]:
 
 def _read_csv(path: str, fields: Fields, delimiter: str = ",") -> list[Row]:
     rows = []
-    with open(path, encoding="utf-8", newline="") as f:
+    with open(path, encoding="utf-8-sig", newline="") as f:
         reader = csv.DictReader(f, delimiter=delimiter)
         try:
             for record in reader:
@@ -140,7 +140,7 @@ def _read_parquet(path: str, fields: Fields) -> list[Row]:
 
 
 def _read_text(path: str, fields: Fields) -> list[Row]:
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:
         return [
             (f"{path} line {n}", {fields.text: line.rstrip("\n")})
             for n, line in enumerate(f, 1)

@@ -49,20 +49,52 @@ def _is_int_label(value: Any) -> bool:
     )
 
 
-def build_label_map(rows: list[Row], field: str) -> dict[str, int]:
-    """Label name -> id: integer labels (or digit strings, as CSV gives them) keep their value; other
-    strings are sorted and numbered."""
+def _label_name(value: Any) -> str:
+    return str(int(value)) if _is_int_label(value) else str(value)
+
+
+def build_label_map(rows: list[Row], field: str, declared: list[str | int] | None = None) -> dict[str, int]:
+    """Label name -> class id.
+
+    With `declared` (the config's `labels:`), class `i` is its `i`-th entry and every label must be one of
+    them. Otherwise string labels are sorted and numbered, and integer labels (or digit strings, as CSV gives
+    them) are the class ids themselves, so they must be exactly `0..K-1` for the K classes seen: a label
+    outside that range is refused (naming its file and line) rather than making a head with a class for
+    every id up to it.
+    """
+    if declared is not None:
+        label_map = {_label_name(v): i for i, v in enumerate(declared)}
+        for row in rows:
+            value = _field(row, field, (str, int))
+            if _label_name(value) not in label_map:
+                raise DataError(
+                    f"{row[0]}: label {_short(value)} is not one of the declared labels "
+                    f"({', '.join(label_map)}); add it to `labels:` in the config or fix the line"
+                )
+        return label_map
     labels = [_field(r, field, (str, int)) for r in rows]
+    if len({_label_name(v) for v in labels}) < 2:
+        raise DataError(
+            f"{rows[0][0]}: every example has the label {_short(labels[0])}; a classifier needs two or more"
+        )
     if all(_is_int_label(v) for v in labels):
         ids = sorted({int(v) for v in labels})
-        label_map = {str(i): i for i in range(ids[-1] + 1)}
-    else:
-        label_map = {name: i for i, name in enumerate(sorted({str(v) for v in labels}))}
-    if len(set(map(str, labels))) < 2:
-        raise DataError(
-            f"{rows[0][0]}: every example has the label {labels[0]!r}; a classifier needs two or more"
-        )
-    return label_map
+        k = len(ids)
+        if ids != list(range(k)):
+            bad = next(i for i in ids if not 0 <= i < k)
+            where = next(r[0] for r, v in zip(rows, labels) if int(v) == bad)
+            raise DataError(
+                f"{where}: label {bad} is not a class id: integer labels must be the ids 0..{k - 1} of the {k} "
+                f"classes seen ({_short(ids)}); fix the line, or declare the label set in the config "
+                f"(labels: [...], class i is the i-th entry)"
+            )
+        return {str(i): i for i in ids}
+    return {name: i for i, name in enumerate(sorted({str(v) for v in labels}))}
+
+
+def _short(value: Any, limit: int = 200) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 5] + " ...]"
 
 
 def encode_classification(
@@ -73,10 +105,10 @@ def encode_classification(
     for row in rows:
         text = _field(row, fields.text)
         value = _field(row, fields.label, (str, int))
-        label = str(int(value)) if _is_int_label(value) else str(value)
+        label = _label_name(value)
         if label not in label_map:
             raise DataError(
-                f"{row[0]}: label {value!r} never appears in the training data "
+                f"{row[0]}: label {_short(value)} never appears in the training data "
                 f"(known labels: {', '.join(label_map)})"
             )
         ids = tokenizer(text, truncation=True, max_length=max_length)["input_ids"]
@@ -171,6 +203,7 @@ def load_datasets(
     max_length: int = 128,
     packing: bool = False,
     seed: int = 0,
+    labels: list[str | int] | None = None,
 ) -> Datasets:
     """Read, split and tokenize the training and eval data.
 
@@ -184,6 +217,7 @@ def load_datasets(
         max_length: longer examples are truncated to this many tokens.
         packing: causal LM: concatenate examples into full `max_length` blocks (no padding).
         seed: for the held-out fraction.
+        labels: classification: the label set, class `i` being the `i`-th entry (default: the labels seen).
     """
     fields = fields or Fields()
     rows = read_rows(data, fields, "train")
@@ -197,7 +231,7 @@ def load_datasets(
     else:
         eval_rows = []
     if task == "seq-cls":
-        label_map = build_label_map(rows, fields.label)
+        label_map = build_label_map(rows, fields.label, labels)
         train = encode_classification(rows, tokenizer, fields, label_map, max_length)
         evals = encode_classification(eval_rows, tokenizer, fields, label_map, max_length)
         return Datasets(train, evals, label_map, "classification")

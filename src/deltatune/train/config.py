@@ -51,6 +51,10 @@ class TrainConfig:
     """Hold out this fraction of `data` for evaluation instead (chosen with `seed`)."""
     fields: Fields = field(default_factory=Fields)
     """Column names: `fields.text`, `fields.label`, `fields.prompt`, `fields.completion`, `fields.messages`."""
+    labels: list[str | int] | None = None
+    """Classification: the label set, class `i` being the `i`-th entry (e.g. `[0, 1, 2]` when a class has no
+    example yet, or `[1, 2, 3, 4, 5]` for star ratings). Default: the labels seen in `data`, where integer
+    labels must be exactly the ids 0..K-1 (anything else is refused before the model loads)."""
     max_length: int = 128
     """Examples are truncated to this many tokens; batches are padded to their longest example."""
     packing: bool = False
@@ -247,6 +251,7 @@ def validate(config: TrainConfig) -> list[str]:
         errors.append(f"eval_fraction: must be in [0, 1), got {config.eval_fraction}")
     if config.eval_fraction and config.eval_data is not None:
         errors.append("eval_data and eval_fraction: set one of them, not both")
+    errors += _check_labels(config)
     if config.packing and config.task != "causal-lm":
         errors.append("packing: only for task causal-lm")
     cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
@@ -260,6 +265,25 @@ def validate(config: TrainConfig) -> list[str]:
             f"{config.base_dtype} base: set precision=bf16 (or fp16 on CUDA)"
         )
     return errors
+
+
+def _check_labels(config: TrainConfig) -> list[str]:
+    labels = config.labels
+    if labels is None:
+        return []
+    if config.task != "seq-cls":
+        return ["labels: only for task seq-cls"]
+    if not isinstance(labels, list) or not all(
+        isinstance(v, (str, int)) and not isinstance(v, bool) for v in labels
+    ):
+        return [f"labels: expected a list of label names or integers, got {str(labels)[:200]!r}"]
+    names = [str(v) for v in labels]
+    if len(names) < 2:
+        return [f"labels: a classifier needs two or more labels, got {names}"]
+    if len(set(names)) < len(names):
+        twice = sorted({n for n in names if names.count(n) > 1})
+        return [f"labels: each label once, but {', '.join(twice)[:200]} appear more than once"]
+    return []
 
 
 def output_dir(config: TrainConfig) -> str:

@@ -69,6 +69,7 @@ def run(
             max_length=config.max_length,
             packing=config.packing,
             seed=config.seed,
+            labels=config.labels,
         )
         if data.label_map is not None:
             _keep_label_map(os.path.join(out, "label_map.json"), data.label_map, ctx, resume_dir)
