@@ -1,0 +1,127 @@
+"""`deltatune serve`: the command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+import torch
+
+from deltatune.serve.engine import DTYPES, SCHEDULERS, TASKS, Engine
+
+logger = logging.getLogger("deltatune.serve")
+API_KEY_ENV = "DELTATUNE_API_KEY"
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="deltatune serve",
+        description="Serve one base model and many adapters over an OpenAI-compatible HTTP API.",
+    )
+    p.add_argument("--base", required=True, help="base model folder (or hub name)")
+    p.add_argument(
+        "--adapters",
+        help="folder whose sub-folders are adapters, each served by its folder name (or one adapter folder)",
+    )
+    p.add_argument(
+        "--base-name", help="the `model` name that selects the base (default: the base folder's name)"
+    )
+    p.add_argument("--task", choices=["auto", *TASKS], default="auto", help="default: from the adapters")
+    p.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", help=f"require this key on every endpoint (or set ${API_KEY_ENV})")
+    p.add_argument("--max-tokens-cap", type=int, default=512, help="most tokens one completion may ask for")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="bigger request bodies get 413")
+    p.add_argument(
+        "--scheduler",
+        choices=SCHEDULERS,
+        default="continuous",
+        help="continuous: rows join and leave the batch at every step (default); static: one generate per batch",
+    )
+    p.add_argument(
+        "--max-batch", type=int, default=32, help="most rows decoding at once (static: in one call)"
+    )
+    p.add_argument(
+        "--batch-wait-ms", type=float, default=5.0, help="static scheduler: how long a batch waits to fill"
+    )
+    p.add_argument("--max-queue", type=int, default=1024, help="waiting rows beyond this get 503")
+    p.add_argument(
+        "--max-loaded-adapters",
+        type=int,
+        default=32,
+        help="adapters kept in memory; the least recently used are evicted beyond it (default 32)",
+    )
+    p.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=30.0,
+        help="on SIGTERM/Ctrl-C, seconds running requests get to finish before they are cancelled",
+    )
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", choices=list(DTYPES), default="float32")
+    p.add_argument("--threads", type=int, help="CPU threads for the model (default: torch's choice)")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    return p
+
+
+def serve_main(argv: list[str] | None = None) -> int:
+    """`deltatune serve`: register the adapters, load the base, then answer HTTP until SIGTERM/Ctrl-C."""
+    import uvicorn
+
+    from deltatune.serve.app import create_app
+
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+    def fail(message: str) -> int:
+        print(f"deltatune serve: error: {message}", file=sys.stderr)
+        return 2
+
+    api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV)
+    if api_key is not None and not api_key.strip():
+        where = "--api-key" if args.api_key is not None else f"${API_KEY_ENV}"
+        return fail(f"{where} is set but empty: give a real key, or unset it to serve without one")
+    if args.adapters is not None and not os.path.isdir(args.adapters):
+        return fail(f"--adapters {args.adapters!r} is not a folder")
+    if args.max_loaded_adapters < 1:
+        return fail(
+            f"--max-loaded-adapters must be at least 1 (one batch needs one adapter in memory), got {args.max_loaded_adapters}"
+        )
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        engine = Engine(
+            args.base,
+            args.adapters,
+            base_name=args.base_name,
+            task=args.task,
+            max_batch=args.max_batch,
+            batch_wait_ms=args.batch_wait_ms,
+            max_queue=args.max_queue,
+            device=args.device,
+            dtype=args.dtype,
+            scheduler=args.scheduler,
+            max_loaded_adapters=args.max_loaded_adapters,
+        )
+    except (OSError, ValueError) as e:
+        return fail(str(e))
+    if args.host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
+        logger.warning("listening on %s without an API key: anyone who can reach it can use it", args.host)
+    app = create_app(
+        engine, api_key=api_key, max_tokens_cap=args.max_tokens_cap, max_body_bytes=args.max_body_bytes
+    )
+    uvicorn.run(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        timeout_graceful_shutdown=args.shutdown_timeout,
+    )
+    return 0
+
+
+main = serve_main

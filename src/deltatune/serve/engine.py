@@ -1,0 +1,403 @@
+"""The engine: the base model, the adapter registry, and every operation that touches the model.
+
+Only the scheduler's model thread calls the model (`load`, `evict`, `forward`, `classify`, `generate_static`);
+the event loop reads the registry and asks the model thread for loads and unloads through `call()`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+import os
+import time
+from concurrent.futures import Future
+from typing import Any
+
+import torch
+
+from deltatune.checkpoint import head_num_labels, load_adapter_weights
+from deltatune.methods.mixed import BASE
+from deltatune.model import PeftModel
+from deltatune.serve.adapters import Entry, Registry, check_adapter_name
+from deltatune.serve.errors import ApiError, redact
+from deltatune.serve.metrics import Metrics
+from deltatune.tools import load_base
+
+logger = logging.getLogger("deltatune.serve")
+
+TASKS = {"causal-lm": "CAUSAL_LM", "seq-cls": "SEQ_CLS"}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SCHEDULERS = ("continuous", "static")
+
+
+class Engine:
+    """The base model, its adapters, and the scheduler thread that runs every model call.
+
+    Args:
+        base: a Hugging Face model folder (or hub name).
+        adapters_dir: a folder whose sub-folders holding `adapter_config.json` are served by folder name (or one
+            adapter folder, served under its name); the only place runtime loads may read from.
+        base_name: the `model` name that selects the base (default: the base folder's name).
+        task: "auto" (from the adapters' `task_type`, else the base's architecture), "causal-lm" or "seq-cls".
+        max_batch: most rows running at once (continuous) or in one call (static).
+        batch_wait_ms: static scheduler: how long to wait for more rows after the first one arrives.
+        max_queue: rows waiting beyond this are refused with 503.
+        device: "auto" (CUDA when available), "cpu", "cuda", ...
+        dtype: the base's dtype ("float32", "bfloat16", "float16").
+        scheduler: "continuous" (rows join and leave the running batch at every decoding step) or "static"
+            (the rows that arrive together run as one `generate`).
+        max_loaded_adapters: adapters kept in memory at once (least recently used evicted beyond it).
+    """
+
+    def __init__(
+        self,
+        base: str,
+        adapters_dir: str | None = None,
+        *,
+        base_name: str | None = None,
+        task: str = "auto",
+        max_batch: int = 16,
+        batch_wait_ms: float = 5.0,
+        max_queue: int = 1024,
+        device: str = "auto",
+        dtype: str = "float32",
+        scheduler: str = "continuous",
+        max_loaded_adapters: int = 32,
+    ):
+        from transformers import AutoConfig, AutoTokenizer
+
+        from deltatune.serve.scheduler import ContinuousScheduler, StaticScheduler
+
+        if max_batch < 1 or batch_wait_ms < 0 or max_queue < 1:
+            raise ValueError("max_batch and max_queue must be >= 1 and batch_wait_ms >= 0")
+        if task not in ("auto", *TASKS, *TASKS.values()):
+            raise ValueError(f"task must be 'auto' or one of {list(TASKS)}, got {task!r}")
+        if scheduler not in SCHEDULERS:
+            raise ValueError(f"scheduler must be one of {list(SCHEDULERS)}, got {scheduler!r}")
+        self.base_name = base_name or os.path.basename(os.path.normpath(base))
+        auto = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(auto if device == "auto" else device)
+        self.metrics = Metrics()
+
+        self.task = "?"
+        self.registry = Registry(adapters_dir, self._check_task, max_loaded_adapters)
+        found = self.registry.discover(self.base_name)
+        configs = {}
+        for name, directory in found.items():  # the task is decided from the configs that read
+            with contextlib.suppress(Exception):
+                configs[name] = self.registry.register(name, directory).config
+        base_config = AutoConfig.from_pretrained(base)
+        self.task = _decide_task(task, base_config, [c.task_type for c in configs.values()])
+        self.registry.entries.clear()
+        self.registry.register_all(found)
+        self.tokenizer = AutoTokenizer.from_pretrained(base)
+        self.base = _load_base(
+            base, self.task, self.registry.entries, self.tokenizer, DTYPES[dtype], self.device
+        )
+        self.peft: PeftModel | None = None
+        self.base_labels = _base_labels(self.base.config)
+
+        gen = getattr(self.base, "generation_config", None)
+        eos = getattr(gen, "eos_token_id", None) if gen is not None else None
+        self.eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        pad = self.tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else min(self.eos_ids) if self.eos_ids else 0
+        self.context_length = _context_length(self.base.config, self.tokenizer)
+        self.vocab_size = getattr(self.base.config, "vocab_size", None) or len(self.tokenizer)
+        params = inspect.signature(self.base.forward).parameters
+        self.cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        self.takes_positions = "position_ids" in params
+        self.takes_logits_to_keep = "logits_to_keep" in params
+        logger.info(
+            "serving %s (%s) on %s, %d adapters registered (%d failed)",
+            self.base_name,
+            self.task,
+            self.device,
+            len(self.registry.entries),
+            len(self.registry.failed),
+        )
+        kind = (
+            ContinuousScheduler if scheduler == "continuous" and self.task == "CAUSAL_LM" else StaticScheduler
+        )
+        self.scheduler_name = "continuous" if kind is ContinuousScheduler else "static"
+        self.scheduler = kind(self, max_batch=max_batch, batch_wait_ms=batch_wait_ms, max_queue=max_queue)
+
+    @property
+    def batch_wait(self) -> float:
+        """Static scheduler: seconds a batch waits to fill after its first row."""
+        return self.scheduler.batch_wait
+
+    @batch_wait.setter
+    def batch_wait(self, seconds: float) -> None:
+        self.scheduler.batch_wait = seconds
+
+    # ---- names -------------------------------------------------------------------------------------------
+    @property
+    def adapter_names(self) -> list[str]:
+        """Every registered adapter (loaded or not)."""
+        return self.registry.names()
+
+    @property
+    def loaded_adapters(self) -> list[str]:
+        return list(self.registry.loaded)
+
+    def resolve(self, model: str) -> str:
+        """The adapter a request's `model` selects (BASE for the base); ApiError when there is none."""
+        if model == self.base_name:
+            return BASE
+        check_adapter_name(model, "model")
+        entry = self.registry.get(model)
+        if entry is None:
+            failed = self.registry.failed.get(model)
+            if failed is not None:
+                raise ApiError(
+                    400, f"the adapter {model!r} can't be served: {failed}", "adapter_invalid", "model"
+                )
+            raise ApiError(
+                404,
+                f"the model {model!r} does not exist; available: {[self.base_name, *self.adapter_names][:50]}",
+                "model_not_found",
+                "model",
+            )
+        if entry.error is not None:
+            raise ApiError(
+                400, f"the adapter {model!r} could not be loaded: {entry.error}", "adapter_invalid", "model"
+            )
+        return model
+
+    def labels(self, adapter: str) -> list[str]:
+        entry = self.registry.get(adapter) if adapter != BASE else None
+        return (entry.labels if entry is not None else None) or self.base_labels
+
+    def is_solo(self, adapter: str) -> bool:
+        entry = self.registry.get(adapter) if adapter != BASE else None
+        return entry is not None and entry.solo
+
+    # ---- runtime load / unload (event loop side) ---------------------------------------------------------
+    def call(self, fn) -> Future:
+        """Run `fn()` on the model thread, between two steps."""
+        return self.scheduler.command(fn)
+
+    def load(self, name: str, path: str | None = None) -> None:
+        """Register the adapter at `path` (under the adapters folder; default: `name`) as `name` and load it.
+        Blocking: call it from a worker thread."""
+        check_adapter_name(name, "name")
+        if name == self.base_name:
+            raise ApiError(409, f"{name!r} is the base model's name", "name_taken", "name")
+        directory = self.registry.runtime_dir(name, path)
+        if self.registry.get(name) is not None:
+            raise ApiError(409, f"an adapter named {name!r} is loaded already", "name_taken", "name")
+        try:
+            self.registry.register(name, directory)
+        except (ValueError, OSError) as e:
+            raise ApiError(400, f"adapter {name!r} could not be loaded: {e}", "adapter_invalid") from e
+
+        def load_now() -> None:
+            try:
+                self.ensure_loaded(name, pinned=set())
+            except ApiError:
+                self.registry.unregister(name)
+                raise
+
+        self.call(load_now).result()
+
+    def unload(self, name: str) -> None:
+        """Unregister an adapter and free its weights; its running and queued rows get 404. Blocking."""
+        check_adapter_name(name, "name")
+        if self.registry.get(name) is None:
+            raise ApiError(404, f"no adapter named {name!r} is loaded", "model_not_found", "name")
+
+        def unload_now() -> None:
+            if self.registry.unregister(name) is None:
+                raise ApiError(404, f"no adapter named {name!r} is loaded", "model_not_found", "name")
+            if self.registry.is_loaded(name):
+                self._drop(name, evicted=False)
+
+        self.call(unload_now).result()
+
+    # ---- the model (model thread only) -------------------------------------------------------------------
+    def ensure_loaded(self, name: str, pinned: set[str]) -> bool:
+        """Make `name` loaded (evicting LRU adapters not in `pinned`); False when it can't fit right now.
+        Raises ApiError (404 unknown, 400 failed load) naming the adapter."""
+        if name == BASE:
+            return True
+        entry = self.registry.get(name)
+        if entry is None:
+            raise ApiError(404, f"the adapter {name!r} was unloaded", "model_not_found", "model")
+        if entry.error is not None:
+            raise ApiError(
+                400, f"the adapter {name!r} could not be loaded: {entry.error}", "adapter_invalid", "model"
+            )
+        if self.registry.is_loaded(name):
+            self.registry.touch(name)
+            return True
+        victims = self.registry.victims(pinned)
+        if victims is None:
+            return False
+        for victim in victims:
+            self._drop(victim, evicted=True)
+        start = time.monotonic()
+        try:
+            self._load_weights(entry)
+        except Exception as e:  # any failure is this adapter's: named, recorded, the server keeps serving
+            logger.warning("adapter %r failed to load", name, exc_info=True)
+            entry.error = redact(
+                str(e) if isinstance(e, (ValueError, OSError)) else f"{type(e).__name__}: {e}"
+            )
+            self.registry.stats.failed_loads += 1
+            self.metrics.adapter_events.labels(event="failed_load").inc()
+            raise ApiError(
+                400, f"the adapter {name!r} could not be loaded: {entry.error}", "adapter_invalid", "model"
+            ) from e
+        self.registry.mark_loaded(name, time.monotonic() - start)
+        self.metrics.adapter_events.labels(event="load").inc()
+        self.metrics.loaded_adapters.set(len(self.registry.loaded))
+        return True
+
+    def _load_weights(self, entry: Entry) -> None:
+        config = entry.config
+        if config.peft_type not in ("LORA", "BOTTLENECK"):
+            raise ValueError(f"{config.peft_type} checkpoints are whole models, not adapters to serve")
+        if self.peft is None:
+            try:
+                self.peft = PeftModel.from_pretrained(self.base, entry.directory, adapter_name=entry.name)
+            except Exception:
+                self.base.requires_grad_(False)  # a failed load unwraps the base with gradients on
+                raise
+        else:
+            before = set(self.peft.adapter_names)
+            try:
+                self.peft.load_adapter(entry.directory, adapter_name=entry.name)
+            except Exception:
+                if entry.name in self.peft.adapter_names and entry.name not in before:
+                    with contextlib.suppress(Exception):
+                        self.peft.delete_adapter(entry.name)
+                raise
+        self.peft.eval()
+
+    def _drop(self, name: str, evicted: bool) -> None:
+        if self.peft is not None and name in self.peft.adapter_names:
+            if len(self.peft.adapter_names) == 1:
+                self.base = self.peft.unload()
+                self.base.requires_grad_(False)
+                self.peft = None
+            else:
+                self.peft.delete_adapter(name)
+        self.registry.mark_unloaded(name, evicted)
+        if evicted:
+            self.metrics.adapter_events.labels(event="evict").inc()
+        self.metrics.loaded_adapters.set(len(self.registry.loaded))
+
+    def module_for(self, adapters: list[str], solo: str | None) -> tuple[torch.nn.Module, dict[str, Any]]:
+        """The module to call and the extra arguments that give each row its adapter."""
+        if self.peft is None:
+            return self.base, {}
+        if solo is not None:
+            self.peft.set_adapter(solo)
+            return self.peft, {}
+        return self.peft, {"adapter_names": list(adapters)}
+
+    def classify(self, rows: list) -> list[list[float]]:
+        width = max(len(row.ids) for row in rows)
+        batch = {
+            "input_ids": torch.full((len(rows), width), self.pad_id, dtype=torch.long),
+            "attention_mask": torch.zeros((len(rows), width), dtype=torch.long),
+        }
+        if rows[0].token_type_ids is not None:
+            batch["token_type_ids"] = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            batch["input_ids"][i, : len(row.ids)] = torch.tensor(row.ids)
+            batch["attention_mask"][i, : len(row.ids)] = 1
+            if row.token_type_ids is not None:
+                batch["token_type_ids"][i, : len(row.ids)] = torch.tensor(row.token_type_ids)
+        solo = rows[0].adapter if self.is_solo(rows[0].adapter) else None
+        module, extra = self.module_for([row.adapter for row in rows], solo)
+        logits = module(**{k: v.to(self.device) for k, v in batch.items()}, **extra).logits.float()
+        out = []
+        for row, row_logits in zip(rows, logits):
+            if not bool(torch.isfinite(row_logits).all()):
+                from deltatune.serve.sampling import non_finite
+
+                out.append(non_finite(row.adapter))
+            else:
+                out.append(row_logits.softmax(-1).cpu().tolist())
+        return out
+
+    # ---- health ------------------------------------------------------------------------------------------
+    def health(self) -> dict[str, Any]:
+        reg = self.registry
+        return {
+            "status": "ok",
+            "base": self.base_name,
+            "task": self.task,
+            "device": str(self.device),
+            "scheduler": self.scheduler_name,
+            "adapters": self.adapter_names,
+            "loaded_adapters": self.loaded_adapters,
+            "max_loaded_adapters": reg.max_loaded,
+            "failed_adapters": {k: redact(v) for k, v in reg.failed.items()},
+            "queued_rows": self.scheduler.queued(),
+            "stats": {
+                **self.scheduler.stats_dict(),
+                "adapter_loads": reg.stats.loads,
+                "adapter_evictions": reg.stats.evictions,
+            },
+        }
+
+    def close(self) -> None:
+        self.scheduler.close()
+
+    def _check_task(self, config: Any) -> None:
+        if self.task != "?" and config.task_type not in (None, self.task):
+            raise ValueError(f"it is a {config.task_type} adapter and this server serves {self.task}")
+        if config.peft_type not in ("LORA", "BOTTLENECK"):
+            raise ValueError(f"{config.peft_type} checkpoints are whole models, not adapters to serve")
+
+
+def _decide_task(task: str, base_config: Any, task_types: list[str | None]) -> str:
+    if task != "auto":
+        return TASKS.get(task, task)
+    kinds = {t for t in task_types if t in TASKS.values()}
+    if len(kinds) == 1:
+        return kinds.pop()
+    if any(
+        a.endswith("ForSequenceClassification") for a in getattr(base_config, "architectures", None) or []
+    ):
+        return "SEQ_CLS"
+    return "CAUSAL_LM"
+
+
+def _load_base(base, task, entries: dict[str, Entry], tokenizer, dtype, device) -> torch.nn.Module:
+    num_labels = None
+    if task == "SEQ_CLS":
+        for entry in entries.values():
+            if entry.config.task_type == "SEQ_CLS" and (num_labels := _adapter_num_labels(entry)) is not None:
+                break
+    model = load_base(base, task, num_labels, dtype=dtype)
+    if task == "SEQ_CLS" and model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id or tokenizer.eos_token_id
+    return model.to(device).eval().requires_grad_(False)
+
+
+def _adapter_num_labels(entry: Entry) -> int | None:
+    """How many labels an adapter's classification head has (its saved labels, else its head's shape)."""
+    if entry.labels:
+        return len(entry.labels)
+    with contextlib.suppress(Exception):
+        return head_num_labels(load_adapter_weights(entry.directory))
+    return None
+
+
+def _base_labels(config: Any) -> list[str]:
+    id2label = getattr(config, "id2label", None) or {}
+    return [str(id2label[k]) for k in sorted(id2label, key=int)]
+
+
+def _context_length(config: Any, tokenizer: Any) -> int | None:
+    for key in ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    limit = getattr(tokenizer, "model_max_length", None)
+    return limit if isinstance(limit, int) and limit < 10**7 else None

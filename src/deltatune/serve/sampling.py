@@ -1,0 +1,68 @@
+"""Choosing each row's next token from its logits: greedy, temperature, top-p, a seeded generator per row.
+
+A row's choice never depends on the other rows of its batch: its own generator, its own settings, and a
+failure (non-finite logits, an error in sampling) raised for that row alone so the scheduler can fail it and
+carry on with the rest.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from deltatune.methods.mixed import BASE
+from deltatune.serve.errors import ApiError
+
+GREEDY_BELOW = 1e-4
+"""A temperature under this is greedy: dividing logits by a tinier one overflows to inf (NaN probabilities)."""
+
+
+def non_finite(adapter: str) -> ApiError:
+    which = "the base model" if adapter == BASE else f"the adapter {adapter!r}"
+    return ApiError(
+        422,
+        f"{which} produced non-finite logits (NaN or inf) for this request: its weights or scaling "
+        "(lora_alpha / r) are broken; other requests are not affected",
+        "non_finite_logits",
+        "model",
+    )
+
+
+class RowSampler:
+    """One row's sampling settings and generator; `pick(logits)` is its next token."""
+
+    def __init__(
+        self, adapter: str, temperature: float, top_p: float, seed: int | None, device: torch.device
+    ):
+        self.adapter = adapter
+        self.temperature = float(temperature)
+        self.top_p = float(top_p)
+        self.greedy = not self.temperature >= GREEDY_BELOW
+        self.seed = seed if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
+        self.device = device
+        self._generator: torch.Generator | None = None
+
+    def check(self, logits: torch.Tensor) -> None:
+        """Raise this row's error when its logits are unusable (NaN, +inf, or nothing finite to pick)."""
+        if (
+            bool(torch.isnan(logits).any())
+            or bool(torch.isposinf(logits).any())
+            or not bool(torch.isfinite(logits).any())
+        ):
+            raise non_finite(self.adapter)
+
+    def pick(self, logits: torch.Tensor) -> int:
+        """The next token from one row's logits `[vocab]`."""
+        self.check(logits)
+        if self.greedy:
+            return int(logits.argmax())
+        probs = (logits.double() / self.temperature).softmax(-1)
+        if self.top_p < 1.0:
+            sorted_probs, order = probs.sort(descending=True)
+            # Keep the smallest set of most likely tokens whose mass reaches top_p (at least one).
+            drop = sorted_probs.cumsum(-1) - sorted_probs >= self.top_p
+            probs = probs.scatter(0, order, sorted_probs.masked_fill(drop, 0.0))
+        if self._generator is None:
+            self._generator = torch.Generator(device=probs.device).manual_seed(self.seed)
+        return int(torch.multinomial(probs, 1, generator=self._generator))

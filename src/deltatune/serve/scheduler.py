@@ -1,0 +1,638 @@
+"""The schedulers: the one thread that runs every model call, and how it forms batches.
+
+`ContinuousScheduler` (the default) keeps a running batch and takes one decoding step for all its rows at a
+time. A new request joins at the next step: its prompt is prefilled (prompts arriving together are prefilled
+together; the `n` choices of one prompt share one prefill), its KV cache is left-padded into the running batch's
+cache, and from then on it decodes with the others; a row leaves the step it finishes (its length, EOS, a stop
+string or a disconnect seen by the event loop). Each row keeps its own adapter through the mixed-adapter path
+(`adapter_names=`: one gathered matmul per layer over the rows, never a loop over adapters); DoRA adapters, which
+can't share a mixed batch, run in a lane of their own. Positions are per row (`position_ids` from each row's own
+mask), so a greedy row gets what `generate` gives for its adapter alone.
+
+`StaticScheduler` (`--scheduler static`) takes what arrived within `batch_wait_ms` and runs it as one
+`generate`; every row waits for the longest.
+
+Failures are per row: a row whose logits are not finite, whose sampling throws, or whose adapter fails to load
+gets its own error; when a batched model call throws, the rows are retried one by one so only those that fail
+alone fail, and the others carry on with the answer they would have had alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
+
+from deltatune.methods.mixed import BASE
+from deltatune.serve.errors import ApiError, overloaded, shutting_down
+from deltatune.serve.sampling import RowSampler
+
+logger = logging.getLogger("deltatune.serve")
+
+
+@dataclass(eq=False)
+class Row:
+    """One row: a prompt to continue (`generate`) or a text to classify (`classify`).
+
+    The model thread reports through `sink(event)`: ("token", id), ("done", finish_reason), ("result", value)
+    or ("error", ApiError). The event loop sets `cancelled` (a disconnect, a stop string) and the row leaves at
+    the next step.
+    """
+
+    kind: str
+    adapter: str
+    ids: list[int]
+    max_tokens: int = 0
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    token_type_ids: list[int] | None = None
+    sink: Callable[[tuple], None] | None = None
+    cancelled: bool = False
+    arrived: float = field(default_factory=time.monotonic)
+    produced: int = 0
+    last_time: float = 0.0
+    sampler: RowSampler | None = None
+    finished: bool = False
+
+    def emit(self, event: tuple) -> None:
+        if self.sink is None:
+            return
+        try:
+            self.sink(event)
+        except Exception:  # the client is gone (its event loop closed): stop working for it
+            self.cancelled = True
+
+    def fail(self, error: ApiError) -> None:
+        if not self.finished:
+            self.finished = True
+            self.emit(("error", error))
+
+    def finish(self, reason: str) -> None:
+        if not self.finished:
+            self.finished = True
+            self.emit(("done", reason))
+
+
+@dataclass
+class _Command:
+    fn: Callable[[], Any]
+    future: Future
+
+
+def _row_error(row: Row, e: BaseException) -> ApiError:
+    """The error a row gets when a model call fails for it alone."""
+    if isinstance(e, ApiError):
+        return e
+    logger.error("a row for %r failed", row.adapter, exc_info=e)
+    which = "the base model" if row.adapter == BASE else f"the adapter {row.adapter!r}"
+    return ApiError(
+        422, f"this request failed in {which}: {type(e).__name__}: {e}", "request_failed", "model"
+    )
+
+
+class _Scheduler:
+    """The queue, the model thread, commands run between steps, and shutdown."""
+
+    name = "?"
+
+    def __init__(self, engine, *, max_batch: int, batch_wait_ms: float, max_queue: int):
+        self.engine = engine
+        self.max_batch, self.batch_wait, self.max_queue = max_batch, batch_wait_ms / 1000, max_queue
+        self.metrics = engine.metrics
+        self._queue: queue.Queue = queue.Queue()
+        self.pending: deque[Row] = deque()
+        self.closing = False
+        self._stopped = False
+        self.stats: dict[str, int] = {
+            "rows": 0,
+            "model_calls": 0,
+            "prefills": 0,
+            "decode_steps": 0,
+            "max_rows_per_call": 0,
+            "max_adapters_per_call": 0,
+            "failed_rows": 0,
+        }
+        self._thread = threading.Thread(target=self._run, name=f"deltatune-serve-{self.name}", daemon=True)
+        self._thread.start()
+
+    # ---- event loop side -----------------------------------------------------------------------------
+    def submit(self, rows: list[Row]) -> None:
+        if self.closing:
+            raise shutting_down()
+        if self.queued() + len(rows) > self.max_queue:
+            raise overloaded()
+        for row in rows:
+            self._queue.put(row)
+
+    def command(self, fn: Callable[[], Any]) -> Future:
+        future: Future = Future()
+        if self._stopped:
+            future.set_exception(shutting_down())
+        else:
+            self._queue.put(_Command(fn, future))
+        return future
+
+    def queued(self) -> int:
+        return self._queue.qsize() + len(self.pending)
+
+    def close(self, timeout: float = 60) -> None:
+        """Stop taking requests, fail what is still queued or running (503), stop the thread."""
+        self.closing = True
+        self._queue.put(None)
+        self._thread.join(timeout=timeout)
+
+    def stats_dict(self) -> dict[str, int]:
+        return dict(self.stats)
+
+    # ---- model thread --------------------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException:
+            logger.exception("the model thread stopped")
+        finally:
+            self._stopped = True
+            for row in self._all_rows():
+                row.fail(shutting_down())
+            while True:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if isinstance(item, Row):
+                    item.fail(shutting_down())
+                elif isinstance(item, _Command):
+                    item.future.set_exception(shutting_down())
+
+    def _all_rows(self) -> list[Row]:
+        return list(self.pending)
+
+    def _take(self, block: bool, timeout: float | None = None) -> None:
+        """Move what arrived into `pending`, running commands as they come; sets `_stopped` on None."""
+        try:
+            item = self._queue.get(timeout=timeout) if block else self._queue.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            if item is None:
+                self._stopped = True
+            elif isinstance(item, _Command):
+                self._run_command(item)
+            else:
+                self.pending.append(item)
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+        self.metrics.queue_depth.set(self.queued())
+
+    def _run_command(self, command: _Command) -> None:
+        if not command.future.set_running_or_notify_cancel():
+            return
+        try:
+            command.future.set_result(command.fn())
+        except BaseException as e:
+            command.future.set_exception(e)
+        self._after_command()
+
+    def _after_command(self) -> None:
+        """Hook: rows whose adapter was just unloaded."""
+
+    def _admit(self, limit: int, pinned: set[str]) -> list[Row]:
+        """Up to `limit` pending rows whose adapter is (now) in memory, in arrival order; rows whose adapter
+        can't be loaded fail, rows whose adapter doesn't fit yet wait."""
+        take: list[Row] = []
+        keep: deque[Row] = deque()
+        while self.pending:
+            row = self.pending.popleft()
+            if row.cancelled:
+                row.finished = True
+                continue
+            if len(take) >= limit:
+                keep.append(row)
+                continue
+            try:
+                ok = self.engine.ensure_loaded(row.adapter, pinned)
+            except Exception as e:
+                row.fail(_row_error(row, e))
+                continue
+            if not ok:
+                keep.append(row)
+                continue
+            pinned.add(row.adapter)
+            row.sampler = RowSampler(row.adapter, row.temperature, row.top_p, row.seed, self.engine.device)
+            take.append(row)
+        self.pending = keep
+        return take
+
+    def _note_call(self, rows: list[Row]) -> None:
+        self.stats["model_calls"] += 1
+        self.stats["max_rows_per_call"] = max(self.stats["max_rows_per_call"], len(rows))
+        adapters = len({row.adapter for row in rows})
+        self.stats["max_adapters_per_call"] = max(self.stats["max_adapters_per_call"], adapters)
+
+    def _emit_token(self, row: Row, token: int) -> bool:
+        """Send a token; True when the row is done after it."""
+        now = time.monotonic()
+        if row.produced == 0:
+            self.metrics.ttft.observe(now - row.arrived)
+        else:
+            self.metrics.itl.observe(now - row.last_time)
+        row.produced += 1
+        row.last_time = now
+        row.emit(("token", token))
+        if token in self.engine.eos_ids:
+            row.finish("stop")
+            return True
+        if row.produced >= row.max_tokens:
+            row.finish("length")
+            return True
+        if row.cancelled:
+            row.finished = True
+            return True
+        return False
+
+
+# ---- continuous batching -------------------------------------------------------------------------------------
+@dataclass(eq=False)
+class _Lane:
+    """A running batch: its rows, their KV cache (one DynamicCache, left-padded), mask and last tokens.
+    `solo` names the one adapter of a lane that can't be mixed (DoRA); None for the mixed lane."""
+
+    solo: str | None
+    rows: list[Row] = field(default_factory=list)
+    cache: Any = None
+    mask: torch.Tensor | None = None
+    last: list[int] = field(default_factory=list)
+
+
+class ContinuousScheduler(_Scheduler):
+    name = "continuous"
+
+    def __init__(self, engine, **kwargs):
+        self.lanes: dict[str | None, _Lane] = {}
+        super().__init__(engine, **kwargs)
+
+    def _all_rows(self) -> list[Row]:
+        return [*self.pending, *(r for lane in self.lanes.values() for r in lane.rows)]
+
+    def running(self) -> int:
+        return sum(len(lane.rows) for lane in self.lanes.values())
+
+    def _loop(self) -> None:
+        while not self._stopped:
+            idle = not self.running() and not self.pending
+            self._take(block=idle)
+            if self._stopped:
+                return
+            self._reap()
+            free = self.max_batch - self.running()
+            if free > 0 and self.pending:
+                pinned = {row.adapter for lane in self.lanes.values() for row in lane.rows}
+                new = self._admit(free, pinned)
+                by_lane: dict[str | None, list[Row]] = {}
+                for row in new:
+                    by_lane.setdefault(row.adapter if self.engine.is_solo(row.adapter) else None, []).append(
+                        row
+                    )
+                for solo, rows in by_lane.items():
+                    self._prefill(solo, rows)
+            for lane in list(self.lanes.values()):
+                if lane.rows:
+                    self._decode(lane)
+            self.metrics.running.set(self.running())
+            self.metrics.queue_depth.set(self.queued())
+
+    def _after_command(self) -> None:
+        self._reap()
+
+    def _reap(self) -> None:
+        """Drop rows that were cancelled or whose adapter is gone."""
+        for lane in self.lanes.values():
+            keep = []
+            for i, row in enumerate(lane.rows):
+                if row.adapter != BASE and not self.engine.registry.is_loaded(row.adapter):
+                    row.fail(
+                        ApiError(404, f"the adapter {row.adapter!r} was unloaded", "model_not_found", "model")
+                    )
+                elif row.cancelled:
+                    row.finished = True
+                else:
+                    keep.append(i)
+            if len(keep) < len(lane.rows):
+                self._select(lane, keep)
+
+    # ---- model calls -----------------------------------------------------------------------------------
+    def _forward(self, solo, adapters, ids, mask, positions, cache):
+        engine = self.engine
+        module, extra = engine.module_for(adapters, solo)
+        kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask, "use_cache": True}
+        if cache is not None:
+            kwargs[engine.cache_kwarg] = cache
+        if engine.takes_positions:
+            kwargs["position_ids"] = positions
+        if engine.takes_logits_to_keep:
+            kwargs["logits_to_keep"] = 1
+        with torch.inference_mode():
+            out = module(
+                **{k: v.to(engine.device) if torch.is_tensor(v) else v for k, v in kwargs.items()}, **extra
+            )
+        new_cache = getattr(out, "cache", None)
+        if new_cache is None:
+            new_cache = out.past_key_values
+        return out.logits[:, -1].float(), new_cache
+
+    def _prefill(self, solo: str | None, rows: list[Row]) -> None:
+        """Prefill the new rows' prompts (each distinct prompt once), pick their first tokens, and merge the
+        rows that go on into their lane."""
+        unique: dict[tuple[str, tuple[int, ...]], int] = {}
+        which = [unique.setdefault((row.adapter, tuple(row.ids)), len(unique)) for row in rows]
+        prompts = list(unique)
+        width = max(len(p) for _, p in prompts)
+        ids = torch.full((len(prompts), width), self.engine.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for i, (_, p) in enumerate(prompts):
+            ids[i, width - len(p) :] = torch.tensor(p)
+            mask[i, width - len(p) :] = 1
+        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+        try:
+            logits, cache = self._forward(solo, [a for a, _ in prompts], ids, mask, positions, None)
+        except Exception as e:
+            if len(prompts) == 1:
+                for row in rows:
+                    row.fail(_row_error(row, e))
+                self.stats["failed_rows"] += len(rows)
+                return
+            for u in range(len(prompts)):  # find the prompt(s) that fail alone; the others go on
+                self._prefill(solo, [row for row, w in zip(rows, which) if w == u])
+            return
+        self.stats["prefills"] += 1
+        self.metrics.steps.labels(kind="prefill").inc()
+        self._note_call(rows)
+        going: list[int] = []
+        firsts: list[int] = []
+        for i, row in enumerate(rows):
+            self.stats["rows"] += 1
+            try:
+                token = row.sampler.pick(logits[which[i]])
+            except Exception as e:
+                row.fail(_row_error(row, e))
+                self.stats["failed_rows"] += 1
+                continue
+            if not self._emit_token(row, token):
+                going.append(i)
+                firsts.append(token)
+        if not going:
+            return
+        index = torch.tensor([which[i] for i in going], device=logits.device)
+        pairs = [
+            (layer.keys.index_select(0, index), layer.values.index_select(0, index)) for layer in cache.layers
+        ]
+        self._merge(
+            self.lanes.setdefault(solo, _Lane(solo)),
+            [rows[i] for i in going],
+            cache,
+            pairs,
+            mask.index_select(0, index.cpu()),
+            firsts,
+        )
+
+    def _merge(
+        self, lane: _Lane, rows: list[Row], cache, pairs, mask: torch.Tensor, tokens: list[int]
+    ) -> None:
+        if not lane.rows:
+            for layer, (k, v) in zip(cache.layers, pairs):
+                layer.keys, layer.values = k, v
+            lane.cache, lane.mask, lane.rows, lane.last = cache, mask, list(rows), tokens
+            return
+        old, new = lane.mask.shape[1], mask.shape[1]
+        width = max(old, new)
+        for layer, (k, v) in zip(lane.cache.layers, pairs):
+            layer.keys = torch.cat(
+                [F.pad(layer.keys, (0, 0, width - old, 0)), F.pad(k, (0, 0, width - new, 0))]
+            )
+            layer.values = torch.cat(
+                [F.pad(layer.values, (0, 0, width - old, 0)), F.pad(v, (0, 0, width - new, 0))]
+            )
+        lane.mask = torch.cat([F.pad(lane.mask, (width - old, 0)), F.pad(mask, (width - new, 0))])
+        lane.rows += rows
+        lane.last += tokens
+
+    def _select(self, lane: _Lane, keep: list[int]) -> None:
+        """Keep only rows `keep` of a lane, and drop the leading cache columns no row uses any more."""
+        if not keep:
+            lane.rows, lane.last, lane.cache, lane.mask = [], [], None, None
+            return
+        index = torch.tensor(keep)
+        mask = lane.mask.index_select(0, index)
+        unused = int((mask.sum(0) == 0).long().cumprod(0).sum())
+        mask = mask[:, unused:]
+        device_index = index.to(self.engine.device)
+        for layer in lane.cache.layers:
+            layer.keys = layer.keys.index_select(0, device_index)[:, :, unused:]
+            layer.values = layer.values.index_select(0, device_index)[:, :, unused:]
+        lane.mask = mask
+        lane.rows = [lane.rows[i] for i in keep]
+        lane.last = [lane.last[i] for i in keep]
+
+    def _decode(self, lane: _Lane) -> None:
+        rows = lane.rows
+        ids = torch.tensor(lane.last, dtype=torch.long).view(-1, 1)
+        positions = lane.mask.sum(1, keepdim=True)
+        mask = F.pad(lane.mask, (0, 1), value=1)
+        saved = [(layer.keys, layer.values) for layer in lane.cache.layers]
+        try:
+            logits, _ = self._forward(
+                lane.solo, [row.adapter for row in rows], ids, mask, positions, lane.cache
+            )
+        except Exception:
+            for layer, (k, v) in zip(lane.cache.layers, saved):
+                layer.keys, layer.values = k, v
+            self._isolate(lane, ids, mask, positions)
+            return
+        self.stats["decode_steps"] += 1
+        self.metrics.steps.labels(kind="decode").inc()
+        self._note_call(rows)
+        lane.mask = mask
+        keep = []
+        for i, row in enumerate(rows):
+            try:
+                token = row.sampler.pick(logits[i])
+            except Exception as e:
+                row.fail(_row_error(row, e))
+                self.stats["failed_rows"] += 1
+                continue
+            if not self._emit_token(row, token):
+                lane.last[i] = token
+                keep.append(i)
+        if len(keep) < len(rows):
+            self._select(lane, keep)
+
+    def _isolate(self, lane: _Lane, ids, mask, positions) -> None:
+        """A batched step threw: run each row alone on its own slice of the cache; those that throw alone fail,
+        the others stay (their step is retried together next time)."""
+        bad = []
+        for i, row in enumerate(lane.rows):
+            one = DynamicCache(
+                ddp_cache_data=[
+                    (layer.keys[i : i + 1], layer.values[i : i + 1]) for layer in lane.cache.layers
+                ]
+            )
+            try:
+                self._forward(
+                    lane.solo, [row.adapter], ids[i : i + 1], mask[i : i + 1], positions[i : i + 1], one
+                )
+            except Exception as e:
+                bad.append(i)
+                row.fail(_row_error(row, e))
+        self.stats["failed_rows"] += len(bad)
+        if not bad:  # fails together, never alone: give up on this batch rather than loop
+            logger.error(
+                "a decoding step of %d rows failed, and no row alone; failing them all", len(lane.rows)
+            )
+            for row in lane.rows:
+                row.fail(
+                    ApiError(
+                        503,
+                        "the batch this request ran in failed; retry",
+                        "batch_failed",
+                        type_="server_error",
+                    )
+                )
+            self._select(lane, [])
+            return
+        self._select(lane, [i for i in range(len(lane.rows)) if i not in bad])
+
+
+# ---- static batching -----------------------------------------------------------------------------------------
+class _StaticSampler(LogitsProcessor):
+    """Each row's own pick inside one greedy `generate`: only the chosen token stays finite. A row whose pick
+    throws is recorded and padded out; the others go on untouched."""
+
+    def __init__(self, rows: list[Row], pad_id: int):
+        self.rows, self.pad_id = rows, pad_id
+        self.errors: dict[int, BaseException] = {}
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        out = torch.full_like(scores, float("-inf"))
+        for i, row in enumerate(self.rows):
+            token = self.pad_id
+            if i not in self.errors:
+                try:
+                    token = row.sampler.pick(scores[i].float())
+                except Exception as e:
+                    self.errors[i] = e
+                    token = self.pad_id
+            out[i, token] = 0.0
+        return out
+
+
+class StaticScheduler(_Scheduler):
+    name = "static"
+
+    def _loop(self) -> None:
+        while not self._stopped:
+            if not self.pending:
+                self._take(block=True)
+            if self._stopped:
+                return
+            deadline = time.monotonic() + self.batch_wait
+            while len(self.pending) < self.max_batch and not self._stopped:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._take(block=True, timeout=left)
+            self._take(block=False)
+            if self._stopped:
+                return
+            rows = self._admit(self.max_batch, set())
+            groups: dict[tuple[str, str | None], list[Row]] = {}
+            for row in rows:
+                key = (row.kind, row.adapter if self.engine.is_solo(row.adapter) else None)
+                groups.setdefault(key, []).append(row)
+            for group in groups.values():
+                for part in self._fit_context(group):
+                    self._run_rows(part)
+            self.metrics.queue_depth.set(self.queued())
+
+    def _fit_context(self, rows: list[Row]) -> list[list[Row]]:
+        """Split rows so no call runs past the context: left padding makes every row as long as the longest
+        prompt, and every row runs for the most tokens any row asks for."""
+        limit = self.engine.context_length or float("inf")
+        parts: list[list[Row]] = []
+        width = new = 0
+        for row in rows:
+            w, n = max(width, len(row.ids)), max(new, row.max_tokens)
+            if not parts or w + n > limit:
+                parts.append([])
+                w, n = len(row.ids), row.max_tokens
+            parts[-1].append(row)
+            width, new = w, n
+        return parts
+
+    def _run_rows(self, rows: list[Row]) -> None:
+        live = [row for row in rows if not row.cancelled]
+        if not live:
+            return
+        try:
+            if live[0].kind == "generate":
+                self._generate(live)
+            else:
+                for row, result in zip(live, self.engine.classify(live)):
+                    row.fail(result) if isinstance(result, ApiError) else (
+                        row.emit(("result", result)),
+                        row.finish("stop"),
+                    )
+        except Exception as e:
+            if len(live) == 1:
+                live[0].fail(_row_error(live[0], e))
+                self.stats["failed_rows"] += 1
+                return
+            for row in live:  # find the rows that fail alone; the others get their answer
+                self._run_rows([row])
+            return
+        self.stats["rows"] += len(live)
+        self._note_call(live)
+        self.metrics.steps.labels(kind="generate").inc()
+
+    def _generate(self, rows: list[Row]) -> None:
+        engine = self.engine
+        width = max(len(row.ids) for row in rows)
+        ids = torch.full((len(rows), width), engine.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            ids[i, width - len(row.ids) :] = torch.tensor(row.ids)
+            mask[i, width - len(row.ids) :] = 1
+        solo = rows[0].adapter if engine.is_solo(rows[0].adapter) else None
+        module, extra = engine.module_for([row.adapter for row in rows], solo)
+        sampler = _StaticSampler(rows, engine.pad_id)
+        with torch.inference_mode():
+            out = module.generate(
+                input_ids=ids.to(engine.device),
+                attention_mask=mask.to(engine.device),
+                max_new_tokens=max(row.max_tokens for row in rows),
+                do_sample=False,
+                num_beams=1,
+                pad_token_id=engine.pad_id,
+                logits_processor=LogitsProcessorList([sampler]),
+                **extra,
+            )
+        for i, row in enumerate(rows):
+            if i in sampler.errors:
+                row.fail(_row_error(row, sampler.errors[i]))
+                self.stats["failed_rows"] += 1
+                continue
+            for token in out[i, width : width + row.max_tokens].tolist():
+                if self._emit_token(row, token):
+                    break
