@@ -231,14 +231,14 @@ def test_messages_need_a_chat_template(tmp_path):
         load_datasets(path, tiny_tokenizer(), task="causal-lm")
 
 
-def test_packing_fills_blocks_and_keeps_masks(tmp_path, tok):
+def test_packing_puts_whole_examples_side_by_side(tmp_path, tok):
     examples = [
         {"input_ids": [5, 6, 2], "labels": [-100, 6, 2]},
         {"input_ids": [7, 8, 9, 2], "labels": [7, 8, 9, 2]},
+        {"input_ids": [3], "labels": [3]},
     ]
-    blocks = pack(examples, 4)
-    assert [b["input_ids"] for b in blocks] == [[5, 6, 2, 7], [8, 9, 2]]
-    assert [b["labels"] for b in blocks] == [[-100, 6, 2, 7], [8, 9, 2]]
+    rows = pack(examples, 4)  # longest first, each into the row it fills best; file order inside a row
+    assert rows == [[examples[1]], [examples[0], examples[2]]]
 
 
 def test_collate_pads_per_batch(tok):
@@ -290,7 +290,7 @@ def test_builtin_spam_is_deterministic_noisy_and_held_out():
 
 def test_builtin_quotes_and_default_eval_split(tok):
     assert len(builtin_data.quotes("train")) == 400 and len(builtin_data.quotes("eval")) == 100
-    data = load_datasets("builtin:quotes", tok, task="causal-lm", max_length=16, packing=True)
+    data = load_datasets("builtin:quotes", tok, task="causal-lm", max_length=16)
     assert len(data.eval) > 0 and all(len(b["input_ids"]) <= 16 for b in data.train)
 
 

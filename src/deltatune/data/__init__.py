@@ -8,8 +8,16 @@
 - `builtin`: the built-in sets `builtin:spam` and `builtin:quotes`.
 """
 
-from deltatune.data.batching import batches_per_epoch, collate, epoch_batches, eval_batches
-from deltatune.data.packing import pack
+from deltatune.data.batching import (
+    MODES,
+    Batcher,
+    batches_per_epoch,
+    collate,
+    epoch_batches,
+    eval_batches,
+    grouped_order,
+)
+from deltatune.data.packing import block_causal_mask, collate_packed, pack, pack_bins, packed_attention
 from deltatune.data.sources import (
     FORMATS,
     IGNORE_INDEX,
@@ -31,6 +39,13 @@ from deltatune.errors import DataError
 
 __all__ = [
     "FORMATS",
+    "MODES",
+    "Batcher",
+    "block_causal_mask",
+    "collate_packed",
+    "grouped_order",
+    "pack_bins",
+    "packed_attention",
     "IGNORE_INDEX",
     "DataError",
     "Datasets",

@@ -5,8 +5,10 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
 import torch
 
+from deltatune.data.packing import collate_packed, pack_bins
 from deltatune.data.sources import IGNORE_INDEX
 
 
@@ -50,3 +52,103 @@ def eval_batches(n: int, batch_size: int, rank: int = 0, world: int = 1) -> list
 def batches_per_epoch(n: int, batch_size: int, world: int = 1) -> int:
     """How many batches each rank gets per epoch."""
     return math.ceil(math.ceil(n / world) / batch_size)
+
+
+# ---- the batches of a training run ----------------------------------------------------------------------
+MODES = ("padded", "group_by_length", "packed", "padding_free")
+
+
+def take(examples: Any, ids: list[int]) -> list[dict[str, Any]]:
+    """The examples `ids` as dicts, from a list or (one read per batch) an Arrow-backed `datasets.Dataset`."""
+    if isinstance(examples, list):
+        return [examples[i] for i in ids]
+    columns = examples[list(ids)]
+    return [dict(zip(columns, values)) for values in zip(*columns.values())]
+
+
+def example_lengths(examples: Any) -> np.ndarray:
+    """Token count of every example (the `length` column of an Arrow-backed set: no row is read)."""
+    if not isinstance(examples, list) and "length" in getattr(examples, "column_names", ()):
+        return examples.data.column("length").to_numpy().astype(np.int64)
+    return np.fromiter((len(e["input_ids"]) for e in examples), dtype=np.int64, count=len(examples))
+
+
+def grouped_order(lengths: np.ndarray, group: int, epoch: int, seed: int) -> list[int]:
+    """An epoch's order in which every run of `group` consecutive examples has similar lengths, yet random:
+    a seeded shuffle, cut into chunks of 50 groups, each chunk sorted by length and cut into groups, and the
+    groups shuffled (as transformers' `LengthGroupedSampler`, with the order of groups random too)."""
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    order = torch.randperm(len(lengths), generator=g).numpy()
+    chunk = group * 50
+    groups = []
+    for start in range(0, len(order), chunk):
+        part = order[start : start + chunk]
+        part = part[np.argsort(-lengths[part], kind="stable")]
+        groups += [part[i : i + group] for i in range(0, len(part), group)]
+    shuffled = torch.randperm(len(groups), generator=g).tolist()
+    return np.concatenate([groups[i] for i in shuffled]).tolist() if groups else []
+
+
+class Batcher:
+    """The training batches of every epoch, for one rank, in one of `MODES`:
+
+    - `padded`: a seeded shuffle, each batch padded to its longest example;
+    - `group_by_length`: batches of similar lengths (`grouped_order`), so little padding;
+    - `packed` (causal LM): examples packed into rows of `max_length` tokens (`packing.pack_bins`), a batch
+      being `batch_size` rows; examples never see each other;
+    - `padding_free` (causal LM): each batch of `batch_size` examples is one row, no padding at all.
+
+    Every order is a function of `(seed, epoch)`, so a resumed run skips exactly the batches already seen.
+    """
+
+    def __init__(
+        self,
+        examples: Any,
+        *,
+        batch_size: int,
+        mode: str = "padded",
+        max_length: int = 0,
+        seed: int = 0,
+        rank: int = 0,
+        world: int = 1,
+        pad_token_id: int = 0,
+    ):
+        if mode not in MODES:
+            raise ValueError(f"batching mode {mode!r} is not one of {MODES}")
+        self.examples, self.mode, self.batch_size = examples, mode, batch_size
+        self.seed, self.rank, self.world, self.pad_token_id = seed, rank, world, pad_token_id
+        self.lengths = example_lengths(examples) if mode != "padded" else None
+        if mode == "packed":
+            self.members, self.offsets = pack_bins(self.lengths, max_length)
+            self.units = len(self.offsets) - 1
+        else:
+            self.units = len(examples)
+
+    def __len__(self) -> int:
+        """Batches per epoch on each rank."""
+        return batches_per_epoch(self.units, self.batch_size, self.world)
+
+    def epoch(self, epoch: int) -> list[list[int]]:
+        """This rank's batches of `epoch` (indices of examples, or of packed rows)."""
+        if self.mode != "group_by_length":
+            return epoch_batches(self.units, self.batch_size, epoch, self.seed, self.rank, self.world)
+        order = grouped_order(self.lengths, self.batch_size * self.world, epoch, self.seed)
+        order += order[: (-len(order)) % self.world]
+        mine = order[self.rank :: self.world]
+        return [mine[i : i + self.batch_size] for i in range(0, len(mine), self.batch_size)]
+
+    def collate(self, ids: list[int]) -> tuple[dict[str, torch.Tensor], int]:
+        """The tensors of one batch and its number of real (not padding) tokens."""
+        if self.mode == "packed":
+            rows = [self.members[self.offsets[r] : self.offsets[r + 1]].tolist() for r in ids]
+            examples = take(self.examples, [i for row in rows for i in row])
+            grouped, start = [], 0
+            for row in rows:
+                grouped.append(examples[start : start + len(row)])
+                start += len(row)
+            return collate_packed(grouped, self.pad_token_id), sum(len(e["input_ids"]) for e in examples)
+        examples = take(self.examples, ids)
+        real = sum(len(e["input_ids"]) for e in examples)
+        if self.mode == "padding_free":
+            return collate_packed([examples], self.pad_token_id), real
+        return collate(examples, self.pad_token_id), real

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from deltatune.data import builtin as builtin_data
-from deltatune.data.packing import pack
 from deltatune.data.sources import IGNORE_INDEX, Fields, Row, read_rows, split_eval
 from deltatune.errors import DataError
 
@@ -201,7 +200,6 @@ def load_datasets(
     eval_fraction: float = 0.0,
     fields: Fields | None = None,
     max_length: int = 128,
-    packing: bool = False,
     seed: int = 0,
     labels: list[str | int] | None = None,
 ) -> Datasets:
@@ -215,7 +213,6 @@ def load_datasets(
         eval_fraction: hold out this fraction of `data` instead (chosen with `seed`).
         fields: column names.
         max_length: longer examples are truncated to this many tokens.
-        packing: causal LM: concatenate examples into full `max_length` blocks (no padding).
         seed: for the held-out fraction.
         labels: classification: the label set, class `i` being the `i`-th entry (default: the labels seen).
     """
@@ -238,8 +235,6 @@ def load_datasets(
     fmt = causal_format(rows[0], fields)
     train = encode_causal(rows, tokenizer, fields, max_length, fmt)
     evals = encode_causal(eval_rows, tokenizer, fields, max_length, fmt)
-    if packing:
-        train, evals = pack(train, max_length), pack(evals, max_length)
     if not train:
         raise DataError(f"{data}: no example is left to train on after tokenizing (see the warnings above)")
     return Datasets(train, evals, None, fmt)

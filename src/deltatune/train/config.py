@@ -58,7 +58,17 @@ class TrainConfig:
     max_length: int = 128
     """Examples are truncated to this many tokens; batches are padded to their longest example."""
     packing: bool = False
-    """Causal LM: concatenate examples into full `max_length` blocks (no padding)."""
+    """Causal LM: pack examples side by side into rows of `max_length` tokens; each example attends only to
+    itself (position ids restart, a block-diagonal mask or flash-attention's variable-length path), so every
+    example's loss is what it is alone, with almost no padding."""
+    padding_free: bool = False
+    """Causal LM: each batch of `batch_size` examples is one row with no padding at all (position ids restart
+    per example, as transformers' `DataCollatorWithFlattening`); for models whose attention honours them."""
+    group_by_length: bool = False
+    """Batches of examples of similar length (random within length buckets, the same for a seed), so little
+    padding; resuming continues exactly."""
+    num_proc: int = 1
+    """Processes that tokenize the data (batched, through `datasets`); the result is cached on disk."""
 
     lr: float | None = None
     """Peak learning rate; by default the method's own (`deltatune.config.METHODS`)."""
@@ -235,7 +245,15 @@ def validate(config: TrainConfig) -> list[str]:
         source = getattr(config, key)
         if source is not None and (problem := check_source(source)):
             errors.append(f"{key}: {problem}")
-    positive = ("max_length", "batch_size", "grad_accum", "eval_batch_size", "log_every", "keep_checkpoints")
+    positive = (
+        "max_length",
+        "num_proc",
+        "batch_size",
+        "grad_accum",
+        "eval_batch_size",
+        "log_every",
+        "keep_checkpoints",
+    )
     errors += [
         f"{k}: must be at least 1, got {getattr(config, k)}" for k in positive if getattr(config, k) < 1
     ]
@@ -254,6 +272,12 @@ def validate(config: TrainConfig) -> list[str]:
     errors += _check_labels(config)
     if config.packing and config.task != "causal-lm":
         errors.append("packing: only for task causal-lm")
+    if config.padding_free and config.task != "causal-lm":
+        errors.append("padding_free: only for task causal-lm")
+    if config.packing and (config.padding_free or config.group_by_length):
+        errors.append(
+            "packing: already leaves no padding; don't combine it with padding_free or group_by_length"
+        )
     cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
     if config.device == "cuda" and not torch.cuda.is_available():
         errors.append("device: cuda was asked for, but torch sees no CUDA device")

@@ -23,15 +23,9 @@ from torch import nn
 
 from deltatune import checkpoint
 from deltatune.config import METHODS
-from deltatune.data import (
-    IGNORE_INDEX,
-    Datasets,
-    batches_per_epoch,
-    collate,
-    epoch_batches,
-    eval_batches,
-)
-from deltatune.errors import TrainingError
+from deltatune.data import IGNORE_INDEX, Batcher, Datasets, collate, eval_batches
+from deltatune.data.packing import packed_attention, packed_inputs
+from deltatune.errors import ConfigError, TrainingError
 from deltatune.losses import causal_lm_loss
 from deltatune.train.config import DTYPES, TrainConfig
 
@@ -146,7 +140,23 @@ def train(
     decay, no_decay = [p for p in params if p.ndim >= 2], [p for p in params if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
-    per_epoch = batches_per_epoch(len(data.train), cfg.batch_size, ctx.world)
+    batcher = Batcher(
+        data.train,
+        batch_size=cfg.batch_size,
+        mode=batching_mode(cfg),
+        max_length=cfg.max_length,
+        seed=cfg.seed,
+        rank=ctx.rank,
+        world=ctx.world,
+        pad_token_id=pad_token_id,
+    )
+    packed_mode = None
+    if batcher.mode in ("packed", "padding_free"):
+        try:
+            packed_mode = packed_attention(model)
+        except ValueError as e:
+            raise ConfigError(f"{'packing' if batcher.mode == 'packed' else 'padding_free'}: {e}") from e
+    per_epoch = len(batcher)
     total = cfg.max_steps or max(1, math.ceil(cfg.epochs * per_epoch / cfg.grad_accum))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, _lr_lambda(cfg.schedule, cfg.warmup_steps, total)
@@ -163,9 +173,10 @@ def train(
     if cfg.eval_at_start and data.eval and not resume_dir:
         summary["before"] = metrics.log(0, evaluate(model, data, cfg, ctx, pad_token_id, autocast))
 
-    stream = _micro_batches(len(data.train), cfg, ctx, state)
+    stream = _micro_batches(batcher, state)
     bar = tqdm(total=total, initial=state["step"], disable=not (ctx.main and cfg.progress), desc="train")
     start, train_time, steps_run, status = time.perf_counter(), 0.0, 0, "completed"
+    real_tokens = 0  # this rank's non-padding tokens since the start of this process
     global_batch = cfg.batch_size * ctx.world * cfg.grad_accum
     # The fused loss runs the backbone directly, which would bypass DDP's/FSDP's forward: one process only.
     chunked = not classify and cfg.loss == "chunked" and ctx.world == 1
@@ -174,7 +185,11 @@ def train(
         t0, loss_sum = time.perf_counter(), 0.0
         for micro in range(cfg.grad_accum):
             epoch, index, ids = next(stream)
-            batch = {k: v.to(dev) for k, v in collate([data.train[i] for i in ids], pad_token_id).items()}
+            tensors, real = batcher.collate(ids)
+            real_tokens += real
+            batch = {k: v.to(dev) for k, v in tensors.items()}
+            if packed_mode is not None:  # examples side by side: attention confined to each one
+                batch = packed_inputs(batch, packed_mode, model) | {"use_cache": False}
             labels = batch.pop("labels")
             with _maybe_no_sync(model, micro < cfg.grad_accum - 1), autocast:
                 if chunked:
@@ -210,9 +225,13 @@ def train(
             "loss_ema": ema,
         }
         step, lr_now, speed = state["step"], scheduler.get_last_lr()[0], steps_run * global_batch / train_time
+        tokens_s = real_tokens * ctx.world / train_time  # every rank's share is about the same size
         bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr_now:.2e}", samples_s=f"{speed:.1f}")
+        bar.set_postfix(
+            loss=f"{loss:.4f}", lr=f"{lr_now:.2e}", samples_s=f"{speed:.1f}", tok_s=f"{tokens_s:.0f}"
+        )
         if step % cfg.log_every == 0 or step == total:
+            tokens_s = _mean(real_tokens, ctx) * ctx.world / train_time  # exact: the sum over ranks
             epochs = round(epoch + (index + 1) / per_epoch, 4)
             metrics.log(
                 step,
@@ -222,6 +241,7 @@ def train(
                     "lr": lr_now,
                     "epoch": epochs,
                     "samples_per_s": speed,
+                    "tokens_per_s": tokens_s,
                 },
             )
         if data.eval and cfg.eval_every and step % cfg.eval_every == 0 and step < total:
@@ -243,6 +263,7 @@ def train(
         "runtime_s": runtime,
         "samples_per_s": steps_run * global_batch / train_time if train_time else 0.0,
         "steps_per_s": steps_run / train_time if train_time else 0.0,
+        "tokens_per_s": _mean(real_tokens, ctx) * ctx.world / train_time if train_time else 0.0,
         "peak_mem_mb": peak_memory_mb(dev),
         "trainable_params": sum(p.numel() for p in params),
         "total_params": sum(p.numel() for p in model.parameters()),
@@ -277,14 +298,21 @@ def _lr_lambda(schedule: str, warmup: int, total: int):
     return factor
 
 
-def _micro_batches(
-    n: int, cfg: TrainConfig, ctx: Context, state: dict
-) -> Iterator[tuple[int, int, list[int]]]:
+def batching_mode(cfg: TrainConfig) -> str:
+    """The `Batcher` mode the config asks for."""
+    if cfg.packing:
+        return "packed"
+    if cfg.padding_free:
+        return "padding_free"
+    return "group_by_length" if cfg.group_by_length else "padded"
+
+
+def _micro_batches(batcher: Batcher, state: dict) -> Iterator[tuple[int, int, list[int]]]:
     """(epoch, batch index, example indices) from the saved position on; a resumed run skips exactly the
     batches the checkpointed run consumed."""
     epoch, start = state["epoch"], state["batch"]
     while True:
-        batches = epoch_batches(n, cfg.batch_size, epoch, cfg.seed, ctx.rank, ctx.world)
+        batches = batcher.epoch(epoch)
         for i in range(start, len(batches)):
             yield epoch, i, batches[i]
         epoch, start = epoch + 1, 0

@@ -67,7 +67,6 @@ def run(
             eval_fraction=config.eval_fraction,
             fields=config.fields,
             max_length=config.max_length,
-            packing=config.packing,
             seed=config.seed,
             labels=config.labels,
         )

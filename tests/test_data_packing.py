@@ -1,0 +1,209 @@
+"""Packing without cross-talk, padding-free batches and length-grouped batches."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import tiny_models
+import torch
+from torch import nn
+
+from deltatune.data import (
+    IGNORE_INDEX,
+    Batcher,
+    block_causal_mask,
+    collate,
+    collate_packed,
+    pack,
+    pack_bins,
+    packed_attention,
+)
+from deltatune.data.packing import packed_inputs
+
+
+def examples(n: int, seed: int = 0, low: int = 1, high: int = 12) -> list[dict]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        ids = [rng.randrange(3, tiny_models.VOCAB) for _ in range(rng.randrange(low, high))]
+        labels = [t if rng.random() < 0.8 else IGNORE_INDEX for t in ids]
+        out.append({"input_ids": ids, "labels": labels})
+    return out
+
+
+def token_losses(model, batch) -> torch.Tensor:
+    """Cross-entropy of every position's prediction of the next token ([rows, T-1]; 0 where unlabelled)."""
+    batch = dict(batch)
+    labels = batch.pop("labels")
+    logits = model(**batch, use_cache=False).logits[:, :-1]
+    loss = nn.functional.cross_entropy(
+        logits.transpose(1, 2).float(), labels[:, 1:], ignore_index=IGNORE_INDEX, reduction="none"
+    )
+    return loss
+
+
+def loss_alone(model, example) -> torch.Tensor:
+    batch = {
+        "input_ids": torch.tensor([example["input_ids"]]),
+        "labels": torch.tensor([example["labels"]]),
+    }
+    return token_losses(model, batch).sum()
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "opt"])
+def test_every_example_in_a_packed_row_has_its_loss_alone(family):
+    model = tiny_models.FAMILIES[family]()
+    mode = packed_attention(model)
+    assert mode == ("mask4d" if family == "opt" else "positions")  # OPT's mask code ignores position ids
+    rows = pack(examples(14, seed=1), max_length=32)
+    assert len(rows) < 14 and all(sum(len(e["input_ids"]) for e in r) <= 32 for r in rows)
+    batch = collate_packed(rows, pad_token_id=0)
+    losses = token_losses(model, packed_inputs(batch, mode, model))
+    for r, row in enumerate(rows):
+        start = 0
+        for e in row:
+            n = len(e["input_ids"])
+            packed = losses[r, start : start + n - 1].sum()  # predictions of tokens 1..n-1 of this example
+            torch.testing.assert_close(packed, loss_alone(model, e), atol=1e-5, rtol=1e-5)
+            start += n
+        assert losses[r, start - 1 :].abs().sum() == 0  # the padding and the step into it learn nothing
+
+
+def test_a_gradient_step_on_a_packed_batch_is_the_sum_over_its_examples():
+    data = examples(6, seed=2)
+    grads = []
+    for packed in (True, False):
+        model = tiny_models.llama()
+        model.train()  # no dropout in the tiny Llama: train and eval forward are the same
+        if packed:
+            batch = collate_packed(pack(data, 64), 0)
+            token_losses(model, packed_inputs(batch, packed_attention(model), model)).sum().backward()
+        else:
+            for e in data:
+                loss_alone(model, e).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for name, g in grads[0].items():
+        torch.testing.assert_close(g, grads[1][name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_no_position_id_label_or_attention_crosses_an_example_boundary():
+    a = {"input_ids": [5, 6, 7], "labels": [5, 6, 7]}
+    b = {"input_ids": [8, 9], "labels": [IGNORE_INDEX, 9]}
+    c = {"input_ids": [10], "labels": [10]}
+    batch = collate_packed([[a, b], [c]], pad_token_id=0)
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9], [10, 0, 0, 0, 0]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1], [0, 0, 1, 2, 3]]
+    # the first token of every example is never a target: no prediction from the example before it
+    assert batch["labels"].tolist() == [[-100, 6, 7, -100, 9], [-100] * 5]
+    mask = block_causal_mask(batch["position_ids"])[:, 0].int().tolist()
+    assert mask[0] == [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [0, 0, 0, 1, 0], [0, 0, 0, 1, 1]]
+    assert mask[1][0] == [1, 0, 0, 0, 0] and mask[1][4] == [0, 1, 1, 1, 1]  # padding: a segment of its own
+    additive = block_causal_mask(batch["position_ids"], torch.float32)
+    assert additive[0, 0, 3, 2] == torch.finfo(torch.float32).min and additive[0, 0, 3, 3] == 0
+
+
+def test_pack_bins_holds_every_example_once_in_rows_that_fit():
+    lengths = [random.Random(i).randrange(1, 100) for i in range(2000)]
+    members, offsets = pack_bins(lengths, 128)
+    assert sorted(members.tolist()) == list(range(2000))
+    rows = [members[a:b].tolist() for a, b in zip(offsets[:-1], offsets[1:])]
+    assert all(sum(lengths[i] for i in row) <= 128 for row in rows)
+    assert all(row == sorted(row) for row in rows)  # file order inside a row
+    assert sum(lengths) / (128 * len(rows)) > 0.97  # best-fit decreasing wastes almost nothing
+    assert pack_bins(lengths, 128)[0].tolist() == members.tolist()  # deterministic
+
+
+def test_a_model_whose_attention_ignores_both_ways_is_refused():
+    class Leaky(nn.Module):  # attends across the whole row whatever it is given
+        def __init__(self):
+            super().__init__()
+            self.config = type("C", (), {"vocab_size": 20, "model_type": "leaky"})()
+            self.emb = nn.Embedding(20, 4)
+
+        def forward(self, input_ids, **_):
+            h = self.emb(input_ids).cumsum(1)
+            return type("O", (), {"logits": h})()
+
+    with pytest.raises(ValueError, match=r"leaky.*can't be confined to each packed example.*packing=false"):
+        packed_attention(Leaky())
+
+
+def test_padding_free_batches_are_one_row_with_the_losses_of_the_padded_batch():
+    model, data = tiny_models.gpt2(), examples(5, seed=3)
+    free = Batcher(data, batch_size=5, mode="padding_free")
+    padded = Batcher(data, batch_size=5)
+    (ids,) = free.epoch(0)
+    tensors, real = free.collate(ids)
+    assert tensors["input_ids"].shape == (1, real) and real == sum(len(e["input_ids"]) for e in data)
+    padded_tensors, padded_real = padded.collate(ids)
+    assert padded_real == real and padded_tensors["input_ids"].numel() > real
+    batch = packed_inputs(tensors, packed_attention(model), model)
+    torch.testing.assert_close(
+        token_losses(model, batch).sum(), token_losses(model, padded_tensors).sum(), atol=1e-5, rtol=1e-5
+    )
+
+
+def test_group_by_length_batches_similar_lengths_randomly_and_repeatably():
+    data = examples(400, seed=4, high=60)
+    grouped = Batcher(data, batch_size=8, mode="group_by_length", seed=1)
+    plain = Batcher(data, batch_size=8, seed=1)
+
+    def padding(batcher, epoch):
+        return sum(batcher.collate(b)[0]["input_ids"].numel() for b in batcher.epoch(epoch))
+
+    assert sorted(i for b in grouped.epoch(0) for i in b) == list(range(400))
+    assert padding(grouped, 0) < 0.7 * padding(plain, 0)
+    assert grouped.epoch(0) == Batcher(data, batch_size=8, mode="group_by_length", seed=1).epoch(0)
+    assert grouped.epoch(0) != grouped.epoch(1)
+    assert grouped.epoch(0) != Batcher(data, batch_size=8, mode="group_by_length", seed=2).epoch(0)
+    ranks = [Batcher(data, batch_size=4, mode="group_by_length", seed=1, rank=r, world=2) for r in range(2)]
+    shards = [r.epoch(0) for r in ranks]
+    assert len(shards[0]) == len(shards[1])
+    assert sorted(i for s in shards for b in s for i in b) == list(range(400))
+
+
+def write_text_data(path, n=40, seed=0):
+    rng = random.Random(seed)
+    rows = [
+        " ".join(f"w{rng.randrange(3, 90)}" for _ in range(int(rng.lognormvariate(1.5, 0.8)) + 1))
+        for _ in range(n)
+    ]
+    path.write_text("\n".join(json.dumps({"text": r}) for r in rows) + "\n")
+    return str(path)
+
+
+def test_packed_and_length_grouped_runs_report_real_tokens_and_resume_exactly(tmp_path):
+    from train_helpers import tiny_opt_folder, trainable_weights
+
+    from deltatune.train import config_from_dict, run
+
+    folder = tiny_opt_folder(tmp_path / "opt")
+    data = write_text_data(tmp_path / "d.jsonl")
+    base = {
+        "model": folder,
+        "task": "causal-lm",
+        "data": data,
+        "eval_data": data,
+        "batch_size": 3,
+        "max_length": 24,
+        "max_steps": 6,
+        "schedule": "constant",
+        "save_every": 3,
+        "log_every": 1,
+        "eval_at_start": False,
+        "progress": False,
+        "method_args": {"r": 2, "lora_alpha": 4},
+    }
+    packed = run(config_from_dict(base | {"output_dir": str(tmp_path / "packed"), "packing": True}))
+    assert packed["status"] == "completed" and packed["tokens_per_s"] > 0
+    lines = [json.loads(x) for x in (tmp_path / "packed" / "metrics.jsonl").read_text().splitlines()]
+    assert all(line["tokens_per_s"] > 0 for line in lines if "train_loss" in line)
+    base["group_by_length"] = True
+    run(config_from_dict(base | {"output_dir": str(tmp_path / "full")}))
+    run(config_from_dict(base | {"output_dir": str(tmp_path / "half"), "max_steps": 3}))
+    resumed = run(config_from_dict(base | {"output_dir": str(tmp_path / "half")}), resume=True)
+    assert resumed["steps"] == 6 and resumed["resumed_from_step"] == 3
+    a, b = trainable_weights(tmp_path / "full"), trainable_weights(tmp_path / "half")
+    assert all(torch.equal(a[k], b[k]) for k in a)
