@@ -133,9 +133,9 @@ def test_declared_labels_fix_the_ids_and_refuse_anything_else(tmp_path, tok):
 
 
 def test_a_bad_label_stops_the_run_before_any_model_loads(tmp_path, monkeypatch):
-    import tiny_models
-
     import importlib
+
+    import tiny_models
 
     from deltatune.train import config_from_dict, run
 

@@ -14,7 +14,6 @@ from deltatune.data import (
     IGNORE_INDEX,
     Batcher,
     block_causal_mask,
-    collate,
     collate_packed,
     pack,
     pack_bins,
