@@ -122,6 +122,8 @@ class _Scheduler:
             "max_rows_per_call": 0,
             "max_adapters_per_call": 0,
             "failed_rows": 0,
+            "cancelled_rows": 0,
+            "joined_running": 0,
         }
         self._thread = threading.Thread(target=self._run, name=f"deltatune-serve-{self.name}", daemon=True)
         self._thread.start()
@@ -260,6 +262,7 @@ class _Scheduler:
             return True
         if row.cancelled:
             row.finished = True
+            self.stats["cancelled_rows"] += 1
             return True
         return False
 
@@ -328,6 +331,7 @@ class ContinuousScheduler(_Scheduler):
                     )
                 elif row.cancelled:
                     row.finished = True
+                    self.stats["cancelled_rows"] += 1
                 else:
                     keep.append(i)
             if len(keep) < len(lane.rows):
@@ -378,6 +382,9 @@ class ContinuousScheduler(_Scheduler):
                 self._prefill(solo, [row for row, w in zip(rows, which) if w == u])
             return
         self.stats["prefills"] += 1
+        lane = self.lanes.get(solo)
+        if lane is not None and lane.rows:
+            self.stats["joined_running"] += len(rows)
         self.metrics.steps.labels(kind="prefill").inc()
         self._note_call(rows)
         going: list[int] = []

@@ -1,0 +1,223 @@
+"""Continuous batching, streaming and the official `openai` client against the real server on 127.0.0.1.
+
+Rows join a running batch mid-flight (different adapters and lengths) and still get exactly what `generate`
+gives for their adapter alone; streamed text concatenates to the non-streamed text; a client that disconnects
+frees its row; `n > 1` shares one prefill; the client raises its own exception types for our errors.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+from test_serve import BASE, CAP, KEY, _client, _Server, files, reference  # noqa: F401  (fixtures)
+
+import deltatune.serve.scheduler as scheduler_module
+from deltatune.serve import ApiError, Engine, create_app
+
+
+@pytest.fixture(scope="module")
+def served(files):  # noqa: F811
+    engine = Engine(files["base"], files["adapters"], base_name=BASE, device="cpu", max_batch=8)
+    server = _Server(create_app(engine, api_key=KEY, max_tokens_cap=CAP))
+    with _client(server.url) as client:
+        oai = openai.OpenAI(
+            base_url=f"{server.url}/v1",
+            api_key=KEY,
+            max_retries=0,
+            timeout=60,
+            http_client=httpx.Client(trust_env=False),
+        )
+        yield engine, client, oai
+    server.stop()
+
+
+def _sse(lines) -> list[dict | str]:
+    out = []
+    for line in lines:
+        if line.startswith("data: "):
+            data = line[len("data: ") :]
+            out.append(data if data == "[DONE]" else json.loads(data))
+    return out
+
+
+def _slow_steps(engine, seconds: float):
+    """Make each decoding step take at least `seconds` (so a test can act while rows are running)."""
+    sched = engine.scheduler
+    decode = sched._decode
+
+    def slow(lane):
+        time.sleep(seconds)
+        decode(lane)
+
+    sched._decode = slow
+    return lambda: setattr(sched, "_decode", decode)
+
+
+def test_rows_joining_mid_flight_get_their_answer_alone(served, reference):  # noqa: F811
+    engine, client, _ = served
+    before = engine.health()["stats"]
+    restore = _slow_steps(engine, 0.03)
+    try:
+        body = {"model": "alpha", "prompt": "w1 w2 w3", "max_tokens": CAP, "temperature": 0, "stream": True}
+        with client.stream("POST", "/v1/completions", json=body) as long:
+            lines = long.iter_lines()
+            first = next(line for line in lines if line.startswith("data: "))  # the long row is running
+            jobs = [
+                ("beta", "w4 w5", 5),
+                (BASE, "w6 w7 w8 w9 w10", 9),
+                ("alpha", "w11", 3),
+                ("beta", "w12 w13", 14),
+            ]
+            with ThreadPoolExecutor(len(jobs)) as pool:
+                futures = []
+                for job in jobs:  # staggered: they join at different steps
+                    futures.append(
+                        pool.submit(
+                            client.post,
+                            "/v1/completions",
+                            json={"model": job[0], "prompt": job[1], "max_tokens": job[2], "temperature": 0},
+                        )
+                    )
+                    time.sleep(0.05)
+                replies = [f.result() for f in futures]
+            chunks = _sse([first, *lines])
+    finally:
+        restore()
+    assert chunks[-1] == "[DONE]"
+    streamed = "".join(c["choices"][0]["text"] for c in chunks[:-1])
+    assert streamed == reference("alpha", "w1 w2 w3", CAP)
+    for (model, prompt, max_tokens), r in zip(jobs, replies):
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["text"] == reference(model, prompt, max_tokens), model
+    after = engine.health()["stats"]
+    assert after["joined_running"] - before["joined_running"] >= len(jobs)  # joined a running batch
+    assert after["max_adapters_per_call"] >= 3
+
+
+def test_streamed_text_concatenates_to_the_text_and_usage_comes_last(served):
+    _, client, _ = served
+    for extra in ({}, {"stop": ["w3", "w77"]}, {"n": 2, "temperature": 1.0, "seed": 3}):
+        body = {"model": "beta", "prompt": "w9 w8 w7", "max_tokens": 12, "temperature": 0, **extra}
+        plain = client.post("/v1/completions", json=body).json()
+        r = client.post(
+            "/v1/completions", json={**body, "stream": True, "stream_options": {"include_usage": True}}
+        )
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        chunks = _sse(r.text.splitlines())
+        assert chunks[-1] == "[DONE]"
+        usage = chunks[-2]
+        assert usage["choices"] == [] and usage["usage"] == plain["usage"]
+        for choice in plain["choices"]:
+            mine = [c["choices"][0] for c in chunks[:-2] if c["choices"][0]["index"] == choice["index"]]
+            assert "".join(c["text"] for c in mine) == choice["text"]
+            assert mine[-1]["finish_reason"] == choice["finish_reason"]
+            assert all(c["finish_reason"] is None for c in mine[:-1])
+
+
+def test_a_client_that_disconnects_frees_its_row(served):
+    engine, client, _ = served
+    before = engine.health()["stats"]["cancelled_rows"]
+    restore = _slow_steps(engine, 0.05)
+    try:
+        body = {"model": "alpha", "prompt": "w1", "max_tokens": CAP, "temperature": 0, "stream": True}
+        with client.stream("POST", "/v1/completions", json=body) as r:
+            next(line for line in r.iter_lines() if line.startswith("data: "))
+        deadline = time.monotonic() + 10
+        while engine.scheduler.running() and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        restore()
+    assert engine.scheduler.running() == 0
+    assert engine.health()["stats"]["cancelled_rows"] > before
+
+
+def test_n_choices_share_one_prefill(served, reference):  # noqa: F811
+    engine, client, _ = served
+    before = engine.health()["stats"]["prefills"]
+    r = client.post(
+        "/v1/completions",
+        json={"model": "beta", "prompt": "w5 w6", "max_tokens": 6, "temperature": 0, "n": 3},
+    )
+    assert [c["text"] for c in r.json()["choices"]] == [reference("beta", "w5 w6", 6)] * 3
+    assert engine.health()["stats"]["prefills"] - before == 1
+
+
+# ---- the official client ---------------------------------------------------------------------------------------
+def test_openai_client_completions_and_chat(served, reference):  # noqa: F811
+    _, _, oai = served
+    done = oai.completions.create(model="alpha", prompt="w1 w2", max_tokens=8, temperature=0)
+    assert done.choices[0].text == reference("alpha", "w1 w2", 8)
+    assert done.usage.prompt_tokens == 2
+    chat = oai.chat.completions.create(
+        model="beta", messages=[{"role": "user", "content": "w2 w3"}], max_tokens=8, temperature=0
+    )
+    assert chat.choices[0].message.content == reference("beta", "user w2 w3 assistant", 8)
+    assert chat.choices[0].message.role == "assistant"
+    models = {m.id for m in oai.models.list()}
+    assert {BASE, "alpha", "beta"} <= models
+
+
+def test_openai_client_streams_completions_and_chat(served, reference):  # noqa: F811
+    _, _, oai = served
+    stream = oai.completions.create(
+        model="alpha",
+        prompt="w4 w5",
+        max_tokens=10,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == reference("alpha", "w4 w5", 10)
+    assert chunks[-1].usage is not None and chunks[-1].usage.prompt_tokens == 2
+    stream = oai.chat.completions.create(
+        model="beta", messages=[{"role": "user", "content": "w6"}], max_tokens=9, temperature=0, stream=True
+    )
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks)
+    assert text == reference("beta", "user w6 assistant", 9)
+    assert chunks[-1].choices[0].finish_reason in ("length", "stop")
+
+
+def test_openai_client_raises_its_own_exception_types(served, monkeypatch):
+    engine, client, oai = served
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        oai.completions.create(model="nope", prompt="w1")
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        oai.completions.create(model="alpha", prompt="w1", temperature=7)
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):
+        oai.chat.completions.create(
+            model="alpha", messages=[{"role": "user", "content": "w1"}], max_tokens=CAP + 1, stream=True
+        )
+    bad_key = openai.OpenAI(
+        base_url=oai.base_url, api_key="wrong", max_retries=0, http_client=httpx.Client(trust_env=False)
+    )
+    with pytest.raises(openai.AuthenticationError):
+        bad_key.completions.create(model="alpha", prompt="w1")
+
+    # A row that fails after its first token: the stream ends with an error event the client raises.
+    real = scheduler_module.RowSampler
+
+    class FailsLater(real):
+        def pick(self, logits):
+            token = super().pick(logits)
+            if self.temperature == 1.25 and getattr(self, "_n", 0) >= 2:
+                raise ApiError(422, "this row broke mid-way", "request_failed", "model")
+            self._n = getattr(self, "_n", 0) + 1
+            return token
+
+    monkeypatch.setattr(scheduler_module, "RowSampler", FailsLater)
+    stream = oai.completions.create(model="alpha", prompt="w1", max_tokens=10, temperature=1.25, stream=True)
+    with pytest.raises(openai.APIError, match="broke mid-way"):
+        for _ in stream:
+            pass
+    assert (
+        client.post("/v1/completions", json={"model": "alpha", "prompt": "w1", "max_tokens": 2}).status_code
+        == 200
+    )
