@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -669,7 +670,7 @@ def test_api_key_guards_every_endpoint(causal):
 
 
 # ---- the command ------------------------------------------------------------------------------------------------
-def test_the_serve_command_binds_localhost_and_reads_the_key_from_env(files, reference):
+def test_the_serve_command_binds_localhost_reads_the_key_from_env_and_shuts_down_gracefully(files, reference):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -709,6 +710,21 @@ def test_the_serve_command_binds_localhost_and_reads_the_key_from_env(files, ref
                 assert anon.get("/health").status_code == 401
             text = _complete(client, "alpha", "w9 w8", 5, temperature=0)["choices"][0]["text"]
             assert text == reference("alpha", "w9 w8", 5)
+
+            # SIGTERM with requests in flight: they finish, then the server exits.
+            with ThreadPoolExecutor(4) as pool:
+                futures = [
+                    pool.submit(_complete, client, "beta", f"w{i} w2", CAP, temperature=0, n=8)
+                    for i in range(4)
+                ]
+                time.sleep(0.3)
+                proc.send_signal(signal.SIGTERM)
+                replies = [f.result(timeout=60) for f in futures]
+            for i, reply in enumerate(replies):
+                assert [c["text"] for c in reply["choices"]] == [reference("beta", f"w{i} w2", CAP)] * 4
+            assert proc.wait(timeout=60) in (0, -signal.SIGTERM)
+            assert b"Traceback" not in proc.stderr.read()
     finally:
-        proc.terminate()
+        if proc.poll() is None:
+            proc.terminate()
         proc.wait(timeout=30)

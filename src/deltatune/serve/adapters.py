@@ -16,6 +16,7 @@ anything leading outside is refused (skipped at startup and listed in `/health`;
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import threading
@@ -140,20 +141,15 @@ class Registry:
         return None
 
     def register(self, name: str, directory: str) -> Entry:
-        """Read and check an adapter's config (not its weights); raises ValueError naming the adapter."""
+        """Read and check an adapter's config and its weights' header (no tensor is loaded); raises ValueError
+        saying which file and field is wrong (not where the folder is)."""
+        _check_config_file(directory)
         try:
             config = load_config(directory)
-        except UnicodeDecodeError as e:
-            raise ValueError(
-                f"adapter {name!r}: {CONFIG_NAME} is not UTF-8 text ({e.reason} at byte {e.start})"
-            ) from e
-        except Exception as e:  # any malformed field: the message names the adapter and the problem
-            raise ValueError(f"adapter {name!r}: {CONFIG_NAME} is invalid: {_short(e)}") from e
-        try:
-            self.task_check(config)
-        except ValueError as e:
-            raise ValueError(f"adapter {name!r}: {e}") from e
-        _check_weights_header(name, directory)
+        except Exception as e:  # any malformed field: the message names the file and the problem
+            raise ValueError(f"{CONFIG_NAME} is invalid: {_short(e)}") from e
+        self.task_check(config)
+        _check_weights_header(directory)
         entry = Entry(
             name,
             directory,
@@ -172,10 +168,11 @@ class Registry:
                 self.register(name, directory)
             except (ValueError, OSError) as e:
                 self._fail(name, str(e))
+            except Exception as e:  # a bug here must not stop the server from starting: skip, log, list it
+                logging.getLogger("deltatune.serve").exception("registering adapter %r failed", name)
+                self._fail(name, f"{type(e).__name__}: {e}")
 
     def _fail(self, name: str, why: str) -> None:
-        import logging
-
         logging.getLogger("deltatune.serve").warning("adapter %r skipped: %s", name, why)
         with self._lock:
             self.failed[name] = redact(why)
@@ -243,7 +240,31 @@ class Registry:
             self.stats.evictions += 1
 
 
-def _check_weights_header(name: str, directory: str) -> None:
+_DICT_FIELDS = ("rank_pattern", "alpha_pattern")
+
+
+def _check_config_file(directory: str) -> None:
+    """The config file is UTF-8 JSON holding an object, and the fields that must be objects are."""
+    path = os.path.join(directory, CONFIG_NAME)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(1 << 20)
+        data = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{CONFIG_NAME} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{CONFIG_NAME} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{CONFIG_NAME} must hold a JSON object, not {type(data).__name__}")
+    for key in _DICT_FIELDS:
+        if key in data and not isinstance(data[key], dict):
+            raise ValueError(
+                f"{CONFIG_NAME}: {key} must be an object mapping module patterns to numbers (or be left out), "
+                f"got {json.dumps(data[key])[:80]}"
+            )
+
+
+def _check_weights_header(directory: str) -> None:
     """The weights file is there and its safetensors header reads (no tensor is loaded)."""
     from safetensors import safe_open
 
@@ -251,14 +272,14 @@ def _check_weights_header(name: str, directory: str) -> None:
     if not os.path.isfile(path):
         if os.path.isfile(os.path.join(directory, LEGACY_WEIGHTS_NAME)):
             return  # read (without unpickling) when loaded
-        raise ValueError(f"adapter {name!r}: no {WEIGHTS_NAME} in its folder")
+        raise ValueError(f"no {WEIGHTS_NAME} in its folder")
     try:
         with safe_open(path, "pt") as f:
             if not list(f.keys()):
                 raise ValueError("it holds no tensors")
     except Exception as e:
         raise ValueError(
-            f"adapter {name!r}: {WEIGHTS_NAME} is corrupt or not safetensors: {_short(e)}"
+            f"{WEIGHTS_NAME} is corrupt or not safetensors: {_short(e)}"
         ) from e
 
 

@@ -190,8 +190,11 @@ class Engine:
             raise ApiError(409, f"an adapter named {name!r} is loaded already", "name_taken", "name")
         try:
             self.registry.register(name, directory)
-        except (ValueError, OSError) as e:
-            raise ApiError(400, f"adapter {name!r} could not be loaded: {e}", "adapter_invalid") from e
+        except Exception as e:  # whatever is wrong with the files is this adapter's problem: a 400
+            if not isinstance(e, (ValueError, OSError)):
+                logger.exception("registering adapter %r failed", name)
+            where = "" if path is None else f" (at {path!r})"
+            raise ApiError(400, f"adapter {name!r}{where} could not be loaded: {e}", "adapter_invalid") from e
 
         def load_now() -> None:
             try:

@@ -1,0 +1,163 @@
+"""The adapter registry of `deltatune serve`: every folder registered at startup, weights loaded on first use,
+least recently used evicted beyond `max_loaded_adapters`; names, config files and symlinks judged by one rule
+at startup and at runtime; no server path shown to clients; the API key and `/metrics`."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+from test_serve import BASE, _client, _Server, files, reference  # noqa: F401  (fixtures)
+
+from deltatune.serve import Engine, create_app, serve_main
+
+
+def _complete(client, model: str, prompt: str, max_tokens: int) -> str:
+    r = client.post(
+        "/v1/completions", json={"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
+    )
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]["text"]
+
+
+@pytest.fixture()
+def serve(files):  # noqa: F811
+    started = []
+
+    def start(adapters: str, **kwargs):
+        engine = Engine(files["base"], adapters, base_name=BASE, device="cpu", **kwargs)
+        server = _Server(create_app(engine))
+        client = _client(server.url, key=None)
+        started.append((server, client))
+        return engine, client
+
+    yield start
+    for server, client in started:
+        client.close()
+        server.stop()
+
+
+def test_a_hundred_folders_register_with_only_n_loaded_and_eviction_reload_is_identical(
+    files,  # noqa: F811
+    tmp_path,
+    serve,
+    reference,  # noqa: F811
+):
+    root = tmp_path / "many"
+    for i in range(100):
+        shutil.copytree(
+            os.path.join(files["adapters"], "alpha" if i % 2 == 0 else "beta"), root / f"task{i:03d}"
+        )
+    engine, client = serve(str(root), max_loaded_adapters=3)
+    models = client.get("/v1/models").json()["data"]
+    assert len(models) == 101 and models[0]["id"] == BASE
+    assert not any(m["loaded"] for m in models[1:])  # registered, not loaded
+    assert engine.peft is None
+
+    first = _complete(client, "task000", "w1 w2", 8)
+    assert first == reference("alpha", "w1 w2", 8)
+    for i in (1, 2, 3, 4, 5):  # five more adapters through a cache of three
+        expect = reference("alpha" if i % 2 == 0 else "beta", "w1 w2", 8)
+        assert _complete(client, f"task{i:03d}", "w1 w2", 8) == expect
+        assert len(engine.loaded_adapters) <= 3
+    loaded = [m["id"] for m in client.get("/v1/models").json()["data"] if m["loaded"]]
+    assert loaded == [BASE, "task003", "task004", "task005"]
+    assert len(engine.peft.adapter_names) == 3
+    assert _complete(client, "task000", "w1 w2", 8) == first  # evicted, reloaded: the same answer
+    health = client.get("/health").json()
+    assert health["stats"]["adapter_evictions"] >= 4 and health["max_loaded_adapters"] == 3
+    metrics = client.get("/metrics").text
+    assert 'deltatune_adapter_events_total{event="evict"}' in metrics
+    assert 'deltatune_requests_total{adapter="task000",endpoint="completions",status="200"} 2.0' in metrics
+    assert "deltatune_time_to_first_token_seconds_bucket" in metrics
+    assert "deltatune_inter_token_latency_seconds_count" in metrics
+
+
+def test_max_loaded_adapters_below_one_is_refused_at_startup(files, capsys):  # noqa: F811
+    with pytest.raises(ValueError, match="at least 1"):
+        Engine(files["base"], files["adapters"], max_loaded_adapters=0, device="cpu")
+    assert serve_main(["--base", files["base"], "--max-loaded-adapters", "0"]) == 2
+    assert "--max-loaded-adapters must be at least 1" in capsys.readouterr().err
+
+
+def test_empty_api_key_is_refused_at_startup(files, capsys, monkeypatch):  # noqa: F811
+    monkeypatch.setenv("DELTATUNE_API_KEY", "")
+    assert serve_main(["--base", files["base"]]) == 2
+    assert "DELTATUNE_API_KEY is set but empty" in capsys.readouterr().err
+    monkeypatch.delenv("DELTATUNE_API_KEY")
+    assert serve_main(["--base", files["base"], "--api-key", "  "]) == 2
+    assert "--api-key is set but empty" in capsys.readouterr().err
+
+
+def test_adapters_pointing_at_one_adapter_folder_serves_it_by_its_name(files, serve, reference):  # noqa: F811
+    engine, client = serve(os.path.join(files["adapters"], "beta"))
+    assert engine.adapter_names == ["beta"]
+    assert _complete(client, "beta", "w3 w4", 6) == reference("beta", "w3 w4", 6)
+
+
+def _bad_config(folder, source, text: bytes) -> None:
+    shutil.copytree(source, folder)
+    (folder / "adapter_config.json").write_bytes(text)
+
+
+def test_bad_names_configs_and_links_are_skipped_at_startup_and_refused_at_runtime(files, tmp_path, serve):  # noqa: F811
+    root = tmp_path / "mixed"
+    alpha = os.path.join(files["adapters"], "alpha")
+    with open(os.path.join(alpha, "adapter_config.json")) as f:
+        config = json.load(f)
+    shutil.copytree(alpha, root / "good")
+    for name in ("train", "to", "forward", "_modules"):  # nn.Module's own names
+        shutil.copytree(alpha, root / name)
+    _bad_config(root / "rank_list", alpha, json.dumps({**config, "rank_pattern": []}).encode())
+    _bad_config(root / "rank_null", alpha, json.dumps({**config, "rank_pattern": None}).encode())
+    _bad_config(root / "binary", alpha, b"\xff\xfe\x00\x81 not utf-8")
+    os.symlink(str(files["root"] / "spare" / "gamma"), root / "link_out")  # a folder link leading outside
+    (root / "files_out").mkdir()  # a real folder whose files lead outside
+    for f in os.listdir(files["root"] / "spare" / "gamma"):
+        os.symlink(str(files["root"] / "spare" / "gamma" / f), root / "files_out" / f)
+    os.symlink(root / "good", root / "alias")  # a link that stays inside: fine
+
+    engine, client = serve(str(root))
+    health = client.get("/health").json()
+    assert sorted(engine.adapter_names) == ["alias", "good"]
+    failed = health["failed_adapters"]
+    for name in ("train", "to", "forward"):
+        assert "torch.nn.Module uses itself" in failed[name]
+    assert "starts with a letter or digit" in failed["_modules"]
+    assert (
+        failed["rank_list"].startswith("adapter_config.json: rank_pattern must be an object")
+        and "[]" in failed["rank_list"]
+    )
+    assert (
+        failed["rank_null"].startswith("adapter_config.json: rank_pattern must be an object")
+        and "null" in failed["rank_null"]
+    )
+    assert "not UTF-8" in failed["binary"] and "adapter_config.json" in failed["binary"]
+    assert "outside the adapters folder" in failed["link_out"]
+    assert "outside the adapters folder" in failed["files_out"]
+    assert str(tmp_path) not in json.dumps(health) and "/tmp" not in json.dumps(health)
+    assert _complete(client, "alias", "w1", 4) == _complete(client, "good", "w1", 4)
+
+    # The same rules at runtime: each a 4xx naming the problem, never a path, and the server keeps serving.
+    runtime = [
+        ({"name": "train", "path": "good"}, 400, "torch.nn.Module uses itself"),
+        ({"name": "ok1", "path": "rank_list"}, 400, "rank_list"),
+        ({"name": "ok2", "path": "rank_null"}, 400, "rank_null"),
+        ({"name": "ok3", "path": "binary"}, 400, "not UTF-8"),
+        ({"name": "ok4", "path": "link_out"}, 400, "outside the adapters folder"),
+        ({"name": "ok5", "path": "files_out"}, 400, "outside the adapters folder"),
+        ({"name": "ok6", "path": "good\x00"}, 400, "NUL"),
+    ]
+    for body, status, words in runtime:
+        r = client.post("/v1/adapters", json=body)
+        assert r.status_code == status and words in r.json()["error"]["message"], (body, r.text)
+        assert str(tmp_path) not in r.text and "/tmp/" not in r.text
+    for model in ("train", "forward", "_modules"):
+        r = client.post("/v1/completions", json={"model": model, "prompt": "w1"})
+        assert r.status_code == 400 and "torch.nn.Module" in r.json()["error"]["message"]
+    r = client.post("/v1/completions", json={"model": "binary", "prompt": "w1"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "adapter_invalid"
+    assert client.post("/v1/adapters", json={"name": "alias2", "path": "alias"}).status_code == 200
+    assert _complete(client, "alias2", "w1", 4) == _complete(client, "good", "w1", 4)
