@@ -712,10 +712,10 @@ def test_the_serve_command_binds_localhost_reads_the_key_from_env_and_shuts_down
             assert text == reference("alpha", "w9 w8", 5)
 
             # SIGTERM with requests in flight: they finish, then the server exits.
-            with ThreadPoolExecutor(4) as pool:
+            with ThreadPoolExecutor(3) as pool:
                 futures = [
-                    pool.submit(_complete, client, "beta", f"w{i} w2", CAP, temperature=0, n=8)
-                    for i in range(4)
+                    pool.submit(_complete, client, "beta", f"w{i} w2", CAP, temperature=0, n=4)
+                    for i in range(3)
                 ]
                 time.sleep(0.3)
                 proc.send_signal(signal.SIGTERM)
