@@ -120,3 +120,117 @@ def test_inference_path_matches_training_path(factory, monkeypatch):
     plain = model(input_ids=x).logits
     torch.testing.assert_close(without, with_grad, atol=1e-5, rtol=0)
     torch.testing.assert_close(without, plain, atol=1e-5, rtol=0)
+
+
+# ---- DoRA and quantized bases: the fused path against the plain path and against PEFT --------------------
+
+
+def _step(model, x):
+    model.train()
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    torch.manual_seed(0)  # the same dropout masks (OPT and GPT-2 also drop out with the functional form)
+    logits = model(input_ids=x).logits
+    (logits.float().pow(2).mean() + 0.1 * logits.float().mean()).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return logits.detach(), grads
+
+
+def _perturb(model, seed=3):
+    """Move the DoRA magnitudes and LoRA weights off their initial values, deterministically by name."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+
+
+def _ours(factory, config, fused, monkeypatch, quantize=None):
+    from deltatune.methods.quant import quantize_model
+
+    monkeypatch.setattr(lora_method, "FUSED", fused)
+    base = factory()
+    if quantize:
+        quantize_model(base, quantize)
+    torch.manual_seed(1)  # the LoRA weights (quantize_model's first call draws random numbers for a check)
+    model = get_peft_model(base, config)
+    _perturb(model)
+    return model
+
+
+def _count_fused(monkeypatch):
+    calls = []
+    original = lora_method._FusedLoraLinear.apply
+    monkeypatch.setattr(lora_method._FusedLoraLinear, "apply", lambda *a: calls.append(1) or original(*a))
+    return calls
+
+
+@pytest.mark.parametrize(
+    ("factory", "targets", "quantize"),
+    [
+        (opt, ["q_proj", "v_proj", "fc1"], None),
+        (gpt2, ["c_attn", "c_fc"], None),
+        (llama, "all-linear", None),
+        (opt, ["q_proj", "v_proj", "fc2"], "nf4"),
+        (llama, "all-linear", "int8"),
+    ],
+)
+@pytest.mark.parametrize("dora", [False, True])
+def test_fused_path_matches_plain_path_dora_and_quantized(factory, targets, quantize, dora, monkeypatch):
+    if quantize == "nf4":
+        pytest.importorskip("bitsandbytes")
+    config = dict(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False, use_dora=dora)
+    x = ids(batch=2, seq=6)
+    calls = _count_fused(monkeypatch)
+    fused_out, fused_grads = _step(_ours(factory, LoraConfig(**config), True, monkeypatch, quantize), x)
+    assert calls, "the fused path did not run"
+    calls.clear()
+    plain_out, plain_grads = _step(_ours(factory, LoraConfig(**config), False, monkeypatch, quantize), x)
+    assert not calls
+    torch.testing.assert_close(fused_out, plain_out, atol=1e-5, rtol=1e-5)
+    assert fused_grads.keys() == plain_grads.keys()
+    assert any("lora_magnitude_vector" in n for n in fused_grads) == dora
+    for name in fused_grads:
+        torch.testing.assert_close(fused_grads[name], plain_grads[name], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize(("factory", "targets"), [(opt, ["q_proj", "v_proj", "fc1"]), (gpt2, ["c_attn"]), (llama, "all-linear")])
+def test_fused_dora_equals_peft_dora(factory, targets, monkeypatch):
+    peft = pytest.importorskip("peft")
+    config = dict(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False, use_dora=True)
+    x = ids(batch=2, seq=6)
+    calls = _count_fused(monkeypatch)
+    ours = _ours(factory, LoraConfig(**config), True, monkeypatch)
+    assert calls == [] and _step(ours, x) and calls
+    ours.zero_grad(set_to_none=True)
+    theirs = peft.get_peft_model(factory(), peft.LoraConfig(**config))
+    mine = {
+        k.replace("base_model.", "base_model.model.", 1) + (".weight" if "magnitude" in k else ""): v
+        for k, v in ours.state_dict().items()
+        if "lora_" in k
+    }
+    assert not theirs.load_state_dict(mine, strict=False).unexpected_keys
+    our_out, our_grads = _step(ours, x)
+    their_out, their_grads = _step(theirs, x)
+    torch.testing.assert_close(our_out, their_out, atol=1e-5, rtol=1e-5)
+    their_grads = {
+        k.replace("base_model.model.", "base_model.", 1).removesuffix(".weight" if "magnitude" in k else ""): v
+        for k, v in their_grads.items()
+    }
+    assert our_grads.keys() == their_grads.keys()
+    for name in our_grads:
+        torch.testing.assert_close(our_grads[name], their_grads[name], atol=1e-5, rtol=1e-5)
+
+
+def test_fused_path_trains_the_bias_when_asked(monkeypatch):
+    x = ids(batch=2, seq=6)
+    grads = []
+    for fused in (True, False):
+        monkeypatch.setattr(lora_method, "FUSED", fused)
+        model = get_peft_model(opt(), LoraConfig(r=4, target_modules=["q_proj"], bias="lora_only", init_lora_weights=False))
+        grads.append(_step(model, x)[1])
+    bias = [n for n in grads[0] if n.endswith("q_proj.base_layer.bias")]
+    assert bias and all(grads[0][n].abs().sum() > 0 for n in bias)
+    for name in grads[1]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-6, rtol=1e-5)

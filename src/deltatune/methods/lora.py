@@ -35,40 +35,68 @@ def _is_conv1d(module: nn.Module) -> bool:
 # The fused LoRA linear (below) can be turned off, e.g. to compare against the plain path:
 # `deltatune.methods.lora.FUSED = False` or DELTATUNE_FUSED_LORA=0.
 FUSED = os.environ.get("DELTATUNE_FUSED_LORA", "1") != "0"
+# quantized bases the fused path dequantizes itself (bitsandbytes' LLM.int8 matmul is not a dequantize + matmul)
+_FUSED_QUANT = {("nf4", "bitsandbytes"), ("int8", "torch")}
 
 
 class _FusedLoraLinear(torch.autograd.Function):
-    """`y = x W^T + b + s (x A^T) B^T` with a frozen W, in one pass.
+    """`y = x W^T + s (x A^T) B^T + b` with a frozen W, in one pass; with a DoRA magnitude `m`,
+    `y = m / ||W + s B A||_row * (x W^T + s (x A^T) B^T) + b` (the norm detached, as in PEFT and the paper).
 
     Saves only `x` (which the LoRA gradient needs anyway) and recomputes the rank-r `x A^T` in backward,
     instead of keeping the separate branch outputs; the LoRA product is added into the base output in
-    place (`addmm_`), with no `[tokens, out]` temporaries.
+    place (`addmm_`), with no `[tokens, out]` temporaries (DoRA keeps the one `[tokens, out]` product its
+    magnitude's gradient needs).
+
+    `source` is a frozen quantized linear (`QuantizedLinear`) or None. With a quantized base, `weight` is
+    None: the weight is dequantized inside forward, used and freed at once, and dequantized again in backward
+    only if the input needs a gradient, so at most one layer's full-precision weight is alive at any time
+    (QLoRA's memory saving, kept in the fused path).
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, scale: float):
+    def forward(ctx, x, weight, bias, lora_a, lora_b, magnitude, scale: float, source):
         x2 = x.reshape(-1, x.shape[-1])
-        out = F.linear(x2, weight, bias)
+        w = source.dequantize() if source is not None else weight
+        out = F.linear(x2, w)
         out.addmm_(x2 @ lora_a.T, lora_b.T, alpha=scale)
-        ctx.save_for_backward(x2, weight, lora_a, lora_b)
-        ctx.scale = scale
-        ctx.x_shape = x.shape
+        ctx.dora = magnitude is not None
+        if ctx.dora:
+            with torch.no_grad():
+                norm = torch.linalg.norm(torch.addmm(w, lora_b, lora_a, alpha=scale), dim=1)
+            factor = magnitude.detach() / norm
+            product, out = out, out * factor
+        del w  # a dequantized weight is freed here, before the next layer dequantizes its own
+        if bias is not None:
+            out.add_(bias)
+        saved = (x2, weight, lora_a, lora_b)
+        ctx.save_for_backward(*saved, norm, factor, product) if ctx.dora else ctx.save_for_backward(*saved)
+        ctx.scale, ctx.source, ctx.x_shape = scale, source, x.shape
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_out):
-        x2, weight, lora_a, lora_b = ctx.saved_tensors
+        x2, weight, lora_a, lora_b, *dora = ctx.saved_tensors
         scale = ctx.scale
         g = grad_out.reshape(-1, grad_out.shape[-1])
+        grad_x = grad_bias = grad_a = grad_b = grad_m = None
+        if ctx.needs_input_grad[2]:
+            grad_bias = g.sum(0)
+        if ctx.dora:
+            norm, factor, product = dora
+            if ctx.needs_input_grad[5]:
+                grad_m = (g * product).sum(0).div_(norm)
+            g = g * factor
         g_b = g @ lora_b  # [tokens, r]
-        grad_x = grad_a = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = torch.addmm(g @ weight, g_b, lora_a, alpha=scale).view(ctx.x_shape)
+            w = ctx.source.dequantize() if ctx.source is not None else weight
+            grad_x = torch.addmm(g @ w, g_b, lora_a, alpha=scale).view(ctx.x_shape)
+            del w
         if ctx.needs_input_grad[3]:
             grad_a = (g_b.T @ x2).mul_(scale)
         if ctx.needs_input_grad[4]:
             grad_b = (g.T @ (x2 @ lora_a.T)).mul_(scale)
-        return grad_x, None, None, grad_a, grad_b, None
+        return grad_x, None, grad_bias, grad_a, grad_b, grad_m, None, None
 
 
 class _LoraLayer(nn.Module):
@@ -339,23 +367,7 @@ class LoraLinear(_LoraLayer):
         if mix is not None:
             return self._forward_mixed(x, mix)
         if FUSED and self._fusable(x):
-            name = self.active_adapters[0]
-            weight = self.base_layer.weight
-            if not torch.is_grad_enabled():  # inference: no autograd bookkeeping at all
-                x2 = x.reshape(-1, x.shape[-1])
-                out = F.linear(x2, weight.T if self.fan_in_fan_out else weight, self.base_layer.bias)
-                out.addmm_(
-                    x2 @ self.lora_A[name].weight.T, self.lora_B[name].weight.T, alpha=self.scaling[name]
-                )
-                return out.view(*x.shape[:-1], out.shape[-1])
-            return _FusedLoraLinear.apply(
-                x,
-                weight.T if self.fan_in_fan_out else weight,
-                self.base_layer.bias,
-                self.lora_A[name].weight,
-                self.lora_B[name].weight,
-                self.scaling[name],
-            )
+            return self._forward_fused(x, self.active_adapters[0])
         result = self.base_layer(x, *args, **kwargs)
         for name in self.active_adapters:
             lora_a, lora_b = self.lora_A[name], self.lora_B[name]
@@ -372,20 +384,45 @@ class LoraLinear(_LoraLayer):
         return result
 
     def _fusable(self, x: torch.Tensor) -> bool:
-        """The fused path covers the common training case: one plain adapter on a float base, no dropout."""
+        """The fused path covers the common training cases: one adapter (LoRA or DoRA) on a float or a quantized
+        (NF4, or int8 with the torch backend) base, no dropout while training, no autocast."""
         if len(self.active_adapters) != 1 or torch.is_autocast_enabled(x.device.type):
             return False
         name = self.active_adapters[0]
+        base = self.base_layer
+        if getattr(base, "is_quantized_linear", False):
+            base_ok = (base.quantize, base.backend) in _FUSED_QUANT and x.dtype == base.compute_dtype
+        else:
+            base_ok = (
+                isinstance(base, nn.Linear)
+                and type(base).forward is nn.Linear.forward
+                or _is_conv1d(base)
+            ) and x.dtype == base.weight.dtype
         return (
-            not self.use_dora[name]
+            base_ok
             and (isinstance(self.lora_dropout[name], nn.Identity) or not self.training)
-            and not getattr(self.base_layer, "is_quantized_linear", False)
-            and (
-                isinstance(self.base_layer, nn.Linear)
-                and type(self.base_layer).forward is nn.Linear.forward
-                or _is_conv1d(self.base_layer)
-            )
-            and x.dtype == self.base_layer.weight.dtype == self.lora_A[name].weight.dtype
+            and x.dtype == self.lora_A[name].weight.dtype
+        )
+
+    def _forward_fused(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        base = self.base_layer
+        quantized = getattr(base, "is_quantized_linear", False)
+        bias = base.bias
+        if quantized and bias is not None:
+            bias = bias.to(base.compute_dtype)
+        magnitude = self.lora_magnitude_vector[name] if self.use_dora[name] else None
+        a, b, scale = self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name]
+        if not quantized:
+            weight = base.weight.T if self.fan_in_fan_out else base.weight
+        if not torch.is_grad_enabled() and magnitude is None:  # inference: no autograd bookkeeping at all
+            x2 = x.reshape(-1, x.shape[-1])
+            w = base.dequantize() if quantized else weight
+            out = F.linear(x2, w, bias)
+            del w
+            out.addmm_(x2 @ a.T, b.T, alpha=scale)
+            return out.view(*x.shape[:-1], out.shape[-1])
+        return _FusedLoraLinear.apply(
+            x, None if quantized else weight, bias, a, b, magnitude, scale, base if quantized else None
         )
 
     def _dora_delta(
