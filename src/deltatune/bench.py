@@ -1,19 +1,30 @@
-"""`deltatune bench`: what a training step and a forward pass cost, against the bound and against PEFT.
+"""`deltatune bench`: what a training step and a forward pass cost, against each method's bound and against PEFT.
 
-An OPT-shaped model (random init, no download), batch 4 x seq 128, AdamW. Peak memory: each training case
-in its own process. Step time: every case in one process, taking steps in turn (after a warm-up step each),
-so that all cases see the same machine noise; ratios (to the bound, to PEFT, to full fine-tuning) are taken
-within each round and the median reported. These machines are noisy: an absolute time means little, and
-processes run minutes apart differ by several percent.
+A random-init model of a real architecture's shape (no download): `--arch llama` (SwiGLU MLP, RMSNorm, rotary
+embeddings, grouped-query attention; ~125M parameters), `opt`, `gpt2` or `bert` (sequence classification);
+batch 4 x seq 128, AdamW.
 
-The bound is the frozen base's forward plus backward to its input embeddings with no weight gradient:
-a LoRA step can't cost less. It is measured with the same loss code as the row it is compared to.
+Step time: every case in one process, taking steps in turn (after a warm-up step each), so that all cases see
+the same machine noise; ratios (to the case's bound, to PEFT's equivalent) are taken within each round, and
+the median and the range over rounds reported. Peak memory: each case in its own process, measured from the
+end of its set-up (the peak of the training steps, with the model in memory). These machines are noisy: an
+absolute time means little, and processes run minutes apart differ by several percent.
+
+**The bound** of a case is the frozen base's forward plus the backward that any method of that placement
+must do: from the loss down to the outputs of the lowest trained layers (for top-layers, the input of the
+lowest trained block; for full fine-tuning, the embeddings' outputs), with no weight gradient and nothing
+below it. It runs the case's own base (its dtype, its quantization) and the same loss code as ours, and
+makes autograd compute exactly the gradients a method needs by marking the trained layers' outputs: an
+identity whose backward takes the gradient and drops it.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import ctypes
+import gc
 import json
 import os
 import resource
@@ -22,96 +33,357 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 
-SIZES = {
-    "tiny": {
-        "hidden_size": 64,
-        "num_hidden_layers": 2,
-        "ffn_dim": 256,
-        "num_attention_heads": 4,
-        "word_embed_proj_dim": 64,
+# ---- the architectures ------------------------------------------------------------------------------------
+
+ARCHS: dict[str, dict] = {
+    "llama": {
+        "task": "causal",
+        "qv": ["q_proj", "v_proj"],
+        "sizes": {
+            "tiny": dict(hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=1000),
+            # ~125M parameters: the SmolLM/Llama recipe at GPT-2-small width, untied head, GQA 12:4
+            "125m": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
+                         num_key_value_heads=4, vocab_size=32000),
+        },
     },
-    "125m": {
-        "hidden_size": 768,
-        "num_hidden_layers": 12,
-        "ffn_dim": 3072,
-        "num_attention_heads": 12,
-        "word_embed_proj_dim": 768,
+    "opt": {
+        "task": "causal",
+        "qv": ["q_proj", "v_proj"],
+        "sizes": {
+            "tiny": dict(hidden_size=64, num_hidden_layers=2, ffn_dim=256, num_attention_heads=4,
+                         word_embed_proj_dim=64, vocab_size=1000),
+            "125m": dict(hidden_size=768, num_hidden_layers=12, ffn_dim=3072, num_attention_heads=12,
+                         word_embed_proj_dim=768, vocab_size=50272),
+            "350m": dict(hidden_size=1024, num_hidden_layers=24, ffn_dim=4096, num_attention_heads=16,
+                         word_embed_proj_dim=512, do_layer_norm_before=False, vocab_size=50272),
+        },
     },
-    "350m": {
-        "hidden_size": 1024,
-        "num_hidden_layers": 24,
-        "ffn_dim": 4096,
-        "num_attention_heads": 16,
-        "word_embed_proj_dim": 512,
-        "do_layer_norm_before": False,
+    "gpt2": {
+        "task": "causal",
+        "qv": ["c_attn"],  # GPT-2 computes q, k and v in one Conv1D (PEFT's default target for GPT-2)
+        "sizes": {
+            "tiny": dict(n_embd=64, n_layer=2, n_head=4, vocab_size=1000),
+            "125m": dict(n_embd=768, n_layer=12, n_head=12, vocab_size=50257),
+        },
+    },
+    "bert": {
+        "task": "cls",
+        "qv": ["query", "value"],
+        "sizes": {
+            "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256,
+                         vocab_size=1000),
+            "125m": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+                         vocab_size=30522),  # bert-base, 110M
+        },
     },
 }
-LORA = {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"]}
-TRAIN_CASES = ("bound", "lora", "peft", "full", "bound-std", "lora-std")
+
+
+def build_model(arch: str, size: str, seed: int = 0) -> nn.Module:
+    """A model of `arch`'s shape at `size`, random init."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    shape = ARCHS[arch]["sizes"][size]
+    if arch == "llama":
+        config = tf.LlamaConfig(max_position_embeddings=2048, tie_word_embeddings=False, **shape)
+        return tf.LlamaForCausalLM(config)
+    if arch == "opt":
+        return tf.OPTForCausalLM(tf.OPTConfig(max_position_embeddings=2048, **shape))
+    if arch == "gpt2":
+        return tf.GPT2LMHeadModel(tf.GPT2Config(n_positions=1024, **shape))
+    return tf.BertForSequenceClassification(tf.BertConfig(num_labels=2, **shape))
+
+
+# ---- the cases --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Case:
+    """One training method. `placement` + `quantize` name its bound."""
+
+    kind: str  # lora | houlsby | pfeiffer | top-layers | full
+    peer: str = "ours"  # ours | peft
+    targets: str = "qv"  # qv | all
+    dora: bool = False
+    quantize: str | None = None  # nf4 | int8
+    extra: dict = field(default_factory=dict, hash=False, compare=False)
+
+    @property
+    def bound(self) -> str:
+        if self.kind == "lora":
+            return "bound-" + self.targets + (f"-{self.quantize}" if self.quantize else "")
+        return "bound-" + {"top-layers": "top2"}.get(self.kind, self.kind)
+
+
+CASES: dict[str, Case] = {
+    "lora-qv": Case("lora"),
+    "lora-all": Case("lora", targets="all"),
+    "dora": Case("lora", dora=True),
+    "dora-all": Case("lora", targets="all", dora=True),
+    "qlora-nf4": Case("lora", quantize="nf4"),
+    "qlora-int8": Case("lora", quantize="int8"),
+    "houlsby": Case("houlsby"),
+    "pfeiffer": Case("pfeiffer"),
+    "top-layers": Case("top-layers"),
+    "full": Case("full"),
+    "peft-lora-qv": Case("lora", peer="peft"),
+    "peft-lora-all": Case("lora", peer="peft", targets="all"),
+    "peft-dora": Case("lora", peer="peft", dora=True),
+    "peft-dora-all": Case("lora", peer="peft", targets="all", dora=True),
+    # PEFT's LoRA on bitsandbytes' own Linear4bit (NF4, double-quantized, block 64: the same storage)
+    "peft-qlora-nf4": Case("lora", peer="peft", quantize="nf4"),
+}
+# PEFT's row for each of our cases
+PEFT_PEER = {
+    "lora-qv": "peft-lora-qv",
+    "lora-all": "peft-lora-all",
+    "dora": "peft-dora",
+    "dora-all": "peft-dora-all",
+    "qlora-nf4": "peft-qlora-nf4",
+}
+DEFAULT_CASES = (
+    "lora-qv", "lora-all", "dora", "qlora-nf4", "qlora-int8", "houlsby", "pfeiffer", "top-layers", "full",
+    "peft-lora-qv", "peft-lora-all", "peft-dora", "peft-qlora-nf4",
+)
+LORA = {"r": 8, "lora_alpha": 16}
+TOP_LAYERS = 2
 LATENCY_CASES = ("base", "lora", "lora-merged", "houlsby", "pfeiffer", "mixed8", "peft", "peft-mixed8")
 
 
-def build_model(size: str, seed: int = 0):
-    """An OPT causal LM of the given shape, random init (OPT-125m/350m sizes, 50272-token vocabulary)."""
-    from transformers import OPTConfig, OPTForCausalLM
-
-    torch.manual_seed(seed)
-    config = OPTConfig(vocab_size=50272, max_position_embeddings=2048, **SIZES[size])
-    return OPTForCausalLM(config)
+def _shared(model: nn.Module) -> nn.Module:
+    """A copy of the modules that shares the model's parameter and buffer tensors (no weight memory)."""
+    return copy.deepcopy(model, memo={id(t): t for t in (*model.parameters(), *model.buffers())})
 
 
-def _batch(batch: int, seq: int, seed: int = 1) -> torch.Tensor:
-    return torch.randint(2, 50272, (batch, seq), generator=torch.Generator().manual_seed(seed))
+def _lora_targets(arch: str, case: Case) -> list[str] | str:
+    return "all-linear" if case.targets == "all" else ARCHS[arch]["qv"]
 
 
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def _ours_config(arch: str, case: Case):
+    from deltatune import BottleneckConfig, FullFinetuneConfig, LoraConfig, TopLayersConfig
+
+    task = {"task_type": "SEQ_CLS"} if ARCHS[arch]["task"] == "cls" else {"task_type": "CAUSAL_LM"}
+    if case.kind == "lora":
+        return LoraConfig(**LORA, target_modules=_lora_targets(arch, case), use_dora=case.dora, **task)
+    if case.kind in ("houlsby", "pfeiffer"):
+        return BottleneckConfig(style=case.kind, **task)
+    if case.kind == "top-layers":
+        return TopLayersConfig(num_layers=TOP_LAYERS, **task)
+    return FullFinetuneConfig(**task)
 
 
-def _peak_mb(device: str) -> float:
-    return torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else _peak_rss_mb()
+def _bnb_4bit(model: nn.Module) -> nn.Module:
+    """Replace the linear layers (not the head) by bitsandbytes' `Linear4bit` (NF4, double quantization,
+    block 64, fp32 compute), in place, one at a time: what `BitsAndBytesConfig(load_in_4bit=True)` builds."""
+    import bitsandbytes as bnb
+
+    from deltatune import inject
+
+    heads = inject.output_head_names(model)
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)
+             and not any(n == h or n.startswith(f"{h}.") for h in heads)]
+    for name in names:
+        old = inject.get_module(model, name)
+        new = bnb.nn.Linear4bit(old.in_features, old.out_features, bias=old.bias is not None,
+                                compute_dtype=old.weight.dtype, compress_statistics=True, quant_type="nf4",
+                                device="meta")
+        new.weight = bnb.nn.Params4bit(old.weight.data, requires_grad=False, quant_type="nf4",
+                                       compress_statistics=True, blocksize=64)._quantize(old.weight.device)
+        if old.bias is not None:
+            new.bias = nn.Parameter(old.bias.data, requires_grad=False)
+        inject.replace_module(model, name, new)
+        del old
+    return model
 
 
-# ---- training cases: time interleaved in one process, memory one process per case -------------------------
+class Bases:
+    """The base models the cases are built on, made once: the float base and its quantized versions. Cases with
+    a frozen base share its weight tensors; full fine-tuning and top-layers train their own copy. With
+    `own=True` (one case per process) the case takes the base itself, quantized in place if need be."""
+
+    def __init__(self, arch: str, size: str, device: str, own: bool = False):
+        self.arch, self.size, self.device, self.own = arch, size, device, own
+        self.float = build_model(arch, size).to(device)
+        self._quantized: dict[str, nn.Module] = {}
+
+    def get(self, quantize: str | None = None, peer: str = "ours", trains_base: bool = False) -> nn.Module:
+        if quantize is None:
+            if self.own:
+                return self.float
+            return copy.deepcopy(self.float) if trains_base else _shared(self.float)
+        key = f"{peer}-{quantize}"
+        if key not in self._quantized:
+            from deltatune.methods.quant import quantize_model
+
+            source = self.float if self.own else copy.deepcopy(self.float)
+            self._quantized[key] = _bnb_4bit(source) if peer == "peft" else quantize_model(source, quantize)
+        return self._quantized[key] if self.own else _shared(self._quantized[key])
 
 
-def make_case(case: str, size: str, device: str, batch: int, seq: int):
-    """A training step function for `case` on a fresh model, and the number of trainable parameters."""
-    from deltatune import LoraConfig, get_peft_model
-    from deltatune.losses import causal_lm_loss
-
-    model = build_model(size)
-    chunked = not case.endswith("-std") and case != "peft"
-    if case.startswith("lora"):
-        model = get_peft_model(model, LoraConfig(**LORA))
-    elif case == "peft":
+def make_method(bases: Bases, case: Case) -> nn.Module:
+    """The model of one case, ready to train."""
+    arch = bases.arch
+    trains_base = case.kind in ("full", "top-layers")
+    base = bases.get(case.quantize, case.peer, trains_base)
+    if case.peer == "peft":
         import peft
 
-        model = peft.get_peft_model(model, peft.LoraConfig(**LORA))
-    elif case.startswith("bound"):
-        model.requires_grad_(False)
-    model.to(device).train()
+        task = "SEQ_CLS" if ARCHS[arch]["task"] == "cls" else "CAUSAL_LM"
+        return peft.get_peft_model(
+            base,
+            peft.LoraConfig(**LORA, target_modules=_lora_targets(arch, case), use_dora=case.dora,
+                            task_type=task),
+        )
+    from deltatune import get_peft_model
+
+    return get_peft_model(base, _ours_config(arch, case))
+
+
+class _NeedsGrad(torch.autograd.Function):
+    """Identity whose backward takes the gradient and drops it: marks a tensor whose gradient a method needs,
+    so that autograd computes it (and everything above it), without cutting the graph below other marks."""
+
+    @staticmethod
+    def forward(ctx, x, anchor):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None, grad.new_zeros(())
+
+
+def make_bound(bases: Bases, bound: str) -> tuple[nn.Module, torch.Tensor]:
+    """The frozen base of a bound, with its marks: (model, the anchor whose gradient the marks feed)."""
+    parts = bound.split("-")[1:]
+    placement, quantize = parts[0], (parts[1] if len(parts) > 1 else None)
+    base = bases.get(quantize)
+    anchor = torch.zeros((), requires_grad=True, device=bases.device)
+
+    def mark_output(module, args, output):
+        return _NeedsGrad.apply(output, anchor)
+
+    def mark_input(module, args, kwargs):
+        if args:
+            return (_NeedsGrad.apply(args[0], anchor), *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": _NeedsGrad.apply(kwargs["hidden_states"], anchor)}
+
+    if placement in ("qv", "all", "houlsby", "pfeiffer"):
+        # the layers the method wraps, found the way the method finds them
+        case = {"qv": Case("lora"), "all": Case("lora", targets="all")}.get(placement, Case(placement))
+        from deltatune import get_peft_model
+
+        wrapped = get_peft_model(_shared(base), _ours_config(bases.arch, case))
+        names = [n for n, m in wrapped.get_base_model().named_modules()
+                 if getattr(m, "is_delta_layer", False) and (case.kind != "lora" or hasattr(m, "lora_A"))
+                 and (case.kind == "lora" or hasattr(m, "adapter_down"))]
+        del wrapped
+        for name in names:
+            base.get_submodule(name).register_forward_hook(mark_output)
+    elif placement == "top2":
+        from deltatune import TopLayersConfig
+        from deltatune.methods import layers
+
+        lowest = layers.trained_blocks(base, TopLayersConfig(num_layers=TOP_LAYERS))[0]
+        base.get_submodule(lowest).register_forward_pre_hook(mark_input, with_kwargs=True)
+    elif placement == "full":
+        for module in base.modules():
+            if isinstance(module, nn.Embedding):
+                module.register_forward_hook(mark_output)
+    else:
+        raise ValueError(f"unknown bound {bound!r}")
+    base.requires_grad_(False)
+    return base, anchor
+
+
+def _ids(arch: str, size: str, batch: int, seq: int, seed: int = 1) -> torch.Tensor:
+    vocab = ARCHS[arch]["sizes"][size]["vocab_size"]
+    return torch.randint(2, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def make_step(bases: Bases, name: str, batch: int, seq: int, amp: str = "none"):
+    """A training step function for case (or bound) `name`, its trainable parameter count, and its loss code."""
+    from deltatune.losses import causal_lm_loss
+
+    arch, device = bases.arch, bases.device
+    is_bound = name.startswith("bound-")
+    if is_bound:
+        model, anchor = make_bound(bases, name)
+        case = None
+    else:
+        case = CASES[name]
+        model, anchor = make_method(bases, case), None
+    model.train()
+    causal = ARCHS[arch]["task"] == "causal"
+    # ours train with deltatune's default causal-LM loss (fused, chunked head + cross-entropy), and so does
+    # every bound; PEFT's rows use the model's own loss, as PEFT's users run it
+    chunked = causal and (case is None or case.peer == "ours")
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5) if params else None
-    ids = _batch(batch, seq).to(device)
-    embed = (model.get_base_model() if hasattr(model, "get_base_model") else model).get_input_embeddings()
+    ids = _ids(arch, bases.size, batch, seq).to(device)
+    labels = ids if causal else torch.randint(0, 2, (batch,), generator=torch.Generator().manual_seed(2)).to(device)
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(amp)
+    scaler = torch.amp.GradScaler(device) if amp == "fp16" else None
 
     def step() -> float:
-        if case.startswith("bound"):
-            inputs = {"inputs_embeds": embed(ids).detach().requires_grad_(True)}
-        else:
-            inputs = {"input_ids": ids}
-        loss = causal_lm_loss(model, ids, **inputs) if chunked else model(**inputs, labels=ids).loss
-        loss.backward()
+        ctx = torch.autocast(device, dtype=dtype) if dtype else contextlib.nullcontext()
+        with ctx:
+            loss = causal_lm_loss(model, labels, input_ids=ids) if chunked else model(input_ids=ids, labels=labels).loss
+        (scaler.scale(loss) if scaler else loss).backward()
         if optimizer is not None:
-            optimizer.step()
+            if scaler:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+        if anchor is not None:
+            anchor.grad = None
         return loss.item()
 
     return step, sum(p.numel() for p in params), "chunked" if chunked else "standard"
+
+
+# ---- measuring ---------------------------------------------------------------------------------------------
+
+
+def _trim() -> None:
+    """Give freed memory back to the OS (glibc), so that a peak measured from here counts what is alive."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def _reset_peak(device: str) -> bool:
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return True
+    try:  # Linux: writing 5 to clear_refs resets the process's peak resident set size (VmHWM)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_mb(device: str) -> float:
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _timed(step, device: str) -> float:
@@ -124,23 +396,37 @@ def _timed(step, device: str) -> float:
     return time.perf_counter() - start
 
 
-def run_train_memory(case: str, size: str, steps: int, device: str, batch: int, seq: int) -> dict:
-    """Peak memory of `steps` training steps of one case (run this in its own process)."""
-    step, trainable, loss = make_case(case, size, device, batch, seq)
+def run_train_memory(
+    case: str, arch: str, size: str, steps: int, device: str, batch: int, seq: int, amp: str = "none"
+) -> dict:
+    """Peak memory of `steps` training steps of one case (run this in its own process), from the end of the
+    set-up: what training holds with the model in memory (building a random model and quantizing it has its own,
+    earlier peak, reported as `setup_peak_mb`)."""
+    bases = Bases(arch, size, device, own=True)
+    step, trainable, loss = make_step(bases, case, batch, seq, amp)
+    del bases
+    _trim()
+    setup_peak = _peak_mb(device)
+    reset = _reset_peak(device)
     times = [_timed(step, device) for _ in range(steps)]
     return {
         "case": case,
         "loss": loss,
         "peak_mb": _peak_mb(device),
+        "peak_from": "after set-up" if reset else "process start",
+        "setup_peak_mb": setup_peak,
         "trainable_params": trainable,
         "alone_step_s": statistics.median(times),
     }
 
 
-def run_train_timing(cases: list[str], size: str, rounds: int, device: str, batch: int, seq: int) -> dict:
-    """Step times of every case, interleaved step by step in this one process, so that all of them see the
-    same machine noise; each case's ratio to the bound (and to PEFT) is taken within a round, then the median."""
-    steps = {case: make_case(case, size, device, batch, seq)[0] for case in cases}
+def run_train_timing(
+    cases: list[str], arch: str, size: str, rounds: int, device: str, batch: int, seq: int, amp: str = "none"
+) -> dict:
+    """Step times of every case (bounds included), interleaved step by step in this one process, so that all of
+    them see the same machine noise."""
+    bases = Bases(arch, size, device)
+    steps = {case: make_step(bases, case, batch, seq, amp)[0] for case in cases}
     for step in steps.values():  # warm-up
         step()
     times: dict[str, list[float]] = {c: [] for c in cases}
@@ -150,34 +436,32 @@ def run_train_timing(cases: list[str], size: str, rounds: int, device: str, batc
     return {"times": times}
 
 
+def with_bounds(cases: list[str]) -> list[str]:
+    """The cases and, first, the bound of each."""
+    bounds = list(dict.fromkeys(CASES[c].bound for c in cases))
+    return [*bounds, *cases]
+
+
 # ---- forward latency, all variants in one process, measured round-robin ---------------------------------
 
 
 def run_latency(
-    size: str, rounds: int, device: str, shapes: list[tuple[int, int]], with_peft: bool
+    arch: str, size: str, rounds: int, device: str, shapes: list[tuple[int, int]], with_peft: bool
 ) -> list[dict]:
     from deltatune import BottleneckConfig, LoraConfig, get_peft_model
 
-    base = build_model(size).to(device).eval()
+    base = build_model(arch, size).to(device).eval()
     names = [f"a{i}" for i in range(8)]
+    lora = dict(**LORA, target_modules=ARCHS[arch]["qv"], init_lora_weights=False)
 
     def many(model):
-        model = get_peft_model(model, LoraConfig(**LORA, init_lora_weights=False), adapter_name=names[0])
+        model = get_peft_model(model, LoraConfig(**lora), adapter_name=names[0])
         for name in names[1:]:
-            model.add_adapter(name, LoraConfig(**LORA, init_lora_weights=False))
+            model.add_adapter(name, LoraConfig(**lora))
         return model.eval()
 
-    def shared(model):
-        """A copy of the modules that shares the base's weight tensors, so every variant reads the same memory
-        (separate copies of the weights alone differ by several percent at batch 1 on these machines)."""
-        return copy.deepcopy(model, memo={id(t): t for t in (*model.parameters(), *model.buffers())})
-
-    ours = many(shared(base))
-    merged = (
-        get_peft_model(copy.deepcopy(base), LoraConfig(**LORA, init_lora_weights=False))
-        .merge_and_unload()
-        .eval()
-    )
+    ours = many(_shared(base))
+    merged = get_peft_model(copy.deepcopy(base), LoraConfig(**lora)).merge_and_unload().eval()
     variants = {
         "base": lambda x: base(input_ids=x),
         "lora": lambda x: ours(input_ids=x),
@@ -185,16 +469,14 @@ def run_latency(
         "mixed8": lambda x: ours(input_ids=x, adapter_names=[names[i % 8] for i in range(x.shape[0])]),
     }
     for style in ("houlsby", "pfeiffer"):
-        wrapped = get_peft_model(shared(base), BottleneckConfig(style=style, init="bert")).eval()
+        wrapped = get_peft_model(_shared(base), BottleneckConfig(style=style, init="bert")).eval()
         variants[style] = lambda x, m=wrapped: m(input_ids=x)
     if with_peft:
         import peft
 
-        theirs = peft.get_peft_model(
-            shared(base), peft.LoraConfig(**LORA, init_lora_weights=False), adapter_name=names[0]
-        )
+        theirs = peft.get_peft_model(_shared(base), peft.LoraConfig(**lora), adapter_name=names[0])
         for name in names[1:]:
-            theirs.add_adapter(name, peft.LoraConfig(**LORA, init_lora_weights=False))
+            theirs.add_adapter(name, peft.LoraConfig(**lora))
         theirs.eval()
         variants["peft"] = lambda x: theirs(input_ids=x)
         variants["peft-mixed8"] = lambda x: theirs(
@@ -203,7 +485,7 @@ def run_latency(
     results = []
     with torch.no_grad():
         for batch, seq in shapes:
-            x = _batch(batch, seq).to(device)
+            x = _ids(arch, size, batch, seq).to(device)
             times: dict[str, list[float]] = {k: [] for k in variants}
             for r in range(rounds + 1):
                 for name, fn in variants.items():
@@ -217,17 +499,32 @@ def run_latency(
                         torch.cuda.synchronize()
                     if r > 0:  # the first round warms up
                         times[name].append(time.perf_counter() - start)
-            base_ms = statistics.median(times["base"]) * 1000
             for name, ts in times.items():
                 if ts:
-                    ms = statistics.median(ts) * 1000
-                    results.append(
-                        {"case": name, "batch": batch, "seq": seq, "ms": ms, "vs_base": ms / base_ms}
-                    )
+                    ratio = statistics.median(a / b for a, b in zip(ts, times["base"]))
+                    results.append({"case": name, "batch": batch, "seq": seq,
+                                    "ms": statistics.median(ts) * 1000, "vs_base": ratio})
     return results
 
 
 # ---- the parent: run cases in subprocesses, print the tables ---------------------------------------------
+
+
+def cpu_capability() -> dict:
+    """What the CPU offers for matrix math (from /proc/cpuinfo) and what torch dispatches to."""
+    flags: set[str] = set()
+    model = ""
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags") and not flags:
+                    flags = set(line.split(":", 1)[1].split())
+                elif line.startswith("model name") and not model:
+                    model = line.split(":", 1)[1].strip()
+    wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8")
+    capability = getattr(getattr(torch.backends, "cpu", None), "get_cpu_capability", lambda: "?")()
+    return {"model": model, "flags": [w for w in wanted if w in flags], "torch_capability": capability,
+            "cores": os.cpu_count()}
 
 
 def _subprocess(args: list[str]) -> dict:
@@ -249,127 +546,127 @@ def _subprocess(args: list[str]) -> dict:
         os.unlink(out)
 
 
-def _paired(times: dict[str, list[float]], case: str, ref: str | None) -> float | None:
+def _ratios(times: dict[str, list[float]], case: str, ref: str | None) -> list[float] | None:
     if ref is None or ref not in times or case not in times:
         return None
-    return statistics.median(a / b for a, b in zip(times[case], times[ref]))
+    return [a / b for a, b in zip(times[case], times[ref])]
 
 
 def _train_rows(timing: dict, memory: list[dict]) -> list[dict]:
+    """One row per case: median step time, paired ratios to its bound and to PEFT (median and range over rounds),
+    peak memory and its ratio to PEFT's."""
     times = timing.get("times", {})
+    mem = {m["case"]: m for m in memory}
     rows = []
-    for mem in memory:
-        case = mem["case"]
-        row = dict(mem)
-        if case in times:
-            row["step_s"] = statistics.median(times[case])
-            bound = "bound" if mem.get("loss") == "chunked" else "bound-std"
-            row["x_bound"] = _paired(times, case, bound)
-            peft_ratio = _paired(times, "peft", None if case == "peft" else case)
-            row["throughput_vs_peft"] = 1.0 if case == "peft" else peft_ratio
-            full = _paired(times, "full", case) if case != "full" else 1.0
-            row["steps_per_s_vs_full"] = full
+    for case in times:
+        row = {"case": case, **mem.get(case, {})}
+        row["step_s"] = statistics.median(times[case])
+        if case in CASES:
+            bound = _ratios(times, case, CASES[case].bound)
+            if bound:
+                row["x_bound"], row["x_bound_range"] = statistics.median(bound), [min(bound), max(bound)]
+                row["under_bound"] = max(bound) < 1.0  # faster than its bound in every round
+            peer = PEFT_PEER.get(case)
+            vs = _ratios(times, peer, case)  # PEFT's step / ours = our throughput relative to PEFT's
+            if vs:
+                row["vs_peft"], row["vs_peft_range"] = statistics.median(vs), [min(vs), max(vs)]
+                if "peak_mb" in mem.get(peer, {}) and "peak_mb" in row:
+                    row["mem_vs_peft"] = row["peak_mb"] / mem[peer]["peak_mb"]
         rows.append(row)
-    by = {r["case"]: r for r in rows}
-    for r in rows:
-        if "peak_mb" in r and "peft" in by and "peak_mb" in by["peft"]:
-            r["mem_vs_peft"] = r["peak_mb"] / by["peft"]["peak_mb"] - 1
-        if "peak_mb" in r and "full" in by and "peak_mb" in by["full"]:
-            r["mem_vs_full"] = r["peak_mb"] / by["full"]["peak_mb"] - 1
+    for case, m in mem.items():  # memory-only rows (timing failed)
+        if case not in times:
+            rows.append(dict(m))
     return rows
 
 
-def _fmt(value: float | None, spec: str) -> str:
+def _fmt(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
 def _train_table(rows: list[dict]) -> list[str]:
-    lines = [
-        f"{'case':<10} {'loss':<9} {'s/step':>7} {'x bound':>8} {'vs peft':>8} {'vs full':>8} "
-        f"{'peak MB':>8} {'MB vs peft':>11} {'MB vs full':>11}"
-    ]
+    lines = [f"{'case':<15} {'loss':<9} {'s/step':>7} {'x bound (range)':>20} {'vs PEFT (range)':>20} "
+             f"{'peak MB':>8} {'MB vs PEFT':>10}"]
     for r in rows:
-        if "peak_mb" not in r:
-            lines.append(f"{r['case']:<10} FAILED: {r.get('error')}")
+        if "error" in r:
+            lines.append(f"{r['case']:<15} FAILED: {r.get('error')}")
             continue
+        xb = r.get("x_bound")
+        xb_s = "-" if xb is None else f"{xb:.3f} ({r['x_bound_range'][0]:.2f}-{r['x_bound_range'][1]:.2f})"
+        vp = r.get("vs_peft")
+        vp_s = "-" if vp is None else f"{vp:.3f}x ({r['vs_peft_range'][0]:.2f}-{r['vs_peft_range'][1]:.2f})"
         lines.append(
-            f"{r['case']:<10} {r['loss']:<9} {_fmt(r.get('step_s'), '7.3f')} {_fmt(r.get('x_bound'), '8.3f')} "
-            f"{_fmt(r.get('throughput_vs_peft'), '7.3f') + 'x':>8} {_fmt(r.get('steps_per_s_vs_full'), '7.2f') + 'x':>8} "
-            f"{r['peak_mb']:>8.0f} {_fmt(100 * r['mem_vs_peft'] if 'mem_vs_peft' in r else None, '+10.1f') + '%':>11} "
-            f"{_fmt(100 * r['mem_vs_full'] if 'mem_vs_full' in r else None, '+10.1f') + '%':>11}"
+            f"{r['case']:<15} {r.get('loss', '-'):<9} {_fmt(r.get('step_s'), '7.3f')} {xb_s:>20} {vp_s:>20} "
+            f"{_fmt(r.get('peak_mb'), '8.0f')} {_fmt(r.get('mem_vs_peft'), '10.3f')}"
+            + ("  << under its bound in every round" if r.get("under_bound") else "")
         )
     return lines
 
 
 def bench(
+    arch: str = "llama",
     size: str = "125m",
     peers: tuple[str, ...] = ("peft",),
     quick: bool = False,
     device: str | None = None,
-    cases: tuple[str, ...] = TRAIN_CASES,
+    cases: tuple[str, ...] = DEFAULT_CASES,
     latency: bool = True,
+    memory: bool = True,
     threads: int = 2,
     out: str | None = None,
+    batch: int = 4,
+    seq: int = 128,
+    amp: str = "none",
+    rounds: int | None = None,
 ) -> dict:
     """Run the benchmark and return (and optionally write) its results."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    mem_steps, train_rounds, rounds = (2, 3, 5) if quick else (3, 8, 15)
-    with_peft = "peft" in peers
-    common = ["--size", size, "--device", device, "--threads", str(threads)]
-    cases = tuple(c for c in cases if c != "peft" or with_peft)
-    memory = []
-    for case in cases:
+    mem_steps, train_rounds, lat_rounds = (2, 3, 5) if quick else (3, 6, 15)
+    train_rounds = rounds or train_rounds
+    cases = tuple(c for c in cases if CASES[c].peer == "ours" or CASES[c].peer in peers)
+    common = ["--arch", arch, "--size", size, "--device", device, "--threads", str(threads),
+              "--batch", str(batch), "--seq", str(seq), "--amp", amp]
+    memory_rows = []
+    for case in cases if memory else ():
         print(f"  memory: {case} (own process) ...", file=sys.stderr, flush=True)
         row = _subprocess(["--worker", "memory", "--case", case, "--steps", str(mem_steps), *common])
         row.setdefault("case", case)
-        memory.append(row)
+        memory_rows.append(row)
     train_rows = []
     if cases:
-        print(
-            f"  step time: {len(cases)} cases interleaved, {train_rounds} rounds ...",
-            file=sys.stderr,
-            flush=True,
-        )
+        timed = with_bounds(list(cases))
+        print(f"  step time: {len(timed)} cases and bounds interleaved, {train_rounds} rounds ...",
+              file=sys.stderr, flush=True)
         timing = _subprocess(
-            ["--worker", "timing", "--cases", ",".join(cases), "--rounds", str(train_rounds), *common]
+            ["--worker", "timing", "--cases", ",".join(timed), "--rounds", str(train_rounds), *common]
         )
-        train_rows = _train_rows(timing, memory)
+        if "error" in timing:
+            memory_rows.append({"case": "timing", "error": timing["error"]})
+            timing = {}
+        train_rows = _train_rows(timing, memory_rows)
     latency_rows = []
     if latency:
         print("  latency: all variants, round-robin ...", file=sys.stderr, flush=True)
-        got = _subprocess(
-            [
-                "--worker",
-                "latency",
-                "--rounds",
-                str(rounds),
-                *common,
-                *(["--peers", "peft"] if with_peft else []),
-            ]
-        )
+        got = _subprocess(["--worker", "latency", "--rounds", str(lat_rounds), *common,
+                           *(["--peers", "peft"] if "peft" in peers else [])])
         latency_rows = got.get("rows", [got])
     import transformers
 
     result = {
-        "size": size,
-        "device": device,
-        "threads": threads,
-        "batch": 4,
-        "seq": 128,
-        "quick": quick,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "train": train_rows,
-        "latency": latency_rows,
+        "arch": arch, "size": size, "device": device, "threads": threads, "batch": batch, "seq": seq,
+        "amp": amp, "quick": quick, "rounds": train_rounds, "cpu": cpu_capability(),
+        "torch": torch.__version__, "transformers": transformers.__version__,
+        "train": train_rows, "latency": latency_rows,
     }
-    if with_peft:
-        try:
-            import peft
+    if device == "cuda":
+        result["gpu"] = torch.cuda.get_device_name()
+    with contextlib.suppress(ImportError):
+        import peft
 
-            result["peft"] = peft.__version__
-        except ImportError:
-            result["peft"] = None
-    lines = [f"deltatune bench: OPT-{size}-shaped, batch 4 x seq 128, {device}, {threads} threads", ""]
+        result["peft"] = peft.__version__
+    cpu = result["cpu"]
+    where = result.get("gpu") or f"{cpu['model']} [{', '.join(cpu['flags'])}; torch {cpu['torch_capability']}]"
+    lines = [f"deltatune bench: {arch}-{size}-shaped, batch {batch} x seq {seq}, {device} ({where}), "
+             f"{threads} threads, amp {amp}, {train_rounds} rounds", ""]
     lines += _train_table(train_rows) if train_rows else []
     if latency_rows and "ms" in latency_rows[0]:
         lines += ["", f"{'forward':<12} {'batch x seq':>11} {'ms':>9} {'vs base':>8}"]
@@ -381,67 +678,72 @@ def bench(
     print(result["table"])
     if out:
         os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, f"bench-{size}.json"), "w") as f:
+        path = os.path.join(out, f"bench-{arch}-{size}-{device}{'' if amp == 'none' else '-' + amp}.json")
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
             json.dump(result, f, indent=2)
+        os.replace(tmp, path)
     return result
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="deltatune bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size", choices=list(SIZES), default="125m", help="OPT shape (default 125m)")
-    parser.add_argument(
-        "--peers", default="peft", help="comma-separated peers to run beside ours ('peft' or '')"
-    )
+    parser.add_argument("--arch", choices=list(ARCHS), default="llama", help="model shape (default llama)")
+    parser.add_argument("--size", default="125m", help="tiny, 125m (every arch) or 350m (opt); default 125m")
+    parser.add_argument("--peers", default="peft", help="comma-separated peers to run beside ours ('peft' or '')")
     parser.add_argument("--quick", action="store_true", help="fewer steps and rounds")
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds (default 6, quick 3)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    parser.add_argument("--amp", choices=["none", "fp16", "bf16"], default="none",
+                        help="autocast dtype; fp16 adds the grad scaler")
     parser.add_argument("--threads", type=int, default=2, help="torch threads on CPU (default 2)")
-    parser.add_argument(
-        "--cases", default=",".join(TRAIN_CASES), help=f"training cases (default {','.join(TRAIN_CASES)})"
-    )
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--cases", default=",".join(DEFAULT_CASES),
+                        help=f"training cases, from: {', '.join(CASES)} (each brings its bound)")
     parser.add_argument("--no-latency", action="store_true", help="skip the forward-latency table")
     parser.add_argument("--no-train", action="store_true", help="skip the training table")
+    parser.add_argument("--no-memory", action="store_true", help="skip the one-process-per-case memory runs")
     parser.add_argument("--out", default="bench-results", help="folder for the JSON results")
-    # internal: one case in this process
+    # internal: one worker in this process
     parser.add_argument("--worker", choices=["memory", "timing", "latency"], help=argparse.SUPPRESS)
     parser.add_argument("--worker-out", help=argparse.SUPPRESS)
     parser.add_argument("--case", help=argparse.SUPPRESS)
     parser.add_argument("--steps", type=int, default=3, help=argparse.SUPPRESS)
-    parser.add_argument("--rounds", type=int, default=15, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.size not in ARCHS[args.arch]["sizes"]:
+        parser.error(f"--size {args.size}: {args.arch} comes in {', '.join(ARCHS[args.arch]['sizes'])}")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available here")
+    if args.amp == "fp16" and (args.device or ("cuda" if torch.cuda.is_available() else "cpu")) != "cuda":
+        parser.error("--amp fp16 (with the grad scaler) needs --device cuda; on CPU use --amp bf16")
     torch.set_num_threads(args.threads)
     peers = tuple(p for p in args.peers.split(",") if p)
     if args.worker:
         if args.worker == "memory":
-            data = run_train_memory(args.case, args.size, args.steps, args.device, 4, 128)
+            data = run_train_memory(args.case, args.arch, args.size, args.steps, args.device, args.batch,
+                                    args.seq, args.amp)
         elif args.worker == "timing":
-            data = run_train_timing(args.cases.split(","), args.size, args.rounds, args.device, 4, 128)
+            data = run_train_timing(args.cases.split(","), args.arch, args.size, args.rounds or 3, args.device,
+                                    args.batch, args.seq, args.amp)
         else:
-            data = {
-                "rows": run_latency(args.size, args.rounds, args.device, [(1, 128), (8, 64)], "peft" in peers)
-            }
+            data = {"rows": run_latency(args.arch, args.size, args.rounds or 15, args.device,
+                                        [(1, args.seq), (8, args.seq // 2)], "peft" in peers)}
         with open(args.worker_out, "w") as f:
             json.dump(data, f)
         return 0
-    unknown = [c for c in args.cases.split(",") if c not in TRAIN_CASES]
+    cases = [c for c in args.cases.split(",") if c]
+    unknown = [c for c in cases if c not in CASES]
     if unknown:
-        parser.error(f"unknown case(s) {unknown}; choose from {', '.join(TRAIN_CASES)}")
+        parser.error(f"unknown case(s) {unknown}; choose from {', '.join(CASES)}")
     if "peft" in peers:
         try:
             import peft  # noqa: F401
         except ImportError:
             parser.error("--peers peft: peft is not installed (pip install peft), or pass --peers ''")
-    bench(
-        args.size,
-        peers,
-        args.quick,
-        args.device,
-        () if args.no_train else tuple(args.cases.split(",")),
-        not args.no_latency,
-        args.threads,
-        args.out,
-    )
+    bench(args.arch, args.size, peers, args.quick, args.device, () if args.no_train else tuple(cases),
+          not args.no_latency, not args.no_memory, args.threads, args.out, args.batch, args.seq, args.amp,
+          args.rounds)
     return 0
 
 
