@@ -1,42 +1,173 @@
-"""The benchmark's workers run and report what the tables need (timings themselves are not asserted)."""
+"""The benchmark: its bounds mark what a method must compute, its workers report what the tables need, and it
+runs end to end in --quick mode on a tiny model (timings themselves are not asserted)."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
+import torch
 
 from deltatune import bench
 
-
-@pytest.mark.parametrize("case", ["bound", "lora", "peft", "full", "lora-std"])
-def test_memory_case_reports_peak_and_trainable_params(case):
-    row = bench.run_train_memory(case, "tiny", steps=1, device="cpu", batch=2, seq=16)
-    assert row["peak_mb"] > 0 and row["alone_step_s"] > 0
-    assert row["loss"] == ("standard" if case in ("peft", "lora-std") else "chunked")
-    expected_trainable = {"bound": 0, "lora": 2 * 2 * (8 * 64 + 64 * 8), "peft": 2 * 2 * (8 * 64 + 64 * 8)}
-    if case in expected_trainable:
-        assert row["trainable_params"] == expected_trainable[case]
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_interleaved_timing_and_paired_ratios():
-    timing = bench.run_train_timing(
-        ["bound", "lora", "peft"], "tiny", rounds=2, device="cpu", batch=2, seq=16
-    )
-    assert {k: len(v) for k, v in timing["times"].items()} == {"bound": 2, "lora": 2, "peft": 2}
-    memory = [
-        {"case": c, "loss": "standard" if c == "peft" else "chunked", "peak_mb": m}
-        for c, m in (("bound", 100.0), ("lora", 110.0), ("peft", 125.0))
+def _marks_reached(arch: str, bound: str) -> tuple[int, int]:
+    """(marks placed, marks whose gradient the backward computed) for one step of a tiny model's bound."""
+    reached = []
+    original = bench._NeedsGrad.backward
+
+    def counting(ctx, grad):
+        reached.append(1)
+        return original(ctx, grad)
+
+    bases = bench.Bases(arch, "tiny", "cpu")
+    model, anchor = bench.make_bound(bases, bound)
+    placed = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+    bench._NeedsGrad.backward = staticmethod(counting)
+    try:
+        ids = bench._ids(arch, "tiny", 2, 8)
+        labels = ids if bench.ARCHS[arch]["task"] == "causal" else torch.tensor([0, 1])
+        model(input_ids=ids, labels=labels).loss.backward()
+    finally:
+        bench._NeedsGrad.backward = original
+    assert anchor.grad is not None
+    assert all(p.grad is None for p in model.parameters()), "a bound computes no weight gradient"
+    return placed, len(reached)
+
+
+@pytest.mark.parametrize(
+    ("arch", "bound", "per_block"),
+    [
+        ("llama", "bound-qv", 2),
+        ("llama", "bound-all", 7),  # q k v o gate up down
+        ("opt", "bound-houlsby", 2),
+        ("gpt2", "bound-pfeiffer", 1),
+        ("bert", "bound-qv", 2),
+    ],
+)
+def test_bound_marks_every_trained_layer_and_its_gradient_is_computed(arch, bound, per_block):
+    placed, reached = _marks_reached(arch, bound)
+    assert placed == per_block * 2  # two blocks in the tiny models
+    assert reached == placed
+
+
+@pytest.mark.parametrize("arch", ["llama", "bert"])
+def test_top_layers_bound_starts_at_the_lowest_trained_block(arch):
+    bases = bench.Bases(arch, "tiny", "cpu")
+    model, _ = bench.make_bound(bases, "bound-top2")
+    hooked = [n for n, m in model.named_modules() if m._forward_pre_hooks]
+    assert len(hooked) == 1 and hooked[0].endswith(".0")  # tiny models have 2 blocks: top-2 is all of them
+    assert _marks_reached(arch, "bound-top2") == (1, 1)
+
+
+def test_full_bound_marks_the_embeddings():
+    placed, reached = _marks_reached("opt", "bound-full")
+    assert placed == reached == 2  # token and learned position embeddings
+
+
+def test_cases_each_have_a_bound_and_peft_peers_exist():
+    assert bench.with_bounds(["lora-qv", "dora", "qlora-nf4", "peft-qlora-nf4", "full"]) == [
+        "bound-qv",
+        "bound-qv-nf4",
+        "bound-full",
+        "lora-qv",
+        "dora",
+        "qlora-nf4",
+        "peft-qlora-nf4",
+        "full",
     ]
-    fake = {"times": {"bound": [1.0, 2.0], "lora": [1.1, 2.0], "peft": [1.2, 2.6]}}
-    rows = {r["case"]: r for r in bench._train_rows(fake, memory)}
-    assert rows["lora"]["x_bound"] == pytest.approx((1.1 + 1.0) / 2)
-    assert rows["lora"]["throughput_vs_peft"] == pytest.approx((1.2 / 1.1 + 1.3) / 2)
-    assert rows["lora"]["mem_vs_peft"] == pytest.approx(110 / 125 - 1)
+    assert all(peer in bench.CASES for peer in bench.PEFT_PEER.values())
+
+
+def test_memory_case_reports_peak_from_after_set_up():
+    row = bench.run_train_memory("qlora-nf4", "opt", "tiny", steps=1, device="cpu", batch=2, seq=16)
+    assert row["peak_mb"] > 0 and row["alone_step_s"] > 0 and row["loss"] == "chunked"
+    assert row["peak_from"] == "after set-up"
+    assert row["trainable_params"] == 2 * 2 * (8 * 64 + 64 * 8)
+
+
+def test_paired_ratios_ranges_and_under_bound_flag():
+    times = {
+        "bound-qv": [1.0, 2.0, 1.0],
+        "lora-qv": [1.1, 2.0, 1.05],
+        "peft-lora-qv": [1.2, 2.6, 1.2],
+        "dora": [0.9, 1.8, 0.95],
+    }
+    memory = [{"case": "lora-qv", "peak_mb": 110.0}, {"case": "peft-lora-qv", "peak_mb": 125.0}]
+    rows = {r["case"]: r for r in bench._train_rows({"times": times}, memory)}
+    assert rows["lora-qv"]["x_bound"] == pytest.approx(1.05)
+    assert rows["lora-qv"]["x_bound_range"] == pytest.approx([1.0, 1.1])
+    assert rows["lora-qv"]["vs_peft"] == pytest.approx(1.2 / 1.05)  # the median of 1.09, 1.3, 1.14
+    assert rows["lora-qv"]["mem_vs_peft"] == pytest.approx(110 / 125)
+    assert not rows["lora-qv"]["under_bound"] and rows["dora"]["under_bound"]
+    assert "x_bound" not in rows["bound-qv"]
+
+
+def test_quick_bench_runs_end_to_end_on_a_tiny_model(tmp_path, capsys):
+    cases = "lora-qv,dora,peft-lora-qv"
+    assert (
+        bench.main(
+            [
+                "--arch",
+                "llama",
+                "--size",
+                "tiny",
+                "--quick",
+                "--batch",
+                "2",
+                "--seq",
+                "16",
+                "--rounds",
+                "1",
+                "--no-memory",
+                "--no-latency",
+                "--cases",
+                cases,
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
+    result = json.loads((tmp_path / "bench-llama-tiny-cpu.json").read_text())
+    rows = {r["case"]: r for r in result["train"]}
+    assert set(rows) == {*cases.split(","), "bound-qv"}
+    assert all(rows[c]["x_bound"] > 0 for c in cases.split(","))
+    assert rows["lora-qv"]["vs_peft"] > 0 and "vs_peft" not in rows["dora"]  # no peft-dora row asked
+    assert result["cpu"]["torch_capability"]
+    assert "x bound" in capsys.readouterr().out
 
 
 def test_latency_rows_cover_every_variant():
-    rows = bench.run_latency("tiny", rounds=1, device="cpu", shapes=[(1, 8), (8, 8)], with_peft=True)
+    rows = bench.run_latency("llama", "tiny", rounds=1, device="cpu", shapes=[(1, 8), (8, 8)], with_peft=True)
     cases = {(r["case"], r["batch"]) for r in rows}
     assert {(c, 8) for c in bench.LATENCY_CASES} <= cases
     assert ("mixed8", 1) not in cases
-    assert all(r["ms"] > 0 for r in rows)
     assert [r["vs_base"] for r in rows if r["case"] == "base"] == [1.0, 1.0]
+
+
+def test_gpu_check_without_cuda_prints_its_plan_and_exits_0():
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHON": sys.executable}
+    proc = subprocess.run(
+        ["bash", os.path.join(ROOT, "benchmarks", "gpu_check.sh")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "no CUDA device" in proc.stdout
+    for needle in (
+        "pytest -q -m gpu",
+        "bench --device cuda",
+        "--amp fp16",
+        "qlora-nf4",
+        "peft-dora",
+        "deltatune compare",
+    ):
+        assert needle in proc.stdout

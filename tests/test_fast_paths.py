@@ -195,7 +195,9 @@ def test_fused_path_matches_plain_path_dora_and_quantized(factory, targets, quan
         torch.testing.assert_close(fused_grads[name], plain_grads[name], atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize(("factory", "targets"), [(opt, ["q_proj", "v_proj", "fc1"]), (gpt2, ["c_attn"]), (llama, "all-linear")])
+@pytest.mark.parametrize(
+    ("factory", "targets"), [(opt, ["q_proj", "v_proj", "fc1"]), (gpt2, ["c_attn"]), (llama, "all-linear")]
+)
 def test_fused_dora_equals_peft_dora(factory, targets, monkeypatch):
     peft = pytest.importorskip("peft")
     config = dict(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False, use_dora=True)
@@ -215,7 +217,9 @@ def test_fused_dora_equals_peft_dora(factory, targets, monkeypatch):
     their_out, their_grads = _step(theirs, x)
     torch.testing.assert_close(our_out, their_out, atol=1e-5, rtol=1e-5)
     their_grads = {
-        k.replace("base_model.model.", "base_model.", 1).removesuffix(".weight" if "magnitude" in k else ""): v
+        k.replace("base_model.model.", "base_model.", 1).removesuffix(
+            ".weight" if "magnitude" in k else ""
+        ): v
         for k, v in their_grads.items()
     }
     assert our_grads.keys() == their_grads.keys()
@@ -228,7 +232,9 @@ def test_fused_path_trains_the_bias_when_asked(monkeypatch):
     grads = []
     for fused in (True, False):
         monkeypatch.setattr(lora_method, "FUSED", fused)
-        model = get_peft_model(opt(), LoraConfig(r=4, target_modules=["q_proj"], bias="lora_only", init_lora_weights=False))
+        model = get_peft_model(
+            opt(), LoraConfig(r=4, target_modules=["q_proj"], bias="lora_only", init_lora_weights=False)
+        )
         grads.append(_step(model, x)[1])
     bias = [n for n in grads[0] if n.endswith("q_proj.base_layer.bias")]
     assert bias and all(grads[0][n].abs().sum() > 0 for n in bias)

@@ -45,23 +45,54 @@ ARCHS: dict[str, dict] = {
         "task": "causal",
         "qv": ["q_proj", "v_proj"],
         "sizes": {
-            "tiny": dict(hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=1000),
+            "tiny": dict(
+                hidden_size=64,
+                intermediate_size=172,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                vocab_size=1000,
+            ),
             # ~125M parameters: the SmolLM/Llama recipe at GPT-2-small width, untied head, GQA 12:4
-            "125m": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
-                         num_key_value_heads=4, vocab_size=32000),
+            "125m": dict(
+                hidden_size=768,
+                intermediate_size=2048,
+                num_hidden_layers=12,
+                num_attention_heads=12,
+                num_key_value_heads=4,
+                vocab_size=32000,
+            ),
         },
     },
     "opt": {
         "task": "causal",
         "qv": ["q_proj", "v_proj"],
         "sizes": {
-            "tiny": dict(hidden_size=64, num_hidden_layers=2, ffn_dim=256, num_attention_heads=4,
-                         word_embed_proj_dim=64, vocab_size=1000),
-            "125m": dict(hidden_size=768, num_hidden_layers=12, ffn_dim=3072, num_attention_heads=12,
-                         word_embed_proj_dim=768, vocab_size=50272),
-            "350m": dict(hidden_size=1024, num_hidden_layers=24, ffn_dim=4096, num_attention_heads=16,
-                         word_embed_proj_dim=512, do_layer_norm_before=False, vocab_size=50272),
+            "tiny": dict(
+                hidden_size=64,
+                num_hidden_layers=2,
+                ffn_dim=256,
+                num_attention_heads=4,
+                word_embed_proj_dim=64,
+                vocab_size=1000,
+            ),
+            "125m": dict(
+                hidden_size=768,
+                num_hidden_layers=12,
+                ffn_dim=3072,
+                num_attention_heads=12,
+                word_embed_proj_dim=768,
+                vocab_size=50272,
+            ),
+            "350m": dict(
+                hidden_size=1024,
+                num_hidden_layers=24,
+                ffn_dim=4096,
+                num_attention_heads=16,
+                word_embed_proj_dim=512,
+                do_layer_norm_before=False,
+                vocab_size=50272,
+            ),
         },
     },
     "gpt2": {
@@ -76,10 +107,20 @@ ARCHS: dict[str, dict] = {
         "task": "cls",
         "qv": ["query", "value"],
         "sizes": {
-            "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256,
-                         vocab_size=1000),
-            "125m": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
-                         vocab_size=30522),  # bert-base, 110M
+            "tiny": dict(
+                hidden_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                intermediate_size=256,
+                vocab_size=1000,
+            ),
+            "125m": dict(
+                hidden_size=768,
+                num_hidden_layers=12,
+                num_attention_heads=12,
+                intermediate_size=3072,
+                vocab_size=30522,
+            ),  # bert-base, 110M
         },
     },
 }
@@ -149,8 +190,19 @@ PEFT_PEER = {
     "qlora-nf4": "peft-qlora-nf4",
 }
 DEFAULT_CASES = (
-    "lora-qv", "lora-all", "dora", "qlora-nf4", "qlora-int8", "houlsby", "pfeiffer", "top-layers", "full",
-    "peft-lora-qv", "peft-lora-all", "peft-dora", "peft-qlora-nf4",
+    "lora-qv",
+    "lora-all",
+    "dora",
+    "qlora-nf4",
+    "qlora-int8",
+    "houlsby",
+    "pfeiffer",
+    "top-layers",
+    "full",
+    "peft-lora-qv",
+    "peft-lora-all",
+    "peft-dora",
+    "peft-qlora-nf4",
 )
 LORA = {"r": 8, "lora_alpha": 16}
 TOP_LAYERS = 2
@@ -187,15 +239,25 @@ def _bnb_4bit(model: nn.Module) -> nn.Module:
     from deltatune import inject
 
     heads = inject.output_head_names(model)
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)
-             and not any(n == h or n.startswith(f"{h}.") for h in heads)]
+    names = [
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Linear) and not any(n == h or n.startswith(f"{h}.") for h in heads)
+    ]
     for name in names:
         old = inject.get_module(model, name)
-        new = bnb.nn.Linear4bit(old.in_features, old.out_features, bias=old.bias is not None,
-                                compute_dtype=old.weight.dtype, compress_statistics=True, quant_type="nf4",
-                                device="meta")
-        new.weight = bnb.nn.Params4bit(old.weight.data, requires_grad=False, quant_type="nf4",
-                                       compress_statistics=True, blocksize=64)._quantize(old.weight.device)
+        new = bnb.nn.Linear4bit(
+            old.in_features,
+            old.out_features,
+            bias=old.bias is not None,
+            compute_dtype=old.weight.dtype,
+            compress_statistics=True,
+            quant_type="nf4",
+            device="meta",
+        )
+        new.weight = bnb.nn.Params4bit(
+            old.weight.data, requires_grad=False, quant_type="nf4", compress_statistics=True, blocksize=64
+        )._quantize(old.weight.device)
         if old.bias is not None:
             new.bias = nn.Parameter(old.bias.data, requires_grad=False)
         inject.replace_module(model, name, new)
@@ -238,8 +300,9 @@ def make_method(bases: Bases, case: Case) -> nn.Module:
         task = "SEQ_CLS" if ARCHS[arch]["task"] == "cls" else "CAUSAL_LM"
         return peft.get_peft_model(
             base,
-            peft.LoraConfig(**LORA, target_modules=_lora_targets(arch, case), use_dora=case.dora,
-                            task_type=task),
+            peft.LoraConfig(
+                **LORA, target_modules=_lora_targets(arch, case), use_dora=case.dora, task_type=task
+            ),
         )
     from deltatune import get_peft_model
 
@@ -280,9 +343,13 @@ def make_bound(bases: Bases, bound: str) -> tuple[nn.Module, torch.Tensor]:
         from deltatune import get_peft_model
 
         wrapped = get_peft_model(_shared(base), _ours_config(bases.arch, case))
-        names = [n for n, m in wrapped.get_base_model().named_modules()
-                 if getattr(m, "is_delta_layer", False) and (case.kind != "lora" or hasattr(m, "lora_A"))
-                 and (case.kind == "lora" or hasattr(m, "adapter_down"))]
+        names = [
+            n
+            for n, m in wrapped.get_base_model().named_modules()
+            if getattr(m, "is_delta_layer", False)
+            and (case.kind != "lora" or hasattr(m, "lora_A"))
+            and (case.kind == "lora" or hasattr(m, "adapter_down"))
+        ]
         del wrapped
         for name in names:
             base.get_submodule(name).register_forward_hook(mark_output)
@@ -327,14 +394,22 @@ def make_step(bases: Bases, name: str, batch: int, seq: int, amp: str = "none"):
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5) if params else None
     ids = _ids(arch, bases.size, batch, seq).to(device)
-    labels = ids if causal else torch.randint(0, 2, (batch,), generator=torch.Generator().manual_seed(2)).to(device)
+    labels = (
+        ids
+        if causal
+        else torch.randint(0, 2, (batch,), generator=torch.Generator().manual_seed(2)).to(device)
+    )
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(amp)
     scaler = torch.amp.GradScaler(device) if amp == "fp16" else None
 
     def step() -> float:
         ctx = torch.autocast(device, dtype=dtype) if dtype else contextlib.nullcontext()
         with ctx:
-            loss = causal_lm_loss(model, labels, input_ids=ids) if chunked else model(input_ids=ids, labels=labels).loss
+            loss = (
+                causal_lm_loss(model, labels, input_ids=ids)
+                if chunked
+                else model(input_ids=ids, labels=labels).loss
+            )
         (scaler.scale(loss) if scaler else loss).backward()
         if optimizer is not None:
             if scaler:
@@ -502,8 +577,15 @@ def run_latency(
             for name, ts in times.items():
                 if ts:
                     ratio = statistics.median(a / b for a, b in zip(ts, times["base"]))
-                    results.append({"case": name, "batch": batch, "seq": seq,
-                                    "ms": statistics.median(ts) * 1000, "vs_base": ratio})
+                    results.append(
+                        {
+                            "case": name,
+                            "batch": batch,
+                            "seq": seq,
+                            "ms": statistics.median(ts) * 1000,
+                            "vs_base": ratio,
+                        }
+                    )
     return results
 
 
@@ -514,17 +596,20 @@ def cpu_capability() -> dict:
     """What the CPU offers for matrix math (from /proc/cpuinfo) and what torch dispatches to."""
     flags: set[str] = set()
     model = ""
-    with contextlib.suppress(OSError):
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags") and not flags:
-                    flags = set(line.split(":", 1)[1].split())
-                elif line.startswith("model name") and not model:
-                    model = line.split(":", 1)[1].strip()
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
+            elif line.startswith("model name") and not model:
+                model = line.split(":", 1)[1].strip()
     wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8")
     capability = getattr(getattr(torch.backends, "cpu", None), "get_cpu_capability", lambda: "?")()
-    return {"model": model, "flags": [w for w in wanted if w in flags], "torch_capability": capability,
-            "cores": os.cpu_count()}
+    return {
+        "model": model,
+        "flags": [w for w in wanted if w in flags],
+        "torch_capability": capability,
+        "cores": os.cpu_count(),
+    }
 
 
 def _subprocess(args: list[str]) -> dict:
@@ -584,8 +669,10 @@ def _fmt(value, spec: str) -> str:
 
 
 def _train_table(rows: list[dict]) -> list[str]:
-    lines = [f"{'case':<15} {'loss':<9} {'s/step':>7} {'x bound (range)':>20} {'vs PEFT (range)':>20} "
-             f"{'peak MB':>8} {'MB vs PEFT':>10}"]
+    lines = [
+        f"{'case':<15} {'loss':<9} {'s/step':>7} {'x bound (range)':>20} {'vs PEFT (range)':>20} "
+        f"{'peak MB':>8} {'MB vs PEFT':>10}"
+    ]
     for r in rows:
         if "error" in r:
             lines.append(f"{r['case']:<15} FAILED: {r.get('error')}")
@@ -623,8 +710,22 @@ def bench(
     mem_steps, train_rounds, lat_rounds = (2, 3, 5) if quick else (3, 6, 15)
     train_rounds = rounds or train_rounds
     cases = tuple(c for c in cases if CASES[c].peer == "ours" or CASES[c].peer in peers)
-    common = ["--arch", arch, "--size", size, "--device", device, "--threads", str(threads),
-              "--batch", str(batch), "--seq", str(seq), "--amp", amp]
+    common = [
+        "--arch",
+        arch,
+        "--size",
+        size,
+        "--device",
+        device,
+        "--threads",
+        str(threads),
+        "--batch",
+        str(batch),
+        "--seq",
+        str(seq),
+        "--amp",
+        amp,
+    ]
     memory_rows = []
     for case in cases if memory else ():
         print(f"  memory: {case} (own process) ...", file=sys.stderr, flush=True)
@@ -634,8 +735,11 @@ def bench(
     train_rows = []
     if cases:
         timed = with_bounds(list(cases))
-        print(f"  step time: {len(timed)} cases and bounds interleaved, {train_rounds} rounds ...",
-              file=sys.stderr, flush=True)
+        print(
+            f"  step time: {len(timed)} cases and bounds interleaved, {train_rounds} rounds ...",
+            file=sys.stderr,
+            flush=True,
+        )
         timing = _subprocess(
             ["--worker", "timing", "--cases", ",".join(timed), "--rounds", str(train_rounds), *common]
         )
@@ -646,16 +750,34 @@ def bench(
     latency_rows = []
     if latency:
         print("  latency: all variants, round-robin ...", file=sys.stderr, flush=True)
-        got = _subprocess(["--worker", "latency", "--rounds", str(lat_rounds), *common,
-                           *(["--peers", "peft"] if "peft" in peers else [])])
+        got = _subprocess(
+            [
+                "--worker",
+                "latency",
+                "--rounds",
+                str(lat_rounds),
+                *common,
+                *(["--peers", "peft"] if "peft" in peers else []),
+            ]
+        )
         latency_rows = got.get("rows", [got])
     import transformers
 
     result = {
-        "arch": arch, "size": size, "device": device, "threads": threads, "batch": batch, "seq": seq,
-        "amp": amp, "quick": quick, "rounds": train_rounds, "cpu": cpu_capability(),
-        "torch": torch.__version__, "transformers": transformers.__version__,
-        "train": train_rows, "latency": latency_rows,
+        "arch": arch,
+        "size": size,
+        "device": device,
+        "threads": threads,
+        "batch": batch,
+        "seq": seq,
+        "amp": amp,
+        "quick": quick,
+        "rounds": train_rounds,
+        "cpu": cpu_capability(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "train": train_rows,
+        "latency": latency_rows,
     }
     if device == "cuda":
         result["gpu"] = torch.cuda.get_device_name()
@@ -664,9 +786,14 @@ def bench(
 
         result["peft"] = peft.__version__
     cpu = result["cpu"]
-    where = result.get("gpu") or f"{cpu['model']} [{', '.join(cpu['flags'])}; torch {cpu['torch_capability']}]"
-    lines = [f"deltatune bench: {arch}-{size}-shaped, batch {batch} x seq {seq}, {device} ({where}), "
-             f"{threads} threads, amp {amp}, {train_rounds} rounds", ""]
+    where = (
+        result.get("gpu") or f"{cpu['model']} [{', '.join(cpu['flags'])}; torch {cpu['torch_capability']}]"
+    )
+    lines = [
+        f"deltatune bench: {arch}-{size}-shaped, batch {batch} x seq {seq}, {device} ({where}), "
+        f"{threads} threads, amp {amp}, {train_rounds} rounds",
+        "",
+    ]
     lines += _train_table(train_rows) if train_rows else []
     if latency_rows and "ms" in latency_rows[0]:
         lines += ["", f"{'forward':<12} {'batch x seq':>11} {'ms':>9} {'vs base':>8}"]
@@ -690,17 +817,28 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="deltatune bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", choices=list(ARCHS), default="llama", help="model shape (default llama)")
     parser.add_argument("--size", default="125m", help="tiny, 125m (every arch) or 350m (opt); default 125m")
-    parser.add_argument("--peers", default="peft", help="comma-separated peers to run beside ours ('peft' or '')")
+    parser.add_argument(
+        "--peers", default="peft", help="comma-separated peers to run beside ours ('peft' or '')"
+    )
     parser.add_argument("--quick", action="store_true", help="fewer steps and rounds")
-    parser.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds (default 6, quick 3)")
+    parser.add_argument(
+        "--rounds", type=int, default=None, help="interleaved timing rounds (default 6, quick 3)"
+    )
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None)
-    parser.add_argument("--amp", choices=["none", "fp16", "bf16"], default="none",
-                        help="autocast dtype; fp16 adds the grad scaler")
+    parser.add_argument(
+        "--amp",
+        choices=["none", "fp16", "bf16"],
+        default="none",
+        help="autocast dtype; fp16 adds the grad scaler",
+    )
     parser.add_argument("--threads", type=int, default=2, help="torch threads on CPU (default 2)")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--cases", default=",".join(DEFAULT_CASES),
-                        help=f"training cases, from: {', '.join(CASES)} (each brings its bound)")
+    parser.add_argument(
+        "--cases",
+        default=",".join(DEFAULT_CASES),
+        help=f"training cases, from: {', '.join(CASES)} (each brings its bound)",
+    )
     parser.add_argument("--no-latency", action="store_true", help="skip the forward-latency table")
     parser.add_argument("--no-train", action="store_true", help="skip the training table")
     parser.add_argument("--no-memory", action="store_true", help="skip the one-process-per-case memory runs")
@@ -721,14 +859,31 @@ def main(argv: list[str] | None = None) -> int:
     peers = tuple(p for p in args.peers.split(",") if p)
     if args.worker:
         if args.worker == "memory":
-            data = run_train_memory(args.case, args.arch, args.size, args.steps, args.device, args.batch,
-                                    args.seq, args.amp)
+            data = run_train_memory(
+                args.case, args.arch, args.size, args.steps, args.device, args.batch, args.seq, args.amp
+            )
         elif args.worker == "timing":
-            data = run_train_timing(args.cases.split(","), args.arch, args.size, args.rounds or 3, args.device,
-                                    args.batch, args.seq, args.amp)
+            data = run_train_timing(
+                args.cases.split(","),
+                args.arch,
+                args.size,
+                args.rounds or 3,
+                args.device,
+                args.batch,
+                args.seq,
+                args.amp,
+            )
         else:
-            data = {"rows": run_latency(args.arch, args.size, args.rounds or 15, args.device,
-                                        [(1, args.seq), (8, args.seq // 2)], "peft" in peers)}
+            data = {
+                "rows": run_latency(
+                    args.arch,
+                    args.size,
+                    args.rounds or 15,
+                    args.device,
+                    [(1, args.seq), (8, args.seq // 2)],
+                    "peft" in peers,
+                )
+            }
         with open(args.worker_out, "w") as f:
             json.dump(data, f)
         return 0
@@ -741,9 +896,22 @@ def main(argv: list[str] | None = None) -> int:
             import peft  # noqa: F401
         except ImportError:
             parser.error("--peers peft: peft is not installed (pip install peft), or pass --peers ''")
-    bench(args.arch, args.size, peers, args.quick, args.device, () if args.no_train else tuple(cases),
-          not args.no_latency, not args.no_memory, args.threads, args.out, args.batch, args.seq, args.amp,
-          args.rounds)
+    bench(
+        args.arch,
+        args.size,
+        peers,
+        args.quick,
+        args.device,
+        () if args.no_train else tuple(cases),
+        not args.no_latency,
+        not args.no_memory,
+        args.threads,
+        args.out,
+        args.batch,
+        args.seq,
+        args.amp,
+        args.rounds,
+    )
     return 0
 
 

@@ -394,9 +394,7 @@ class LoraLinear(_LoraLayer):
             base_ok = (base.quantize, base.backend) in _FUSED_QUANT and x.dtype == base.compute_dtype
         else:
             base_ok = (
-                isinstance(base, nn.Linear)
-                and type(base).forward is nn.Linear.forward
-                or _is_conv1d(base)
+                isinstance(base, nn.Linear) and type(base).forward is nn.Linear.forward or _is_conv1d(base)
             ) and x.dtype == base.weight.dtype
         return (
             base_ok
