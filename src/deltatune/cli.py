@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("deltatune.tools", "generate text with a base model and an adapter"),
     "inspect": ("deltatune.tools", "show an adapter's config, size and base; check it fits a base model"),
     "serve": ("deltatune.serve", "serve one base and many adapters over HTTP"),
+    "ui": ("deltatune.ui", "a local web board: runs, live curves, compare charts, launch jobs, playground"),
 }
 
 

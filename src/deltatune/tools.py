@@ -187,26 +187,41 @@ def generate_main(argv: list[str]) -> int:
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    model, base_path = _load(args.base, args.adapter, torch.float32)
+    tokenizer = load_tokenizer(args.adapter, base_path)
+    for text in generate_texts(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.seed):
+        print(text)
+    return 0
+
+
+def load_tokenizer(adapter: str, base_path: str):
+    """The adapter's own tokenizer when it was saved with one (deltatune train does), else the base's;
+    left padding and a pad token, ready for batched generation."""
     from transformers import AutoTokenizer
 
-    model, base_path = _load(args.base, args.adapter, torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(
-        args.adapter if os.path.isfile(os.path.join(args.adapter, "tokenizer_config.json")) else base_path
+        adapter if os.path.isfile(os.path.join(adapter, "tokenizer_config.json")) else base_path
     )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
-    batch = tokenizer(args.prompt, return_tensors="pt", padding=True)
-    torch.manual_seed(args.seed)
-    sample = args.temperature > 0
+    return tokenizer
+
+
+def generate_texts(
+    model, tokenizer, prompts: list[str], max_new_tokens: int = 40, temperature: float = 0.0, seed: int = 0
+) -> list[str]:
+    """Prompt + continuation for each prompt (greedy when `temperature` is 0): `deltatune generate`'s output,
+    also used by `deltatune ui`'s playground."""
+    batch = tokenizer(list(prompts), return_tensors="pt", padding=True)
+    torch.manual_seed(seed)
+    sample = temperature > 0
     with torch.no_grad():
         out = model.generate(
             **batch,
-            max_new_tokens=args.max_new_tokens,
+            max_new_tokens=max_new_tokens,
             do_sample=sample,
             pad_token_id=tokenizer.pad_token_id,
-            **({"temperature": args.temperature} if sample else {}),
+            **({"temperature": temperature} if sample else {}),
         )
-    for ids in out:
-        print(tokenizer.decode(ids, skip_special_tokens=True))
-    return 0
+    return [tokenizer.decode(ids, skip_special_tokens=True) for ids in out]

@@ -1,0 +1,56 @@
+"""`deltatune ui`: a local web board for runs, comparisons, launching jobs and trying adapters.
+
+    deltatune ui [--runs DIR] [--port 7860] [--host 127.0.0.1] [--api-key KEY]
+
+- `runs.py`: finds train output folders and compare folders under `--runs` and reads them (read-only);
+- `jobs.py`: starts `deltatune train` / `deltatune compare` as subprocesses, streams their output, stops them
+  with SIGTERM (train then saves a resumable checkpoint);
+- `playground.py`: a base with one or two adapters, answers side by side (`deltatune generate`'s code);
+- `app.py`: the FastAPI app; `static/`: the page (vanilla JS, charts drawn as SVG, nothing fetched online).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+API_KEY_ENV = "DELTATUNE_API_KEY"
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+logger = logging.getLogger(__name__)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="deltatune ui",
+        description="A local web board: runs and their live curves, compare tables and charts, launch train "
+        "or compare from a form, and a playground for adapters.",
+    )
+    p.add_argument("--runs", default="runs", help="folder holding train and compare output folders (default runs)")
+    p.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine only)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--api-key", help=f"require this key on every page and endpoint (or set ${API_KEY_ENV})")
+    p.add_argument("--log-level", default="warning", help="uvicorn's log level (default warning)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    import uvicorn
+
+    from deltatune.ui.app import create_app
+
+    args = build_parser().parse_args(argv)
+    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    if os.path.exists(args.runs) and not os.path.isdir(args.runs):
+        print(f"deltatune ui: --runs {args.runs!r} is a file; give a folder", flush=True)
+        return 2
+    if args.host not in LOCAL_HOSTS and api_key is None:
+        logger.warning("listening on %s without an API key: anyone who can reach it can use it", args.host)
+    app = create_app(args.runs, api_key=api_key)
+    print(f"deltatune ui: http://{args.host}:{args.port}/  (runs: {os.path.abspath(args.runs)})", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+ui_main = main

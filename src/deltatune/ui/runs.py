@@ -1,0 +1,312 @@
+"""Find and read the runs under a folder: train output folders and compare folders, read-only.
+
+A train run holds `train_config.yaml`, `metrics.jsonl`, `summary.json`, `checkpoints/`, `adapter/`; a compare
+folder holds `results.json` and one train run per method. Anything half-written (a run still starting, a
+last line still being appended) or foreign (a file that isn't what its name says) is listed with what could
+be read and a `problems` list, never an error for the whole list.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Any
+
+import yaml
+
+TRAIN_MARKERS = ("train_config.yaml", "metrics.jsonl", "summary.json")
+RUNNING_WINDOW_S = 120.0  # a run without summary.json whose files changed this recently is taken as running
+MAX_DEPTH = 4
+SKIP = {"checkpoints", "adapter", "tensorboard", "wandb", "mlruns", "__pycache__", "node_modules"}
+
+
+class RunNotFound(LookupError):
+    pass
+
+
+def resolve(root: str, rel: str) -> str:
+    """The folder `rel` under `root`; refuses anything that leaves `root` (.., absolute paths, links out)."""
+    root_real = os.path.realpath(root)
+    path = os.path.realpath(os.path.join(root_real, rel or "."))
+    if path != root_real and not path.startswith(root_real + os.sep):
+        raise RunNotFound(f"{rel!r} is not inside the runs folder")
+    if not os.path.isdir(path):
+        raise RunNotFound(f"no run folder {rel!r}")
+    return path
+
+
+def _rel(root: str, path: str) -> str:
+    rel = os.path.relpath(path, os.path.realpath(root))
+    return "" if rel == "." else rel.replace(os.sep, "/")
+
+
+def read_json(path: str, problems: list[str]) -> Any:
+    name = os.path.basename(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        problems.append(f"{name} is unreadable ({type(e).__name__}: {str(e)[:120]})")
+        return None
+
+
+def read_yaml(path: str, problems: list[str]) -> Any:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, yaml.YAMLError) as e:
+        problems.append(f"train_config.yaml is unreadable ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+        return None
+    if not isinstance(data, dict):
+        problems.append("train_config.yaml is not a deltatune train config (not a mapping)")
+        return None
+    return data
+
+
+def read_metrics(path: str, start: int = 0) -> tuple[list[dict[str, Any]], int, int]:
+    """Rows of `metrics.jsonl` from line `start` on: (rows, next line to read, lines that aren't JSON rows).
+
+    A last line without its newline is still being written: it is left for the next read.
+    """
+    try:
+        with open(path, "rb") as f:
+            text = f.read().decode("utf-8", errors="replace")
+    except FileNotFoundError:
+        return [], start, 0
+    lines = text.split("\n")[:-1]  # what follows the last newline is still being written
+    rows, bad = [], 0
+    for line in lines[start:]:
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            bad += 1
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), (int, float)):
+            rows.append({k: v for k, v in row.items() if _finite_or_text(v)})
+        else:
+            bad += 1
+    return rows, max(len(lines), start), bad
+
+
+def _finite_or_text(value: Any) -> bool:
+    return not isinstance(value, float) or math.isfinite(value)
+
+
+def _newest_mtime(path: str) -> float:
+    newest = os.path.getmtime(path)
+    for name in os.listdir(path):
+        try:
+            newest = max(newest, os.path.getmtime(os.path.join(path, name)))
+        except OSError:
+            pass
+    return newest
+
+
+def _checkpoints(path: str) -> list[str]:
+    root = os.path.join(path, "checkpoints")
+    if not os.path.isdir(root):
+        return []
+    found = [n for n in os.listdir(root) if n.startswith("step-") and n[5:].isdigit()]
+    return sorted(found, key=lambda n: int(n[5:]))
+
+
+def best_metric(rows: list[dict[str, Any]], summary: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """The best eval metric seen: accuracy (highest), else perplexity or loss (lowest)."""
+    for key, better in (("eval_accuracy", max), ("eval_perplexity", min), ("eval_loss", min)):
+        values = [(r[key], r["step"]) for r in rows if isinstance(r.get(key), (int, float))]
+        if not values and summary and isinstance(summary.get(key), (int, float)):
+            values = [(summary[key], summary.get("steps"))]
+        if values:
+            value, step = better(values, key=lambda v: v[0])
+            return {"name": key, "value": value, "step": step}
+    return None
+
+
+def train_run(root: str, path: str, running: set[str] | None = None) -> dict[str, Any]:
+    """What the run list shows of one train output folder."""
+    problems: list[str] = []
+    config = read_yaml(os.path.join(path, "train_config.yaml"), problems) or {}
+    summary = read_json(os.path.join(path, "summary.json"), problems)
+    if summary is not None and not isinstance(summary, dict):
+        problems.append("summary.json is not a deltatune summary")
+        summary = None
+    rows, _next, bad = read_metrics(os.path.join(path, "metrics.jsonl"))
+    if bad:
+        problems.append(f"metrics.jsonl: {bad} line(s) that aren't metrics rows were skipped")
+    if not os.path.isfile(os.path.join(path, "train_config.yaml")):
+        problems.append("no train_config.yaml")
+    checkpoints = _checkpoints(path)
+    mtime = _newest_mtime(path)
+    if running is not None and os.path.realpath(path) in running:
+        status = "running"
+    elif summary and summary.get("status"):
+        status = str(summary["status"])
+    elif time.time() - mtime < RUNNING_WINDOW_S:
+        status = "running"
+    elif checkpoints:
+        status = "stopped"
+    else:
+        status = "incomplete"
+    steps = max((r["step"] for r in rows), default=0)
+    return {
+        "path": _rel(root, path),
+        "name": os.path.basename(path),
+        "kind": "train",
+        "status": status,
+        "method": config.get("method") or (summary or {}).get("method"),
+        "model": config.get("model") or (summary or {}).get("model"),
+        "data": config.get("data") or (summary or {}).get("data"),
+        "task": config.get("task") or (summary or {}).get("task"),
+        "best": best_metric(rows, summary),
+        "steps": steps,
+        "total_steps": (summary or {}).get("total_steps") or config.get("max_steps") or None,
+        "checkpoints": checkpoints,
+        "resumable": bool(checkpoints) and status != "completed",
+        "adapter": os.path.isfile(os.path.join(path, "adapter", "adapter_config.json")),
+        "mtime": mtime,
+        "age_s": max(0.0, time.time() - mtime),
+        "problems": problems,
+    }
+
+
+def compare_run(root: str, path: str, running: set[str] | None = None) -> dict[str, Any]:
+    """What the run list shows of one compare folder."""
+    problems: list[str] = []
+    results = read_json(os.path.join(path, "results.json"), problems)
+    if results is not None and not (isinstance(results, dict) and isinstance(results.get("methods"), list)):
+        problems.append("results.json is not a deltatune compare result (no 'methods' list)")
+        results = None
+    methods = [r for r in (results or {}).get("methods", []) if isinstance(r, dict)]
+    ok = [r for r in methods if r.get("status", "ok") == "ok"]
+    best = None
+    for key, better in (("eval_accuracy", max), ("eval_perplexity", min), ("eval_loss", min)):
+        values = [(r[key], r.get("method")) for r in ok if isinstance(r.get(key), (int, float))]
+        if values:
+            value, method = better(values, key=lambda v: v[0])
+            best = {"name": key, "value": value, "method": method}
+            break
+    mtime = _newest_mtime(path)
+    sub = [n for n in sorted(os.listdir(path)) if os.path.isfile(os.path.join(path, n, "compare_spec.json"))]
+    if running is not None and os.path.realpath(path) in running:
+        status = "running"
+    elif results is not None:
+        failed = len(methods) - len(ok)
+        status = "completed" if not failed else f"completed, {failed} failed"
+    elif time.time() - mtime < RUNNING_WINDOW_S:
+        status = "running"
+    else:
+        status = "incomplete"
+    spec: dict[str, Any] = {}
+    if results is None and sub:
+        spec = read_json(os.path.join(path, sub[0], "compare_spec.json"), problems) or {}
+    return {
+        "path": _rel(root, path),
+        "name": os.path.basename(path),
+        "kind": "compare",
+        "status": status,
+        "method": ", ".join(str(r.get("method")) for r in methods) or ", ".join(sub),
+        "model": (results or {}).get("model") or spec.get("model"),
+        "data": (results or {}).get("dataset") or spec.get("data"),
+        "task": (results or {}).get("task") or spec.get("task"),
+        "best": best,
+        "runs": sub,
+        "mtime": mtime,
+        "age_s": max(0.0, time.time() - mtime),
+        "problems": problems,
+    }
+
+
+def kind_of(path: str) -> str | None:
+    names = set(os.listdir(path))
+    if "results.json" in names or any(
+        os.path.isfile(os.path.join(path, n, "compare_spec.json")) for n in names if not n.startswith(".")
+    ):
+        return "compare"
+    if names & set(TRAIN_MARKERS) or "checkpoints" in names:
+        return "train"
+    return None
+
+
+def scan(root: str, running: set[str] | None = None) -> list[dict[str, Any]]:
+    """Every run under `root` (newest first); a top-level folder holding no run is listed as `foreign`."""
+    found: list[dict[str, Any]] = []
+    root_real = os.path.realpath(root)
+    if not os.path.isdir(root_real):
+        return found
+
+    def walk(path: str, depth: int) -> bool:
+        try:
+            kind = kind_of(path)
+        except OSError:
+            return False
+        if kind == "compare":
+            found.append(compare_run(root_real, path, running))
+            return True
+        if kind == "train":
+            found.append(train_run(root_real, path, running))
+            return True
+        if depth >= MAX_DEPTH:
+            return False
+        any_run = False
+        try:
+            names = sorted(os.listdir(path))
+        except OSError:
+            return False
+        for name in names:
+            child = os.path.join(path, name)
+            if name.startswith(".") or name in SKIP or not os.path.isdir(child) or os.path.islink(child):
+                continue
+            if walk(child, depth + 1):
+                any_run = True
+            elif depth == 0:
+                found.append(
+                    {
+                        "path": _rel(root_real, child),
+                        "name": name,
+                        "kind": "foreign",
+                        "status": "not a run",
+                        "mtime": os.path.getmtime(child),
+                        "age_s": max(0.0, time.time() - os.path.getmtime(child)),
+                        "problems": ["no train_config.yaml, metrics.jsonl, summary.json or results.json"],
+                    }
+                )
+        return any_run
+
+    walk(root_real, 0)
+    found.sort(key=lambda r: -r["mtime"])
+    return found
+
+
+def adapters(root: str) -> list[dict[str, Any]]:
+    """Adapter folders saved by train runs under `root`, with the base model each names."""
+    out = []
+    for run in scan(root):
+        paths = []
+        if run["kind"] == "train" and run.get("adapter"):
+            paths.append((run["path"], os.path.join(root, run["path"], "adapter")))
+        elif run["kind"] == "compare":
+            for sub in run.get("runs", []):
+                folder = os.path.join(root, run["path"], sub, "adapter")
+                if os.path.isfile(os.path.join(folder, "adapter_config.json")):
+                    paths.append((f"{run['path']}/{sub}", folder))
+        for rel, folder in paths:
+            problems: list[str] = []
+            config = read_json(os.path.join(folder, "adapter_config.json"), problems) or {}
+            out.append(
+                {
+                    "run": rel,
+                    "path": os.path.realpath(folder),
+                    "method": config.get("peft_type"),
+                    "task_type": config.get("task_type"),
+                    "base_model": config.get("base_model_name_or_path"),
+                }
+            )
+    return out
