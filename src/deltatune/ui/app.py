@@ -6,6 +6,7 @@ is served from the package: nothing is fetched from the internet.
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import os
 from typing import Any
@@ -69,14 +70,19 @@ def create_app(runs_dir: str, *, api_key: str | None = None) -> FastAPI:
     root = os.path.realpath(runs_dir)
     jobs = Jobs(root)
     playground = Playground()
-    app = FastAPI(title="deltatune ui", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        yield
+        await run_in_threadpool(jobs.close)  # SIGTERM to running jobs: train saves a checkpoint
+
+    app = FastAPI(title="deltatune ui", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.jobs, app.state.playground, app.state.root = jobs, playground, root
     app.add_middleware(_KeyGuard, api_key=api_key)
-    app.add_event_handler("shutdown", jobs.close)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     def not_found(e: Exception) -> HTTPException:
-        return HTTPException(404, str(e).strip("'\""))
+        return HTTPException(404, str(e.args[0]) if e.args else str(e))
 
     @app.exception_handler(HTTPException)
     async def _http(_request, e: HTTPException):

@@ -66,6 +66,9 @@ def read_yaml(path: str, problems: list[str]) -> Any:
     if not isinstance(data, dict):
         problems.append("train_config.yaml is not a deltatune train config (not a mapping)")
         return None
+    if not {"method", "model", "data"} & set(map(str, data)):
+        problems.append("train_config.yaml is not a deltatune train config (no method, model or data)")
+        return None
     return data
 
 

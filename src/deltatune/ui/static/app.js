@@ -198,7 +198,7 @@ async function pageRuns() {
       h("td", { title: r.data || "" }, shortPath(r.data)),
       h("td", { class: "num" }, r.best ? `${r.best.name.replace("eval_", "")} ${fmt(r.best.value)}` + (r.best.method ? ` (${r.best.method})` : "") : "–"),
       h("td", { class: "num" }, age(r.age_s)),
-      h("td", { class: "warn", title: (r.problems || []).join("\n") }, (r.problems || []).length ? "⚠ " + r.problems.join("; ") : ""),
+      h("td", { class: "warn notes", title: (r.problems || []).join("\n") }, (r.problems || []).length ? "⚠ " + r.problems.join("; ") : ""),
     ));
     $("#runs-box").replaceChildren(h("div", { class: "scroll" }, h("table", { id: "runs-table" },
       h("thead", {}, h("tr", {}, ["run", "kind", "status", "method", "model", "data", "best eval", "age", "notes"].map(t => h("th", { class: ["best eval", "age"].includes(t) ? "num" : "" }, t)))),

@@ -1,0 +1,177 @@
+"""`deltatune ui` without a browser: the run scanner, bad input, the API key, form validation, the playground."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import train_helpers
+from fastapi.testclient import TestClient
+
+from deltatune.ui import runs
+from deltatune.ui.app import create_app
+
+
+def _write(path, text: str) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(text)
+
+
+@pytest.fixture
+def runs_dir(tmp_path):
+    root = tmp_path / "runs"
+    # a finished train run
+    _write(root / "good" / "train_config.yaml", "model: m\nmethod: lora\ndata: d.jsonl\ntask: seq-cls\nmax_steps: 3\n")
+    _write(
+        root / "good" / "metrics.jsonl",
+        "".join(
+            json.dumps(r) + "\n"
+            for r in [
+                {"step": 0, "eval_loss": 0.9, "eval_accuracy": 0.5},
+                {"step": 1, "train_loss": 0.8},
+                {"step": 2, "train_loss": 0.6, "eval_accuracy": 0.75},
+                {"step": 3, "train_loss": 0.5, "eval_accuracy": 0.7},
+            ]
+        ),
+    )
+    _write(root / "good" / "summary.json", json.dumps({"status": "completed", "steps": 3, "total_steps": 3}))
+    # a run being written: its last line has no newline yet, one line is garbage
+    _write(root / "half" / "train_config.yaml", "model: m\nmethod: houlsby\ndata: d.jsonl\n")
+    _write(root / "half" / "metrics.jsonl", '{"step": 1, "train_loss": 1.0}\nnot json\n{"step": 2, "train_lo')
+    # foreign and broken files
+    _write(root / "notes" / "readme.txt", "not a run")
+    _write(root / "broken" / "train_config.yaml", "[1, 2")
+    _write(root / "broken" / "summary.json", "{")
+    _write(root / "cmp" / "results.json", '{"model": "m", "methods": 3}')
+    _write(root / "group" / "inner" / "metrics.jsonl", '{"step": 1, "train_loss": 2.0}\n')
+    return root
+
+
+def test_scan_lists_what_it_can_and_marks_the_rest(runs_dir):
+    found = {r["path"]: r for r in runs.scan(str(runs_dir))}
+    assert set(found) == {"good", "half", "notes", "broken", "cmp", "group/inner"}
+    good = found["good"]
+    assert (good["kind"], good["status"], good["method"], good["model"], good["data"]) == (
+        "train",
+        "completed",
+        "lora",
+        "m",
+        "d.jsonl",
+    )
+    assert good["best"] == {"name": "eval_accuracy", "value": 0.75, "step": 2} and good["problems"] == []
+    half = found["half"]
+    assert half["method"] == "houlsby" and half["steps"] == 1
+    assert half["problems"] == ["metrics.jsonl: 1 line(s) that aren't metrics rows were skipped"]
+    assert found["notes"]["kind"] == "foreign" and found["notes"]["status"] == "not a run"
+    broken = found["broken"]["problems"]
+    assert any(p.startswith("train_config.yaml is unreadable") for p in broken)
+    assert any(p.startswith("summary.json is unreadable") for p in broken)
+    assert found["cmp"]["kind"] == "compare"
+    assert found["cmp"]["problems"] == ["results.json is not a deltatune compare result (no 'methods' list)"]
+
+
+def test_metrics_are_read_incrementally(runs_dir):
+    path = runs_dir / "half" / "metrics.jsonl"
+    rows, nxt, bad = runs.read_metrics(str(path))
+    assert [r["step"] for r in rows] == [1] and nxt == 2 and bad == 1
+    with open(path, "a") as f:  # the writer finishes its line and adds one
+        f.write('ss": 0.5}\n{"step": 3, "train_loss": 0.25}\n')
+    rows, nxt, bad = runs.read_metrics(str(path), nxt)
+    assert rows == [{"step": 2, "train_loss": 0.5}, {"step": 3, "train_loss": 0.25}] and nxt == 4 and bad == 0
+
+
+def test_api_runs_metrics_and_paths(runs_dir):
+    client = TestClient(create_app(str(runs_dir)))
+    listed = client.get("/api/runs").json()["runs"]
+    assert {r["path"] for r in listed} >= {"good", "half"}
+    metrics = client.get("/api/metrics", params={"path": "good", "since": 2}).json()
+    assert [r["step"] for r in metrics["rows"]] == [2, 3] and metrics["next"] == 4
+    assert client.get("/api/run", params={"path": "good"}).json()["config"]["method"] == "lora"
+    for bad in ("../", "/etc", "good/../../x"):
+        r = client.get("/api/metrics", params={"path": bad})
+        assert r.status_code == 404 and "not inside the runs folder" in r.json()["error"]
+    assert client.get("/api/run", params={"path": "notes"}).status_code == 404
+    page = client.get("/")
+    assert page.status_code == 200 and "/static/app.js" in page.text
+    assert "https://" not in client.get("/static/app.js").text  # nothing is fetched from the internet
+
+
+def test_api_key_like_serve(runs_dir, monkeypatch):
+    client = TestClient(create_app(str(runs_dir), api_key="s3cret"))
+    assert client.get("/api/runs").status_code == 401
+    assert client.get("/api/runs", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert client.get("/api/runs", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+    assert client.get("/api/runs", headers={"x-api-key": "s3cret"}).status_code == 200
+    r = client.get("/", follow_redirects=False)
+    assert r.status_code == 303 and r.headers["location"] == "/login"
+    assert client.post("/login", data={"key": "nope"}).status_code == 401
+    r = client.post("/login", data={"key": "s3cret"}, follow_redirects=False)
+    assert r.status_code == 303 and "httponly" in r.headers["set-cookie"].lower()
+    assert client.get("/api/runs").status_code == 200  # the browser's cookie now
+    # the command line reads DELTATUNE_API_KEY and binds 127.0.0.1 by default
+    from deltatune import ui
+
+    args = ui.build_parser().parse_args([])
+    assert (args.host, args.port, args.runs) == ("127.0.0.1", 7860, "runs")
+    seen = {}
+    monkeypatch.setenv("DELTATUNE_API_KEY", "from-env")
+    monkeypatch.setattr("uvicorn.run", lambda app, **kw: seen.update(app=app, **kw))
+    assert ui.main(["--runs", str(runs_dir)]) == 0
+    assert seen["host"] == "127.0.0.1" and TestClient(seen["app"]).get("/api/runs").status_code == 401
+
+
+def test_form_errors_are_the_cli_messages(runs_dir, tmp_path, capsys):
+    from deltatune import compare
+    from deltatune.train import train_main
+
+    client = TestClient(create_app(str(runs_dir)))
+    missing_model, missing_data = str(tmp_path / "no-model"), str(tmp_path / "no-data.jsonl")
+
+    r = client.post("/api/jobs", json={"kind": "compare", "model": missing_model, "data": missing_data, "methods": ["lora"]})
+    assert r.status_code == 400
+    assert compare.main(["--model", missing_model, "--data", missing_data, "--methods", "lora"]) == 2
+    assert r.json()["error"] == capsys.readouterr().err.strip()
+    assert "does not exist" in r.json()["error"] and "data file not found" in r.json()["error"]
+
+    r = client.post("/api/jobs", json={"kind": "train", "model": missing_model, "data": missing_data})
+    assert r.status_code == 400
+    assert train_main([f"model={missing_model}", f"data={missing_data}"]) == 2
+    assert r.json()["error"] == capsys.readouterr().err.strip()
+    assert "folder not found" in r.json()["error"]
+
+    r = client.post("/api/jobs", json={"kind": "train", "data": missing_data, "name": "../escape"})
+    assert r.status_code == 400 and "inside the runs folder" in r.json()["error"]
+    assert client.get("/api/jobs").json()["jobs"] == []  # nothing started
+
+
+def test_playground_answers_equal_generate(tmp_path, capsys):
+    """Greedy answers of two adapters and the base, side by side, equal `deltatune generate`'s."""
+    from deltatune.tools import generate_main
+    from deltatune.train import config_from_dict, run
+
+    base = train_helpers.tiny_opt_folder(tmp_path / "opt")
+    data = tmp_path / "lm.jsonl"
+    data.write_text("".join(json.dumps({"text": " ".join(f"w{(i * 7 + j) % 80 + 3}" for j in range(10))}) + "\n" for i in range(16)))
+    adapters = []
+    for name, seed in (("a", 0), ("b", 1)):
+        cfg = config_from_dict(
+            {"model": base, "task": "causal-lm", "data": str(data), "max_steps": 3, "batch_size": 4, "lr": 0.05,
+             "seed": seed, "output_dir": str(tmp_path / "runs" / name), "progress": False, "eval_at_start": False}
+        )
+        adapters.append(run(cfg)["adapter_dir"])
+    client = TestClient(create_app(str(tmp_path / "runs")))
+    listed = client.get("/api/adapters").json()["adapters"]
+    assert sorted(a["run"] for a in listed) == ["a", "b"]
+    r = client.post(
+        "/api/playground",
+        json={"base": base, "adapters": adapters, "prompt": "w5 w6 w7", "max_new_tokens": 8},
+    ).json()
+    assert [a["name"] for a in r["answers"]] == ["base", "a", "b"]
+    for adapter, answer in zip(adapters, r["answers"][1:]):
+        generate_main(["--base", base, "--adapter", adapter, "--prompt", "w5 w6 w7", "--max-new-tokens", "8"])
+        assert answer["text"] == capsys.readouterr().out.strip()
+    assert r["answers"][1]["text"] != r["answers"][2]["text"] or r["answers"][1]["text"] != r["answers"][0]["text"]
+    bad = client.post("/api/playground", json={"adapters": [str(tmp_path)], "prompt": "x"})
+    assert bad.status_code == 400 and "is not an adapter folder" in bad.json()["error"]
