@@ -10,7 +10,13 @@ import pytest
 
 from deltatune import tracking
 
-CONFIG = {"method": "lora", "lr": 0.003, "method_args": {"r": 4}, "fields": {"text": "text"}, "eval_data": None}
+CONFIG = {
+    "method": "lora",
+    "lr": 0.003,
+    "method_args": {"r": 4},
+    "fields": {"text": "text"},
+    "eval_data": None,
+}
 EXTRA = {"trainable_params": 1234, "total_params": 99999}
 STEPS = [
     (0, {"eval_loss": 0.9, "eval_accuracy": 0.5}),
@@ -81,14 +87,18 @@ def test_mlflow_run_read_back(tmp_path, monkeypatch):
     assert run.info.run_name == "run-b" and run.info.status == "KILLED"
     assert run.data.params["method"] == "lora" and run.data.params["method_args.r"] == "4"
     assert run.data.params["trainable_params"] == "1234"
-    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "train/loss")] == [(1, 0.7), (2, 0.6)]
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "train/loss")] == [
+        (1, 0.7),
+        (2, 0.6),
+    ]
     assert [(m.step, m.value) for m in client.get_metric_history(run_id, "eval/accuracy")] == [
         (0, 0.5),
         (2, 0.75),
     ]
     assert client.get_metric_history(run_id, "train/grad_norm") == []
     local = client.download_artifacts(run_id, "train_config.yaml", str(tmp_path))
-    assert "method: lora" in open(local).read()
+    with open(local) as f:
+        assert "method: lora" in f.read()
 
     # $MLFLOW_TRACKING_URI wins: from another folder, the run goes to that store and no ./mlruns appears
     (tmp_path / "elsewhere").mkdir()
@@ -106,7 +116,8 @@ def read_wandb_records(path: str) -> list:
     """The records of a W&B `.wandb` file: W&B's header, then LevelDB-log records holding protobufs."""
     from wandb.proto import wandb_internal_pb2
 
-    data = open(path, "rb").read()
+    with open(path, "rb") as f:
+        data = f.read()
     assert data[:4] == b":W&B"
     records, pos, block, pending = [], 7, 32768, b""
     while pos + 7 <= len(data):

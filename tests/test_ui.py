@@ -23,7 +23,10 @@ def _write(path, text: str) -> None:
 def runs_dir(tmp_path):
     root = tmp_path / "runs"
     # a finished train run
-    _write(root / "good" / "train_config.yaml", "model: m\nmethod: lora\ndata: d.jsonl\ntask: seq-cls\nmax_steps: 3\n")
+    _write(
+        root / "good" / "train_config.yaml",
+        "model: m\nmethod: lora\ndata: d.jsonl\ntask: seq-cls\nmax_steps: 3\n",
+    )
     _write(
         root / "good" / "metrics.jsonl",
         "".join(
@@ -129,7 +132,10 @@ def test_form_errors_are_the_cli_messages(runs_dir, tmp_path, capsys):
     client = TestClient(create_app(str(runs_dir)))
     missing_model, missing_data = str(tmp_path / "no-model"), str(tmp_path / "no-data.jsonl")
 
-    r = client.post("/api/jobs", json={"kind": "compare", "model": missing_model, "data": missing_data, "methods": ["lora"]})
+    r = client.post(
+        "/api/jobs",
+        json={"kind": "compare", "model": missing_model, "data": missing_data, "methods": ["lora"]},
+    )
     assert r.status_code == 400
     assert compare.main(["--model", missing_model, "--data", missing_data, "--methods", "lora"]) == 2
     assert r.json()["error"] == capsys.readouterr().err.strip()
@@ -153,12 +159,27 @@ def test_playground_answers_equal_generate(tmp_path, capsys):
 
     base = train_helpers.tiny_opt_folder(tmp_path / "opt")
     data = tmp_path / "lm.jsonl"
-    data.write_text("".join(json.dumps({"text": " ".join(f"w{(i * 7 + j) % 80 + 3}" for j in range(10))}) + "\n" for i in range(16)))
+    data.write_text(
+        "".join(
+            json.dumps({"text": " ".join(f"w{(i * 7 + j) % 80 + 3}" for j in range(10))}) + "\n"
+            for i in range(16)
+        )
+    )
     adapters = []
     for name, seed in (("a", 0), ("b", 1)):
         cfg = config_from_dict(
-            {"model": base, "task": "causal-lm", "data": str(data), "max_steps": 3, "batch_size": 4, "lr": 0.05,
-             "seed": seed, "output_dir": str(tmp_path / "runs" / name), "progress": False, "eval_at_start": False}
+            {
+                "model": base,
+                "task": "causal-lm",
+                "data": str(data),
+                "max_steps": 3,
+                "batch_size": 4,
+                "lr": 0.05,
+                "seed": seed,
+                "output_dir": str(tmp_path / "runs" / name),
+                "progress": False,
+                "eval_at_start": False,
+            }
         )
         adapters.append(run(cfg)["adapter_dir"])
     client = TestClient(create_app(str(tmp_path / "runs")))
@@ -172,6 +193,9 @@ def test_playground_answers_equal_generate(tmp_path, capsys):
     for adapter, answer in zip(adapters, r["answers"][1:]):
         generate_main(["--base", base, "--adapter", adapter, "--prompt", "w5 w6 w7", "--max-new-tokens", "8"])
         assert answer["text"] == capsys.readouterr().out.strip()
-    assert r["answers"][1]["text"] != r["answers"][2]["text"] or r["answers"][1]["text"] != r["answers"][0]["text"]
+    assert (
+        r["answers"][1]["text"] != r["answers"][2]["text"]
+        or r["answers"][1]["text"] != r["answers"][0]["text"]
+    )
     bad = client.post("/api/playground", json={"adapters": [str(tmp_path)], "prompt": "x"})
     assert bad.status_code == 400 and "is not an adapter folder" in bad.json()["error"]

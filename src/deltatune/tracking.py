@@ -57,9 +57,7 @@ def check(names: list[str] | tuple[str, ...]) -> list[str]:
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             errors.append(f"report_to: unknown tracker {name!r}{hint}; choose from {', '.join(BACKENDS)}")
         elif importlib.util.find_spec(BACKENDS[name][0]) is None:
-            errors.append(
-                f"report_to: {name} is not installed; install it with: {install_command(name)}"
-            )
+            errors.append(f"report_to: {name} is not installed; install it with: {install_command(name)}")
     return errors
 
 
@@ -261,8 +259,13 @@ class Trackers:
             try:
                 getattr(tracker, what)(*args)
             except Exception as e:  # a tracker must never stop training
-                logger.warning("%s: %s failed (%s: %s); not logging to it any more",
-                               tracker.name, what, type(e).__name__, e)
+                logger.warning(
+                    "%s: %s failed (%s: %s); not logging to it any more",
+                    tracker.name,
+                    what,
+                    type(e).__name__,
+                    e,
+                )
                 self.trackers.remove(tracker)
 
     def log_config(self, config: dict[str, Any], extra: dict[str, Any] | None = None) -> None:

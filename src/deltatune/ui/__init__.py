@@ -27,7 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="A local web board: runs and their live curves, compare tables and charts, launch train "
         "or compare from a form, and a playground for adapters.",
     )
-    p.add_argument("--runs", default="runs", help="folder holding train and compare output folders (default runs)")
+    p.add_argument(
+        "--runs", default="runs", help="folder holding train and compare output folders (default runs)"
+    )
     p.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine only)")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--api-key", help=f"require this key on every page and endpoint (or set ${API_KEY_ENV})")

@@ -12,7 +12,7 @@ import os
 from typing import Any
 from urllib.parse import parse_qs
 
-from fastapi import Body, FastAPI, HTTPException, Query, Request
+from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
@@ -62,6 +62,16 @@ class _KeyGuard:
                 if name == COOKIE.encode():
                     given = value
         return hmac.compare_digest(given, self.key)
+
+
+async def _json_body(request: Request) -> dict[str, Any] | JSONResponse:
+    try:
+        body = await request.json()
+    except ValueError:
+        return JSONResponse({"error": "the request body is not valid JSON"}, status_code=400)
+    if not isinstance(body, dict):
+        return JSONResponse({"error": "the request body must be a JSON object"}, status_code=400)
+    return body
 
 
 def create_app(runs_dir: str, *, api_key: str | None = None) -> FastAPI:
@@ -166,7 +176,10 @@ def create_app(runs_dir: str, *, api_key: str | None = None) -> FastAPI:
         return {"jobs": jobs.list()}
 
     @app.post("/api/jobs")
-    async def start_job(body: dict[str, Any] = Body(...)):
+    async def start_job(request: Request):
+        body = await _json_body(request)
+        if isinstance(body, JSONResponse):
+            return body
         kind = str(body.get("kind", ""))
         try:
             job = await run_in_threadpool(jobs.start, kind, body)
@@ -189,7 +202,10 @@ def create_app(runs_dir: str, *, api_key: str | None = None) -> FastAPI:
             raise not_found(e) from None
 
     @app.post("/api/playground")
-    async def play(body: dict[str, Any] = Body(...)):
+    async def play(request: Request):
+        body = await _json_body(request)
+        if isinstance(body, JSONResponse):
+            return body
         adapters = [str(a) for a in body.get("adapters") or [] if a]
         try:
             max_new = int(body.get("max_new_tokens") or 40)

@@ -9,6 +9,7 @@ progress bars included) in `<runs>/.deltatune-ui/jobs/<id>.log`; stopping it sen
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -192,10 +193,9 @@ class Jobs:
                 "TQDM_MININTERVAL": "0.5",
                 "PYTHONWARNINGS": "ignore",
             }
-            log = open(log_path, "wb")
-            log.write(("$ deltatune " + " ".join(_quote(a) for a in argv) + "\n").encode())
-            log.flush()
-            try:
+            with open(log_path, "wb") as log:
+                log.write(("$ deltatune " + " ".join(_quote(a) for a in argv) + "\n").encode())
+                log.flush()
                 proc = subprocess.Popen(
                     [sys.executable, "-m", "deltatune", *argv],
                     stdout=log,
@@ -204,8 +204,6 @@ class Jobs:
                     env=env,
                     start_new_session=True,  # its own process group: SIGTERM reaches compare's workers too
                 )
-            finally:
-                log.close()
             job = Job(job_id, kind, argv, out, log_path, proc=proc)
             self.jobs[job_id] = job
             with open(os.path.join(self.dir, job_id + ".json"), "w") as f:
@@ -229,10 +227,8 @@ class Jobs:
         job = self.get(job_id)
         if job.status in ("running",) and job.proc is not None:
             job.stopped = True
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(job.proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
         return job
 
     def log(self, job_id: str, offset: int = 0, limit: int = 1 << 20) -> dict[str, Any]:

@@ -58,12 +58,15 @@ class Playground:
         tasks = {i["task_type"] for i in infos}
         if len(tasks) > 1:
             raise PlaygroundError(
-                "the adapters were trained for different tasks (" + ", ".join(map(str, sorted(tasks, key=str)))
+                "the adapters were trained for different tasks ("
+                + ", ".join(map(str, sorted(tasks, key=str)))
                 + "); pick adapters of one task"
             )
         labels = {i["num_labels"] for i in infos}
         if len(labels) > 1:
-            raise PlaygroundError("the classification adapters have different label counts; pick one at a time")
+            raise PlaygroundError(
+                "the classification adapters have different label counts; pick one at a time"
+            )
         base_path = resolve_model(base or (infos[0]["base_model"] if infos else ""))
         if not base_path:
             raise PlaygroundError("pick a base model folder (or an adapter that names its base)")
@@ -84,7 +87,8 @@ class Playground:
         if not adapters:
             tokenizers = [tools.load_tokenizer(base_path, base_path)]
         classify = task == "SEQ_CLS" or (
-            not adapters and any(a.endswith("ForSequenceClassification") for a in model.config.architectures or [])
+            not adapters
+            and any(a.endswith("ForSequenceClassification") for a in model.config.architectures or [])
         )
         self.loaded = {
             "model": model,
@@ -133,9 +137,13 @@ class Playground:
             if include_base and not loaded["classify"] or not adapters:
                 if adapters:
                     with model.disable_adapter():
-                        answers.append({"name": "base", "path": loaded["base_path"], **run(loaded["tokenizers"][0])})
+                        answers.append(
+                            {"name": "base", "path": loaded["base_path"], **run(loaded["tokenizers"][0])}
+                        )
                 else:
-                    answers.append({"name": "base", "path": loaded["base_path"], **run(loaded["tokenizers"][0])})
+                    answers.append(
+                        {"name": "base", "path": loaded["base_path"], **run(loaded["tokenizers"][0])}
+                    )
             for name, path, tokenizer in zip(loaded["names"], loaded["adapters"], loaded["tokenizers"]):
                 model.set_adapter(name)
                 answer = {"name": os.path.basename(os.path.dirname(path.rstrip("/"))) or name, "path": path}

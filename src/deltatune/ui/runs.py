@@ -8,6 +8,7 @@ be read and a `problems` list, never an error for the whole list.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -61,7 +62,9 @@ def read_yaml(path: str, problems: list[str]) -> Any:
     except FileNotFoundError:
         return None
     except (OSError, ValueError, yaml.YAMLError) as e:
-        problems.append(f"train_config.yaml is unreadable ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+        problems.append(
+            f"train_config.yaml is unreadable ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
+        )
         return None
     if not isinstance(data, dict):
         problems.append("train_config.yaml is not a deltatune train config (not a mapping)")
@@ -106,10 +109,8 @@ def _finite_or_text(value: Any) -> bool:
 def _newest_mtime(path: str) -> float:
     newest = os.path.getmtime(path)
     for name in os.listdir(path):
-        try:
+        with contextlib.suppress(OSError):  # removed meanwhile
             newest = max(newest, os.path.getmtime(os.path.join(path, name)))
-        except OSError:
-            pass
     return newest
 
 

@@ -157,7 +157,8 @@ function barChart(title, items, { logY = false, id = null } = {}) {
   if (!ok.length) { svg.append(s("text", { x: W / 2, y: H / 2, "text-anchor": "middle" }, "no data")); return box; }
   const fy = v => logY ? Math.log10(v) : v;
   let hi = Math.max(...ok.map(it => fy(it.value))), lo = logY ? Math.floor(Math.min(...ok.map(it => fy(it.value)))) : Math.min(0, ...ok.map(it => it.value));
-  const ticks = logY ? (() => { const t = []; for (let i = lo; i <= Math.ceil(hi); i++) t.push(i); return t; })() : niceTicks(lo, hi);
+  if (!logY) hi = hi + (hi - lo) * 0.12;  // room for the value labels above the bars
+  const ticks = logY ? (() => { const t = []; for (let i = lo; i <= Math.ceil(hi + 0.15); i++) t.push(i); return t; })() : niceTicks(lo, hi);
   hi = Math.max(hi, ticks[ticks.length - 1]); lo = Math.min(lo, ticks[0]);
   const Y = y => T + (1 - (y - lo) / ((hi - lo) || 1)) * (H - T - B);
   for (const t of ticks) {
