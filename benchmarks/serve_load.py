@@ -1,11 +1,15 @@
-"""Load test of `deltatune serve`: requests/s and p50/p95 latency with 1, 2 and 8 adapters (and the base alone).
+"""Load test of `deltatune serve`: static vs continuous batching, in one run, on one random model.
 
-Builds a random model of OPT-125m's shape (or a smaller one with --small) and 8 random LoRA adapters in a temp
-folder, starts `deltatune serve` on 127.0.0.1 in a subprocess, and for each adapter count loads exactly that
-many adapters (runtime DELETE/POST /v1/adapters), then runs C concurrent clients, each sending N greedy
-completions round-robin over the loaded adapters, stopping early at a time cap. Writes a JSON file.
+Builds a random OPT (OPT-125m's shape, or a smaller one with --small) and 64 random LoRA adapters (r=8 on q_proj
+and v_proj) in a temp folder, starts `deltatune serve` twice on 127.0.0.1 (`--scheduler static` and
+`--scheduler continuous`, each with `--max-loaded-adapters 8`), and for each number of clients (16, 64) and
+each adapter mix (the base alone, 8 adapters, 64 adapters of which at most 8 are in memory) runs the same
+workload against the two servers back to back: C concurrent clients, each sending R streamed greedy completions
+whose `max_tokens` is drawn between 8 and 64 (the same draws for both servers). Reports req/s, output tokens/s,
+p50/p95 latency and p50/p95 time to first token, and the continuous/static ratios. Writes a JSON file.
 
-    python benchmarks/serve_load.py --clients 16 --requests 6 --max-tokens 16 --out serve_load.json
+    python benchmarks/serve_load.py --out serve_load.json                    # the full run (long on 2 cores)
+    python benchmarks/serve_load.py --small --clients 16 --requests 2        # a quick look
 
 Run by hand; the numbers go in the README. Traffic goes to 127.0.0.1 only.
 """
@@ -18,6 +22,7 @@ import json
 import os
 import platform
 import random
+import shutil
 import socket
 import statistics
 import subprocess
@@ -32,11 +37,12 @@ from transformers import OPTConfig, OPTForCausalLM, PreTrainedTokenizerFast
 
 from deltatune import LoraConfig, get_peft_model
 
-N_ADAPTERS = 8
+N_ADAPTERS = 64
+LOADED = 8
 
 
 def build(folder: str, small: bool) -> tuple[str, str, list[str]]:
-    """A random OPT (125m's shape, or a small one), a word-level tokenizer over its vocab, 8 LoRA adapters."""
+    """A random OPT (125m's shape, or a small one), a word-level tokenizer over its vocab, 64 LoRA adapters."""
     shape = (
         dict(
             hidden_size=256,
@@ -59,16 +65,21 @@ def build(folder: str, small: bool) -> tuple[str, str, list[str]]:
     base = os.path.join(folder, "opt-125m-random" if not small else "opt-small-random")
     torch.manual_seed(0)
     model = OPTForCausalLM(config).eval()
+    # No EOS in a random model's greedy output: every request runs to its max_tokens (a controlled workload).
+    model.generation_config.eos_token_id = None
     model.save_pretrained(base)
     fast.save_pretrained(base)
-    names = [f"task{i}" for i in range(N_ADAPTERS)]
-    torch.manual_seed(1)
-    lora = dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
-    peft = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **lora), names[0])
-    for name in names[1:]:
-        peft.add_adapter(name, LoraConfig(task_type="CAUSAL_LM", **lora))
     adapters = os.path.join(folder, "adapters")
-    peft.save_pretrained(adapters)  # no adapter named "default": each goes in its own sub-folder
+    lora = dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    # 8 distinct random adapters, each copied 8 times under its own name: 64 folders to register.
+    torch.manual_seed(1)
+    peft = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **lora), "seed0")
+    for i in range(1, 8):
+        peft.add_adapter(f"seed{i}", LoraConfig(task_type="CAUSAL_LM", **lora))
+    seeds = os.path.join(folder, "seeds")
+    peft.save_pretrained(seeds)
+    for i in range(N_ADAPTERS):
+        shutil.copytree(os.path.join(seeds, f"seed{i % 8}"), os.path.join(adapters, f"task{i}"))
     return base, adapters, words
 
 
@@ -76,6 +87,17 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def start(base: str, adapters: str, scheduler: str, args) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    cmd = [
+        sys.executable, "-m", "deltatune", "serve", "--base", base, "--adapters", adapters, "--base-name", "base",
+        "--host", "127.0.0.1", "--port", str(port), "--scheduler", scheduler, "--max-batch", str(args.max_batch),
+        "--batch-wait-ms", str(args.batch_wait_ms), "--max-loaded-adapters", str(LOADED), "--log-level", "warning",
+        "--threads", str(args.threads), "--max-tokens-cap", "64",
+    ]  # fmt: skip
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL), f"http://127.0.0.1:{port}"
 
 
 async def wait_ready(client: httpx.AsyncClient, proc: subprocess.Popen, timeout: float) -> None:
@@ -92,126 +114,145 @@ async def wait_ready(client: httpx.AsyncClient, proc: subprocess.Popen, timeout:
     raise RuntimeError("deltatune serve did not come up in time")
 
 
-async def set_adapters(client: httpx.AsyncClient, names: list[str]) -> None:
-    loaded = set((await client.get("/health")).json()["adapters"])
-    for name in loaded - set(names):
-        (await client.delete(f"/v1/adapters/{name}")).raise_for_status()
-    for name in sorted(set(names) - loaded):
-        (await client.post("/v1/adapters", json={"name": name})).raise_for_status()
-
-
-async def phase(client: httpx.AsyncClient, models_: list[str], words: list[str], args) -> dict:
-    """C clients, N requests each (round-robin over `models_`), stopping at the time cap."""
-    before = (await client.get("/health")).json()["stats"]
-    rng = random.Random(0)
-    prompts = [" ".join(rng.choice(words[4:]) for _ in range(args.prompt_words)) for _ in range(64)]
-    latencies: list[float] = []
+async def one(client: httpx.AsyncClient, body: dict) -> tuple[float, float, int] | None:
+    """(latency, time to first token, completion tokens) of one streamed request; None on an error."""
+    t0 = time.monotonic()
+    first = None
     tokens = 0
-    errors = 0
-    start = time.monotonic()
-    deadline = start + args.time_cap
+    async with client.stream("POST", "/v1/completions", json=body) as r:
+        if r.status_code != 200:
+            await r.aread()
+            return None
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                return None
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            elif first is None and chunk["choices"] and chunk["choices"][0]["text"]:
+                first = time.monotonic() - t0
+    latency = time.monotonic() - t0
+    return latency, first if first is not None else latency, tokens
 
-    async def run_client(c: int) -> None:
-        nonlocal tokens, errors
-        for i in range(args.requests):
+
+def workload(
+    clients: int, requests: int, names: list[str], words: list[str], prompt_words: int
+) -> list[list[dict]]:
+    """Each client's requests (the same for both schedulers): adapters round-robin, max_tokens in [8, 64]."""
+    rng = random.Random(clients * 1000 + len(names))
+    out = []
+    for c in range(clients):
+        mine = []
+        for i in range(requests):
+            k = c * requests + i
+            mine.append(
+                {
+                    "model": names[k % len(names)],
+                    "prompt": " ".join(rng.choice(words[4:]) for _ in range(prompt_words)),
+                    "max_tokens": rng.randint(8, 64),
+                    "temperature": 0,
+                    "stream": True,
+                    "stream_options": {"include_usage": True},
+                }
+            )
+        out.append(mine)
+    return out
+
+
+async def phase(client: httpx.AsyncClient, plan: list[list[dict]], time_cap: float) -> dict:
+    before = (await client.get("/health")).json()["stats"]
+    results: list[tuple[float, float, int]] = []
+    errors = 0
+    start_t = time.monotonic()
+    deadline = start_t + time_cap
+
+    async def run_client(bodies: list[dict]) -> None:
+        nonlocal errors
+        for body in bodies:
             if time.monotonic() > deadline:
                 return
-            k = c * args.requests + i
-            body = {
-                "model": models_[k % len(models_)],
-                "prompt": prompts[k % len(prompts)],
-                "max_tokens": args.max_tokens,
-                "temperature": 0,
-            }
-            t0 = time.monotonic()
-            r = await client.post("/v1/completions", json=body)
-            if r.status_code != 200:
+            got = await one(client, body)
+            if got is None:
                 errors += 1
-                continue
-            latencies.append(time.monotonic() - t0)
-            tokens += r.json()["usage"]["completion_tokens"]
+            else:
+                results.append(got)
 
-    await asyncio.gather(*(run_client(c) for c in range(args.clients)))
-    wall = time.monotonic() - start
+    await asyncio.gather(*(run_client(b) for b in plan))
+    wall = time.monotonic() - start_t
     after = (await client.get("/health")).json()["stats"]
+    lat = sorted(r[0] for r in results)
+    ttft = sorted(r[1] for r in results)
+    tokens = sum(r[2] for r in results)
+
+    def pct(xs: list[float], p: float) -> float:
+        return round(xs[min(len(xs) - 1, int(p * len(xs)))], 3) if xs else float("nan")
+
     calls = after["model_calls"] - before["model_calls"]
-    q = statistics.quantiles(latencies, n=20, method="inclusive") if len(latencies) > 1 else latencies * 19
     return {
-        "adapters": models_,
-        "requests": len(latencies),
+        "requests": len(results),
         "errors": errors,
         "wall_s": round(wall, 2),
-        "requests_per_s": round(len(latencies) / wall, 3),
-        "completion_tokens_per_s": round(tokens / wall, 1),
-        "latency_p50_s": round(statistics.median(latencies), 3),
-        "latency_p95_s": round(q[18], 3),
+        "requests_per_s": round(len(results) / wall, 3),
+        "output_tokens_per_s": round(tokens / wall, 1),
+        "latency_p50_s": round(statistics.median(lat), 3) if lat else None,
+        "latency_p95_s": pct(lat, 0.95),
+        "ttft_p50_s": round(statistics.median(ttft), 3) if ttft else None,
+        "ttft_p95_s": pct(ttft, 0.95),
         "model_calls": calls,
-        "mean_rows_per_call": round((after["rows"] - before["rows"]) / max(calls, 1), 2),
+        "adapter_loads": after["adapter_loads"] - before["adapter_loads"],
     }
 
 
 async def main_async(args) -> dict:
+    rows = []
     with tempfile.TemporaryDirectory(prefix="deltatune-serve-load-") as folder:
         t0 = time.monotonic()
         base, adapters, words = build(folder, args.small)
         print(f"built the model and {N_ADAPTERS} adapters in {time.monotonic() - t0:.0f}s", flush=True)
-        port = free_port()
-        cmd = [
-            sys.executable,
-            "-m",
-            "deltatune",
-            "serve",
-            "--base",
-            base,
-            "--adapters",
-            adapters,
-            "--base-name",
-            "base",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--max-batch",
-            str(args.max_batch),
-            "--batch-wait-ms",
-            str(args.batch_wait_ms),
-            "--log-level",
-            "warning",
-            "--threads",
-            str(args.threads),
-        ]
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
+        servers = {s: start(base, adapters, s, args) for s in ("static", "continuous")}
         try:
-            async with httpx.AsyncClient(
-                base_url=f"http://127.0.0.1:{port}", timeout=args.time_cap + 120, trust_env=False
-            ) as client:
-                await wait_ready(client, proc, timeout=180)
-                names = [f"task{i}" for i in range(N_ADAPTERS)]
-                await phase(
-                    client, ["base"], words, argparse.Namespace(**{**vars(args), "requests": 1})
-                )  # warm-up
-                results = []
-                for count in (0, 1, 2, 8):
-                    await set_adapters(client, names[:count])
-                    row = await phase(client, names[:count] or ["base"], words, args)
-                    row["adapter_count"] = count
-                    results.append(row)
-                    print(
-                        f"{count} adapter(s): {row['requests_per_s']:.2f} req/s, p50 {row['latency_p50_s']:.2f}s, "
-                        f"p95 {row['latency_p95_s']:.2f}s, {row['mean_rows_per_call']} rows/call",
-                        flush=True,
-                    )
+            clients = {}
+            for name, (proc, url) in servers.items():
+                # Idle keep-alive connections expire before the server's 5 s would close them under us.
+                limits = httpx.Limits(max_connections=None, keepalive_expiry=1.0)
+                clients[name] = httpx.AsyncClient(
+                    base_url=url, timeout=args.time_cap + 300, trust_env=False, limits=limits
+                )
+                await wait_ready(clients[name], proc, timeout=300)
+            names = [f"task{i}" for i in range(N_ADAPTERS)]
+            for name in servers:  # warm-up
+                await phase(clients[name], workload(2, 1, ["base"], words, args.prompt_words), args.time_cap)
+            for n_clients in args.clients:
+                for mix, models_ in (("base", ["base"]), ("8 adapters", names[:8]), ("64 adapters", names)):
+                    plan = workload(n_clients, args.requests, models_, words, args.prompt_words)
+                    pair = {}
+                    for name in ("static", "continuous"):
+                        pair[name] = await phase(clients[name], plan, args.time_cap)
+                        r = pair[name]
+                        print(
+                            f"{n_clients:3d} clients, {mix:11s}, {name:10s}: {r['requests_per_s']:.2f} req/s, "
+                            f"{r['output_tokens_per_s']:.1f} tok/s, latency p50 {r['latency_p50_s']}s "
+                            f"p95 {r['latency_p95_s']}s, TTFT p50 {r['ttft_p50_s']}s p95 {r['ttft_p95_s']}s, "
+                            f"{r['requests']} done, {r['errors']} errors, {r['adapter_loads']} loads",
+                            flush=True,
+                        )
+                    rows.append({"clients": n_clients, "adapters": mix, **{k: v for k, v in pair.items()}})
+            for c in clients.values():
+                await c.aclose()
         finally:
-            proc.terminate()
-            proc.wait(timeout=60)
+            for proc, _ in servers.values():
+                proc.terminate()
+                proc.wait(timeout=60)
     return {
         "model": "random OPT, "
         + ("small (hidden 256, 4 layers, vocab 8192)" if args.small else "OPT-125m shape"),
-        "lora": "r=8, q_proj+v_proj",
+        "lora": "r=8, q_proj+v_proj; 64 registered, at most 8 loaded",
         "clients": args.clients,
         "requests_per_client": args.requests,
         "prompt_words": args.prompt_words,
-        "max_tokens": args.max_tokens,
+        "max_tokens": "uniform in [8, 64]",
         "max_batch": args.max_batch,
         "batch_wait_ms": args.batch_wait_ms,
         "threads": args.threads,
@@ -219,24 +260,28 @@ async def main_async(args) -> dict:
         "torch": torch.__version__,
         "cpu_count": os.cpu_count(),
         "machine": platform.machine(),
-        "results": results,
+        "results": rows,
     }
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--clients", type=int, default=16)
-    p.add_argument("--requests", type=int, default=6, help="requests per client")
+    p.add_argument("--clients", type=int, nargs="+", default=[16, 64])
+    p.add_argument("--requests", type=int, default=3, help="requests per client")
     p.add_argument("--prompt-words", type=int, default=16)
-    p.add_argument("--max-tokens", type=int, default=16)
-    p.add_argument("--max-batch", type=int, default=16)
+    p.add_argument("--max-batch", type=int, default=64)
     p.add_argument("--batch-wait-ms", type=float, default=5.0)
-    p.add_argument("--time-cap", type=float, default=60.0, help="seconds per adapter count")
+    p.add_argument(
+        "--time-cap",
+        type=float,
+        default=300.0,
+        help="seconds per phase (requests not started by then are skipped)",
+    )
     p.add_argument(
         "--threads",
         type=int,
         default=1,
-        help="server's torch threads (1: OpenMP spinning on shared cores is slow)",
+        help="each server's torch threads (1: OpenMP spinning on shared cores is slow)",
     )
     p.add_argument("--small", action="store_true", help="a smaller model than OPT-125m, for slow machines")
     p.add_argument("--out", default="serve_load.json")

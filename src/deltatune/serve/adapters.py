@@ -218,8 +218,13 @@ class Registry:
 
     # ---- LRU (model thread) ------------------------------------------------------------------------------
     def touch(self, name: str) -> None:
-        if name in self.loaded:
-            self.loaded.move_to_end(name)
+        with self._lock:
+            if name in self.loaded:
+                self.loaded.move_to_end(name)
+
+    def loaded_names(self) -> list[str]:
+        with self._lock:
+            return list(self.loaded)
 
     def victims(self, pinned: set[str]) -> list[str] | None:
         """Loaded adapters to evict so one more fits (LRU first, never a pinned one); None when it can't fit."""
@@ -230,12 +235,14 @@ class Registry:
         return out if len(out) == need else None
 
     def mark_loaded(self, name: str, seconds: float) -> None:
-        self.loaded[name] = None
+        with self._lock:
+            self.loaded[name] = None
         self.stats.loads += 1
         self.stats.load_seconds += seconds
 
     def mark_unloaded(self, name: str, evicted: bool) -> None:
-        self.loaded.pop(name, None)
+        with self._lock:
+            self.loaded.pop(name, None)
         if evicted:
             self.stats.evictions += 1
 
@@ -278,9 +285,7 @@ def _check_weights_header(directory: str) -> None:
             if not list(f.keys()):
                 raise ValueError("it holds no tensors")
     except Exception as e:
-        raise ValueError(
-            f"{WEIGHTS_NAME} is corrupt or not safetensors: {_short(e)}"
-        ) from e
+        raise ValueError(f"{WEIGHTS_NAME} is corrupt or not safetensors: {_short(e)}") from e
 
 
 def _inside(path: str, root: str) -> bool:

@@ -523,7 +523,7 @@ class _Job:
                     raise asyncio.CancelledError from None
                 continue
             text = self.texts[i]
-            if text.finish is not None and kind != "error":
+            if text.finish is not None:
                 continue  # ended by a stop string; the row was told to stop
             if kind == "error":
                 raise value

@@ -140,7 +140,7 @@ class Engine:
 
     @property
     def loaded_adapters(self) -> list[str]:
-        return list(self.registry.loaded)
+        return self.registry.loaded_names()
 
     def resolve(self, model: str) -> str:
         """The adapter a request's `model` selects (BASE for the base); ApiError when there is none."""

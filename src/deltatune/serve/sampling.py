@@ -66,3 +66,24 @@ class RowSampler:
         if self._generator is None:
             self._generator = torch.Generator(device=probs.device).manual_seed(self.seed)
         return int(torch.multinomial(probs, 1, generator=self._generator))
+
+
+def pick_rows(samplers: list[RowSampler], logits: torch.Tensor) -> list[int | BaseException]:
+    """Each row's next token from `logits [rows, vocab]` (row i by `samplers[i]`), or the exception that row
+    raised: the finiteness check and the greedy choice are taken for all rows at once, sampling per row."""
+    bad = (
+        torch.isnan(logits).any(-1) | torch.isposinf(logits).any(-1) | ~torch.isfinite(logits).any(-1)
+    ).tolist()
+    greedy = logits.argmax(-1).tolist()
+    out: list[int | BaseException] = []
+    for i, sampler in enumerate(samplers):
+        if bad[i]:
+            out.append(non_finite(sampler.adapter))
+        elif sampler.greedy:
+            out.append(greedy[i])
+        else:
+            try:
+                out.append(sampler.pick(logits[i]))
+            except Exception as e:  # this row's problem alone
+                out.append(e)
+    return out

@@ -35,7 +35,7 @@ from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 
 from deltatune.methods.mixed import BASE
 from deltatune.serve.errors import ApiError, overloaded, shutting_down
-from deltatune.serve.sampling import RowSampler
+from deltatune.serve.sampling import RowSampler, pick_rows
 
 logger = logging.getLogger("deltatune.serve")
 
@@ -389,12 +389,11 @@ class ContinuousScheduler(_Scheduler):
         self._note_call(rows)
         going: list[int] = []
         firsts: list[int] = []
-        for i, row in enumerate(rows):
+        picks = pick_rows([row.sampler for row in rows], logits[torch.tensor(which, device=logits.device)])
+        for i, (row, token) in enumerate(zip(rows, picks)):
             self.stats["rows"] += 1
-            try:
-                token = row.sampler.pick(logits[which[i]])
-            except Exception as e:
-                row.fail(_row_error(row, e))
+            if isinstance(token, BaseException):
+                row.fail(_row_error(row, token))
                 self.stats["failed_rows"] += 1
                 continue
             if not self._emit_token(row, token):
@@ -473,11 +472,9 @@ class ContinuousScheduler(_Scheduler):
         self._note_call(rows)
         lane.mask = mask
         keep = []
-        for i, row in enumerate(rows):
-            try:
-                token = row.sampler.pick(logits[i])
-            except Exception as e:
-                row.fail(_row_error(row, e))
+        for i, (row, token) in enumerate(zip(rows, pick_rows([row.sampler for row in rows], logits))):
+            if isinstance(token, BaseException):
+                row.fail(_row_error(row, token))
                 self.stats["failed_rows"] += 1
                 continue
             if not self._emit_token(row, token):
