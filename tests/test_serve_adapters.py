@@ -113,6 +113,7 @@ def test_bad_names_configs_and_links_are_skipped_at_startup_and_refused_at_runti
     _bad_config(root / "rank_list", alpha, json.dumps({**config, "rank_pattern": []}).encode())
     _bad_config(root / "rank_null", alpha, json.dumps({**config, "rank_pattern": None}).encode())
     _bad_config(root / "binary", alpha, b"\xff\xfe\x00\x81 not utf-8")
+    _bad_config(root / "rank_huge", alpha, json.dumps({**config, "r": 300000}).encode())
     os.symlink(str(files["root"] / "spare" / "gamma"), root / "link_out")  # a folder link leading outside
     (root / "files_out").mkdir()  # a real folder whose files lead outside
     for f in os.listdir(files["root"] / "spare" / "gamma"):
@@ -135,6 +136,7 @@ def test_bad_names_configs_and_links_are_skipped_at_startup_and_refused_at_runti
         and "null" in failed["rank_null"]
     )
     assert "not UTF-8" in failed["binary"] and "adapter_config.json" in failed["binary"]
+    assert "r is 300000 but the saved LoRA matrices have rank 4" in failed["rank_huge"]
     assert "outside the adapters folder" in failed["link_out"]
     assert "outside the adapters folder" in failed["files_out"]
     assert str(tmp_path) not in json.dumps(health) and "/tmp" not in json.dumps(health)

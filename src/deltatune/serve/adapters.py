@@ -149,7 +149,7 @@ class Registry:
         except Exception as e:  # any malformed field: the message names the file and the problem
             raise ValueError(f"{CONFIG_NAME} is invalid: {_short(e)}") from e
         self.task_check(config)
-        _check_weights_header(directory)
+        _check_weights_header(directory, config)
         entry = Entry(
             name,
             directory,
@@ -271,8 +271,9 @@ def _check_config_file(directory: str) -> None:
             )
 
 
-def _check_weights_header(directory: str) -> None:
-    """The weights file is there and its safetensors header reads (no tensor is loaded)."""
+def _check_weights_header(directory: str, config: Any) -> None:
+    """The weights file is there and its safetensors header reads; a LoRA config's rank is not larger than the
+    saved matrices (a typo like r=300000 would otherwise allocate before the shape check). No tensor is loaded."""
     from safetensors import safe_open
 
     path = os.path.join(directory, WEIGHTS_NAME)
@@ -282,10 +283,17 @@ def _check_weights_header(directory: str) -> None:
         raise ValueError(f"no {WEIGHTS_NAME} in its folder")
     try:
         with safe_open(path, "pt") as f:
-            if not list(f.keys()):
+            keys = list(f.keys())
+            if not keys:
                 raise ValueError("it holds no tensors")
+            ranks = [f.get_slice(k).get_shape()[0] for k in keys if "lora_A" in k]
     except Exception as e:
         raise ValueError(f"{WEIGHTS_NAME} is corrupt or not safetensors: {_short(e)}") from e
+    r = getattr(config, "r", None)
+    if ranks and isinstance(r, int) and r > max(ranks) and not getattr(config, "rank_pattern", None):
+        raise ValueError(
+            f"{CONFIG_NAME}: r is {r} but the saved LoRA matrices have rank {max(ranks)}; fix r in the config"
+        )
 
 
 def _inside(path: str, root: str) -> bool:
