@@ -2,7 +2,14 @@
 
 Every method of the founding article in one library — full, top-layer, bottleneck adapters (Houlsby,
 Pfeiffer) and LoRA (also on a quantized base) — behind PEFT's API and on-disk format.
+
+`PeftModel` and `get_peft_model` (and torch with them) are imported on first use, so that `import deltatune`
+and `deltatune --help` stay fast.
 """
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 from deltatune.config import (
     BottleneckConfig,
@@ -11,7 +18,9 @@ from deltatune.config import (
     LoraConfig,
     TopLayersConfig,
 )
-from deltatune.model import PeftModel, get_peft_model
+
+if TYPE_CHECKING:
+    from deltatune.model import PeftModel, get_peft_model
 
 __version__ = "0.1.0"
 
@@ -25,3 +34,19 @@ __all__ = [
     "get_peft_model",
     "__version__",
 ]
+
+_LAZY = {"PeftModel": "deltatune.model", "get_peft_model": "deltatune.model"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'deltatune' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -22,11 +22,25 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from deltatune.errors import CheckpointError, TrainingError
+from deltatune.errors import CheckpointError, TrainingError, short
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
 KEY_PREFIX = "base_model.model."
+
+
+def umask() -> int:
+    """The process's umask (read without changing it where /proc allows, so threads don't race)."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _atomic_write(path: str, write: Callable[[str], None]) -> None:
@@ -36,6 +50,9 @@ def _atomic_write(path: str, write: Callable[[str], None]) -> None:
     os.close(fd)
     try:
         write(tmp)
+        # mkstemp creates the file 0600 (and some writers recreate it so); the file is the user's, with the
+        # mode open() would have given it.
+        os.chmod(tmp, 0o666 & ~umask())
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -99,21 +116,47 @@ def load_tensors(path: str) -> dict[str, torch.Tensor]:
     return data
 
 
-def load_adapter_weights(directory: str) -> dict[str, torch.Tensor]:
-    """The tensors of an adapter directory (safetensors preferred, `.bin` read safely)."""
+def tensor_shapes(path: str) -> dict[str, tuple[int, ...]]:
+    """The name -> shape of every tensor in a weights file, from the safetensors header alone (nothing is
+    allocated); a `.bin` file is read with `torch.load(weights_only=True)`."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path} does not exist")
+    if not path.endswith(".safetensors"):
+        return {k: tuple(v.shape) for k, v in load_tensors(path).items()}
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(
+            f"{path} is corrupt or truncated ({short(str(e), 300)}); save the adapter again or restore the file"
+        ) from e
+
+
+def adapter_weights_file(directory: str) -> str:
+    """The weights file of an adapter directory (safetensors preferred, else PEFT's legacy `.bin`)."""
     for name in (WEIGHTS_NAME, LEGACY_WEIGHTS_NAME):
         path = os.path.join(directory, name)
         if os.path.isfile(path):
-            return load_tensors(path)
-    raise CheckpointError(f"no {WEIGHTS_NAME} (or {LEGACY_WEIGHTS_NAME}) in {directory!r}")
+            return path
+    raise CheckpointError(f"no {WEIGHTS_NAME} (or {LEGACY_WEIGHTS_NAME}) in {short(os.fspath(directory))}")
 
 
-def head_num_labels(tensors: dict[str, torch.Tensor]) -> int | None:
-    """How many labels an adapter's classification head (`classifier`/`score`, saved with it) has, if any."""
+def load_adapter_weights(directory: str) -> dict[str, torch.Tensor]:
+    """The tensors of an adapter directory (safetensors preferred, `.bin` read safely)."""
+    return load_tensors(adapter_weights_file(directory))
+
+
+def head_num_labels(tensors: dict[str, Any]) -> int | None:
+    """How many labels an adapter's classification head (`classifier`/`score`, saved with it) has, if any.
+
+    `tensors` maps keys to tensors or to shapes (`tensor_shapes`)."""
     for head in ("classifier.weight", "score.weight", "classifier.out_proj.weight"):
         tensor = tensors.get(KEY_PREFIX + head)
-        if tensor is not None and tensor.dim() == 2:
-            return int(tensor.shape[0])
+        shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else tensor
+        if shape is not None and len(shape) == 2:
+            return int(shape[0])
     return None
 
 
@@ -191,20 +234,29 @@ def save_checkpoint(
     final = os.path.join(root, f"step-{state['step']}")
     if ctx.main:
         tmp = os.path.join(root, f".step-{state['step']}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-        atomic_save_tensors(os.path.join(tmp, "trainable.safetensors"), weights)
-        training = {
-            "optimizer": optim,
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(),
-            "rng": rngs,
-        }
-        atomic_torch_save(os.path.join(tmp, "training_state.pt"), training)
-        atomic_write_text(os.path.join(tmp, "state.json"), json.dumps(state, indent=2))
-        if os.path.exists(final):  # the same step saved again (a resumed run interrupted at once)
-            shutil.rmtree(final)
-        os.rename(tmp, final)
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+            atomic_save_tensors(os.path.join(tmp, "trainable.safetensors"), weights)
+            training = {
+                "optimizer": optim,
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(),
+                "rng": rngs,
+            }
+            atomic_torch_save(os.path.join(tmp, "training_state.pt"), training)
+            atomic_write_text(os.path.join(tmp, "state.json"), json.dumps(state, indent=2))
+            if os.path.exists(final):  # the same step saved again (a resumed run interrupted at once)
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+        except BaseException as e:
+            shutil.rmtree(tmp, ignore_errors=True)  # never leave a half-written checkpoint behind
+            if not isinstance(e, Exception):
+                raise
+            raise CheckpointError(
+                f"could not save the checkpoint {final}: {write_failure(e, root)}. Nothing half-written was "
+                f"kept; {intact_note(out)}"
+            ) from e
         fd = os.open(root, os.O_RDONLY)
         try:
             os.fsync(fd)
@@ -214,6 +266,47 @@ def save_checkpoint(
             shutil.rmtree(old, ignore_errors=True)
     ctx.barrier()
     return final
+
+
+def intact_note(out: str) -> str:
+    """Which checkpoint of the run in `out` is intact, and how to continue from it (for error messages)."""
+    last = latest_checkpoint(out)
+    if last is None:
+        return "no earlier checkpoint exists: the run must start again"
+    return (
+        f"the newest intact checkpoint is {last}: fix the cause and continue from it with "
+        f"`deltatune train --config {os.path.join(out, 'train_config.yaml')} --resume`"
+    )
+
+
+def write_failure(error: BaseException, where: str) -> str:
+    """Why writing under `where` failed, in words: a full disk, a file-size limit, or the error itself.
+
+    torch's zip writer reports a short write as `unexpected pos ...` rather than the OS error, so the disk
+    and the file-size limit are looked at when the error doesn't say.
+    """
+    import errno
+    import resource
+
+    code = getattr(error, "errno", None)
+    if code in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)):
+        return "no space left on the device"
+    if code == errno.EFBIG:
+        return "a file reached the file-size limit (ulimit -f)"
+    with_cause = f"{type(error).__name__}: {short(str(error).splitlines()[0] if str(error) else '', 200)}"
+    try:
+        soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+        if soft != resource.RLIM_INFINITY:
+            return f"{with_cause} (the file-size limit, ulimit -f, is {soft} bytes: probably reached)"
+    except (ValueError, OSError):
+        pass
+    try:
+        free = shutil.disk_usage(where).free
+        if free < 64 * 2**20:
+            return f"{with_cause} (only {free / 2**20:.1f} MiB free on the device: probably full)"
+    except OSError:
+        pass
+    return with_cause
 
 
 def _checkpoints(out: str) -> list[str]:

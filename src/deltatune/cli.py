@@ -1,19 +1,28 @@
 """`deltatune <command>`: the one module that knows every command.
 
 Each command lives in its own module as `main(argv: list[str]) -> int` with its own argparse parser;
-this file only dispatches, so that `deltatune --help` stays fast (nothing heavy is imported here).
+this file only dispatches, so that `deltatune --help` stays fast (nothing heavy is imported here; a command
+module imports torch and transformers inside its functions, so its `--help` is fast too).
+
+Failures the user can fix (a bad config or data file, a missing model, a full disk, a file-size limit) end
+with one line, `deltatune <command>: error: ...`, and a non-zero exit code; `--debug` (anywhere on the
+command line) or `DELTATUNE_DEBUG=1` shows the traceback instead. Anything else is a bug, and is shown with
+its traceback.
 """
 
 from __future__ import annotations
 
+import argparse
+import errno
 import importlib
 import logging
 import os
 import sys
+import traceback
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "compare": ("deltatune.compare", "run every method on the same model and data and compare them"),
-    "train": ("deltatune.train", "fine-tune a model with one method from a YAML config"),
+    "train": ("deltatune.train.cli", "fine-tune a model with one method from a YAML config"),
     "demo": (
         "deltatune.demo",
         "a short LoRA run on the embedded MiniLM model: wrap, train, save, reload, merge",
@@ -31,16 +40,40 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every command's help formatter: each option's help ends with its default, unless the help says it
+    already or there is none to say (a flag, an unset option)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (
+            "default" in text.lower()
+            or any(action.default is v for v in (None, False, argparse.SUPPRESS))
+            or (isinstance(action.default, (str, dict, list, tuple)) and not action.default)
+            or isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction))
+            or not action.option_strings
+        ):
+            return text
+        return text + " (default: %(default)s)"
+
+
 def _usage() -> str:
     width = max(map(len, COMMANDS))
     lines = ["usage: deltatune <command> [options]", "", "commands:"]
     lines += [f"  {name.ljust(width)}  {help_}" for name, (_, help_) in COMMANDS.items()]
-    lines += ["", "Run `deltatune <command> --help` for a command's options."]
+    lines += [
+        "",
+        "Run `deltatune <command> --help` for a command's options. `--debug` (or DELTATUNE_DEBUG=1) shows the",
+        "traceback of an error instead of its one-line message.",
+    ]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "--debug" in argv:
+        argv = [a for a in argv if a != "--debug"]
+        os.environ["DELTATUNE_DEBUG"] = "1"  # compare's per-method processes inherit it
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return 0
@@ -63,13 +96,68 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
         lambda r: "kernels-community" not in r.getMessage()
     )
-    module = importlib.import_module(COMMANDS[command][0])
-    entry = getattr(module, f"{command}_main", None) or module.main
     try:
+        module = importlib.import_module(COMMANDS[command][0])
+        entry = getattr(module, f"{command}_main", None) or module.main
         return int(entry(rest) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        return report(command, e)
+
+
+def report(command: str, error: Exception) -> int:
+    """Print `error` the command line's way and return the exit code: one line for an error the user can fix
+    (the traceback too with `--debug`), the traceback and a bug note for anything else. Call it inside an
+    `except` block (it prints the exception being handled)."""
+    message, code = explain(error)
+    if message is None or debug():
+        traceback.print_exc()
+        if message is None:
+            print(
+                f"deltatune {command}: unexpected {type(error).__name__}; this is a bug in deltatune, please "
+                "report it with the traceback above",
+                file=sys.stderr,
+            )
+        return code
+    print(f"deltatune {command}: error: {message}", file=sys.stderr)
+    return code
+
+
+def debug() -> bool:
+    """Whether tracebacks are wanted (`--debug` or `DELTATUNE_DEBUG=1`)."""
+    return os.environ.get("DELTATUNE_DEBUG", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def explain(error: BaseException) -> tuple[str | None, int]:
+    """The one-line message and exit code for an error the user can fix; `(None, 1)` for a bug."""
+    from deltatune.errors import ConfigError, DataError, DeltatuneError, short
+
+    if isinstance(error, DeltatuneError):
+        return str(error), 2 if isinstance(error, (ConfigError, DataError)) else 1
+    if isinstance(error, OSError):
+        where = f" {short(error.filename, 300)}" if error.filename else ""
+        if error.errno == errno.ENOSPC or error.errno == getattr(errno, "EDQUOT", -1):
+            return (
+                f"no space left on the device while writing{where}: free some space (or set another "
+                "output_dir) and run again; a training run continues from its last checkpoint with --resume",
+                1,
+            )
+        if error.errno == errno.EFBIG:
+            return (
+                f"file-size limit reached while writing{where} (see `ulimit -f`): raise the limit and run "
+                "again; a training run continues from its last checkpoint with --resume",
+                1,
+            )
+        if error.strerror:
+            return f"{error.strerror}:{where}" if where else error.strerror, 1
+        return str(error) or type(error).__name__, 1
+    if isinstance(error, UnicodeDecodeError):
+        return f"a file is not UTF-8 text ({error}); save it as UTF-8", 2
+    if isinstance(error, MemoryError):
+        return "out of memory: use a smaller batch_size, max_length or model", 1
+    return None, 1
 
 
 if __name__ == "__main__":

@@ -146,7 +146,7 @@ def run_method(spec: dict[str, Any]) -> dict[str, Any]:
             "eval_fraction": spec["eval_fraction"],
             "max_length": spec["max_length"],
             "batch_size": spec["batch_size"],
-            "max_steps": spec["steps"] or 0,
+            "max_steps": spec["steps"] or None,
             "epochs": spec["epochs"] or 1.0,
             "lr": spec["lr"],
             "seed": spec["seed"],
@@ -474,7 +474,11 @@ def _lr_overrides(text: str) -> dict[str, float]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="deltatune compare", description=__doc__.split("\n\n")[0])
+    from deltatune.cli import HelpFormatter
+
+    parser = argparse.ArgumentParser(
+        prog="deltatune compare", description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter
+    )
     parser.add_argument(
         "--model", default=DEFAULT_MODEL, help="model folder or hub name (default: embedded MiniLM)"
     )
@@ -494,12 +498,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--peers", default="", help="'peft' adds PEFT's LoRA with the same settings")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per method (default 60)")
     parser.add_argument("--epochs", type=float, default=None, help="passes over the data, instead of --steps")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-length", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=8, help="examples per training step")
+    parser.add_argument(
+        "--max-length", type=int, default=64, help="examples are truncated to this many tokens"
+    )
     parser.add_argument(
         "--lr", type=_lr_overrides, default={}, help="per-method learning rates: lora=1e-3,full=5e-5"
     )
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of the data order, the split and the weights"
+    )
     parser.add_argument(
         "--reference-data",
         default="builtin:quotes:eval",

@@ -12,10 +12,15 @@ import difflib
 import json
 import logging
 import os
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from deltatune.errors import ConfigError  # noqa: F401  (re-exported: deltatune.config.ConfigError)
+from deltatune.errors import (
+    ConfigError,  # noqa: F401  (re-exported: deltatune.config.ConfigError)
+    short,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +37,7 @@ def _check(cond: bool, msg: str) -> None:
 def _check_task_type(task_type: str | None) -> None:
     _check(
         task_type is None or task_type in TASK_TYPES,
-        f"unknown task_type {task_type!r}; use one of {', '.join(TASK_TYPES)} (or None)",
+        f"unknown task_type {short(task_type)}; use one of {', '.join(TASK_TYPES)} (or None)",
     )
 
 
@@ -41,8 +46,75 @@ def _check_str_list(value: Any, name: str, allow_str: bool = True) -> None:
         return
     _check(
         isinstance(value, (list, tuple, set)) and all(isinstance(v, str) for v in value),
-        f"{name} must be a list of module names{' or a regex string' if allow_str else ''}, got {value!r}",
+        f"{name} must be a list of module names{' or a regex string' if allow_str else ''}, got {short(value)}",
     )
+
+
+# Other spellings of a config field (other libraries', or the obvious word), for "did you mean".
+_KEY_ALIASES = {
+    "rank": "r",
+    "lora_r": "r",
+    "lora_rank": "r",
+    "alpha": "lora_alpha",
+    "scale": "lora_alpha",
+    "dropout": "lora_dropout",
+    "targets": "target_modules",
+    "target": "target_modules",
+    "modules": "target_modules",
+    "exclude": "exclude_modules",
+    "dora": "use_dora",
+    "rslora": "use_rslora",
+    "reduction": "reduction_factor",
+    "activation": "non_linearity",
+    "act": "non_linearity",
+    "layers": "num_layers",
+    "top_layers": "num_layers",
+    "n_layers": "num_layers",
+    "task": "task_type",
+}
+
+
+def _type_ok(value: Any, hint: Any) -> bool:
+    """Whether a JSON value has a config field's annotated type (bool is not an int, an int is a float)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if origin in (list, tuple, set):
+        return isinstance(value, (list, tuple, set)) and all(_type_ok(v, args[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, dict) and all(
+            _type_ok(k, args[0]) and _type_ok(v, args[1]) for k, v in value.items()
+        )
+    return True  # Any, or a type this checker doesn't know
+
+
+def _type_words(hint: Any, plural: bool = False) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_words(a, plural) for a in args)
+    if hint is type(None):
+        return "null"
+    if origin in (list, tuple, set):
+        return f"a list of {_type_words(args[0], True)}"
+    if origin is dict:
+        return f"a mapping of {_type_words(args[0], True)} to {_type_words(args[1], True)}"
+    words = {
+        bool: ("true/false", "true/false"),
+        int: ("an integer", "integers"),
+        float: ("a number", "numbers"),
+    }
+    words[str] = ("a string", "strings")
+    return words[hint][plural] if hint in words else str(hint)
 
 
 @dataclass
@@ -81,11 +153,20 @@ class _BaseConfig:
         unknown = [k for k in data if k not in names]
         for k in unknown:
             data.pop(k)
-            hint = difflib.get_close_matches(k, names, n=1)
-            msg = f"unknown {cls.__name__} key {k!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
+            alias = _KEY_ALIASES.get(str(k).lower())
+            hint = [alias] if alias in names else difflib.get_close_matches(str(k)[:100], names, n=1)
+            msg = f"unknown {cls.__name__} key {short(k)}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
             if strict:
                 raise ConfigError(msg)
             logger.warning("%s; ignored", msg)
+        hints = typing.get_type_hints(cls)
+        for key, value in list(data.items()):
+            if value is None and typing.get_origin(hints[key]) is dict:
+                data[key] = {}  # PEFT writes `"rank_pattern": null` as often as `{}`
+            elif not _type_ok(value, hints[key]):
+                raise ConfigError(
+                    f"field {short(key)} must be {_type_words(hints[key])}, got {type(value).__name__} {short(value)}"
+                )
         return cls(**data)
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
@@ -179,22 +260,22 @@ class LoraConfig(_BaseConfig):
         super().__post_init__()
         _check(
             isinstance(self.r, int) and not isinstance(self.r, bool) and self.r > 0,
-            f"r must be a positive integer, got {self.r!r}",
+            f"r must be a positive integer, got {short(self.r)}",
         )
         _check(
             isinstance(self.lora_alpha, (int, float))
             and not isinstance(self.lora_alpha, bool)
             and self.lora_alpha > 0,
-            f"lora_alpha must be a positive number, got {self.lora_alpha!r}",
+            f"lora_alpha must be a positive number, got {short(self.lora_alpha)}",
         )
         _check(
             isinstance(self.lora_dropout, (int, float)) and 0 <= self.lora_dropout < 1,
-            f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}",
+            f"lora_dropout must be in [0, 1), got {short(self.lora_dropout)}",
         )
-        _check(self.bias in LORA_BIAS, f"unknown bias {self.bias!r}; use one of {', '.join(LORA_BIAS)}")
+        _check(self.bias in LORA_BIAS, f"unknown bias {short(self.bias)}; use one of {', '.join(LORA_BIAS)}")
         _check(
             isinstance(self.init_lora_weights, bool) or self.init_lora_weights in ("gaussian", "pissa"),
-            f"unknown init_lora_weights {self.init_lora_weights!r}; use True, False, 'gaussian' or 'pissa'",
+            f"unknown init_lora_weights {short(self.init_lora_weights)}; use True, False, 'gaussian' or 'pissa'",
         )
         _check_str_list(self.target_modules, "target_modules")
         _check_str_list(self.exclude_modules, "exclude_modules")
@@ -214,7 +295,7 @@ class LoraConfig(_BaseConfig):
             )
             _check(
                 isinstance(layers, (list, tuple)) and all(isinstance(i, int) and i >= 0 for i in layers),
-                f"layers_to_transform must be a non-negative int or a list of them, got {self.layers_to_transform!r}",
+                f"layers_to_transform must be a non-negative int or a list of them, got {short(self.layers_to_transform)}",
             )
             _check(
                 not isinstance(self.target_modules, str) or self.target_modules.lower() == "all-linear",
@@ -223,12 +304,12 @@ class LoraConfig(_BaseConfig):
         for key, value in self.rank_pattern.items():
             _check(
                 isinstance(value, int) and value > 0,
-                f"rank_pattern[{key!r}] must be a positive integer, got {value!r}",
+                f"rank_pattern[{short(key)}] must be a positive integer, got {short(value)}",
             )
         for key, value in self.alpha_pattern.items():
             _check(
                 isinstance(value, (int, float)) and value > 0,
-                f"alpha_pattern[{key!r}] must be positive, got {value!r}",
+                f"alpha_pattern[{short(key)}] must be positive, got {short(value)}",
             )
 
     def to_dict(self) -> dict[str, Any]:
@@ -257,7 +338,7 @@ class LoraConfig(_BaseConfig):
             value = data.pop(key)
             if neutral is not None and value not in neutral:
                 raise ConfigError(
-                    f"this adapter uses PEFT's {key}={value!r}, which deltatune does not implement; "
+                    f"this adapter uses PEFT's {key}={short(value)}, which deltatune does not implement; "
                     "load it with peft instead"
                 )
         return super().from_dict(data, strict=strict)  # type: ignore[return-value]
@@ -296,22 +377,24 @@ class BottleneckConfig(_BaseConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check(self.style in BOTTLENECK_STYLES, f"unknown style {self.style!r}; use 'houlsby' or 'pfeiffer'")
+        _check(
+            self.style in BOTTLENECK_STYLES, f"unknown style {short(self.style)}; use 'houlsby' or 'pfeiffer'"
+        )
         _check(
             isinstance(self.reduction_factor, int)
             and not isinstance(self.reduction_factor, bool)
             and self.reduction_factor > 0,
-            f"reduction_factor must be a positive integer, got {self.reduction_factor!r}",
+            f"reduction_factor must be a positive integer, got {short(self.reduction_factor)}",
         )
         _check(
             self.non_linearity in NON_LINEARITIES,
-            f"unknown non_linearity {self.non_linearity!r}; use one of {', '.join(NON_LINEARITIES)}",
+            f"unknown non_linearity {short(self.non_linearity)}; use one of {', '.join(NON_LINEARITIES)}",
         )
         _check(
             isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1,
-            f"dropout must be in [0, 1), got {self.dropout!r}",
+            f"dropout must be in [0, 1), got {short(self.dropout)}",
         )
-        _check(self.init in BOTTLENECK_INITS, f"unknown init {self.init!r}; use 'zeros' or 'bert'")
+        _check(self.init in BOTTLENECK_INITS, f"unknown init {short(self.init)}; use 'zeros' or 'bert'")
         _check_str_list(self.attention_output_modules, "attention_output_modules")
         _check_str_list(self.ffn_output_modules, "ffn_output_modules")
 
@@ -338,7 +421,7 @@ class TopLayersConfig(_BaseConfig):
             isinstance(self.num_layers, int)
             and not isinstance(self.num_layers, bool)
             and self.num_layers >= 0,
-            f"num_layers must be a non-negative integer, got {self.num_layers!r}",
+            f"num_layers must be a non-negative integer, got {short(self.num_layers)}",
         )
 
 
@@ -359,7 +442,9 @@ def config_from_dict(data: dict[str, Any], *, strict: bool = True) -> _BaseConfi
     """Build the right config class for `data["peft_type"]`."""
     peft_type = data.get("peft_type")
     if peft_type not in CONFIG_TYPES:
-        raise ConfigError(f"unsupported peft_type {peft_type!r}; deltatune reads {', '.join(CONFIG_TYPES)}")
+        raise ConfigError(
+            f"unsupported peft_type {short(peft_type)}; deltatune reads {', '.join(CONFIG_TYPES)}"
+        )
     return CONFIG_TYPES[peft_type].from_dict(data, strict=strict)
 
 
@@ -373,11 +458,22 @@ def load_config(directory: str | os.PathLike) -> _BaseConfig:
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"{path} is not UTF-8 text (byte offset {e.start}: {e.reason}); an adapter config is a JSON file"
+        ) from e
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path} is not valid JSON: {e}") from e
+    except RecursionError as e:
+        raise ConfigError(f"{path} nests too deeply to be an adapter config") from e
     if not isinstance(data, dict):
-        raise ConfigError(f"{path} must hold a JSON object")
-    return config_from_dict(data, strict=False)
+        raise ConfigError(f"{path} must hold a JSON object, not {type(data).__name__}")
+    try:
+        return config_from_dict(data, strict=False)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from e
+    except (TypeError, ValueError, AttributeError) as e:  # a value a field's own checks didn't expect
+        raise ConfigError(f"{path}: {type(e).__name__}: {short(str(e), 300)}") from e
 
 
 # Method names as the command line and the train/compare configs spell them, each with its config class,
@@ -412,9 +508,9 @@ def method_config(
         **overrides: config fields that replace the method's defaults (a wrong name raises, suggesting one).
     """
     if method not in METHODS:
-        hint = difflib.get_close_matches(method, METHODS, n=1)
+        hint = difflib.get_close_matches(str(method)[:100], METHODS, n=1)
         raise ConfigError(
-            f"unknown method {method!r}{f' (did you mean {hint[0]!r}?)' if hint else ''}; "
+            f"unknown method {short(method)}{f' (did you mean {hint[0]!r}?)' if hint else ''}; "
             f"deltatune has {', '.join(METHODS)}"
         )
     spec = METHODS[method]

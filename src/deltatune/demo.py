@@ -7,10 +7,8 @@ import os
 import tempfile
 import time
 
-import torch
-
-from deltatune import LoraConfig, PeftModel, get_peft_model
-from deltatune.embedded import minilm_path
+from deltatune.cli import HelpFormatter
+from deltatune.embedded import DEFAULT_MODEL, minilm_path
 
 SENTENCES = [
     ("WINNER!! Claim your free prize now, click the link", 1),
@@ -25,11 +23,18 @@ SENTENCES = [
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="deltatune demo", description=__doc__)
-    parser.add_argument("--steps", type=int, default=30, help="training steps (default 30)")
+    parser = argparse.ArgumentParser(
+        prog="deltatune demo", description=__doc__, formatter_class=HelpFormatter
+    )
+    parser.add_argument("--steps", type=int, default=30, help="training steps")
     parser.add_argument("--out", default=None, help="where to save the adapter (default: a temp folder)")
     args = parser.parse_args(argv)
+    if args.steps < 1:
+        parser.error(f"--steps must be at least 1, got {args.steps}")
+    import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from deltatune import LoraConfig, PeftModel, get_peft_model
 
     torch.manual_seed(0)
     path = minilm_path()
@@ -39,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     batch = tokenizer(list(texts), padding=True, return_tensors="pt")
     labels = torch.tensor(labels)
 
-    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, task_type="SEQ_CLS"))
+    config = LoraConfig(r=8, lora_alpha=16, task_type="SEQ_CLS", base_model_name_or_path=DEFAULT_MODEL)
+    model = get_peft_model(model, config)
     print(f"1. wrapped all-MiniLM-L6-v2 ({path}) with LoRA r=8 on query/value, classifier head trained")
     model.print_trainable_parameters()
 

@@ -25,3 +25,18 @@ class CheckpointError(DeltatuneError, ValueError):
 
 class TrainingError(DeltatuneError, RuntimeError):
     """Training can't go on (a NaN loss, a checkpoint that doesn't fit); the message says what to do."""
+
+
+def short(value: object, limit: int = 200) -> str:
+    """`repr(value)` for an error message, at most about `limit` characters, in bounded time.
+
+    User values go into messages through this: a config whose YAML aliases expand a few hundred bytes into
+    millions of list items (or a 10 MB string) gives a short quote, not a 72 MB message.
+    """
+    import reprlib
+
+    r = reprlib.Repr()
+    r.maxlevel, r.maxdict, r.maxlist, r.maxtuple, r.maxset = 3, 8, 8, 8, 8
+    r.maxstring = r.maxother = r.maxlong = max(limit, 20)
+    text = r.repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

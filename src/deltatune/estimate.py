@@ -19,12 +19,19 @@ with LoRA on an 8-bit base (~3 of them).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 from dataclasses import asdict, dataclass
 
+from deltatune.cli import HelpFormatter
+
 BASE_BYTES = {"16": 2.0, "32": 4.0, "int8": 1.0, "nf4": 0.5 + 1 / 64 + 4 / (64 * 256)}
 METHODS = ("full", "top-layers", "lora", "houlsby", "pfeiffer")
+# Every method name of `deltatune train`/`compare` (deltatune.config.METHODS): DoRA is LoRA plus one
+# magnitude per output row of each target; QLoRA is LoRA on a base quantized to 4 (NF4) or 8 bits.
+VARIANTS = {"dora": ("lora", None), "qlora-nf4": ("lora", "nf4"), "qlora-int8": ("lora", "int8")}
+ALL_METHODS = ("full", "top-layers", "houlsby", "pfeiffer", "lora", "dora", "qlora-nf4", "qlora-int8")
 GB = 1e9
 
 
@@ -108,8 +115,39 @@ def estimate(
     Raises:
         ValueError: an unknown method/precision, or a quantized base for a method that trains the base.
     """
+    if method in VARIANTS:
+        base_method, base_quantize = VARIANTS[method]
+        if base_quantize and quantize not in (None, base_quantize):
+            raise ValueError(
+                f"{method} quantizes the base to {base_quantize}; --quantize {quantize} contradicts it"
+            )
+        shape = Shape.from_params(params, hidden, layers, heads)
+        if trainable is None and method == "dora":
+            trainable = (
+                trainable_params(shape, "lora", r, targets_per_layer)
+                + shape.layers * targets_per_layer * shape.hidden
+            )
+        result = estimate(
+            params,
+            base_method,
+            quantize=base_quantize or quantize,
+            precision=precision,
+            state_bytes=state_bytes,
+            r=r,
+            targets_per_layer=targets_per_layer,
+            num_layers=num_layers,
+            batch=batch,
+            seq=seq,
+            checkpointing=checkpointing,
+            gpu_mem=gpu_mem,
+            hidden=hidden,
+            layers=layers,
+            heads=heads,
+            trainable=trainable,
+        )
+        return dataclasses.replace(result, method=method)
     if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
+        raise ValueError(f"unknown method {method!r}; use one of {', '.join(ALL_METHODS)}")
     if precision not in ("16", "32"):
         raise ValueError(f"precision must be '16' or '32', got {precision!r}")
     if quantize not in (None, "int8", "nf4"):
@@ -149,32 +187,58 @@ def estimate(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="deltatune estimate", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--params", type=float, required=True, help="parameter count, e.g. 1.3e9 or 175e9")
-    parser.add_argument("--method", default="all", help=f"one of {', '.join(METHODS)}, or 'all' (default)")
-    parser.add_argument("--r", type=int, default=8, help="LoRA rank (default 8)")
-    parser.add_argument(
-        "--targets-per-layer", type=int, default=2, help="LoRA targets per block (default 2: q, v)"
+    parser = argparse.ArgumentParser(
+        prog="deltatune estimate",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=HelpFormatter,
     )
+    parser.add_argument("--params", type=float, required=True, help="parameter count, e.g. 1.3e9 or 175e9")
+    parser.add_argument(
+        "--method",
+        default="all",
+        choices=["all", *ALL_METHODS],
+        help="the method to estimate, or 'all' (full, top-layers, houlsby, pfeiffer, lora)",
+    )
+    parser.add_argument("--r", type=int, default=8, help="LoRA/DoRA rank")
+    parser.add_argument("--targets-per-layer", type=int, default=2, help="LoRA targets per block (2: q, v)")
     parser.add_argument("--num-layers", type=int, default=2, help="blocks trained by top-layer fine-tuning")
     parser.add_argument(
-        "--quantize", choices=["int8", "nf4"], help="frozen base quantization (LoRA, adapters)"
+        "--quantize",
+        choices=["int8", "nf4"],
+        default=None,
+        help="frozen base quantization (LoRA, adapters); the qlora-* methods set their own",
     )
+    parser.add_argument("--precision", choices=["16", "32"], default="16", help="training precision in bits")
     parser.add_argument(
-        "--precision", choices=["16", "32"], default="16", help="training precision in bits (16)"
+        "--state-bytes", type=float, default=None, help="bytes per Adam state (default: as --precision)"
     )
-    parser.add_argument(
-        "--state-bytes", type=float, default=None, help="bytes per Adam state (default: as precision)"
-    )
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--batch", type=int, default=1, help="sequences per step")
+    parser.add_argument("--seq", type=int, default=2048, help="tokens per sequence")
     parser.add_argument("--no-checkpointing", action="store_true", help="keep every activation")
-    parser.add_argument("--gpu-mem", type=float, default=80.0, help="GB per GPU (default 80: A100-80GB)")
-    parser.add_argument("--hidden", type=int)
-    parser.add_argument("--layers", type=int)
-    parser.add_argument("--heads", type=int)
-    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--gpu-mem", type=float, default=80.0, help="GB per GPU (80: A100-80GB)")
+    parser.add_argument("--hidden", type=int, default=None, help="hidden size (default: from --params)")
+    parser.add_argument("--layers", type=int, default=None, help="blocks (default: from --params)")
+    parser.add_argument("--heads", type=int, default=None, help="attention heads (default: from --params)")
+    parser.add_argument("--json", action="store_true", help="print the estimates as JSON")
     args = parser.parse_args(argv)
+    for name in (
+        "params",
+        "gpu_mem",
+        "state_bytes",
+        "batch",
+        "seq",
+        "r",
+        "targets_per_layer",
+        "hidden",
+        "layers",
+    ):
+        value = getattr(args, name)
+        if value is not None and not (0 < value < float("inf")):
+            parser.error(f"--{name.replace('_', '-')} must be a positive number, got {value}")
+    if args.heads is not None and args.heads < 1:
+        parser.error(f"--heads must be a positive number, got {args.heads}")
+    if args.num_layers < 0:
+        parser.error(f"--num-layers must not be negative, got {args.num_layers}")
     methods = METHODS if args.method == "all" else (args.method,)
     rows = []
     for method in methods:

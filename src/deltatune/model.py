@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 from collections.abc import Iterator
@@ -17,6 +18,7 @@ from torch import nn
 
 from deltatune import checkpoint, inject
 from deltatune.config import AnyConfig, LoraConfig, load_config
+from deltatune.errors import short
 from deltatune.methods import method_for
 from deltatune.methods import modules_to_save as mts
 from deltatune.methods.mixed import BASE, MIXED, MixedBatch
@@ -455,9 +457,10 @@ class PeftModel(nn.Module):
                 is named, and `model` is left as it was).
         """
         directory = os.fspath(model_id)
+        _check_adapter_name(adapter_name)
         config = config or load_config(directory)
         config.inference_mode = not is_trainable
-        tensors = checkpoint.load_adapter_weights(directory)
+        tensors = _read_adapter(directory, config)
         peft = cls(model, config, adapter_name)
         try:
             peft._load_tensors(adapter_name, tensors, directory)
@@ -474,9 +477,12 @@ class PeftModel(nn.Module):
     ) -> None:
         """Load another adapter directory under `adapter_name` (the active adapter doesn't change)."""
         directory = os.fspath(model_id)
+        _check_adapter_name(adapter_name)
+        if adapter_name in self.peft_config:
+            raise ValueError(f"an adapter named {adapter_name!r} exists already; pick another name")
         config = load_config(directory)
         config.inference_mode = not is_trainable
-        tensors = checkpoint.load_adapter_weights(directory)
+        tensors = _read_adapter(directory, config)
         self.add_adapter(adapter_name, config)
         try:
             self._load_tensors(adapter_name, tensors, directory)
@@ -529,19 +535,45 @@ def dequantized_linear(
     return linear
 
 
-def _check_adapter_name(name: str) -> None:
+ADAPTER_NAME_RULE = (
+    "an adapter name is a non-empty string without '.', '/', '\\' or '..', other than "
+    f"'{BASE}', and not an attribute name of torch.nn.Module (such as 'train', 'to', 'half', 'forward', "
+    "'training' or '_modules'), since adapters are kept in torch.nn.ModuleDicts under their names"
+)
+
+
+@functools.cache
+def _reserved_names() -> frozenset[str]:
+    """Names a `nn.ModuleDict`/`nn.ParameterDict` key can't take: the attributes of those containers."""
+    return frozenset(dir(nn.ModuleDict())) | frozenset(dir(nn.ParameterDict()))
+
+
+def check_adapter_name(name: object) -> None:
+    """Raise a `ValueError` stating `ADAPTER_NAME_RULE` when `name` can't be an adapter's name."""
     if (
         not isinstance(name, str)
         or not name
         or name == BASE
         or "/" in name
         or "\\" in name
-        or ".." in name
         or "." in name
+        or "\x00" in name
+        or name in _reserved_names()
     ):
-        raise ValueError(
-            f"invalid adapter name {name!r}: use a plain name without '.', '/' or '..' (and not '{BASE}')"
-        )
+        raise ValueError(f"invalid adapter name {short(name, 100)}: {ADAPTER_NAME_RULE}")
+
+
+_check_adapter_name = check_adapter_name
+
+
+def _read_adapter(directory: str, config: AnyConfig) -> dict[str, torch.Tensor]:
+    """The tensors of an adapter directory, after its config was checked against the file's header (so a
+    config that would build absurdly large layers is refused before anything is allocated)."""
+    weights_file = checkpoint.adapter_weights_file(directory)
+    check = getattr(method_for(config.peft_type), "check_file_shapes", None)
+    if check is not None:
+        check(config, checkpoint.tensor_shapes(weights_file), directory)
+    return checkpoint.load_tensors(weights_file)
 
 
 def _is_auto_heads(config: AnyConfig) -> bool:

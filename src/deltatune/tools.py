@@ -1,4 +1,7 @@
-"""`deltatune inspect | merge | generate`: look at an adapter, bake it into its base, try it."""
+"""`deltatune inspect | merge | generate`: look at an adapter, bake it into its base, try it.
+
+Light at import (torch and transformers are imported inside the functions), so `--help` is instant.
+"""
 
 from __future__ import annotations
 
@@ -9,15 +12,18 @@ import os
 import shutil
 import sys
 import tempfile
+from typing import TYPE_CHECKING, Any
 
-import torch
+from deltatune import dtypes
+from deltatune.cli import HelpFormatter
+from deltatune.embedded import check_model, resolve_model
+from deltatune.errors import CheckpointError, ConfigError, short
 
-from deltatune import checkpoint
-from deltatune.config import load_config
-from deltatune.embedded import resolve_model
-from deltatune.model import PeftModel
+if TYPE_CHECKING:
+    import torch
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    from deltatune.model import PeftModel
+
 _TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -31,29 +37,60 @@ _TOKENIZER_FILES = (
 )
 
 
+def __getattr__(name: str) -> Any:
+    if name == "DTYPES":  # the old name -> torch.dtype table, built on first use (it imports torch)
+        return {n: dtypes.torch_dtype(n) for n in dtypes.NAMES}
+    raise AttributeError(f"module 'deltatune.tools' has no attribute {name!r}")
+
+
 def load_base(
     path: str,
     task_type: str | None,
     num_labels: int | None = None,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
     meta: bool = False,
+    label_map: dict[str, int] | None = None,
 ) -> torch.nn.Module:
-    """The base model for an adapter's task type (weights on the meta device when `meta`: shapes only)."""
+    """The base model for an adapter's task type (weights on the meta device when `meta`: shapes only).
+
+    `label_map` (`{name: id}`, a classification adapter's `label_map.json`) names the head's labels in the
+    model's config (`id2label`/`label2id`), so a merged model and `transformers.pipeline` answer with names.
+
+    Raises:
+        ConfigError: `path` is a file, or neither a local model folder nor a hub name that can be fetched
+            (offline, this is said in a few seconds, not after a minute of retries).
+    """
+    import torch
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    if not os.path.isdir(path) and os.path.exists(path):
-        raise FileNotFoundError(f"base model {path!r} is a file; give a Hugging Face model folder")
+    dtype = dtype or torch.float32
+    problem = check_model(path)
+    if problem:
+        raise ConfigError(f"base model: {problem}")
     auto = {"SEQ_CLS": AutoModelForSequenceClassification, "CAUSAL_LM": AutoModelForCausalLM}.get(
         task_type or ""
     )
-    config = AutoConfig.from_pretrained(path)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise ConfigError(
+            f"could not load the base model {short(path)}: {str(e).splitlines()[0]}; give a Hugging Face "
+            "model folder (with config.json) or a hub name"
+        ) from e
     if auto is None:
         auto = (
             AutoModelForCausalLM
             if any(a.endswith("ForCausalLM") for a in config.architectures or [])
             else AutoModel
         )
-    kwargs = {"num_labels": num_labels} if auto is AutoModelForSequenceClassification and num_labels else {}
+    kwargs: dict[str, Any] = {}
+    if auto is AutoModelForSequenceClassification:
+        if label_map and (num_labels is None or num_labels == len(label_map)):
+            kwargs["id2label"] = {int(i): str(n) for n, i in label_map.items()}
+            kwargs["label2id"] = {str(n): int(i) for n, i in label_map.items()}
+            kwargs["num_labels"] = len(label_map)
+        elif num_labels:
+            kwargs["num_labels"] = num_labels
     if meta:
         for key, value in kwargs.items():
             setattr(config, key, value)
@@ -62,24 +99,74 @@ def load_base(
     return auto.from_pretrained(path, dtype=dtype, **kwargs).eval()
 
 
+def adapter_dir(path: str) -> str:
+    """`path` if it holds an adapter; a clear error otherwise (pointing at a run folder's `adapter/`)."""
+    from deltatune.config import CONFIG_NAME
+
+    if os.path.isfile(os.path.join(path, CONFIG_NAME)):
+        return path
+    inner = os.path.join(path, "adapter")
+    if os.path.isfile(os.path.join(inner, CONFIG_NAME)):
+        raise CheckpointError(
+            f"{short(path)} is a training run folder; its adapter is {short(inner)} (use that path)"
+        )
+    if os.path.isfile(os.path.join(path, "train_config.yaml")):
+        raise CheckpointError(
+            f"{short(path)} is a training run folder with no adapter yet (the run did not finish); resume "
+            "it with `deltatune train --config " + os.path.join(path, "train_config.yaml") + " --resume`"
+        )
+    if not os.path.exists(path):
+        raise CheckpointError(f"adapter folder not found: {short(path)}")
+    raise CheckpointError(f"no {CONFIG_NAME} in {short(path)}: is this an adapter folder?")
+
+
+def read_label_map(directory: str) -> dict[str, int] | None:
+    """A classification adapter's `label_map.json` (`{name: id}`), or None; a bad file is an error."""
+    path = os.path.join(directory, "label_map.json")
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid UTF-8 JSON ({e})") from e
+    if not isinstance(data, dict) or not all(
+        isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) for k, v in data.items()
+    ):
+        raise CheckpointError(f"{path} must map label names to integer ids, got {short(data)}")
+    return data
+
+
 def _adapter_summary(directory: str) -> dict:
+    from deltatune import checkpoint
+    from deltatune.config import load_config
+
+    directory = adapter_dir(directory)
     config = load_config(directory)
-    tensors = checkpoint.load_adapter_weights(directory)
     weights_file = next(
-        os.path.join(directory, n)
-        for n in (checkpoint.WEIGHTS_NAME, checkpoint.LEGACY_WEIGHTS_NAME)
-        if os.path.isfile(os.path.join(directory, n))
+        (
+            os.path.join(directory, n)
+            for n in (checkpoint.WEIGHTS_NAME, checkpoint.LEGACY_WEIGHTS_NAME)
+            if os.path.isfile(os.path.join(directory, n))
+        ),
+        None,
     )
+    if weights_file is None:
+        raise CheckpointError(
+            f"no {checkpoint.WEIGHTS_NAME} in {short(directory)}: the adapter is incomplete"
+        )
+    shapes = checkpoint.tensor_shapes(weights_file)
     modules = sorted(
-        {k.removeprefix(checkpoint.KEY_PREFIX).split(".lora_")[0] for k in tensors if ".lora_" in k}
+        {k.removeprefix(checkpoint.KEY_PREFIX).split(".lora_")[0] for k in shapes if ".lora_" in k}
     )
     ranks = sorted(
         {
-            t.shape[0]
-            for k, t in tensors.items()
-            if k.endswith("lora_A.weight") or k.endswith("lora_embedding_A")
+            s[0]
+            for k, s in shapes.items()
+            if (k.endswith("lora_A.weight") or k.endswith("lora_embedding_A")) and s
         }
     )
+    label_map = read_label_map(directory)
     return {
         "directory": os.path.abspath(directory),
         "method": config.peft_type,
@@ -92,28 +179,43 @@ def _adapter_summary(directory: str) -> dict:
         },
         "adapted_modules": modules,
         "ranks": ranks,
-        "tensors": len(tensors),
-        "parameters": sum(t.numel() for t in tensors.values()),
+        "tensors": len(shapes),
+        "parameters": sum(_numel(s) for s in shapes.values()),
         "file_bytes": os.path.getsize(weights_file),
-        "num_labels": checkpoint.head_num_labels(tensors),
+        "num_labels": checkpoint.head_num_labels(shapes),
+        "labels": [n for n, _ in sorted(label_map.items(), key=lambda kv: kv[1])] if label_map else None,
     }
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
 
 
 def inspect_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
-        prog="deltatune inspect", description="Show an adapter; with --base, check it fits."
+        prog="deltatune inspect",
+        description="Show an adapter (method, base, ranks, modules, size, labels); with --base, check that it "
+        "fits a base model (nothing is loaded: shapes only).",
+        formatter_class=HelpFormatter,
     )
-    parser.add_argument("adapter", help="adapter directory")
-    parser.add_argument("--base", help="base model folder to check compatibility against (nothing is loaded)")
-    parser.add_argument("--json", action="store_true", help="print JSON")
+    parser.add_argument("adapter", help="adapter folder (for a training run: <output_dir>/adapter)")
+    parser.add_argument(
+        "--base", default=None, help="base model folder or hub name to check compatibility against"
+    )
+    parser.add_argument("--json", action="store_true", help="print the summary as JSON instead of text")
     args = parser.parse_args(argv)
+    from deltatune.model import PeftModel
+
     info = _adapter_summary(args.adapter)
     if args.base:
         base = load_base(resolve_model(args.base), info["task_type"], info["num_labels"], meta=True)
         try:
-            PeftModel.from_pretrained(base, args.adapter)
+            PeftModel.from_pretrained(base, adapter_dir(args.adapter))
             info["compatible"], info["problems"] = True, ""
-        except checkpoint.CheckpointError as e:
+        except CheckpointError as e:
             info["compatible"], info["problems"] = False, str(e)
     if args.json:
         print(json.dumps(info, indent=2))
@@ -122,12 +224,20 @@ def inspect_main(argv: list[str]) -> int:
         print(f"method       {info['method']}  task {info['task_type']}")
         print(f"trained on   {info['base_model']}")
         print(f"rank(s)      {info['ranks']}")
+        if info["labels"] is not None:
+            print(
+                f"labels       {len(info['labels'])}: {', '.join(info['labels'][:20])}"
+                f"{' ...' if len(info['labels']) > 20 else ''}"
+            )
+        elif info["num_labels"]:
+            print(f"labels       {info['num_labels']} (no label_map.json: ids only)")
         print(
             f"modules      {len(info['adapted_modules'])}: {', '.join(info['adapted_modules'][:6])}"
             f"{' ...' if len(info['adapted_modules']) > 6 else ''}"
         )
         print(
-            f"parameters   {info['parameters']:,d} in {info['tensors']} tensors, file {info['file_bytes'] / 1024:.1f} KiB"
+            f"parameters   {info['parameters']:,d} in {info['tensors']} tensors, "
+            f"file {info['file_bytes'] / 1024:.1f} KiB"
         )
         print("config       " + json.dumps(info["config"], sort_keys=True))
         if args.base:
@@ -138,36 +248,59 @@ def inspect_main(argv: list[str]) -> int:
     return 0 if info.get("compatible", True) else 1
 
 
-def _load(base_path: str, adapter: str, dtype: torch.dtype) -> tuple[PeftModel, str]:
+def _load(base_path: str | None, adapter: str, dtype: torch.dtype) -> tuple[PeftModel, str, dict]:
+    from deltatune.model import PeftModel
+
+    adapter = adapter_dir(adapter)
     info = _adapter_summary(adapter)
+    if not (base_path or info["base_model"]):
+        raise ConfigError(f"the adapter {short(adapter)} names no base model; give one with --base")
     base_path = resolve_model(base_path or info["base_model"])
-    base = load_base(base_path, info["task_type"], info["num_labels"], dtype=dtype)
-    return PeftModel.from_pretrained(base, adapter), base_path
+    label_map = read_label_map(adapter)
+    base = load_base(base_path, info["task_type"], info["num_labels"], dtype=dtype, label_map=label_map)
+    return PeftModel.from_pretrained(base, adapter), base_path, info
 
 
 def merge_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
-        prog="deltatune merge", description="Merge an adapter into its base model."
+        prog="deltatune merge",
+        description="Merge an adapter into its base model and write a plain model folder (loads with "
+        "transformers alone; a classifier keeps its label names).",
+        formatter_class=HelpFormatter,
     )
-    parser.add_argument("--base", default=None, help="base model folder (default: the one the adapter names)")
-    parser.add_argument("--adapter", required=True, help="adapter directory")
+    parser.add_argument(
+        "--base", default=None, help="base model folder or hub name (default: the one the adapter names)"
+    )
+    parser.add_argument("--adapter", required=True, help="adapter folder")
     parser.add_argument("--out", required=True, help="output folder for the merged model (must not exist)")
-    parser.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="dtype of the merged model")
+    parser.add_argument(
+        "--dtype", type=dtypes.argument, default="fp32", help=f"dtype of the merged model: {dtypes.HELP}"
+    )
     args = parser.parse_args(argv)
     if os.path.exists(args.out):
-        print(f"deltatune merge: {args.out!r} exists already; pick a new folder", file=sys.stderr)
-        return 2
-    model, base_path = _load(args.base, args.adapter, DTYPES[args.dtype])
-    merged = model.merge_and_unload(dtype=DTYPES[args.dtype])
+        raise ConfigError(f"{short(args.out)} exists already; pick a new folder for --out")
+    dtype = dtypes.torch_dtype(args.dtype)
+    from deltatune.checkpoint import umask as checkpoint_umask
+
     parent = os.path.dirname(os.path.abspath(args.out))
-    os.makedirs(parent, exist_ok=True)
+    os.makedirs(parent, exist_ok=True)  # a folder that can't be made fails before the models load
+    if not os.access(parent, os.W_OK):
+        raise ConfigError(f"can't write into {short(parent)}; pick another --out")
+    model, base_path, _ = _load(args.base, args.adapter, dtype)
+    merged = model.merge_and_unload(dtype=dtype)
     tmp = tempfile.mkdtemp(prefix=".merge-", dir=parent)
     try:
+        os.chmod(
+            tmp, 0o777 & ~checkpoint_umask()
+        )  # mkdtemp makes it 0700; the folder is the user's, as mkdir makes it
         merged.save_pretrained(tmp, safe_serialization=True)
-        for folder in (base_path, args.adapter):
+        for folder in (base_path, adapter_dir(args.adapter)):
             for name in _TOKENIZER_FILES:
                 if os.path.isfile(os.path.join(folder, name)):
-                    shutil.copy2(os.path.join(folder, name), os.path.join(tmp, name))
+                    shutil.copyfile(os.path.join(folder, name), os.path.join(tmp, name))
+        mask = checkpoint_umask()
+        for name in os.listdir(tmp):  # safetensors writes its files 0600 whatever the umask
+            os.chmod(os.path.join(tmp, name), 0o666 & ~mask)
         os.rename(tmp, args.out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -178,23 +311,37 @@ def merge_main(argv: list[str]) -> int:
 
 def generate_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
-        prog="deltatune generate", description="Generate text with a base and an adapter."
+        prog="deltatune generate",
+        description="Generate text with a base model and an adapter; with a classification adapter, classify "
+        "each prompt instead (label and probability).",
+        formatter_class=HelpFormatter,
     )
-    parser.add_argument("--base", default=None, help="base model folder (default: the one the adapter names)")
-    parser.add_argument("--adapter", required=True, help="adapter directory")
+    parser.add_argument(
+        "--base", default=None, help="base model folder or hub name (default: the one the adapter names)"
+    )
+    parser.add_argument("--adapter", required=True, help="adapter folder")
     parser.add_argument("--prompt", required=True, action="append", help="prompt (repeat for several)")
-    parser.add_argument("--max-new-tokens", type=int, default=40)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-new-tokens", type=int, default=40, help="tokens to generate per prompt")
+    parser.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy")
+    parser.add_argument("--seed", type=int, default=0, help="random seed for sampling")
+    parser.add_argument(
+        "--dtype", type=dtypes.argument, default="fp32", help=f"dtype of the base model: {dtypes.HELP}"
+    )
     args = parser.parse_args(argv)
-    model, base_path = _load(args.base, args.adapter, torch.float32)
-    tokenizer = load_tokenizer(args.adapter, base_path)
+    if args.max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if not args.temperature >= 0 or args.temperature == float("inf"):
+        raise ConfigError(f"--temperature must be a finite number >= 0, got {args.temperature}")
+    model, base_path, info = _load(args.base, args.adapter, dtypes.torch_dtype(args.dtype))
+    tokenizer = load_tokenizer(adapter_dir(args.adapter), base_path)
+    if info["task_type"] == "SEQ_CLS" or not hasattr(model.get_base_model(), "generate"):
+        return _classify(model, tokenizer, args.prompt, info)
     for text in generate_texts(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.seed):
         print(text)
     return 0
 
 
-def load_tokenizer(adapter: str, base_path: str):
+def load_tokenizer(adapter: str, base_path: str) -> Any:
     """The adapter's own tokenizer when it was saved with one (deltatune train does), else the base's;
     left padding and a pad token, ready for batched generation."""
     from transformers import AutoTokenizer
@@ -209,10 +356,12 @@ def load_tokenizer(adapter: str, base_path: str):
 
 
 def generate_texts(
-    model, tokenizer, prompts: list[str], max_new_tokens: int = 40, temperature: float = 0.0, seed: int = 0
+    model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int = 40, temperature: float = 0.0, seed: int = 0
 ) -> list[str]:
     """Prompt + continuation for each prompt (greedy when `temperature` is 0): `deltatune generate`'s output,
     also used by `deltatune ui`'s playground."""
+    import torch
+
     batch = tokenizer(list(prompts), return_tensors="pt", padding=True)
     torch.manual_seed(seed)
     sample = temperature > 0
@@ -225,3 +374,26 @@ def generate_texts(
             **({"temperature": temperature} if sample else {}),
         )
     return [tokenizer.decode(ids, skip_special_tokens=True) for ids in out]
+
+
+def _classify(model: Any, tokenizer: Any, prompts: list[str], info: dict) -> int:
+    import torch
+
+    if info["task_type"] != "SEQ_CLS":
+        raise ConfigError(
+            f"the adapter's task is {info['task_type']}, and its base model can't generate text; "
+            "use a causal-LM adapter with `deltatune generate`"
+        )
+    print(
+        "this is a classification adapter: classifying each prompt (label, probability, text)",
+        file=sys.stderr,
+    )
+    tokenizer.padding_side = "right"  # BERT-like heads read the first token
+    batch = tokenizer(prompts, return_tensors="pt", padding=True, truncation=True)
+    with torch.no_grad():
+        probs = model(**batch).logits.float().softmax(-1)
+    id2label = getattr(model.get_base_model().config, "id2label", None) or {}
+    for prompt, row in zip(prompts, probs):
+        best = int(row.argmax())
+        print(f"{id2label.get(best, str(best))}\t{row[best].item():.3f}\t{prompt}")
+    return 0

@@ -627,3 +627,42 @@ def adapter_param_names(model: nn.Module, config: LoraConfig, adapter_name: str)
             if adapter_name in layer.r and getattr(layer.base_layer, "bias", None) is not None:
                 names.append(f"{layer_name}.base_layer.bias")
     return list(dict.fromkeys(names))
+
+
+def check_file_shapes(config: LoraConfig, shapes: dict[str, tuple[int, ...]], where: str) -> None:
+    """Before any layer is built: the ranks `config` would create must be the ranks of the saved tensors
+    (`shapes`, read from the file's header), so that a config claiming `r=300000` is refused without
+    allocating it.
+
+    Raises:
+        CheckpointError: naming the module, the rank in the config and the rank in the file.
+    """
+    from deltatune.errors import CheckpointError
+
+    found: dict[str, int] = {}
+    for key, shape in shapes.items():
+        for suffix, axis in ((".lora_A.weight", 0), (".lora_embedding_A", 0), (".lora_B.weight", 1)):
+            if key.endswith(suffix) and len(shape) == 2:
+                module = key.removeprefix("base_model.model.")[: -len(suffix)]
+                found.setdefault(module, shape[axis])
+    problems = []
+    for module, rank in sorted(found.items()):
+        key = inject.pattern_key(config.rank_pattern, module)
+        expected = config.rank_pattern[key] if key is not None else config.r
+        if expected != rank:
+            field_name = f"rank_pattern[{key!r}]" if key is not None else "r"
+            problems.append(
+                f"{module}: the config's {field_name} is {expected}, the saved tensors have rank {rank}"
+            )
+    largest = max([config.r, *config.rank_pattern.values()])
+    if found and largest > max(found.values()) and largest > 1024:
+        problems.append(
+            f"the config asks for rank {largest}, larger than any saved tensor's ({max(found.values())})"
+        )
+    if problems:
+        raise CheckpointError(
+            f"the adapter config and the weights in {where} don't belong together "
+            f"({len(problems)} problem(s)):\n  "
+            + "\n  ".join(problems[:20])
+            + ("\n  ..." if len(problems) > 20 else "")
+        )

@@ -16,10 +16,11 @@ from typing import Any, Literal
 import torch
 import yaml
 
+from deltatune import dtypes
 from deltatune.config import METHODS, method_config
 from deltatune.data import Fields, check_source
-from deltatune.embedded import DEFAULT_MODEL, resolve_model
-from deltatune.errors import ConfigError
+from deltatune.embedded import DEFAULT_MODEL, check_model
+from deltatune.errors import ConfigError, short
 
 TASK_TYPES = {"seq-cls": "SEQ_CLS", "causal-lm": "CAUSAL_LM"}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -82,10 +83,10 @@ class TrainConfig:
     """Examples per micro-batch on each process; global batch = batch_size x processes x grad_accum."""
     grad_accum: int = 1
     """Micro-batches accumulated into one optimizer step."""
-    max_steps: int = 0
-    """Optimizer steps to train; 0: train for `epochs` instead."""
+    max_steps: int | None = None
+    """Optimizer steps to train (at least 1); unset (`null`, the default): train for `epochs` instead."""
     epochs: float = 1.0
-    """Passes over the training data, when `max_steps` is 0."""
+    """Passes over the training data, when `max_steps` is unset."""
     max_grad_norm: float = 1.0
     """Clip the gradient norm to this; 0 turns clipping off."""
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
@@ -132,32 +133,63 @@ def load_train_config(path: str | None = None, overrides: list[str] | None = Non
     """
     raw: dict[str, Any] = {}
     if path is not None:
+        if os.path.isdir(path):
+            raise ConfigError(f"--config {short(path)} is a folder; give a YAML file (see configs/)")
         if not os.path.isfile(path):
-            raise ConfigError(f"config file not found: {path!r}")
-        with open(path, encoding="utf-8") as f:
-            try:
-                raw = yaml.safe_load(f) or {}
-            except yaml.YAMLError as e:
-                raise ConfigError(f"{path} is not valid YAML: {e}") from e
+            raise ConfigError(f"config file not found: {short(path)}")
+        try:
+            with open(path, encoding="utf-8-sig") as f:
+                raw = _load_yaml(f.read()) or {}
+        except UnicodeDecodeError as e:
+            raise ConfigError(
+                f"{path} is not UTF-8 text (byte offset {e.start}: {e.reason}); save it as UTF-8"
+            ) from e
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path} is not valid YAML: {short(str(e), 400)}") from e
         if not isinstance(raw, dict):
             raise ConfigError(f"{path} must hold a mapping of keys to values, not {type(raw).__name__}")
     for item in overrides or []:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise ConfigError(f"override {item!r} is not key=value (e.g. lr=1e-4, method_args.r=4)")
+            raise ConfigError(f"override {short(item)} is not key=value (e.g. lr=1e-4, method_args.r=4)")
         target = raw
         *parents, leaf = key.strip().split(".")
         for part in parents:
             target = target.setdefault(part, {})
             if not isinstance(target, dict):
-                raise ConfigError(f"override {item!r}: {part!r} is not a section")
-        target[leaf] = yaml.safe_load(value) if value.strip() else None
+                raise ConfigError(f"override {short(item)}: {short(part)} is not a section")
+        try:
+            target[leaf] = _load_yaml(value) if value.strip() else None
+        except yaml.YAMLError as e:
+            raise ConfigError(
+                f"override {short(item)}: the value is not valid YAML ({short(str(e), 200)})"
+            ) from e
     return config_from_dict(raw)
+
+
+_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when built with it: ~20x faster
+
+
+def _load_yaml(text: str) -> Any:
+    """Safe YAML without anchors and aliases: a config has no need of them, and a few hundred bytes of nested
+    aliases can stand for billions of values."""
+    for event in yaml.parse(text, Loader=_Loader):
+        if isinstance(event, yaml.AliasEvent):
+            raise ConfigError(
+                f"YAML aliases (*{str(event.anchor)[:40]}) are not allowed in a train config (line "
+                f"{event.start_mark.line + 1}); write the value out"
+            )
+    return yaml.load(text, Loader=_Loader)  # noqa: S506  (a safe loader)
 
 
 def config_from_dict(raw: dict[str, Any]) -> TrainConfig:
     """A validated `TrainConfig` from a plain dict (as read from YAML)."""
     errors: list[str] = []
+    if isinstance(raw, dict):
+        raw = dict(raw)
+        for key in ("precision", "base_dtype"):  # fp32|bf16|fp16, and their aliases float32|bfloat16|float16
+            if isinstance(raw.get(key), str) and (name := dtypes.canonical(raw[key])):
+                raw[key] = name
     values = _coerce_dataclass(TrainConfig, raw, "", errors)
     config = TrainConfig(**values)  # wrongly typed values were left out: the rest is checked on its own
     errors += validate(config)
@@ -166,18 +198,89 @@ def config_from_dict(raw: dict[str, Any]) -> TrainConfig:
     return config
 
 
+# Names that other tools (transformers' Trainer, PEFT, other fine-tuning scripts) use for a key of ours.
+KEY_ALIASES = {
+    "learning_rate": "lr",
+    "learningrate": "lr",
+    "rate": "lr",
+    "epoch": "epochs",
+    "num_epochs": "epochs",
+    "num_train_epochs": "epochs",
+    "n_epochs": "epochs",
+    "batch": "batch_size",
+    "batchsize": "batch_size",
+    "bs": "batch_size",
+    "train_batch_size": "batch_size",
+    "per_device_train_batch_size": "batch_size",
+    "eval_batch": "eval_batch_size",
+    "per_device_eval_batch_size": "eval_batch_size",
+    "gradient_accumulation_steps": "grad_accum",
+    "accumulation_steps": "grad_accum",
+    "steps": "max_steps",
+    "num_steps": "max_steps",
+    "train_steps": "max_steps",
+    "warmup": "warmup_steps",
+    "lr_scheduler_type": "schedule",
+    "scheduler": "schedule",
+    "model_name_or_path": "model",
+    "model_name": "model",
+    "base_model": "model",
+    "base": "model",
+    "dataset": "data",
+    "train_data": "data",
+    "train_file": "data",
+    "eval_file": "eval_data",
+    "validation_file": "eval_data",
+    "valid_data": "eval_data",
+    "validation_data": "eval_data",
+    "output": "output_dir",
+    "out": "output_dir",
+    "outdir": "output_dir",
+    "max_seq_length": "max_length",
+    "seq_len": "max_length",
+    "max_len": "max_length",
+    "dtype": "precision",
+    "fp16": "precision",
+    "bf16": "precision",
+    "mixed_precision": "precision",
+    "torch_dtype": "base_dtype",
+    "r": "method_args.r",
+    "rank": "method_args.r",
+    "lora_r": "method_args.r",
+    "lora_rank": "method_args.r",
+    "alpha": "method_args.lora_alpha",
+    "lora_alpha": "method_args.lora_alpha",
+    "lora_dropout": "method_args.lora_dropout",
+    "target_modules": "method_args.target_modules",
+    "reduction_factor": "method_args.reduction_factor",
+    "num_layers": "method_args.num_layers",
+    "random_seed": "seed",
+    "max_grad": "max_grad_norm",
+    "clip": "max_grad_norm",
+    "grad_clip": "max_grad_norm",
+    "gradient_clipping": "max_grad_norm",
+    "checkpoint_every": "save_every",
+    "save_steps": "save_every",
+    "eval_steps": "eval_every",
+    "logging_steps": "log_every",
+    "label": "fields.label",
+    "text": "fields.text",
+}
+
+
 def _coerce_dataclass(cls: type, raw: Any, prefix: str, errors: list[str]) -> dict[str, Any]:
     if not isinstance(raw, dict):
-        errors.append(f"{prefix.rstrip('.')}: expected a section of key: value pairs, got {raw!r}")
+        errors.append(f"{prefix.rstrip('.')}: expected a section of key: value pairs, got {short(raw)}")
         return {}
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     out = {}
     for key, value in raw.items():
         if key not in names:
-            hint = difflib.get_close_matches(str(key), names, n=1)
+            alias = KEY_ALIASES.get(str(key).lower().replace("-", "_")) if not prefix else None
+            hint = [alias] if alias else difflib.get_close_matches(str(key)[:100], names, n=1)
             suggestion = f" (did you mean '{prefix}{hint[0]}'?)" if hint else ""
-            errors.append(f"unknown key '{prefix}{key}'{suggestion}")
+            errors.append(f"unknown key '{prefix}{str(key)[:60]}'{suggestion}")
             continue
         before = len(errors)
         coerced = _coerce(value, hints[key], f"{prefix}{key}", errors)
@@ -198,11 +301,11 @@ def _coerce(value: Any, hint: Any, key: str, errors: list[str]) -> Any:
     if origin is Literal:
         if value not in args:
             choices = ", ".join(repr(a) for a in args)
-            errors.append(f"{key}: {value!r} is not one of {choices}")
+            errors.append(f"{key}: {short(value)} is not one of {choices}")
         return value
     if origin is dict:
         if not isinstance(value, dict):
-            errors.append(f"{key}: expected a mapping (key: value pairs), got {value!r}")
+            errors.append(f"{key}: expected a mapping (key: value pairs), got {short(value)}")
         return value
     if hint is float and isinstance(value, str):
         with contextlib.suppress(ValueError):
@@ -210,7 +313,7 @@ def _coerce(value: Any, hint: Any, key: str, errors: list[str]) -> Any:
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if hint in (int, float, str, bool) and (type(value) is not hint):
-        errors.append(f"{key}: expected {hint.__name__}, got {type(value).__name__} {value!r}")
+        errors.append(f"{key}: expected {hint.__name__}, got {type(value).__name__} {short(value)}")
     return value
 
 
@@ -218,9 +321,9 @@ def validate(config: TrainConfig) -> list[str]:
     """Every problem with a type-correct config (empty if it is good); reads no model and no data."""
     errors = []
     if config.method not in METHODS:
-        hint = difflib.get_close_matches(config.method, METHODS, n=1)
+        hint = difflib.get_close_matches(str(config.method)[:100], METHODS, n=1)
         errors.append(
-            f"method: unknown {config.method!r}{f' (did you mean {hint[0]!r}?)' if hint else ''}; "
+            f"method: unknown {short(config.method)}{f' (did you mean {hint[0]!r}?)' if hint else ''}; "
             f"use one of {', '.join(METHODS)}"
         )
     else:
@@ -234,13 +337,8 @@ def validate(config: TrainConfig) -> list[str]:
             errors.append(
                 f"quantize={quantize!r} needs deltatune.methods.quant, which this install does not have"
             )
-    model = resolve_model(config.model)
-    if os.path.isdir(model) and not os.path.isfile(os.path.join(model, "config.json")):
-        errors.append(f"model: {model!r} has no config.json; is it a Hugging Face model folder?")
-    elif os.path.isfile(model):
-        errors.append(f"model: {model!r} is a file; give the model's folder")
-    elif not os.path.isdir(model) and model.startswith((".", "/", "~")):
-        errors.append(f"model: folder not found: {model!r}")
+    if problem := check_model(config.model, hub=False):  # a folder; a hub name is looked for by `run`
+        errors.append(f"model: {problem}")
     for key in ("data", "eval_data"):
         source = getattr(config, key)
         if source is not None and (problem := check_source(source)):
@@ -257,12 +355,16 @@ def validate(config: TrainConfig) -> list[str]:
     errors += [
         f"{k}: must be at least 1, got {getattr(config, k)}" for k in positive if getattr(config, k) < 1
     ]
-    non_negative = ("max_steps", "warmup_steps", "eval_every", "save_every", "weight_decay", "max_grad_norm")
+    non_negative = ("warmup_steps", "eval_every", "save_every", "weight_decay", "max_grad_norm")
     errors += [
         f"{k}: must not be negative, got {getattr(config, k)}" for k in non_negative if getattr(config, k) < 0
     ]
-    if config.max_steps == 0 and not config.epochs > 0:
-        errors.append(f"epochs: must be positive when max_steps is 0, got {config.epochs}")
+    if config.max_steps is not None and config.max_steps < 1:
+        errors.append(
+            f"max_steps: must be at least 1, got {config.max_steps}; leave it unset (null) to train for `epochs`"
+        )
+    if config.max_steps is None and not config.epochs > 0:
+        errors.append(f"epochs: must be positive when max_steps is unset, got {config.epochs}")
     if config.lr is not None and not config.lr > 0:
         errors.append(f"lr: must be positive, got {config.lr}")
     if not 0 <= config.eval_fraction < 1:

@@ -1,16 +1,14 @@
 """`run(config)`: load the tokenizer, the data and the model, put the method in, train, save; and
-`deltatune train`, its command line."""
+`deltatune train` (its command line is `deltatune.train.cli`, which imports this module only to run)."""
 
 from __future__ import annotations
 
-import argparse
+import contextlib
 import dataclasses
 import json
 import logging
 import os
 import shutil
-import signal
-import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -18,18 +16,17 @@ import torch
 import yaml
 from torch import nn
 
-from deltatune import checkpoint
+from deltatune import checkpoint, dtypes
 from deltatune.config import method_config
 from deltatune.data import Datasets, load_datasets
-from deltatune.embedded import resolve_model
-from deltatune.errors import ConfigError, TrainingError
+from deltatune.embedded import check_model, portable_name, resolve_model
+from deltatune.errors import ConfigError, TrainingError, short
 from deltatune.train import loop
 from deltatune.train.config import (
     DTYPES,
     RUN_FILES,
     TASK_TYPES,
     TrainConfig,
-    load_train_config,
     output_dir,
     validate,
 )
@@ -53,10 +50,17 @@ def run(
     errors = validate(config)
     if errors:
         raise ConfigError("invalid training config:\n  " + "\n  ".join(errors))
+    if problem := check_model(config.model):  # a hub name: found in seconds, or said to be out of reach
+        raise ConfigError(f"model: {problem}")
     ctx = _init_context(config)
+    out = output_dir(config)
+    created = not os.path.exists(out)
+    owned = False  # whether the files in `out` are this run's (so a failure may remove them)
     try:
-        out = output_dir(config)
         resume_dir = _prepare_output(out, config, ctx, resume=resume, overwrite=overwrite)
+        owned = not resume
+        for name in (config.precision, config.base_dtype):
+            dtypes.warn_if_slow(name, ctx.device.type)
         seed_everything(config.seed, config.deterministic)
         tokenizer = _load_tokenizer(config)
         data = load_datasets(
@@ -85,7 +89,13 @@ def run(
                 resume_dir=resume_dir,
             )
         if summary["status"] == "completed":
-            _save_final(model, peft_model, tokenizer, data, out, ctx)
+            try:
+                _save_final(model, peft_model, tokenizer, data, out, ctx)
+            except Exception as e:
+                raise checkpoint.CheckpointError(
+                    f"could not save the trained adapter to {os.path.join(out, 'adapter')}: "
+                    f"{checkpoint.write_failure(e, out)}; {checkpoint.intact_note(out)}"
+                ) from e
             summary["adapter_dir"] = os.path.join(out, "adapter")
         summary.update(
             {"method": config.method, "model": config.model, "task": config.task, "data": config.data}
@@ -93,9 +103,30 @@ def run(
         if ctx.main:
             checkpoint.atomic_write_text(os.path.join(out, "summary.json"), json.dumps(summary, indent=2))
         return summary
+    except BaseException:
+        if owned and ctx.main:
+            _remove_failed_run(out, created)
+        raise
     finally:
         if ctx.world > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+def _remove_failed_run(out: str, created: bool) -> None:
+    """A run that failed with nothing to resume from leaves nothing behind (so the rerun needs no
+    --overwrite): its run files go, and its folder too when this run created it and it is empty."""
+    if checkpoint.latest_checkpoint(out) is not None:
+        return  # resumable: keep everything; the error says how to continue
+    for name in RUN_FILES:
+        path = os.path.join(out, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+        elif os.path.lexists(path):
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+    if created:
+        with contextlib.suppress(OSError):
+            os.rmdir(out)  # only if empty
 
 
 def _prepare_output(
@@ -184,6 +215,8 @@ def build_model(
         model.config.pad_token_id = tokenizer.pad_token_id
     model.to(device)
     peft_config, quantize = method_config(config.method, TASK_TYPES[config.task], **config.method_args)
+    # The name the user gave (a hub name, their path, or `embedded:minilm`), not the resolved folder.
+    peft_config.base_model_name_or_path = portable_name(config.model)
     quantize = config.quantize or quantize
     if quantize:
         from deltatune.methods.quant import quantize_model
@@ -201,9 +234,9 @@ def build_model(
 
 def _cannot_load(model: str, error: Exception) -> str:
     return (
-        f"could not load the model {model!r}: {error}\n"
+        f"could not load the model {short(model)}: {short(str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__, 300)}. "
         "Give a local Hugging Face model folder (with config.json and the tokenizer files), "
-        "or a hub name while the hub is reachable."
+        "or a hub name while the hub is reachable"
     )
 
 
@@ -243,44 +276,3 @@ def _save_final(
                 os.path.join(directory, "label_map.json"), json.dumps(data.label_map, indent=2)
             )
     ctx.barrier()
-
-
-# ---- the command line ------------------------------------------------------------------------------------
-def train_main(argv: list[str]) -> int:
-    """`deltatune train --config FILE [key=value ...] [--resume | --overwrite]`."""
-    parser = argparse.ArgumentParser(
-        prog="deltatune train",
-        description="Fine-tune a model with one method. Settings come from --config and key=value overrides "
-        "(dotted keys for sections: fields.text=body, method_args.r=4).",
-    )
-    parser.add_argument(
-        "--config", help="a YAML file (see configs/); without it, the defaults: LoRA on MiniLM + builtin:spam"
-    )
-    parser.add_argument(
-        "--resume", action="store_true", help="continue from the newest checkpoint in output_dir"
-    )
-    parser.add_argument("--overwrite", action="store_true", help="replace a run already in output_dir")
-    parser.add_argument("overrides", nargs="*", metavar="key=value")
-    args = parser.parse_args(argv)
-    try:
-        config = load_train_config(args.config, args.overrides)
-        summary = run(config, resume=args.resume, overwrite=args.overwrite)
-    except (ConfigError, TrainingError, checkpoint.CheckpointError) as e:
-        print(f"deltatune train: error: {e}", file=sys.stderr)
-        return 2 if isinstance(e, ConfigError) else 1
-    if int(os.environ.get("RANK", "0")) == 0:
-        _print_summary(summary)
-    if summary["status"] == "interrupted":
-        return 128 + int(signal.Signals[summary["signal"]] if summary.get("signal") else signal.SIGINT)
-    return 0
-
-
-def _print_summary(summary: dict[str, Any]) -> None:
-    rows = [(k, v) for k, v in summary.items() if not isinstance(v, dict) and v is not None]
-    if "before" in summary:
-        rows += [(f"{k} (before training)", v) for k, v in summary["before"].items()]
-    width = max(len(k) for k, _ in rows)
-    for key, value in rows:
-        print(
-            f"{key.ljust(width)}  {value:.4g}" if isinstance(value, float) else f"{key.ljust(width)}  {value}"
-        )

@@ -1,0 +1,69 @@
+"""`deltatune train`, the command line: parses its options with nothing heavy imported (so `--help` is
+instant), then loads the config and runs `deltatune.train.run.run`. Errors are reported by `deltatune.cli`
+as one line."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+from typing import Any
+
+from deltatune.cli import HelpFormatter
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="deltatune train",
+        description="Fine-tune a model with one method. Settings come from --config and key=value overrides "
+        "(dotted keys for sections: fields.text=body, method_args.r=4); every key is listed in "
+        "`deltatune.train.TrainConfig` and configs/*.yaml.",
+        formatter_class=HelpFormatter,
+    )
+    p.add_argument(
+        "--config",
+        default=None,
+        help="a YAML file (see configs/); without it, the defaults: LoRA on the embedded MiniLM + builtin:spam",
+    )
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
+    p.add_argument("--overwrite", action="store_true", help="replace a run already in output_dir")
+    p.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="settings that replace the config's (e.g. lr=1e-4)"
+    )
+    return p
+
+
+def train_main(argv: list[str]) -> int:
+    """`deltatune train --config FILE [key=value ...] [--resume | --overwrite]`."""
+    args = parser().parse_args(argv)
+    from deltatune.errors import DeltatuneError
+
+    try:
+        from deltatune.train.config import load_train_config
+        from deltatune.train.run import run
+
+        config = load_train_config(args.config, args.overrides)
+        summary = run(config, resume=args.resume, overwrite=args.overwrite)
+    except (DeltatuneError, OSError) as e:  # one line (also when called directly, as the web board does)
+        from deltatune.cli import report
+
+        return report("train", e)
+    if int(os.environ.get("RANK", "0")) == 0:
+        _print_summary(summary)
+    if summary["status"] == "interrupted":
+        return 128 + int(signal.Signals[summary["signal"]] if summary.get("signal") else signal.SIGINT)
+    return 0
+
+
+main = train_main
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
+    rows = [(k, v) for k, v in summary.items() if not isinstance(v, dict) and v is not None]
+    if "before" in summary:
+        rows += [(f"{k} (before training)", v) for k, v in summary["before"].items()]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(
+            f"{key.ljust(width)}  {value:.4g}" if isinstance(value, float) else f"{key.ljust(width)}  {value}"
+        )
