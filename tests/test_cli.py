@@ -279,3 +279,23 @@ def test_a_run_failed_before_its_first_step_leaves_nothing_and_records_a_portabl
     config = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == "bert"
     assert base.endswith("bert")
+
+
+def test_auto_dtypes_pick_what_the_machine_computes_fast(monkeypatch):
+    from deltatune.train.config import resolve_dtypes
+
+    config = load_train_config(None, ["precision=auto", "base_dtype=auto"])
+    monkeypatch.setattr(dtypes, "cpu_has_native_bf16", lambda: False)
+    slow = resolve_dtypes(config, torch.device("cpu"))
+    assert (slow.precision, slow.base_dtype) == ("fp32", "fp32")
+    monkeypatch.setattr(dtypes, "cpu_has_native_bf16", lambda: True)
+    fast = resolve_dtypes(config, torch.device("cpu"))
+    assert (fast.precision, fast.base_dtype) == ("bf16", "bf16")
+    explicit = load_train_config(None, ["precision=bf16", "base_dtype=auto"])
+    assert resolve_dtypes(explicit, torch.device("cpu")).base_dtype == "bf16"
+    kept = load_train_config(None, ["precision=fp32", "base_dtype=auto"])
+    assert resolve_dtypes(kept, torch.device("cpu")).base_dtype == "fp32"
+    shipped = load_train_config(
+        os.path.join(os.path.dirname(__file__), "..", "configs", "opt-quotes-lora.yaml")
+    )
+    assert (shipped.precision, shipped.base_dtype) == ("auto", "auto")

@@ -41,8 +41,9 @@ class TrainConfig:
     """Fields of the method's config that replace its defaults, e.g. `{r: 4, lora_alpha: 32}` for LoRA."""
     quantize: Literal["nf4", "int8"] | None = None
     """Quantize the frozen base (QLoRA); the `qlora-*` methods set this themselves."""
-    base_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
-    """The dtype the frozen base is loaded in; trainable parameters always stay fp32."""
+    base_dtype: Literal["fp32", "bf16", "fp16", "auto"] = "fp32"
+    """The dtype the frozen base is loaded in; trainable parameters always stay fp32. `auto`: the autocast
+    dtype when `precision` is 16-bit (or `auto` resolved to bf16), else fp32."""
 
     data: str = "builtin:spam"
     """Training data: a JSONL/CSV/TSV/Parquet/text file, a `save_to_disk` folder, or `builtin:spam|quotes`."""
@@ -89,8 +90,11 @@ class TrainConfig:
     """Passes over the training data, when `max_steps` is unset."""
     max_grad_norm: float = 1.0
     """Clip the gradient norm to this; 0 turns clipping off."""
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    """Autocast: `bf16` (CPU and CUDA) or `fp16` with a grad scaler (CUDA only); `fp32` for none."""
+    precision: Literal["fp32", "bf16", "fp16", "auto"] = "fp32"
+    """Autocast: `bf16` (CPU and CUDA) or `fp16` with a grad scaler (CUDA only); `fp32` for none. `auto`:
+    bf16 where the hardware computes it natively (a CUDA GPU with bf16, a CPU with AVX512-BF16 or AMX), else
+    fp32 (emulated bf16 on an AVX2 CPU is several times slower). The run folder's `train_config.yaml` records
+    what `auto` became."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, more time."""
     loss: Literal["chunked", "standard"] = "chunked"
@@ -385,7 +389,7 @@ def validate(config: TrainConfig) -> list[str]:
         errors.append("device: cuda was asked for, but torch sees no CUDA device")
     if config.precision == "fp16" and not cuda:
         errors.append("precision: fp16 needs a CUDA device (its grad scaler is CUDA-only); use bf16 on CPU")
-    if config.base_dtype != "fp32" and config.precision == "fp32":
+    if config.base_dtype not in ("fp32", "auto") and config.precision == "fp32":
         errors.append(
             f"base_dtype {config.base_dtype} needs autocast so that the fp32 trainable weights meet the "
             f"{config.base_dtype} base: set precision=bf16 (or fp16 on CUDA)"
@@ -410,6 +414,22 @@ def _check_labels(config: TrainConfig) -> list[str]:
         twice = sorted({n for n in names if names.count(n) > 1})
         return [f"labels: each label once, but {', '.join(twice)[:200]} appear more than once"]
     return []
+
+
+def resolve_dtypes(config: TrainConfig, device: Any) -> TrainConfig:
+    """`config` with `precision`/`base_dtype` `auto` replaced by what is fastest on `device` (see the fields)."""
+    if "auto" not in (config.precision, config.base_dtype):
+        return config
+    kind = getattr(device, "type", str(device))
+    if kind == "cuda":
+        native = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    else:
+        native = kind == "cpu" and dtypes.cpu_has_native_bf16()
+    precision = ("bf16" if native else "fp32") if config.precision == "auto" else config.precision
+    base = config.base_dtype
+    if base == "auto":
+        base = precision if precision in ("bf16", "fp16") else "fp32"
+    return dataclasses.replace(config, precision=precision, base_dtype=base)
 
 
 def output_dir(config: TrainConfig) -> str:

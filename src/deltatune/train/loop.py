@@ -27,7 +27,7 @@ from deltatune.data import IGNORE_INDEX, Batcher, Datasets, collate, eval_batche
 from deltatune.data.packing import packed_attention, packed_inputs
 from deltatune.errors import ConfigError, TrainingError
 from deltatune.losses import causal_lm_loss
-from deltatune.train.config import DTYPES, TrainConfig
+from deltatune.train.config import DTYPES, TrainConfig, resolve_dtypes
 
 logger = logging.getLogger(__name__)
 
@@ -131,7 +131,8 @@ def train(
     """
     from tqdm.auto import tqdm
 
-    cfg, ctx = config, ctx or Context()
+    ctx = ctx or Context()
+    cfg = resolve_dtypes(config, ctx.device)  # `auto` dtypes, when called without `run`
     dev, classify = ctx.device, data.label_map is not None
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:

@@ -28,6 +28,7 @@ from deltatune.train.config import (
     TASK_TYPES,
     TrainConfig,
     output_dir,
+    resolve_dtypes,
     validate,
 )
 from deltatune.train.loop import Context, _catch_signals, _init_context, seed_everything
@@ -53,6 +54,7 @@ def run(
     if problem := check_model(config.model):  # a hub name: found in seconds, or said to be out of reach
         raise ConfigError(f"model: {problem}")
     ctx = _init_context(config)
+    config = resolve_dtypes(config, ctx.device)  # `auto` dtypes: what this machine computes fastest
     out = output_dir(config)
     created = not os.path.exists(out)
     owned = False  # whether the files in `out` are this run's (so a failure may remove them)
