@@ -190,3 +190,65 @@ def test_a_failing_tracker_is_dropped_not_fatal(caplog):
     trackers.log(2, {"train_loss": 0.5})
     assert Good.seen == [1, 2] and len(trackers.trackers) == 1
     assert "broken: log failed (OSError: disk full)" in caplog.text
+
+
+def test_train_reports_to_tensorboard(tmp_path):
+    """`report_to` in a train config: every metrics.jsonl row reaches TensorBoard, with the config."""
+    import json
+
+    import train_helpers
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from deltatune.train import config_from_dict, run
+
+    out = tmp_path / "run"
+    summary = run(
+        config_from_dict(
+            {
+                "model": train_helpers.tiny_bert_folder(tmp_path / "bert"),
+                "data": train_helpers.classification_data(tmp_path / "cls.jsonl"),
+                "eval_fraction": 0.25,
+                "max_steps": 4,
+                "batch_size": 4,
+                "log_every": 1,
+                "eval_every": 2,
+                "progress": False,
+                "report_to": ["tensorboard"],
+                "output_dir": str(out),
+            }
+        )
+    )
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    acc = EventAccumulator(str(out / "tensorboard"))
+    acc.Reload()
+    for key, tag in (
+        ("train_loss", "train/loss"),
+        ("grad_norm", "train/grad_norm"),
+        ("lr", "train/lr"),
+        ("tokens_per_s", "train/tokens_per_s"),
+        ("peak_mem_mb", "train/peak_mem_mb"),
+        ("eval_accuracy", "eval/accuracy"),
+    ):
+        logged = [(e.step, e.value) for e in acc.Scalars(tag)]
+        assert logged == [(r["step"], pytest.approx(r[key], rel=1e-6)) for r in rows if key in r], key
+    assert acc.Scalars("model/trainable_params")[0].value == summary["trainable_params"]
+    config_text = acc.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert "report_to:\n- tensorboard" in config_text and f"output_dir: {out}" in config_text
+
+
+def test_report_to_errors_before_anything_runs(tmp_path, monkeypatch, capsys):
+    from deltatune import compare
+    from deltatune.errors import ConfigError
+    from deltatune.train import load_train_config
+
+    with pytest.raises(ConfigError, match=r"report_to: unknown tracker 'mlfow' \(did you mean 'mlflow'\?\)"):
+        load_train_config(None, ["report_to=[mlfow]"])
+    real = tracking.importlib.util.find_spec
+    monkeypatch.setattr(tracking.importlib.util, "find_spec", lambda n: None if n == "mlflow" else real(n))
+    with pytest.raises(
+        ConfigError, match=r"mlflow is not installed; install it with: pip install 'deltatune\[mlflow\]'"
+    ):
+        load_train_config(None, ["report_to=[mlflow]"])
+    assert compare.main(["--report-to", "mlflow", "--out", str(tmp_path / "c")]) == 2
+    assert "pip install 'deltatune[mlflow]'" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()

@@ -21,6 +21,7 @@ import sys
 import time
 from typing import Any
 
+from deltatune import tracking
 from deltatune.config import METHODS, ConfigError
 from deltatune.embedded import DEFAULT_MODEL, resolve_model
 
@@ -67,6 +68,7 @@ def validate(args: argparse.Namespace) -> list[str]:
     for method in args.lr:
         if method not in args.methods:
             errors.append(f"--lr names {method!r}, which is not among --methods")
+    errors += tracking.check(getattr(args, "report_to", None))
     if "peft-lora" in args.methods:
         try:
             import peft  # noqa: F401
@@ -155,6 +157,7 @@ def run_method(spec: dict[str, Any]) -> dict[str, Any]:
             "log_every": 1,
             "eval_at_start": False,
             "progress": spec["progress"],
+            "report_to": spec.get("report_to") or [],
         }
     )
     wrap = _peft_wrap if method == "peft-lora" else None
@@ -421,6 +424,7 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
             "seed": args.seed,
             "progress": not args.no_progress,
             "latency_reps": args.latency_reps,
+            "report_to": tracking.as_list(args.report_to),
         }
         record = _run_worker(spec)
         record["method"] = method
@@ -521,6 +525,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--out", default="compare-results", help="output folder (default compare-results)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "--report-to",
+        default="",
+        help="also log each method's run to tensorboard,mlflow,wandb (comma-separated; optional extras)",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     return parser
 

@@ -48,10 +48,21 @@ def install_command(name: str) -> str:
     return f"pip install 'deltatune[{BACKENDS[name][1]}]'"
 
 
-def check(names: list[str] | tuple[str, ...]) -> list[str]:
+def as_list(names: str | list[str] | tuple[str, ...] | None) -> list[str]:
+    """`report_to` as a list: `None` -> [], `"tensorboard,mlflow"` -> two names."""
+    if names is None:
+        return []
+    if isinstance(names, str):
+        return [n.strip() for n in names.split(",") if n.strip()]
+    return [str(n).strip() for n in names]
+
+
+def check(names: str | list[str] | tuple[str, ...] | None) -> list[str]:
     """Every problem with a `report_to` list (empty: fine): unknown names, backends that aren't installed."""
     errors = []
-    for name in names:
+    if names is not None and not isinstance(names, (str, list, tuple)):
+        return [f"report_to: expected a list of trackers, got {names!r}"]
+    for name in as_list(names):
         if name not in BACKENDS:
             close = difflib.get_close_matches(str(name), BACKENDS, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
@@ -279,8 +290,11 @@ class Trackers:
         self.trackers = []
 
 
-def make_trackers(names: list[str] | tuple[str, ...], run_dir: str, run_name: str | None = None) -> Trackers:
-    """Start one tracker per name (call on the main process only).
+def make_trackers(
+    names: str | list[str] | tuple[str, ...] | None, run_dir: str, run_name: str | None = None
+) -> Trackers:
+    """Start one tracker per name (call on the main process only). The run is named after the last two
+    parts of `run_dir` (`runs/lora`, `compare-results/lora`) unless `run_name` is given.
 
     Raises:
         TrackingError: a name is unknown or its library isn't installed (with the install command), or a
@@ -289,9 +303,10 @@ def make_trackers(names: list[str] | tuple[str, ...], run_dir: str, run_name: st
     errors = check(names)
     if errors:
         raise TrackingError("; ".join(errors))
-    run_name = run_name or os.path.basename(os.path.abspath(run_dir))
+    parts = os.path.abspath(run_dir).split(os.sep)
+    run_name = run_name or "/".join(p for p in parts[-2:] if p)
     started: list[Tracker] = []
-    for name in dict.fromkeys(names):
+    for name in dict.fromkeys(as_list(names)):
         try:
             started.append(TRACKERS[name](run_dir, run_name))
         except Exception as e:

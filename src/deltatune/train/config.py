@@ -16,7 +16,7 @@ from typing import Any, Literal
 import torch
 import yaml
 
-from deltatune import dtypes
+from deltatune import dtypes, tracking
 from deltatune.config import METHODS, method_config
 from deltatune.data import Fields, check_source
 from deltatune.embedded import DEFAULT_MODEL, check_model
@@ -125,6 +125,9 @@ class TrainConfig:
     """The run folder; default `runs/<method>`."""
     progress: bool = True
     """Show a progress bar (rank 0 only)."""
+    report_to: list[str] = field(default_factory=list)
+    """Also log metrics, the config and the parameter counts to `tensorboard`, `mlflow` and/or `wandb`
+    (rank 0 only; each an optional extra: `pip install 'deltatune[tensorboard]'`); see `deltatune.tracking`."""
 
 
 # ---- loading and validating a config --------------------------------------------------------------------
@@ -376,6 +379,7 @@ def validate(config: TrainConfig) -> list[str]:
     if config.eval_fraction and config.eval_data is not None:
         errors.append("eval_data and eval_fraction: set one of them, not both")
     errors += _check_labels(config)
+    errors += tracking.check(config.report_to)
     if config.packing and config.task != "causal-lm":
         errors.append("packing: only for task causal-lm")
     if config.padding_free and config.task != "causal-lm":

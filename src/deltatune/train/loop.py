@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from deltatune import checkpoint
+from deltatune import checkpoint, tracking
 from deltatune.config import METHODS
 from deltatune.data import IGNORE_INDEX, Batcher, Datasets, collate, eval_batches
 from deltatune.data.packing import packed_attention, packed_inputs
@@ -169,7 +170,9 @@ def train(
     if resume_dir:
         state = checkpoint.load_checkpoint(resume_dir, model, optimizer, scheduler, scaler, ctx, state)
         logger.info("resumed from %s at step %d", resume_dir, state["step"])
-    metrics = _Metrics(os.path.join(out, "metrics.jsonl"), ctx.main, truncate_after=state["step"])
+    trackers = tracking.make_trackers(cfg.report_to, out) if ctx.main and cfg.report_to else None
+    metrics = _Metrics(os.path.join(out, "metrics.jsonl"), ctx.main, state["step"], trackers)
+    metrics.log_config(cfg, out, sum(p.numel() for p in params), sum(p.numel() for p in model.parameters()))
     summary: dict[str, Any] = {"resumed_from_step": state["step"] if resume_dir else None}
     if cfg.eval_at_start and data.eval and not resume_dir:
         summary["before"] = metrics.log(0, evaluate(model, data, cfg, ctx, pad_token_id, autocast))
@@ -205,6 +208,7 @@ def train(
         bad = not math.isfinite(loss_sum) or (not math.isfinite(grad_norm) and not scaler.is_enabled())
         bad, stop = ctx.any(bad, ctx.stop_signal is not None)  # every rank takes the same branch
         if bad:
+            metrics.close("failed")
             last = checkpoint.latest_checkpoint(out)
             raise TrainingError(
                 f"the loss or the gradients became NaN or infinite at step {state['step'] + 1}; stopped without "
@@ -243,6 +247,8 @@ def train(
                     "epoch": epochs,
                     "samples_per_s": speed,
                     "tokens_per_s": tokens_s,
+                    "grad_norm": grad_norm,
+                    "peak_mem_mb": peak_memory_mb(dev),
                 },
             )
         if data.eval and cfg.eval_every and step % cfg.eval_every == 0 and step < total:
@@ -272,6 +278,7 @@ def train(
         "global_batch": global_batch,
         "lr": lr,
     }
+    metrics.close(status)
     if status == "interrupted":
         summary["signal"] = signal.Signals(ctx.stop_signal).name if ctx.stop_signal else None
         if ctx.main:
@@ -414,8 +421,9 @@ def peak_memory_mb(device: torch.device) -> float:
 class _Metrics:
     """`metrics.jsonl`, one JSON object per line; a resumed run first drops lines past its checkpoint."""
 
-    def __init__(self, path: str, enabled: bool, truncate_after: int):
+    def __init__(self, path: str, enabled: bool, truncate_after: int, trackers: Any = None):
         self.path, self.enabled = path, enabled
+        self.trackers = trackers  # `report_to`: each row also goes to these (deltatune.tracking)
         if enabled and truncate_after and os.path.isfile(path):
             with open(path, encoding="utf-8") as f:
                 kept = [
@@ -429,4 +437,16 @@ class _Metrics:
                 f.write(json.dumps({"step": step, **values}) + "\n")
             if "eval_loss" in values:
                 logger.info("step %d: %s", step, ", ".join(f"{k}={v:.4f}" for k, v in values.items()))
+            if self.trackers:
+                self.trackers.log(step, values)
         return values
+
+    def log_config(self, cfg: TrainConfig, out: str, trainable: int, total: int) -> None:
+        if self.enabled and self.trackers:
+            config = dataclasses.asdict(dataclasses.replace(cfg, output_dir=out))
+            self.trackers.log_config(config, {"trainable_params": trainable, "total_params": total})
+
+    def close(self, status: str) -> None:
+        if self.trackers:
+            self.trackers.close(status)
+            self.trackers = None
