@@ -313,3 +313,63 @@ def test_compare_from_the_form_matches_results_json(board, browser):
     ).click()  # toggle a method off
     chart = browser.find_element(By.CSS_SELECTOR, '[data-chart="train_loss"]')
     assert chart.get_attribute("data-points") == "1"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not SHOTS or not os.environ.get("DELTATUNE_UI_RUNS"),
+    reason="set DELTATUNE_UI_SCREENSHOTS "
+    "(where to save) and DELTATUNE_UI_RUNS (a runs folder with a train run and a compare folder)",
+)
+def test_screenshots_of_real_runs(browser):
+    """The README's screenshots: the board over real runs (MiniLM on builtin:spam), taken in the browser."""
+    import uvicorn
+
+    from deltatune.ui import runs as ui_runs
+    from deltatune.ui.app import create_app
+
+    root = os.environ["DELTATUNE_UI_RUNS"]
+    app = create_app(root)
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        found = {r["kind"]: r["path"] for r in reversed(ui_runs.scan(root))}
+        browser.get(url + "/#/")
+        wait(browser, lambda d: d.find_elements(By.ID, "runs-table"), what="runs")
+        shot(browser, "runs", 420)
+        browser.get(url + f"/#/run?path={found['train']}")
+        wait(browser, lambda d: int(attr(d, '[data-chart="loss"]', "data-points") or 0) > 0, what="curves")
+        shot(browser, "run", 900)
+        browser.get(url + f"/#/compare?path={found['compare']}")
+        wait(browser, lambda d: d.find_elements(By.ID, "compare-table"), what="compare")
+        time.sleep(1)
+        shot(browser, "compare", 1500)
+        browser.get(url + "/#/launch?kind=compare")
+        wait(browser, lambda d: d.find_elements(By.ID, "launch-form"), what="form")
+        box = browser.find_element(By.ID, "data")
+        box.clear()
+        box.send_keys("emails.jsonl")
+        browser.find_element(By.ID, "launch-submit").click()
+        wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#launch-error .error"), what="form error")
+        shot(browser, "launch", 820)
+        adapter = os.path.realpath(os.path.join(root, found["train"], "adapter"))
+        browser.get(url + "/#/playground")
+        Select(
+            wait(browser, lambda d: d.find_elements(By.ID, "adapter1"), what="playground")[0]
+        ).select_by_value(adapter)
+        browser.find_element(By.ID, "prompt").send_keys(
+            "Congratulations! You have won a free cruise, reply now to claim"
+        )
+        browser.find_element(By.ID, "play-run").click()
+        wait(
+            browser, lambda d: d.find_elements(By.CSS_SELECTOR, ".answer .score"), timeout=120, what="answer"
+        )
+        shot(browser, "playground", 620)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)

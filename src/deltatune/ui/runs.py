@@ -271,15 +271,18 @@ def scan(root: str, running: set[str] | None = None) -> list[dict[str, Any]]:
             if walk(child, depth + 1):
                 any_run = True
             elif depth == 0:
+                starting = running is not None and os.path.realpath(child) in running
                 found.append(
                     {
                         "path": _rel(root_real, child),
                         "name": name,
-                        "kind": "foreign",
-                        "status": "not a run",
+                        "kind": "starting" if starting else "foreign",
+                        "status": "starting" if starting else "not a run",
                         "mtime": os.path.getmtime(child),
                         "age_s": max(0.0, time.time() - os.path.getmtime(child)),
-                        "problems": ["no train_config.yaml, metrics.jsonl, summary.json or results.json"],
+                        "problems": []
+                        if starting
+                        else ["no train_config.yaml, metrics.jsonl, summary.json or results.json"],
                     }
                 )
         return any_run

@@ -74,7 +74,7 @@ function badge(status) {
 }
 function runLink(r) {
   const page = r.kind === "compare" ? "compare" : "run";
-  return r.kind === "foreign" ? h("span", {}, r.name) : h("a", { href: `#/${page}?path=${encodeURIComponent(r.path)}` }, r.path || r.name);
+  return r.kind === "foreign" || r.kind === "starting" ? h("span", {}, r.name) : h("a", { href: `#/${page}?path=${encodeURIComponent(r.path)}` }, r.path || r.name);
 }
 function shortPath(p) {
   if (!p) return "–";
