@@ -25,6 +25,7 @@ from torch import nn
 from deltatune.errors import CheckpointError, TrainingError, short
 
 WEIGHTS_NAME = "adapter_model.safetensors"
+CONFIG_NAME = "adapter_config.json"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
 KEY_PREFIX = "base_model.model."
 
@@ -85,13 +86,17 @@ def atomic_torch_save(path: str, obj: object) -> None:
     _atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
+def write_adapter_config(directory: str, config_dict: dict) -> None:
+    """Write `adapter_config.json` (the one place it is written), atomically."""
+    os.makedirs(directory, exist_ok=True)
+    atomic_write_text(os.path.join(directory, CONFIG_NAME), json.dumps(config_dict, indent=2, sort_keys=True))
+
+
 def save_adapter(directory: str, tensors: dict[str, torch.Tensor], config_dict: dict) -> None:
     """Write one adapter directory: weights first, then the config, each atomically."""
     os.makedirs(directory, exist_ok=True)
     atomic_save_tensors(os.path.join(directory, WEIGHTS_NAME), tensors)
-    atomic_write_text(
-        os.path.join(directory, "adapter_config.json"), json.dumps(config_dict, indent=2, sort_keys=True)
-    )
+    write_adapter_config(directory, config_dict)
 
 
 def load_tensors(path: str) -> dict[str, torch.Tensor]:

@@ -22,8 +22,10 @@ import time
 from typing import Any
 
 from deltatune import tracking
-from deltatune.config import METHODS, ConfigError
+from deltatune.config import ConfigError
 from deltatune.embedded import DEFAULT_MODEL, resolve_model
+from deltatune.methods import registry
+from deltatune.vocab import IGNORE_INDEX, fix_pad_token
 
 DEFAULT_METHODS = ("full", "top-layers", "houlsby", "pfeiffer", "lora")
 PEERS = {"peft": "peft-lora"}
@@ -39,8 +41,11 @@ def validate(args: argparse.Namespace) -> list[str]:
 
     errors = []
     for method in args.methods:
-        if method not in METHODS and method not in PEERS.values():
-            errors.append(f"unknown method {method!r}; deltatune has {', '.join(METHODS)}")
+        if method not in registry.METHODS and method not in PEERS.values():
+            try:
+                registry.get(method)
+            except ValueError as e:
+                errors.append(str(e))
     if args.task not in TASKS:
         errors.append(f"unknown task {args.task!r}; use seq-cls or causal-lm")
     path = resolve_model(args.model)
@@ -192,8 +197,7 @@ def run_method(spec: dict[str, Any]) -> dict[str, Any]:
 
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(adapter)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    fix_pad_token(tokenizer)
     label_map = None
     if os.path.isfile(os.path.join(adapter, "label_map.json")):
         with open(os.path.join(adapter, "label_map.json")) as f:
@@ -203,9 +207,8 @@ def run_method(spec: dict[str, Any]) -> dict[str, Any]:
 
     def fresh():
         model = load_base(path, task_type, len(label_map) if label_map else None)
-        if getattr(model.config, "pad_token_id", None) is None:
-            model.config.pad_token_id = tokenizer.pad_token_id
-        quantize = METHODS.get(train_method, {}).get("quantize")
+        fix_pad_token(tokenizer, model)
+        quantize = registry.get(train_method).quantize
         if quantize:
             from deltatune.methods.quant import quantize_model
 
@@ -229,27 +232,26 @@ def run_method(spec: dict[str, Any]) -> dict[str, Any]:
     b1 = {k: v[:1] for k, v in b32.items()}
 
     base = load_base(path, task_type, len(label_map) if label_map else None)
-    if getattr(base.config, "pad_token_id", None) is None:
-        base.config.pad_token_id = tokenizer.pad_token_id
+    fix_pad_token(tokenizer, base)
     tuned = PeftModel.from_pretrained(fresh(), adapter).eval()
     with torch.no_grad():
         before = _behaviour(base, ref_batch, spec["task"])
         after = _behaviour(tuned, ref_batch, spec["task"])
         record["forgetting"] = _forgetting(before, after, spec["task"])
-        keeps_base = method not in ("full", "top-layers")
+        keeps_base = not registry.get(train_method).in_place
         if keeps_base:
             with tuned.disable_adapter():
                 disabled = _behaviour(tuned, ref_batch, spec["task"])
             reference_base = (
                 before
-                if not METHODS.get(train_method, {}).get("quantize")
+                if not registry.get(train_method).quantize
                 else _behaviour(fresh(), ref_batch, spec["task"])
             )
             record["base_restored"] = bool(torch.equal(disabled["raw"], reference_base["raw"]))
         else:
             record["base_restored"] = None
         variants = {"base": base, "": tuned}
-        if train_method in ("lora", "dora", "qlora-nf4", "qlora-int8"):
+        if registry.get(train_method).mergeable and not registry.get(train_method).in_place:
             variants["_merged"] = copy.deepcopy(tuned).merge_and_unload(dtype=torch.float32)
         latency = {}
         for batch_name, batch in (("b1", b1), ("b32", b32)):
@@ -280,14 +282,13 @@ def _estimate_mb(spec: dict[str, Any], train_method: str, record: dict[str, Any]
     heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", None)
     if not (hidden and layers and heads and record.get("trainable_params")):
         return None
-    quantize = METHODS.get(train_method, {}).get("quantize")
-    kind = train_method if train_method in ("full", "top-layers", "houlsby", "pfeiffer") else "lora"
-    in_place = kind in ("full", "top-layers")
+    method = registry.get(train_method)
+    in_place = method.in_place
     base_params = record["total_params"] - (0 if in_place else record["trainable_params"])
     e = estimate(
         base_params,
-        kind,
-        quantize=quantize,
+        train_method,
+        quantize=method.quantize,
         precision="32",
         state_bytes=4,
         checkpointing=False,
@@ -296,7 +297,7 @@ def _estimate_mb(spec: dict[str, Any], train_method: str, record: dict[str, Any]
         hidden=hidden,
         layers=layers,
         heads=heads,
-        num_layers=METHODS.get(train_method, {}).get("args", {}).get("num_layers", 2),
+        num_layers=method.args.get("num_layers", 2),
         trainable=record["trainable_params"],
     )
     return e.total_gb * 1e9 / 2**20
@@ -316,7 +317,7 @@ def _behaviour(model, batch, task: str) -> dict[str, Any]:
     """What forgetting is measured on: mean-pooled hidden states (encoders) or per-token loss (causal LM)."""
 
     if task == "causal-lm":
-        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, IGNORE_INDEX)
         out = model(**batch, labels=labels)
         return {"raw": out.logits, "loss": float(out.loss)}
     out = model(**batch, output_hidden_states=True)
@@ -401,7 +402,7 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
     records = []
     start = time.perf_counter()
     for i, method in enumerate(args.methods, start=1):
-        lr = args.lr.get(method, METHODS.get("lora" if method == "peft-lora" else method, {}).get("lr"))
+        lr = args.lr.get(method, registry.get("lora" if method == "peft-lora" else method).lr)
         console.print(
             f"[bold][{i}/{len(args.methods)}] {method}[/bold]  lr {lr:g}, {args.steps or args.epochs} "
             f"{'steps' if args.steps else 'epochs'}, batch {args.batch_size}"
@@ -497,7 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--methods",
         default=",".join(DEFAULT_METHODS),
-        help=f"comma-separated, from {', '.join(METHODS)} (default {','.join(DEFAULT_METHODS)})",
+        help=f"comma-separated, from {', '.join(registry.names())} (default {','.join(DEFAULT_METHODS)})",
     )
     parser.add_argument("--peers", default="", help="'peft' adds PEFT's LoRA with the same settings")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per method (default 60)")

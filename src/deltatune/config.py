@@ -21,11 +21,11 @@ from deltatune.errors import (
     ConfigError,  # noqa: F401  (re-exported: deltatune.config.ConfigError)
     short,
 )
+from deltatune.vocab import TASK_TYPES
 
 logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "adapter_config.json"
-TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS", "TOKEN_CLS", "SEQ_2_SEQ_LM", "FEATURE_EXTRACTION", "QUESTION_ANS")
 LORA_BIAS = ("none", "all", "lora_only")
 
 
@@ -171,12 +171,9 @@ class _BaseConfig:
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Write `adapter_config.json` into `directory` atomically."""
-        from deltatune.checkpoint import atomic_write_text
+        from deltatune.checkpoint import write_adapter_config
 
-        os.makedirs(directory, exist_ok=True)
-        atomic_write_text(
-            os.path.join(directory, CONFIG_NAME), json.dumps(self.to_dict(), indent=2, sort_keys=True)
-        )
+        write_adapter_config(os.fspath(directory), self.to_dict())
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> _BaseConfig:
@@ -432,20 +429,18 @@ class FullFinetuneConfig(_BaseConfig):
     peft_type: ClassVar[str] = "FULL"
 
 
-CONFIG_TYPES: dict[str, type[_BaseConfig]] = {
-    c.peft_type: c for c in (LoraConfig, BottleneckConfig, TopLayersConfig, FullFinetuneConfig)
-}
 AnyConfig = _BaseConfig
 
 
 def config_from_dict(data: dict[str, Any], *, strict: bool = True) -> _BaseConfig:
-    """Build the right config class for `data["peft_type"]`."""
+    """Build the right config class for `data["peft_type"]` (any registered method); `data` is not changed."""
+    from deltatune.methods import registry
+
     peft_type = data.get("peft_type")
-    if peft_type not in CONFIG_TYPES:
-        raise ConfigError(
-            f"unsupported peft_type {short(peft_type)}; deltatune reads {', '.join(CONFIG_TYPES)}"
-        )
-    return CONFIG_TYPES[peft_type].from_dict(data, strict=strict)
+    types = registry.config_types()
+    if peft_type not in types:
+        raise ConfigError(f"unsupported peft_type {short(peft_type)}; deltatune reads {', '.join(types)}")
+    return types[peft_type].from_dict(data, strict=strict)
 
 
 def load_config(directory: str | os.PathLike) -> _BaseConfig:
@@ -476,43 +471,38 @@ def load_config(directory: str | os.PathLike) -> _BaseConfig:
         raise ConfigError(f"{path}: {type(e).__name__}: {short(str(e), 300)}") from e
 
 
-# Method names as the command line and the train/compare configs spell them, each with its config class,
-# its defaults, the quantization of the frozen base (QLoRA) and a learning rate that suits it: adapters and
-# LoRA need a larger one than full fine-tuning, so one shared rate would rig a comparison. Each rate is the
-# best of a small sweep on the embedded default (benchmarks/lr_sweep.py; numbers in the README).
-METHODS: dict[str, dict[str, Any]] = {
-    "full": {"config": FullFinetuneConfig, "args": {}, "quantize": None, "lr": 1e-4},
-    "top-layers": {"config": TopLayersConfig, "args": {"num_layers": 2}, "quantize": None, "lr": 3e-4},
-    "houlsby": {"config": BottleneckConfig, "args": {"style": "houlsby"}, "quantize": None, "lr": 3e-3},
-    "pfeiffer": {"config": BottleneckConfig, "args": {"style": "pfeiffer"}, "quantize": None, "lr": 3e-3},
-    "lora": {"config": LoraConfig, "args": {"r": 8, "lora_alpha": 16}, "quantize": None, "lr": 3e-3},
-    "dora": {
-        "config": LoraConfig,
-        "args": {"r": 8, "lora_alpha": 16, "use_dora": True},
-        "quantize": None,
-        "lr": 3e-3,
-    },
-    "qlora-nf4": {"config": LoraConfig, "args": {"r": 8, "lora_alpha": 16}, "quantize": "nf4", "lr": 3e-3},
-    "qlora-int8": {"config": LoraConfig, "args": {"r": 8, "lora_alpha": 16}, "quantize": "int8", "lr": 3e-3},
-}
-
-
 def method_config(
     method: str, task_type: str | None = None, **overrides: Any
 ) -> tuple[_BaseConfig, str | None]:
     """The config for a method name (`"lora"`, `"houlsby"`, ...) and the quantization its base needs.
 
+    The method table is `deltatune.methods.registry`.
+
     Args:
-        method: one of `METHODS`.
+        method: a registered method name.
         task_type: the PEFT task type (e.g. `"SEQ_CLS"`, `"CAUSAL_LM"`).
         **overrides: config fields that replace the method's defaults (a wrong name raises, suggesting one).
     """
-    if method not in METHODS:
-        hint = difflib.get_close_matches(str(method)[:100], METHODS, n=1)
-        raise ConfigError(
-            f"unknown method {short(method)}{f' (did you mean {hint[0]!r}?)' if hint else ''}; "
-            f"deltatune has {', '.join(METHODS)}"
-        )
-    spec = METHODS[method]
-    args = {**spec["args"], **overrides, "task_type": task_type}
-    return spec["config"].from_dict(args, strict=True), spec["quantize"]
+    from deltatune.methods import registry
+
+    try:
+        spec = registry.get(method)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return spec.make_config(task_type, **overrides), spec.quantize
+
+
+def __getattr__(name: str) -> Any:
+    # `METHODS`: the registry's table as the plain dicts older callers read (`METHODS[name]["lr"]`).
+    if name == "METHODS":
+        from deltatune.methods import registry
+
+        return {
+            m.name: {"config": m.config, "args": dict(m.args), "quantize": m.quantize, "lr": m.lr}
+            for m in registry.METHODS.values()
+        }
+    if name == "CONFIG_TYPES":
+        from deltatune.methods import registry
+
+        return registry.config_types()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

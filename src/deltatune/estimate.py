@@ -19,19 +19,14 @@ with LoRA on an 8-bit base (~3 of them).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 from dataclasses import asdict, dataclass
 
 from deltatune.cli import HelpFormatter
+from deltatune.methods import registry
 
 BASE_BYTES = {"16": 2.0, "32": 4.0, "int8": 1.0, "nf4": 0.5 + 1 / 64 + 4 / (64 * 256)}
-METHODS = ("full", "top-layers", "lora", "houlsby", "pfeiffer")
-# Every method name of `deltatune train`/`compare` (deltatune.config.METHODS): DoRA is LoRA plus one
-# magnitude per output row of each target; QLoRA is LoRA on a base quantized to 4 (NF4) or 8 bits.
-VARIANTS = {"dora": ("lora", None), "qlora-nf4": ("lora", "nf4"), "qlora-int8": ("lora", "int8")}
-ALL_METHODS = ("full", "top-layers", "houlsby", "pfeiffer", "lora", "dora", "qlora-nf4", "qlora-int8")
 GB = 1e9
 
 
@@ -76,17 +71,11 @@ def trainable_params(
     num_layers: int = 2,
     reduction_factor: int = 16,
 ) -> float:
-    """Trainable parameters of a method (heads ignored: they are tiny next to a large model)."""
-    h, layers = shape.hidden, shape.layers
-    if method == "full":
-        return shape.params
-    if method == "top-layers":
-        return shape.params * min(num_layers, layers) / layers
-    if method == "lora":
-        return layers * targets_per_layer * r * 2 * h
-    bottleneck = max(1, h // reduction_factor)
-    per_adapter = 2 * h * bottleneck + h + bottleneck
-    return layers * per_adapter * (2 if method == "houlsby" else 1)
+    """Trainable parameters of a method (heads ignored: they are tiny next to a large model); the formula is
+    the method's own, in the registry."""
+    options = {"r": r, "targets_per_layer": targets_per_layer, "num_layers": num_layers}
+    options["reduction_factor"] = reduction_factor
+    return registry.get(method).trainable_params(shape, options)
 
 
 def estimate(
@@ -115,44 +104,17 @@ def estimate(
     Raises:
         ValueError: an unknown method/precision, or a quantized base for a method that trains the base.
     """
-    if method in VARIANTS:
-        base_method, base_quantize = VARIANTS[method]
-        if base_quantize and quantize not in (None, base_quantize):
-            raise ValueError(
-                f"{method} quantizes the base to {base_quantize}; --quantize {quantize} contradicts it"
-            )
-        shape = Shape.from_params(params, hidden, layers, heads)
-        if trainable is None and method == "dora":
-            trainable = (
-                trainable_params(shape, "lora", r, targets_per_layer)
-                + shape.layers * targets_per_layer * shape.hidden
-            )
-        result = estimate(
-            params,
-            base_method,
-            quantize=base_quantize or quantize,
-            precision=precision,
-            state_bytes=state_bytes,
-            r=r,
-            targets_per_layer=targets_per_layer,
-            num_layers=num_layers,
-            batch=batch,
-            seq=seq,
-            checkpointing=checkpointing,
-            gpu_mem=gpu_mem,
-            hidden=hidden,
-            layers=layers,
-            heads=heads,
-            trainable=trainable,
+    spec = registry.get(method)  # raises for an unknown method, listing them
+    if spec.quantize and quantize not in (None, spec.quantize):
+        raise ValueError(
+            f"{method} quantizes the base to {spec.quantize}; --quantize {quantize} contradicts it"
         )
-        return dataclasses.replace(result, method=method)
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; use one of {', '.join(ALL_METHODS)}")
+    quantize = quantize or spec.quantize
     if precision not in ("16", "32"):
         raise ValueError(f"precision must be '16' or '32', got {precision!r}")
     if quantize not in (None, "int8", "nf4"):
         raise ValueError(f"quantize must be 'int8' or 'nf4', got {quantize!r}")
-    if quantize and method in ("full", "top-layers"):
+    if quantize and not spec.quantized_base:
         raise ValueError(
             f"{method} fine-tuning trains the base weights, which can't stay quantized; use lora with --quantize"
         )
@@ -161,13 +123,13 @@ def estimate(
     states = train_bytes if state_bytes is None else state_bytes
     if trainable is None:
         trainable = trainable_params(shape, method, r, targets_per_layer, num_layers)
-    frozen = shape.params - trainable if method in ("full", "top-layers") else shape.params
+    frozen = shape.params - trainable if spec.in_place else shape.params
     weights = frozen * BASE_BYTES[quantize or precision] + trainable * train_bytes
     gradients = trainable * train_bytes
     optimizer = trainable * 2 * states
     s, b, h, a = seq, batch, shape.hidden, shape.heads
     per_block = s * b * h * (34 + 5 * a * s / h) * train_bytes / 2
-    blocks = min(num_layers, shape.layers) if method == "top-layers" else shape.layers
+    blocks = spec.backprop_blocks(shape, {**registry.ESTIMATE_OPTIONS, "num_layers": num_layers})
     activations = (
         (blocks * 2 * s * b * h * train_bytes / 2 + per_block) if checkpointing else blocks * per_block
     )
@@ -196,8 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--method",
         default="all",
-        choices=["all", *ALL_METHODS],
-        help="the method to estimate, or 'all' (full, top-layers, houlsby, pfeiffer, lora)",
+        choices=["all", *registry.names()],
+        help="the method to estimate, or 'all' (every registered method)",
     )
     parser.add_argument("--r", type=int, default=8, help="LoRA/DoRA rank")
     parser.add_argument("--targets-per-layer", type=int, default=2, help="LoRA targets per block (2: q, v)")
@@ -239,11 +201,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--heads must be a positive number, got {args.heads}")
     if args.num_layers < 0:
         parser.error(f"--num-layers must not be negative, got {args.num_layers}")
-    methods = METHODS if args.method == "all" else (args.method,)
+    methods = registry.names() if args.method == "all" else [args.method]
     rows = []
     for method in methods:
-        # With every method listed, a quantized base applies to those that keep the base frozen.
-        quantize = None if args.method == "all" and method in ("full", "top-layers") else args.quantize
+        # With every method listed, a quantized base applies to those that can train on one (and don't set
+        # their own: the qlora-* methods).
+        spec = registry.get(method)
+        quantize = (
+            None if args.method == "all" and (not spec.quantized_base or spec.quantize) else args.quantize
+        )
         try:
             rows.append(
                 estimate(
@@ -277,12 +243,12 @@ def main(argv: list[str] | None = None) -> int:
         f"{', base ' + args.quantize + ' for LoRA/adapters' if args.quantize else ''}"
     )
     print(
-        f"{'method':<11} {'trainable':>11} {'weights':>9} {'grads':>8} {'optim':>8} {'activ':>8} {'total GB':>9} "
+        f"{'method':<13} {'trainable':>11} {'weights':>9} {'grads':>8} {'optim':>8} {'activ':>8} {'total GB':>9} "
         f"{'GPUs':>5}"
     )
     for e in rows:
         print(
-            f"{e.method:<11} {e.trainable:>11.3g} {e.weights_gb:>9.1f} {e.gradients_gb:>8.1f} {e.optimizer_gb:>8.1f} "
+            f"{e.method:<13} {e.trainable:>11.3g} {e.weights_gb:>9.1f} {e.gradients_gb:>8.1f} {e.optimizer_gb:>8.1f} "
             f"{e.activations_gb:>8.1f} {e.total_gb:>9.1f} {e.gpus:>5}"
         )
     print(f"GPUs: {args.gpu_mem:g} GB each, memory alone (no room kept for the framework or fragmentation).")

@@ -14,40 +14,9 @@ from torch import nn
 
 ALL_LINEAR = "all-linear"
 
-# PEFT's per-architecture LoRA defaults (config.model_type -> target names).
-DEFAULT_LORA_TARGETS: dict[str, list[str]] = {
-    "gpt2": ["c_attn"],
-    "gpt_neo": ["q_proj", "v_proj"],
-    "gptj": ["q_proj", "v_proj"],
-    "gpt_neox": ["query_key_value"],
-    "gpt_bigcode": ["c_attn"],
-    "opt": ["q_proj", "v_proj"],
-    "bart": ["q_proj", "v_proj"],
-    "llama": ["q_proj", "v_proj"],
-    "mistral": ["q_proj", "v_proj"],
-    "mixtral": ["q_proj", "v_proj"],
-    "qwen2": ["q_proj", "v_proj"],
-    "qwen3": ["q_proj", "v_proj"],
-    "gemma": ["q_proj", "v_proj"],
-    "gemma2": ["q_proj", "v_proj"],
-    "phi": ["q_proj", "v_proj", "fc1", "fc2"],
-    "phi3": ["qkv_proj"],
-    "falcon": ["query_key_value"],
-    "bloom": ["query_key_value"],
-    "t5": ["q", "v"],
-    "mt5": ["q", "v"],
-    "bert": ["query", "value"],
-    "roberta": ["query", "value"],
-    "xlm-roberta": ["query", "value"],
-    "electra": ["query", "value"],
-    "deberta": ["in_proj"],
-    "deberta-v2": ["query_proj", "value_proj"],
-    "distilbert": ["q_lin", "v_lin"],
-    "albert": ["query", "value"],
-    "mpnet": ["q", "v"],
-}
+from deltatune.vocab import TASK_HEADS, is_conv1d  # noqa: E402
 
-SEQ_CLS_HEADS = ["classifier", "score"]
+SEQ_CLS_HEADS = TASK_HEADS["SEQ_CLS"]
 
 
 def model_type(model: nn.Module) -> str | None:
@@ -100,7 +69,7 @@ def is_linear_like(module: nn.Module) -> bool:
     """nn.Linear, transformers' Conv1D (duck-typed), or a frozen quantized linear of deltatune."""
     return (
         isinstance(module, nn.Linear)
-        or (type(module).__name__ == "Conv1D" and hasattr(module, "nf"))
+        or is_conv1d(module)
         or getattr(module, "is_quantized_linear", False)
     )
 
@@ -139,13 +108,9 @@ def find_targets(
             lists the model's adaptable module names.
     """
     if target_modules is None:
-        mtype = model_type(model)
-        if mtype not in DEFAULT_LORA_TARGETS:
-            raise ValueError(
-                f"target_modules is None and there is no default for model type {mtype!r}; pass target_modules "
-                f"explicitly. Adaptable modules: {suggest(model, adaptable)}"
-            )
-        target_modules = DEFAULT_LORA_TARGETS[mtype]
+        raise ValueError(
+            f"target_modules is None; pass target_modules explicitly. Adaptable modules: {suggest(model, adaptable)}"
+        )
     if isinstance(target_modules, str) and target_modules.lower() == ALL_LINEAR:
         heads = output_head_names(model)
         candidates = [n for n, m in model.named_modules() if n and is_linear_like(m) and n not in heads]

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-IGNORE_INDEX = -100
+from deltatune.vocab import IGNORE_INDEX  # noqa: E402  (defined once, in vocab)
 
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):

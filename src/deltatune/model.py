@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import functools
 import logging
@@ -19,15 +20,15 @@ from torch import nn
 from deltatune import checkpoint, inject
 from deltatune.config import AnyConfig, LoraConfig, load_config
 from deltatune.errors import short
-from deltatune.methods import method_for
 from deltatune.methods import modules_to_save as mts
+from deltatune.methods import registry
 from deltatune.methods.mixed import BASE, MIXED, MixedBatch
+from deltatune.vocab import TASK_HEADS, task_type_of
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_ADAPTER = "default"
-# Methods that train base weights themselves: one "adapter" per model, nothing to disable or swap.
-_IN_PLACE = ("FULL", "TOP_LAYERS")
+_TASK_LOGGED: set[tuple[str, str]] = set()
 
 
 def get_peft_model(
@@ -82,17 +83,21 @@ class PeftModel(nn.Module):
         _check_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
             raise ValueError(f"an adapter named {adapter_name!r} exists already; pick another name")
+        kind = registry.method_type(config.peft_type)
         if self.peft_config:
             first = next(iter(self.peft_config.values()))
-            if first.peft_type != config.peft_type or config.peft_type in _IN_PLACE:
+            if first.peft_type != config.peft_type or kind.in_place:
                 raise ValueError(
                     f"this model holds a {first.peft_type} adapter; another {config.peft_type} adapter can't be added "
-                    "to it (several adapters are supported for LoRA and bottleneck adapters of one kind)"
+                    "to it (several adapters are supported for adapter methods of one kind, not for full/top-layer "
+                    "fine-tuning)"
                 )
-        config = _with_task_defaults(config, self.base_model)
+        config = copy.deepcopy(config)  # the user's config object is never changed
+        method = kind.load()
+        _with_task_defaults(config, self.base_model)
+        method.prepare_config(config, self.base_model)
         if config.base_model_name_or_path is None:
             config.base_model_name_or_path = getattr(self.base_model, "name_or_path", None) or None
-        method = method_for(config.peft_type)
         skip = config.modules_to_save or []
         try:
             method.inject_adapter(self.base_model, config, adapter_name, skip=skip)
@@ -223,7 +228,9 @@ class PeftModel(nn.Module):
 
     def _adapter_param_names(self, adapter_name: str) -> list[str]:
         config = self.peft_config[adapter_name]
-        names = method_for(config.peft_type).adapter_param_names(self.base_model, config, adapter_name)
+        names = registry.module_for(config.peft_type).adapter_param_names(
+            self.base_model, config, adapter_name
+        )
         names += [n for n, _ in self.base_model.named_parameters() if mts.is_adapter_param(n, adapter_name)]
         return list(dict.fromkeys(names))
 
@@ -238,8 +245,17 @@ class PeftModel(nn.Module):
             params[name].requires_grad_(True)
 
     # ---- forward -----------------------------------------------------------------------------------
+    def _prepare_inputs(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """Methods that change the inputs (virtual tokens, key/value prefixes) do so here."""
+        method = registry.module_for(self.peft_config[self.active_adapter].peft_type)
+        prepare = getattr(method, "prepare_inputs", None)
+        if prepare is None:
+            return args, kwargs
+        return prepare(self, self.active_adapter, args, kwargs)
+
     def forward(self, *args, adapter_names: list[str] | None = None, **kwargs):
         """The base model's forward; `adapter_names` gives each row of the batch its own adapter."""
+        args, kwargs = self._prepare_inputs(args, kwargs)
         if adapter_names is None:
             return self.base_model(*args, **kwargs)
         with self._mixed_batch(adapter_names, args, kwargs):
@@ -247,6 +263,7 @@ class PeftModel(nn.Module):
 
     def generate(self, *args, adapter_names: list[str] | None = None, **kwargs):
         """The base model's `generate`; `adapter_names` as in `forward`."""
+        args, kwargs = self._prepare_inputs(args, kwargs)
         if adapter_names is None:
             return self.base_model.generate(*args, **kwargs)
         with self._mixed_batch(adapter_names, args, kwargs):
@@ -268,9 +285,15 @@ class PeftModel(nn.Module):
             raise ValueError("mixed-adapter batches are for inference; call model.eval() first")
         if any(layer.merged_adapters for _, layer in self._delta_layers()):
             raise ValueError("mixed-adapter batches need unmerged adapters; call unmerge_adapter() first")
-        if self.peft_config[self.active_adapter].peft_type in _IN_PLACE:
+        kind = registry.method_type(self.peft_config[self.active_adapter].peft_type)
+        if kind.in_place:
             raise ValueError(
-                "mixed-adapter batches need adapters (LoRA or bottleneck), not full/top-layer fine-tuning"
+                "mixed-adapter batches need adapters (LoRA, bottleneck, ...), not full/top-layer fine-tuning"
+            )
+        if not kind.mixed_batch or any(not layer.supports_mixed_batch for _, layer in self._delta_layers()):
+            raise ValueError(
+                f"{kind.peft_type} adapters don't support mixed-adapter batches; run one adapter at a time "
+                "(set_adapter)"
             )
         token = MIXED.set(MixedBatch(list(adapter_names)))
         try:
@@ -281,6 +304,7 @@ class PeftModel(nn.Module):
     # ---- merging, disabling, unloading --------------------------------------------------------------
     def merge_adapter(self, adapter_names: list[str] | None = None) -> None:
         """Merge the active adapter (or `adapter_names`) into the base weights; idempotent."""
+        self._check_mergeable(adapter_names)
         layers = self._delta_layers()
         self._untie_merged_weights(layers)
         for _, layer in layers:
@@ -296,7 +320,7 @@ class PeftModel(nn.Module):
             weight = getattr(layer.base_layer, "weight", None)
             if not isinstance(weight, nn.Parameter) or uses.get(id(weight), 0) < 2 or layer.merged_adapters:
                 continue
-            if not getattr(layer, "r", None):
+            if not layer.merges_into_weight:
                 continue
             layer.base_layer.weight = nn.Parameter(
                 weight.detach().clone(), requires_grad=weight.requires_grad
@@ -310,6 +334,13 @@ class PeftModel(nn.Module):
                 name,
             )
 
+    def _check_mergeable(self, adapter_names: list[str] | None) -> None:
+        """A method that can't merge says so before anything changes."""
+        for name in adapter_names if adapter_names is not None else [self.active_adapter]:
+            config = self.peft_config.get(name)
+            if config is not None and not registry.method_type(config.peft_type).mergeable:
+                raise ValueError(registry.method_type(config.peft_type).merge_error)
+
     def unmerge_adapter(self) -> None:
         """Undo `merge_adapter`; idempotent."""
         for _, layer in self._delta_layers():
@@ -318,7 +349,7 @@ class PeftModel(nn.Module):
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
         """Within the block the model computes exactly what the base model computes."""
-        if self.peft_config[self.active_adapter].peft_type in _IN_PLACE:
+        if registry.method_type(self.peft_config[self.active_adapter].peft_type).in_place:
             raise ValueError(
                 f"{self.peft_config[self.active_adapter].peft_type} fine-tuning changes the base weights themselves; "
                 "there is no separate base to fall back to"
@@ -346,7 +377,11 @@ class PeftModel(nn.Module):
             adapter_names: adapters to merge (default: the active one).
             dtype: the float dtype of the returned model. Needed for a quantized base, which is dequantized and
                 merged in fp32, then rounded to `dtype` (default fp32); also casts a float base.
+
+        Raises:
+            ValueError: the method can't be merged (bottleneck adapters, prompt tuning, ...); says why.
         """
+        self._check_mergeable(adapter_names)
         n_quantized = sum(1 for m in self.base_model.modules() if getattr(m, "is_quantized_linear", False))
         if n_quantized:
             dtype = dtype or torch.float32
@@ -414,7 +449,7 @@ class PeftModel(nn.Module):
     def adapter_state_dict(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
         """The tensors of one adapter under PEFT's keys (`base_model.model.<path>...`)."""
         adapter_name = adapter_name or self.active_adapter
-        method = method_for(self.peft_config[adapter_name].peft_type)
+        method = registry.module_for(self.peft_config[adapter_name].peft_type)
         params = dict(self.base_model.named_parameters())
         out = {}
         for name in self._adapter_param_names(adapter_name):
@@ -458,7 +493,7 @@ class PeftModel(nn.Module):
         """
         directory = os.fspath(model_id)
         _check_adapter_name(adapter_name)
-        config = config or load_config(directory)
+        config = copy.deepcopy(config) if config is not None else load_config(directory)
         config.inference_mode = not is_trainable
         tensors = _read_adapter(directory, config)
         peft = cls(model, config, adapter_name)
@@ -492,7 +527,7 @@ class PeftModel(nn.Module):
             raise
 
     def _load_tensors(self, adapter_name: str, tensors: dict[str, torch.Tensor], where: str) -> None:
-        method = method_for(self.peft_config[adapter_name].peft_type)
+        method = registry.module_for(self.peft_config[adapter_name].peft_type)
         wrappers = [n for n, m in self.base_model.named_modules() if isinstance(m, mts.ModulesToSave)]
         found = {}
         for key, tensor in tensors.items():
@@ -514,9 +549,7 @@ class PeftModel(nn.Module):
         with torch.no_grad():
             for key, tensor in found.items():
                 params[key].copy_(tensor.to(params[key].dtype))
-        for _, layer in self._delta_layers():
-            if hasattr(layer, "_stack_key"):
-                layer._stack_key = None
+        method.after_load(self.base_model, adapter_name)
 
 
 def dequantized_linear(
@@ -570,32 +603,41 @@ def _read_adapter(directory: str, config: AnyConfig) -> dict[str, torch.Tensor]:
     """The tensors of an adapter directory, after its config was checked against the file's header (so a
     config that would build absurdly large layers is refused before anything is allocated)."""
     weights_file = checkpoint.adapter_weights_file(directory)
-    check = getattr(method_for(config.peft_type), "check_file_shapes", None)
+    check = getattr(registry.module_for(config.peft_type), "check_file_shapes", None)
     if check is not None:
         check(config, checkpoint.tensor_shapes(weights_file), directory)
     return checkpoint.load_tensors(weights_file)
 
 
 def _is_auto_heads(config: AnyConfig) -> bool:
+    heads = TASK_HEADS.get(config.task_type or "")
     return (
-        config.task_type in ("SEQ_CLS", "TOKEN_CLS")
-        and config.modules_to_save is not None
-        and set(inject.SEQ_CLS_HEADS) <= set(config.modules_to_save)
+        heads is not None and config.modules_to_save is not None and set(heads) <= set(config.modules_to_save)
     )
 
 
-def _with_task_defaults(config: AnyConfig, model: nn.Module) -> AnyConfig:
-    """For classification tasks the head trains and is saved (PEFT adds `classifier` and `score`)."""
-    if config.task_type in ("SEQ_CLS", "TOKEN_CLS") and config.peft_type != "FULL":
-        extra = [h for h in inject.SEQ_CLS_HEADS if h not in (config.modules_to_save or [])]
+def _with_task_defaults(config: AnyConfig, model: nn.Module) -> None:
+    """The task head trains and is saved (PEFT adds `classifier`/`score`, or `qa_outputs`). With no task_type, a
+    `...ForSequenceClassification` (token classification, question answering) model implies one: its fresh head
+    must not stay frozen. Changes `config` (a copy) in place."""
+    if config.task_type is None:
+        inferred = task_type_of(model)
+        if inferred is not None:
+            config.task_type = inferred
+            key = (type(model).__name__, inferred)
+            if key not in _TASK_LOGGED:
+                _TASK_LOGGED.add(key)
+                logger.warning(
+                    "task_type not set: %s is a %s model, so task_type=%r; its head (%s) trains and is saved",
+                    type(model).__name__,
+                    inferred,
+                    inferred,
+                    "/".join(TASK_HEADS[inferred]),
+                )
+    heads = TASK_HEADS.get(config.task_type or "")
+    if heads and registry.method_type(config.peft_type).adds_task_heads:
+        extra = [h for h in heads if h not in (config.modules_to_save or [])]
         config.modules_to_save = [*(config.modules_to_save or []), *extra]
-    if (
-        isinstance(config, LoraConfig)
-        and config.target_modules is None
-        and inject.model_type(model) in inject.DEFAULT_LORA_TARGETS
-    ):
-        config.target_modules = list(inject.DEFAULT_LORA_TARGETS[inject.model_type(model)])
-    return config
 
 
 def _batch_size(args: tuple, kwargs: dict) -> int | None:

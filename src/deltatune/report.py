@@ -6,17 +6,16 @@ import json
 import os
 from typing import Any
 
-COLORS = {
-    "full": "#7f7f7f",
-    "top-layers": "#bcbd22",
-    "houlsby": "#ff7f0e",
-    "pfeiffer": "#d62728",
-    "lora": "#1f77b4",
-    "dora": "#17becf",
-    "qlora-nf4": "#2ca02c",
-    "qlora-int8": "#98df8a",
-    "peft-lora": "#9467bd",
-}
+PEER_COLORS = {"peft-lora": "#9467bd"}
+
+
+def color(method: str) -> str:
+    """A method's colour in the plots (the registry's), a peer's, or grey."""
+    from deltatune.methods import registry
+
+    if method in registry.METHODS:
+        return registry.METHODS[method].color
+    return PEER_COLORS.get(method, "#333333")
 
 
 def _ok(results: dict[str, Any]) -> list[dict[str, Any]]:
@@ -216,7 +215,7 @@ def plot(results: dict[str, Any], out: str) -> list[str]:
     if not ok:
         return []
     names = [r["method"] for r in ok]
-    colors = [COLORS.get(n, "#333333") for n in names]
+    colors = [color(n) for n in names]
     causal = results["task"] == "causal-lm"
     metrics = [
         (

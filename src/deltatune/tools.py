@@ -155,17 +155,18 @@ def _adapter_summary(directory: str) -> dict:
         raise CheckpointError(
             f"no {checkpoint.WEIGHTS_NAME} in {short(directory)}: the adapter is incomplete"
         )
+    from deltatune.methods import registry
+
     shapes = checkpoint.tensor_shapes(weights_file)
-    modules = sorted(
-        {k.removeprefix(checkpoint.KEY_PREFIX).split(".lora_")[0] for k in shapes if ".lora_" in k}
-    )
-    ranks = sorted(
-        {
-            s[0]
-            for k, s in shapes.items()
-            if (k.endswith("lora_A.weight") or k.endswith("lora_embedding_A")) and s
-        }
-    )
+    # What the method itself saved (a trained head, saved beside any method, is not an adapted module).
+    own = {
+        k.removeprefix(checkpoint.KEY_PREFIX): s
+        for k, s in shapes.items()
+        if not any(
+            k.removeprefix(checkpoint.KEY_PREFIX).startswith(f"{h}.") for h in (config.modules_to_save or [])
+        )
+    }
+    summary = registry.module_for(config.peft_type).summarize(own)
     label_map = read_label_map(directory)
     return {
         "directory": os.path.abspath(directory),
@@ -177,8 +178,9 @@ def _adapter_summary(directory: str) -> dict:
             for f in dataclasses.fields(config)
             if getattr(config, f.name) not in (None, {}, [], False) and f.name != "inference_mode"
         },
-        "adapted_modules": modules,
-        "ranks": ranks,
+        "adapted_modules": summary.pop("adapted_modules"),
+        "ranks": summary.pop("ranks", []),
+        **summary,
         "tensors": len(shapes),
         "parameters": sum(_numel(s) for s in shapes.values()),
         "file_bytes": os.path.getsize(weights_file),
@@ -336,7 +338,9 @@ def generate_main(argv: list[str]) -> int:
     tokenizer = load_tokenizer(adapter_dir(args.adapter), base_path)
     if info["task_type"] == "SEQ_CLS" or not hasattr(model.get_base_model(), "generate"):
         return _classify(model, tokenizer, args.prompt, info)
-    for text in generate_texts(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.seed):
+    for text in generate_texts(
+        model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.seed
+    ):
         print(text)
     return 0
 
@@ -349,14 +353,20 @@ def load_tokenizer(adapter: str, base_path: str) -> Any:
     tokenizer = AutoTokenizer.from_pretrained(
         adapter if os.path.isfile(os.path.join(adapter, "tokenizer_config.json")) else base_path
     )
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    from deltatune.vocab import fix_pad_token
+
+    fix_pad_token(tokenizer)
     tokenizer.padding_side = "left"
     return tokenizer
 
 
 def generate_texts(
-    model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int = 40, temperature: float = 0.0, seed: int = 0
+    model: Any,
+    tokenizer: Any,
+    prompts: list[str],
+    max_new_tokens: int = 40,
+    temperature: float = 0.0,
+    seed: int = 0,
 ) -> list[str]:
     """Prompt + continuation for each prompt (greedy when `temperature` is 0): `deltatune generate`'s output,
     also used by `deltatune ui`'s playground."""

@@ -17,7 +17,6 @@ from typing import Any
 from deltatune.data import builtin as builtin_data
 from deltatune.errors import DataError
 
-IGNORE_INDEX = -100
 FORMATS = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv", ".parquet": "parquet"}
 FORMATS |= {".txt": "text", ".text": "text"}
 

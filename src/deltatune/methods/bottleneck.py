@@ -22,7 +22,9 @@ from torch import nn
 from deltatune import inject
 from deltatune.config import BottleneckConfig
 from deltatune.methods import modules_to_save as mts
+from deltatune.methods import registry
 from deltatune.methods.mixed import BASE, MIXED, MixedBatch, rows_view
+from deltatune.vocab import is_conv1d, shape_of
 
 HOLDERS = ("adapter_down", "adapter_up")
 
@@ -51,18 +53,13 @@ PLACEMENTS: dict[str, tuple[list[str] | str, list[str] | str]] = {
     "qwen2": (["self_attn.o_proj"], ["mlp.down_proj"]),
 }
 
-MERGE_ERROR = (
-    "bottleneck adapters can't be merged into the base weights: `h + up(act(down(h)))` has a non-linearity "
-    "between its projections, so no single weight matrix computes it, and the adapter layers stay in the "
-    "model at inference (adding latency). Keep using the adapter model as it is, call unload() to get the "
-    "plain base model back, or train LoRA instead if you need zero added latency after merging."
-)
+MERGE_ERROR = registry.method_type("BOTTLENECK").merge_error
 
 
 def output_features(module: nn.Module) -> int:
     """The output width of a projection: `nn.Linear`, transformers' `Conv1D` (weight `[in, out]`) or a
     frozen quantized linear."""
-    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
+    if is_conv1d(module):
         return int(module.nf)
     if hasattr(module, "out_features"):
         return int(module.out_features)
@@ -91,6 +88,9 @@ class BottleneckLayer(nn.Module):
     """
 
     is_delta_layer = True
+    supports_merge = False
+    supports_mixed_batch = True
+    merges_into_weight = False
 
     def __init__(self, base_layer: nn.Module):
         super().__init__()
@@ -149,6 +149,9 @@ class BottleneckLayer(nn.Module):
 
     def unmerge(self) -> None:
         """Nothing is ever merged."""
+
+    def reset_cache(self) -> None:
+        """Nothing derived from the weights is kept."""
 
     def adapt(self, name: str, h: torch.Tensor) -> torch.Tensor:
         """`h + up(dropout(act(down(h))))` for adapter `name`, computed in the adapter's dtype."""
@@ -315,3 +318,18 @@ def internal_key(key: str, adapter_name: str) -> str:
     for holder in HOLDERS:
         key = key.replace(f".{holder}.", f".{holder}.{adapter_name}.")
     return key
+
+
+def prepare_config(config: BottleneckConfig, model: nn.Module) -> None:
+    """Nothing to fill in: the placement is found when injecting."""
+
+
+def after_load(model: nn.Module, adapter_name: str) -> None:
+    """Nothing to refresh."""
+
+
+def summarize(tensors: dict[str, torch.Tensor]) -> dict:
+    """The projections that carry adapters, and the bottleneck sizes."""
+    modules = sorted({k.split(".adapter_down.")[0] for k in tensors if ".adapter_down." in k})
+    sizes = sorted({shape_of(t)[0] for k, t in tensors.items() if k.endswith(".adapter_down.weight")})
+    return {"adapted_modules": modules, "bottleneck_sizes": sizes}

@@ -103,3 +103,16 @@ def saved_key(name: str, adapter_name: str) -> str:
 
 def internal_key(key: str, adapter_name: str) -> str:
     return key
+
+
+def prepare_config(config: TopLayersConfig | FullFinetuneConfig, model: nn.Module) -> None:
+    """Nothing to fill in."""
+
+
+def after_load(model: nn.Module, adapter_name: str) -> None:
+    """Nothing to refresh."""
+
+
+def summarize(tensors: dict) -> dict:
+    """The modules whose weights were saved (their parameter paths, one level up)."""
+    return {"adapted_modules": sorted({k.rsplit(".", 1)[0] for k in tensors})}

@@ -18,6 +18,7 @@ from torch import nn
 from deltatune import inject
 from deltatune.config import LoraConfig
 from deltatune.methods.mixed import MIXED, MixedBatch, rows_view
+from deltatune.vocab import is_conv1d, shape_of
 
 PREFIX = "lora_"
 
@@ -28,8 +29,40 @@ def _device(module: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def _is_conv1d(module: nn.Module) -> bool:
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+_is_conv1d = is_conv1d
+
+# PEFT's per-architecture LoRA defaults (config.model_type -> target names).
+DEFAULT_TARGETS: dict[str, list[str]] = {
+    "gpt2": ["c_attn"],
+    "gpt_neo": ["q_proj", "v_proj"],
+    "gptj": ["q_proj", "v_proj"],
+    "gpt_neox": ["query_key_value"],
+    "gpt_bigcode": ["c_attn"],
+    "opt": ["q_proj", "v_proj"],
+    "bart": ["q_proj", "v_proj"],
+    "llama": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "mixtral": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "qwen3": ["q_proj", "v_proj"],
+    "gemma": ["q_proj", "v_proj"],
+    "gemma2": ["q_proj", "v_proj"],
+    "phi": ["q_proj", "v_proj", "fc1", "fc2"],
+    "phi3": ["qkv_proj"],
+    "falcon": ["query_key_value"],
+    "bloom": ["query_key_value"],
+    "t5": ["q", "v"],
+    "mt5": ["q", "v"],
+    "bert": ["query", "value"],
+    "roberta": ["query", "value"],
+    "xlm-roberta": ["query", "value"],
+    "electra": ["query", "value"],
+    "deberta": ["in_proj"],
+    "deberta-v2": ["query_proj", "value_proj"],
+    "distilbert": ["q_lin", "v_lin"],
+    "albert": ["query", "value"],
+    "mpnet": ["q", "v"],
+}
 
 
 # The fused LoRA linear (below) can be turned off, e.g. to compare against the plain path:
@@ -103,6 +136,9 @@ class _LoraLayer(nn.Module):
     """Bookkeeping shared by the LoRA wrappers: adapters by name, which are active, which are merged."""
 
     is_delta_layer = True
+    supports_merge = True
+    supports_mixed_batch = True  # DoRA adapters are refused with a clear message (`_check_mixable`)
+    merges_into_weight = True
 
     def __init__(self, base_layer: nn.Module):
         super().__init__()
@@ -124,6 +160,10 @@ class _LoraLayer(nn.Module):
     @property
     def merged(self) -> bool:
         return bool(self.merged_adapters)
+
+    def reset_cache(self) -> None:
+        """Forget the stacked adapters of mixed batches (their weights were replaced)."""
+        self._stack_key = None
 
     def set_active(self, names: Iterable[str]) -> None:
         self.active_adapters = [n for n in names if n in self.r]
@@ -666,3 +706,39 @@ def check_file_shapes(config: LoraConfig, shapes: dict[str, tuple[int, ...]], wh
             + "\n  ".join(problems[:20])
             + ("\n  ..." if len(problems) > 20 else "")
         )
+
+
+def prepare_config(config: LoraConfig, model: nn.Module) -> None:
+    """`target_modules=None`: PEFT's default for the architecture (`q_proj`/`v_proj` for OPT/Llama, ...).
+
+    Raises:
+        ValueError: the architecture has no default; lists the model's adaptable modules.
+    """
+    if config.target_modules is not None:
+        return
+    mtype = inject.model_type(model)
+    if mtype not in DEFAULT_TARGETS:
+        raise ValueError(
+            f"target_modules is None and there is no default for model type {mtype!r}; pass target_modules "
+            f"explicitly. Adaptable modules: {inject.suggest(model, is_adaptable)}"
+        )
+    config.target_modules = list(DEFAULT_TARGETS[mtype])
+
+
+def after_load(model: nn.Module, adapter_name: str) -> None:
+    for _, layer in layers(model):
+        layer.reset_cache()
+
+
+def summarize(tensors: dict[str, torch.Tensor]) -> dict:
+    """The adapted modules and ranks of a saved LoRA adapter (from its keys and `lora_A` shapes; values are
+    tensors or shapes)."""
+    modules = sorted({k.split(".lora_")[0] for k in tensors if ".lora_" in k})
+    ranks = sorted(
+        {
+            shape_of(t)[0]
+            for k, t in tensors.items()
+            if (k.endswith("lora_A.weight") or k.endswith("lora_embedding_A")) and shape_of(t)
+        }
+    )
+    return {"adapted_modules": modules, "ranks": ranks}

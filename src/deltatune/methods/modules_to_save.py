@@ -20,6 +20,9 @@ class ModulesToSave(nn.Module):
     """Wraps a module; each adapter trains its own copy; the original stays untouched."""
 
     is_delta_layer = True
+    supports_merge = True  # merging is a no-op: the active copy is the module
+    supports_mixed_batch = True
+    merges_into_weight = False
 
     def __init__(self, original_module: nn.Module):
         super().__init__()
@@ -55,6 +58,9 @@ class ModulesToSave(nn.Module):
 
     def unmerge(self) -> None:
         """Nothing to unmerge."""
+
+    def reset_cache(self) -> None:
+        """Nothing derived from the weights is kept."""
 
     def active_module(self) -> nn.Module:
         if self.disabled or not self.active_adapters:

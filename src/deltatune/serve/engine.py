@@ -27,7 +27,9 @@ from deltatune.tools import load_base
 logger = logging.getLogger("deltatune.serve")
 
 TASKS = {"causal-lm": "CAUSAL_LM", "seq-cls": "SEQ_CLS"}
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from deltatune.methods import registry as methods  # noqa: E402  (the method table; self.registry is the adapters)
+from deltatune.vocab import DTYPES  # noqa: E402  (fp32|float32, bf16|bfloat16, fp16|float16)
+
 SCHEDULERS = ("continuous", "static")
 
 
@@ -260,8 +262,8 @@ class Engine:
 
     def _load_weights(self, entry: Entry) -> None:
         config = entry.config
-        if config.peft_type not in ("LORA", "BOTTLENECK"):
-            raise ValueError(f"{config.peft_type} checkpoints are whole models, not adapters to serve")
+        if not methods.method_type(config.peft_type).servable:
+            raise ValueError(methods.not_servable(config.peft_type))
         if self.peft is None:
             try:
                 self.peft = PeftModel.from_pretrained(self.base, entry.directory, adapter_name=entry.name)
@@ -354,8 +356,8 @@ class Engine:
     def _check_task(self, config: Any) -> None:
         if self.task != "?" and config.task_type not in (None, self.task):
             raise ValueError(f"it is a {config.task_type} adapter and this server serves {self.task}")
-        if config.peft_type not in ("LORA", "BOTTLENECK"):
-            raise ValueError(f"{config.peft_type} checkpoints are whole models, not adapters to serve")
+        if not methods.method_type(config.peft_type).servable:
+            raise ValueError(methods.not_servable(config.peft_type))
 
 
 def _decide_task(task: str, base_config: Any, task_types: list[str | None]) -> str:

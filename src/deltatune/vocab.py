@@ -1,0 +1,90 @@
+"""The small shared vocabulary every command uses, defined once.
+
+Dtype names (accepted the same way by `merge`, `serve` and `train`), PEFT's task types and how a model's
+class implies one, the label value that counts for nothing in a loss, GPT-2's `Conv1D` detection, and the
+pad-token fix-up for tokenizers that have none.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from deltatune import dtypes
+
+if TYPE_CHECKING:  # torch is imported only when a function needs it (the command line's help stays fast)
+    import torch
+    from torch import nn
+
+logger = logging.getLogger(__name__)
+
+# Labels with this value get no loss (PyTorch's and transformers' convention).
+IGNORE_INDEX = -100
+
+# PEFT's task types.
+TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS", "TOKEN_CLS", "SEQ_2_SEQ_LM", "FEATURE_EXTRACTION", "QUESTION_ANS")
+
+# The heads PEFT trains and saves for a task type (`modules_to_save` added automatically).
+TASK_HEADS: dict[str, list[str]] = {
+    "SEQ_CLS": ["classifier", "score"],
+    "TOKEN_CLS": ["classifier", "score"],
+    "QUESTION_ANS": ["qa_outputs"],
+}
+
+# transformers' class-name suffix -> the task type it implies (a head that must train).
+_CLASS_TASKS = {
+    "ForSequenceClassification": "SEQ_CLS",
+    "ForTokenClassification": "TOKEN_CLS",
+    "ForQuestionAnswering": "QUESTION_ANS",
+}
+
+# Dtype names: `deltatune.dtypes` is their one owner (fp32|float32, bf16|bfloat16, fp16|float16); this is the
+# name -> torch.dtype table for the commands that need one.
+DTYPE_NAMES = tuple(n for n in dtypes.ALIASES if not n.startswith("torch."))
+
+
+def __getattr__(name: str) -> Any:
+    if name == "DTYPES":  # {name: torch.dtype}, built on first use (it imports torch)
+        return {n: dtypes.torch_dtype(n) for n in DTYPE_NAMES}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    """Any accepted dtype name (or a torch dtype) -> torch dtype.
+
+    Raises:
+        ValueError: an unknown name; the message lists the accepted ones.
+    """
+    import torch
+
+    return name if isinstance(name, torch.dtype) else dtypes.torch_dtype(name)
+
+
+def shape_of(value: Any) -> tuple[int, ...]:
+    """A tensor's shape, or a shape as `checkpoint.tensor_shapes` gives it (a file read from its header)."""
+    return tuple(value.shape) if hasattr(value, "shape") else tuple(value)
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' GPT-2 `Conv1D` (a linear layer storing its weight as `[in, out]`), duck-typed."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def task_type_of(model: nn.Module) -> str | None:
+    """The task type a model's class implies (`BertForSequenceClassification` -> `SEQ_CLS`), if any head
+    must train: sequence/token classification and question answering."""
+    for cls in type(model).__mro__:
+        for suffix, task in _CLASS_TASKS.items():
+            if cls.__name__.endswith(suffix):
+                return task
+    return None
+
+
+def fix_pad_token(tokenizer: Any, model: nn.Module | None = None) -> None:
+    """A tokenizer without a pad token pads with its EOS token; a model without `pad_token_id` gets the
+    tokenizer's (sequence classification needs it to find each row's last token)."""
+    if getattr(tokenizer, "pad_token", None) is None and getattr(tokenizer, "eos_token", None) is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    config = getattr(model, "config", None)
+    if config is not None and getattr(config, "pad_token_id", None) is None:
+        config.pad_token_id = tokenizer.pad_token_id
