@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deltatune.vocab import IGNORE_INDEX  # noqa: E402  (defined once, in vocab)
+from deltatune.vocab import IGNORE_INDEX  # noqa: E402, F401  (defined once, in vocab; re-exported here)
 
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):

@@ -16,6 +16,7 @@ from typing import Any
 
 from deltatune.data import builtin as builtin_data
 from deltatune.errors import DataError
+from deltatune.vocab import IGNORE_INDEX  # noqa: F401  (defined once, in vocab; re-exported for data)
 
 FORMATS = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv", ".parquet": "parquet"}
 FORMATS |= {".txt": "text", ".text": "text"}
