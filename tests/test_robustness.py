@@ -386,3 +386,39 @@ def test_file_size_limit_mid_save_in_a_subprocess(tmp_path, bert_folder, data_fi
     assert "could not save the checkpoint" in line and "file-size limit" in line
     assert "no earlier checkpoint exists" in line
     assert not out.exists()
+
+
+# ---- found by attacking the product beyond the list ---------------------------------------------------------
+def test_more_hostile_adapter_files(saved_adapter):
+    from safetensors.torch import load_file, save_file
+
+    path = _edit_config(saved_adapter, target_modules="(.*")
+    with pytest.raises(ConfigError, match=f"^{path}: target_modules is not a valid regular expression"):
+        PeftModel.from_pretrained(tiny_models.opt(), saved_adapter)
+    _edit_config(saved_adapter, target_modules=["q_proj", "v_proj"])
+    weights = str(saved_adapter / checkpoint.WEIGHTS_NAME)
+    save_file({k: (v * 100).to(torch.int8) for k, v in load_file(weights).items()}, weights)
+    base = tiny_models.opt()
+    with pytest.raises(CheckpointError, match="holds integer tensors where weights are expected"):
+        PeftModel.from_pretrained(base, saved_adapter)
+    assert _delta_layers(base) == []  # unloaded again
+    (saved_adapter / "adapter_config.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ConfigError, match="nests too deeply"):
+        load_config(saved_adapter)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("lr=1e300", "lr: must be a positive number up to 10"),
+        ("lr=.inf", "lr: must be a positive number up to 10"),
+        ("epochs=.nan", "epochs: must be a finite number, got nan"),
+        ("output_dir=/dev/null", "output_dir: '/dev/null' is a file, not a folder"),
+        ("model=[[1]]", "model: expected str, got list [[1]]"),
+    ],
+)
+def test_more_hostile_train_settings_are_config_errors(override, message):
+    from deltatune.train.config import load_train_config
+
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        load_train_config(None, [override])

@@ -12,6 +12,7 @@ import difflib
 import json
 import logging
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -42,7 +43,13 @@ def _check_task_type(task_type: str | None) -> None:
 
 
 def _check_str_list(value: Any, name: str, allow_str: bool = True) -> None:
-    if value is None or (allow_str and isinstance(value, str)):
+    if value is None:
+        return
+    if allow_str and isinstance(value, str):
+        try:
+            re.compile(value)
+        except re.error as e:
+            raise ConfigError(f"{name} is not a valid regular expression ({e}): {short(value)}") from e
         return
     _check(
         isinstance(value, (list, tuple, set)) and all(isinstance(v, str) for v in value),

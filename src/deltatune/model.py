@@ -546,6 +546,12 @@ class PeftModel(nn.Module):
         # Tensors a PEFT checkpoint may add (a targeted embedding's base weight, say) load into the base.
         extra = {k: params[k].shape for k in found if k not in expected and k in params}
         checkpoint.check_shapes({**expected, **extra}, found, where)
+        wrong = [k for k, t in found.items() if params[k].is_floating_point() and not t.is_floating_point()]
+        if wrong:
+            raise checkpoint.CheckpointError(
+                f"the adapter in {where} holds integer tensors where weights are expected ({', '.join(wrong[:5])}"
+                f"{', ...' if len(wrong) > 5 else ''}): the file is damaged or not an adapter"
+            )
         with torch.no_grad():
             for key, tensor in found.items():
                 params[key].copy_(tensor.to(params[key].dtype))

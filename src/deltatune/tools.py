@@ -289,7 +289,10 @@ def merge_main(argv: list[str]) -> int:
     if not os.access(parent, os.W_OK):
         raise ConfigError(f"can't write into {short(parent)}; pick another --out")
     model, base_path, _ = _load(args.base, args.adapter, dtype)
-    merged = model.merge_and_unload(dtype=dtype)
+    try:
+        merged = model.merge_and_unload(dtype=dtype)
+    except ValueError as e:  # e.g. bottleneck adapters, which have a non-linearity and can't merge
+        raise ConfigError(f"can't merge {short(args.adapter)}: {e}") from e
     tmp = tempfile.mkdtemp(prefix=".merge-", dir=parent)
     try:
         os.chmod(

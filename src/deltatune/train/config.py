@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import difflib
 import importlib.util
+import math
 import os
 import types
 import typing
@@ -152,7 +153,7 @@ def load_train_config(path: str | None = None, overrides: list[str] | None = Non
                 f"{path} is not UTF-8 text (byte offset {e.start}: {e.reason}); save it as UTF-8"
             ) from e
         except yaml.YAMLError as e:
-            raise ConfigError(f"{path} is not valid YAML: {short(str(e), 400)}") from e
+            raise ConfigError(f"{path} is not valid YAML: {' '.join(str(e).split())[:400]}") from e
         if not isinstance(raw, dict):
             raise ConfigError(f"{path} must hold a mapping of keys to values, not {type(raw).__name__}")
     for item in overrides or []:
@@ -169,7 +170,7 @@ def load_train_config(path: str | None = None, overrides: list[str] | None = Non
             target[leaf] = _load_yaml(value) if value.strip() else None
         except yaml.YAMLError as e:
             raise ConfigError(
-                f"override {short(item)}: the value is not valid YAML ({short(str(e), 200)})"
+                f"override {short(item)}: the value is not valid YAML ({' '.join(str(e).split())[:200]})"
             ) from e
     return config_from_dict(raw)
 
@@ -372,8 +373,16 @@ def validate(config: TrainConfig) -> list[str]:
         )
     if config.max_steps is None and not config.epochs > 0:
         errors.append(f"epochs: must be positive when max_steps is unset, got {config.epochs}")
-    if config.lr is not None and not config.lr > 0:
-        errors.append(f"lr: must be positive, got {config.lr}")
+    if config.lr is not None and not 0 < config.lr <= 10:
+        errors.append(
+            f"lr: must be a positive number up to 10 (AdamW's are usually 1e-5 to 1e-2), got {config.lr}"
+        )
+    for key in ("weight_decay", "max_grad_norm", "epochs", "eval_fraction"):
+        if not math.isfinite(getattr(config, key)):
+            errors.append(f"{key}: must be a finite number, got {getattr(config, key)}")
+    out = output_dir(config)
+    if os.path.exists(out) and not os.path.isdir(out):
+        errors.append(f"output_dir: {short(out)} is a file, not a folder; set another output_dir")
     if not 0 <= config.eval_fraction < 1:
         errors.append(f"eval_fraction: must be in [0, 1), got {config.eval_fraction}")
     if config.eval_fraction and config.eval_data is not None:

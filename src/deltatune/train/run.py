@@ -227,7 +227,10 @@ def build_model(
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
-    peft = (wrap or get_peft_model)(model, peft_config)
+    try:
+        peft = (wrap or get_peft_model)(model, peft_config)
+    except ValueError as e:  # the method doesn't fit this model (no target matched, ...): the config's to fix
+        raise ConfigError(f"method {config.method} on model {short(config.model)}: {e}") from e
     for p in peft.parameters():
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()
