@@ -2,7 +2,8 @@
 
 - `sources`: reading files (JSONL, CSV/TSV, Parquet, text, `save_to_disk` folders) and built-in sets into
   `(where, record)` rows; errors name the file and the line;
-- `tokenize`: field mapping (`Fields`), label maps, prompt masking, chat templates, and `load_datasets`;
+- `tokenize`: field mapping (`Fields`), label maps, prompt masking, chat templates;
+- `cache`: `load_datasets`: rows -> Arrow (memory-mapped), tokenized in `num_proc` processes, cached on disk;
 - `packing`: causal-LM examples packed into `max_length` rows;
 - `batching`: collating examples into tensors, and the batches of each epoch and each rank;
 - `builtin`: the built-in sets `builtin:spam` and `builtin:quotes`.
@@ -16,6 +17,14 @@ from deltatune.data.batching import (
     epoch_batches,
     eval_batches,
     grouped_order,
+    take,
+)
+from deltatune.data.cache import (
+    Datasets,
+    cache_root,
+    load_datasets,
+    source_fingerprint,
+    tokenizer_fingerprint,
 )
 from deltatune.data.packing import block_causal_mask, collate_packed, pack, pack_bins, packed_attention
 from deltatune.data.sources import (
@@ -28,12 +37,10 @@ from deltatune.data.sources import (
     split_eval,
 )
 from deltatune.data.tokenize import (
-    Datasets,
     build_label_map,
     causal_format,
     encode_causal,
     encode_classification,
-    load_datasets,
 )
 from deltatune.errors import DataError
 
@@ -51,6 +58,10 @@ __all__ = [
     "Datasets",
     "Fields",
     "Row",
+    "cache_root",
+    "source_fingerprint",
+    "tokenizer_fingerprint",
+    "take",
     "batches_per_epoch",
     "build_label_map",
     "causal_format",

@@ -7,10 +7,12 @@ the line (or row).
 
 from __future__ import annotations
 
+import codecs
 import csv
 import json
 import os
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,110 +57,182 @@ def check_source(source: str) -> str | None:
     if not os.path.exists(source):
         return f"data file not found: {source!r}"
     if os.path.isdir(source):
-        if not any(os.path.isfile(os.path.join(source, f)) for f in ("dataset_dict.json", "state.json")):
-            return f"{source!r} is a folder but not one written by datasets' save_to_disk"
-        return None
+        if _is_saved_dataset(source) or shard_files(source):
+            return None
+        return (
+            f"{source!r} is a folder but neither one written by datasets' save_to_disk nor one holding data "
+            f"files ({', '.join(FORMATS)})"
+        )
     if os.path.splitext(source)[1].lower() not in FORMATS:
         return f"{source!r}: unknown file type; use one of {', '.join(FORMATS)} or a save_to_disk folder"
     return None
 
 
+def _is_saved_dataset(path: str) -> bool:
+    return any(os.path.isfile(os.path.join(path, f)) for f in ("dataset_dict.json", "state.json"))
+
+
+def shard_files(source: str) -> list[str]:
+    """The data files of `source`: itself, or for a folder of shards every file of a known type in it
+    (sorted by name; a folder must hold one type only)."""
+    if not os.path.isdir(source):
+        return [source]
+    files = sorted(
+        os.path.join(source, f)
+        for f in os.listdir(source)
+        if os.path.splitext(f)[1].lower() in FORMATS and os.path.isfile(os.path.join(source, f))
+    )
+    kinds = {FORMATS[os.path.splitext(f)[1].lower()] for f in files}
+    if len(kinds) > 1:
+        raise DataError(
+            f"{source}: a folder of shards must hold one file type, it has {', '.join(sorted(kinds))}"
+        )
+    return files
+
+
 def read_rows(source: str, fields: Fields | None = None, role: str = "train") -> list[Row]:
     """Every record of `source` with its location; `role` picks the split of a `DatasetDict` folder."""
-    problem = check_source(source)
-    if problem:
-        raise DataError(problem)
-    fields = fields or Fields()
-    if source.startswith("builtin:"):
-        rows = [(f"{source} row {i}", r) for i, r in enumerate(builtin_data.load_builtin(source))]
-    elif os.path.isdir(source):
-        rows = _read_saved_dataset(source, role)
-    else:
-        kind = FORMATS[os.path.splitext(source)[1].lower()]
-        try:
-            rows = _READERS[kind](source, fields)
-        except UnicodeDecodeError as e:
-            raise DataError(f"{source}: not UTF-8 text ({e})") from e
+    rows = list(iter_rows(source, fields, role))
     if not rows:
         raise DataError(f"{source}: no examples in it (is the file empty?)")
     return rows
 
 
-def _read_jsonl(path: str, fields: Fields) -> list[Row]:
-    rows = []
-    with open(path, encoding="utf-8-sig") as f:  # -sig: a UTF-8 byte-order mark is skipped
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path} line {n}: not valid JSON ({e.msg} at column {e.colno})") from e
-            if not isinstance(record, dict):
-                raise DataError(f"{path} line {n}: expected a JSON object, got {type(record).__name__}")
-            rows.append((f"{path} line {n}", record))
-    return rows
+def iter_rows(source: str, fields: Fields | None = None, role: str = "train") -> Iterator[Row]:
+    """Like `read_rows`, one record at a time (nothing is held: for files of any size)."""
+    for where, record, _ in iter_positions(source, fields, role):
+        yield where, record
 
 
-def _read_json(path: str, fields: Fields) -> list[Row]:
+Position = tuple[int, int, int]  # (shard, resume offset in it, line or row number): see `iter_positions`
+
+
+def iter_positions(
+    source: str, fields: Fields | None = None, role: str = "train", start: Position | None = None
+) -> Iterator[tuple[str, dict[str, Any], Position]]:
+    """`(where, record, position after it)` for every record of `source`, from `start` (a position
+    yielded before) on. For JSONL and text files the position is a byte offset, so resuming seeks to it; for
+    Parquet a row number (whole row groups are skipped); other sources are re-read up to it."""
+    problem = check_source(source)
+    if problem:
+        raise DataError(problem)
+    fields = fields or Fields()
+    first_shard, offset, number = start or (0, 0, 0)
+    if source.startswith("builtin:") or _is_saved_dataset(source):
+        if source.startswith("builtin:"):
+            records, name = builtin_data.load_builtin(source), source
+        else:
+            records, name = _read_saved_dataset(source, role)
+        for i in range(offset, len(records)):
+            yield f"{name} row {i}", records[i], (0, i + 1, i + 1)
+        return
+    files = shard_files(source)
+    for shard in range(first_shard, len(files)):
+        path = files[shard]
+        kind = FORMATS[os.path.splitext(path)[1].lower()]
+        begin = (offset, number) if shard == first_shard else (0, 0)
+        try:
+            for where, record, (off, num) in _READERS[kind](path, fields, *begin):
+                yield where, record, (shard, off, num)
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}: not UTF-8 text ({e})") from e
+
+
+def _lines(path: str, offset: int, number: int) -> Iterator[tuple[int, str, int]]:
+    """(line number, text, byte offset after it) of every line from byte `offset` (line `number` + 1) on;
+    a UTF-8 byte-order mark at the start of the file is skipped."""
+    with open(path, "rb") as f:
+        f.seek(offset)
+        for raw in f:
+            offset += len(raw)
+            number += 1
+            if number == 1 and raw.startswith(codecs.BOM_UTF8):
+                raw = raw[len(codecs.BOM_UTF8) :]
+            yield number, raw.decode("utf-8"), offset
+
+
+def _read_jsonl(path: str, fields: Fields, offset: int = 0, number: int = 0) -> Iterator:
+    for n, line, after in _lines(path, offset, number):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path} line {n}: not valid JSON ({e.msg} at column {e.colno})") from e
+        if not isinstance(record, dict):
+            raise DataError(f"{path} line {n}: expected a JSON object, got {type(record).__name__}")
+        yield f"{path} line {n}", record, (after, n)
+
+
+def _read_json(path: str, fields: Fields, offset: int = 0, number: int = 0) -> Iterator:
     with open(path, encoding="utf-8-sig") as f:
         text = f.read()
     try:
         data = json.loads(text)
     except json.JSONDecodeError:
-        return _read_jsonl(path, fields)  # a JSON-lines file named .json
+        yield from _read_jsonl(path, fields, offset, number)  # a JSON-lines file named .json
+        return
     if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
         raise DataError(f"{path}: expected a JSON list of objects (or one object per line)")
-    return [(f"{path} item {i}", r) for i, r in enumerate(data)]
+    for i in range(offset, len(data)):
+        yield f"{path} item {i}", data[i], (i + 1, i + 1)
 
 
-def _read_csv(path: str, fields: Fields, delimiter: str = ",") -> list[Row]:
-    rows = []
-    with open(path, encoding="utf-8-sig", newline="") as f:
+def _read_csv(path: str, fields: Fields, offset: int = 0, number: int = 0, delimiter: str = ",") -> Iterator:
+    with open(path, encoding="utf-8-sig", newline="") as f:  # -sig: a UTF-8 byte-order mark is skipped
         reader = csv.DictReader(f, delimiter=delimiter)
         try:
-            for record in reader:
+            for i, record in enumerate(reader):
+                if i < offset:
+                    continue
                 where = f"{path} line {reader.line_num}"
                 if None in record or None in record.values():
                     raise DataError(
                         f"{where}: has a different number of columns than the header ({len(reader.fieldnames or [])})"
                     )
-                rows.append((where, record))
+                yield where, record, (i + 1, reader.line_num)
         except csv.Error as e:
             raise DataError(f"{path} line {reader.line_num}: unreadable CSV ({e})") from e
-    return rows
 
 
-def _read_parquet(path: str, fields: Fields) -> list[Row]:
+def _read_parquet(path: str, fields: Fields, offset: int = 0, number: int = 0) -> Iterator:
     import pyarrow.parquet as pq
 
     try:
-        records = pq.read_table(path).to_pylist()
+        file = pq.ParquetFile(path)
+        row = 0
+        for group in range(file.num_row_groups):
+            size = file.metadata.row_group(group).num_rows
+            if row + size <= offset:  # resuming: whole row groups before the position are never read
+                row += size
+                continue
+            for record in file.read_row_group(group).to_pylist():
+                if row >= offset:
+                    yield f"{path} row {row}", record, (row + 1, row + 1)
+                row += 1
+    except DataError:
+        raise
     except Exception as e:  # pyarrow raises several types for corrupt files
         raise DataError(f"{path}: not a readable Parquet file ({e})") from e
-    return [(f"{path} row {i}", r) for i, r in enumerate(records)]
 
 
-def _read_text(path: str, fields: Fields) -> list[Row]:
-    with open(path, encoding="utf-8-sig") as f:
-        return [
-            (f"{path} line {n}", {fields.text: line.rstrip("\n")})
-            for n, line in enumerate(f, 1)
-            if line.strip()
-        ]
+def _read_text(path: str, fields: Fields, offset: int = 0, number: int = 0) -> Iterator:
+    for n, line, after in _lines(path, offset, number):
+        if line.strip():
+            yield f"{path} line {n}", {fields.text: line.rstrip("\r\n")}, (after, n)
 
 
 _READERS = {
     "jsonl": _read_jsonl,
     "json": _read_json,
     "csv": _read_csv,
-    "tsv": lambda path, fields: _read_csv(path, fields, "\t"),
+    "tsv": lambda path, fields, offset=0, number=0: _read_csv(path, fields, offset, number, "\t"),
     "parquet": _read_parquet,
     "text": _read_text,
 }
 
 
-def _read_saved_dataset(path: str, role: str) -> list[Row]:
+def _read_saved_dataset(path: str, role: str) -> tuple[Any, str]:
     import datasets
 
     try:
@@ -172,15 +246,22 @@ def _read_saved_dataset(path: str, role: str) -> list[Row]:
             raise DataError(f"{path} has the splits {list(data)}; none is named {' or '.join(wanted)}")
         data = data[split]
         path = f"{path}[{split}]"
-    return [(f"{path} row {i}", r) for i, r in enumerate(data)]
+    return data, path
+
+
+def split_indices(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """The indices of `n` rows kept for training and held out (`fraction` of them, at least one, chosen by
+    `seed`), each in file order."""
+    if not 0 < fraction < 1:
+        raise DataError(f"eval_fraction must be between 0 and 1, got {fraction}")
+    k = max(1, round(fraction * n))
+    if k >= n:
+        raise DataError(f"eval_fraction={fraction} leaves no training examples out of {n}")
+    held = set(random.Random(seed).sample(range(n), k))
+    return [i for i in range(n) if i not in held], sorted(held)
 
 
 def split_eval(rows: list[Row], fraction: float, seed: int) -> tuple[list[Row], list[Row]]:
     """Hold out `fraction` of `rows` (at least one), chosen by `seed`; both parts keep the file order."""
-    if not 0 < fraction < 1:
-        raise DataError(f"eval_fraction must be between 0 and 1, got {fraction}")
-    k = max(1, round(fraction * len(rows)))
-    if k >= len(rows):
-        raise DataError(f"eval_fraction={fraction} leaves no training examples out of {len(rows)}")
-    held = set(random.Random(seed).sample(range(len(rows)), k))
-    return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
+    kept, held = split_indices(len(rows), fraction, seed)
+    return [rows[i] for i in kept], [rows[i] for i in held]

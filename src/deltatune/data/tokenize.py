@@ -1,29 +1,18 @@
-"""Tokenizing rows: label maps, classification and causal-LM encodings (prompt masking, chat templates), and
-`load_datasets`, which reads, splits and tokenizes a run's data."""
+"""Tokenizing rows: label maps, classification and causal-LM encodings (prompt masking, chat templates), one
+row at a time (`encode_classification`, `encode_causal`) or a batch of normalized rows at a time
+(`normalize` + `encode_batch`, what `datasets.map` runs in parallel)."""
 
 from __future__ import annotations
 
+import json
 import logging
-from dataclasses import dataclass
+from collections.abc import Iterable
 from typing import Any
 
-from deltatune.data import builtin as builtin_data
-from deltatune.data.sources import IGNORE_INDEX, Fields, Row, read_rows, split_eval
+from deltatune.data.sources import IGNORE_INDEX, Fields, Row
 from deltatune.errors import DataError
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class Datasets:
-    """Tokenized examples ready for `collate`, and what was learned reading them."""
-
-    train: list[dict[str, Any]]
-    eval: list[dict[str, Any]]
-    label_map: dict[str, int] | None
-    """Label name -> class id (classification only)."""
-    format: str
-    """`classification`, `text`, `prompt-completion` or `messages`."""
 
 
 # ---- tokenizing ---------------------------------------------------------------------------------------
@@ -53,7 +42,14 @@ def _label_name(value: Any) -> str:
 
 
 def build_label_map(rows: list[Row], field: str, declared: list[str | int] | None = None) -> dict[str, int]:
-    """Label name -> class id.
+    """Label name -> class id for the rows' `field` (see `label_map_of`)."""
+    return label_map_of(((r[0], _label_name(_field(r, field, (str, int)))) for r in rows), declared)
+
+
+def label_map_of(
+    labels: Iterable[tuple[str, str]], declared: list[str | int] | None = None
+) -> dict[str, int]:
+    """Label name -> class id, from `(where, label name)` pairs (names as `_label_name` makes them).
 
     With `declared` (the config's `labels:`), class `i` is its `i`-th entry and every label must be one of
     them. Otherwise string labels are sorted and numbered, and integer labels (or digit strings, as CSV gives
@@ -63,32 +59,37 @@ def build_label_map(rows: list[Row], field: str, declared: list[str | int] | Non
     """
     if declared is not None:
         label_map = {_label_name(v): i for i, v in enumerate(declared)}
-        for row in rows:
-            value = _field(row, field, (str, int))
-            if _label_name(value) not in label_map:
+        for where, name in labels:
+            if name not in label_map:
                 raise DataError(
-                    f"{row[0]}: label {_short(value)} is not one of the declared labels "
+                    f"{where}: label {_show(name)} is not one of the declared labels "
                     f"({', '.join(label_map)}); add it to `labels:` in the config or fix the line"
                 )
         return label_map
-    labels = [_field(r, field, (str, int)) for r in rows]
-    if len({_label_name(v) for v in labels}) < 2:
-        raise DataError(
-            f"{rows[0][0]}: every example has the label {_short(labels[0])}; a classifier needs two or more"
-        )
-    if all(_is_int_label(v) for v in labels):
-        ids = sorted({int(v) for v in labels})
+    first: dict[str, str] = {}  # label name -> where it first appears
+    for where, name in labels:
+        first.setdefault(name, where)
+    if not first:
+        raise DataError("no examples to read labels from")
+    if len(first) < 2:
+        ((name, where),) = first.items()
+        raise DataError(f"{where}: every example has the label {_show(name)}; a classifier needs two or more")
+    if all(_is_int_label(name) for name in first):
+        ids = sorted(int(name) for name in first)
         k = len(ids)
         if ids != list(range(k)):
             bad = next(i for i in ids if not 0 <= i < k)
-            where = next(r[0] for r, v in zip(rows, labels) if int(v) == bad)
             raise DataError(
-                f"{where}: label {bad} is not a class id: integer labels must be the ids 0..{k - 1} of the {k} "
-                f"classes seen ({_short(ids)}); fix the line, or declare the label set in the config "
+                f"{first[str(bad)]}: label {bad} is not a class id: integer labels must be the ids 0..{k - 1} "
+                f"of the {k} classes seen ({_short(ids)}); fix the line, or declare the label set in the config "
                 f"(labels: [...], class i is the i-th entry)"
             )
         return {str(i): i for i in ids}
-    return {name: i for i, name in enumerate(sorted({str(v) for v in labels}))}
+    return {name: i for i, name in enumerate(sorted(first))}
+
+
+def _show(name: str) -> str:
+    return name if _is_int_label(name) else _short(name)
 
 
 def _short(value: Any, limit: int = 200) -> str:
@@ -191,50 +192,84 @@ def _encode_messages(row: Row, tokenizer: Any, fields: Fields) -> tuple[list[int
     return ids, labels
 
 
-def load_datasets(
-    data: str,
-    tokenizer: Any,
-    *,
-    task: str,
-    eval_data: str | None = None,
-    eval_fraction: float = 0.0,
-    fields: Fields | None = None,
-    max_length: int = 128,
-    seed: int = 0,
-    labels: list[str | int] | None = None,
-) -> Datasets:
-    """Read, split and tokenize the training and eval data.
+# ---- batches of normalized rows (the Arrow path) --------------------------------------------------------
+COLUMNS = {
+    "classification": ("text", "label"),
+    "text": ("text",),
+    "prompt-completion": ("prompt", "completion"),
+    "messages": ("messages",),
+}
+"""The columns of a normalized row of each format (besides `_where`, its location)."""
 
-    Args:
-        data: a file, a `save_to_disk` folder or `builtin:<name>`.
-        tokenizer: a Hugging Face tokenizer.
-        task: `seq-cls` or `causal-lm`.
-        eval_data: a held-out file; if None and `eval_fraction` is 0, a built-in set's own eval split.
-        eval_fraction: hold out this fraction of `data` instead (chosen with `seed`).
-        fields: column names.
-        max_length: longer examples are truncated to this many tokens.
-        seed: for the held-out fraction.
-        labels: classification: the label set, class `i` being the `i`-th entry (default: the labels seen).
-    """
-    fields = fields or Fields()
-    rows = read_rows(data, fields, "train")
-    if eval_data is not None and eval_fraction:
-        raise DataError("set either eval_data or eval_fraction, not both")
-    eval_data = eval_data or (None if eval_fraction else builtin_data.default_eval(data))
-    if eval_data is not None:
-        eval_rows = read_rows(eval_data, fields, "eval")
-    elif eval_fraction:
-        rows, eval_rows = split_eval(rows, eval_fraction, seed)
+
+def normalize(row: Row, fmt: str, fields: Fields) -> dict[str, str]:
+    """The row's fields under their canonical names, type-checked (errors name the line and the field):
+    what `encode_batch` reads. Labels become strings (`7`, `"7"` -> `"7"`), messages a JSON string."""
+    out = {"_where": row[0]}
+    if fmt == "classification":
+        out["text"] = _field(row, fields.text)
+        out["label"] = _label_name(_field(row, fields.label, (str, int)))
+    elif fmt == "text":
+        out["text"] = _field(row, fields.text)
+    elif fmt == "prompt-completion":
+        out["prompt"], out["completion"] = _field(row, fields.prompt), _field(row, fields.completion)
     else:
-        eval_rows = []
-    if task == "seq-cls":
-        label_map = build_label_map(rows, fields.label, labels)
-        train = encode_classification(rows, tokenizer, fields, label_map, max_length)
-        evals = encode_classification(eval_rows, tokenizer, fields, label_map, max_length)
-        return Datasets(train, evals, label_map, "classification")
-    fmt = causal_format(rows[0], fields)
-    train = encode_causal(rows, tokenizer, fields, max_length, fmt)
-    evals = encode_causal(eval_rows, tokenizer, fields, max_length, fmt)
-    if not train:
-        raise DataError(f"{data}: no example is left to train on after tokenizing (see the warnings above)")
-    return Datasets(train, evals, None, fmt)
+        messages = _field(row, fields.messages, (list,))
+        if not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages):
+            raise DataError(
+                f"{row[0]}: {fields.messages!r} must be a list of {{'role': ..., 'content': ...}}"
+            )
+        out["messages"] = json.dumps(messages, ensure_ascii=False)
+    return out
+
+
+def _tokenize(tokenizer: Any, texts: list[str], wheres: list[str], **kwargs: Any) -> list[list[int]]:
+    try:
+        return tokenizer(texts, **kwargs)["input_ids"]
+    except Exception:  # find the row and say which it is
+        for text, where in zip(texts, wheres):
+            try:
+                tokenizer(text, **kwargs)
+            except Exception as e:
+                raise DataError(f"{where}: the tokenizer fails on this row ({type(e).__name__}: {e})") from e
+        raise
+
+
+def encode_batch(
+    batch: dict[str, list],
+    *,
+    tokenizer: Any,
+    fmt: str,
+    max_length: int,
+    label_map: dict[str, int] | None = None,
+) -> dict[str, list]:
+    """Tokenize a batch of normalized rows (columns as `normalize` makes them) into `input_ids`, `labels`
+    and `length`; causal-LM rows with nothing to learn within `max_length` are left out."""
+    wheres = batch["_where"]
+    if fmt == "classification":
+        ids = _tokenize(tokenizer, batch["text"], wheres, truncation=True, max_length=max_length)
+        labels = [label_map[name] for name in batch["label"]]
+        return {"input_ids": ids, "labels": labels, "length": [len(x) for x in ids]}
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    pairs = []
+    if fmt == "text":
+        for ids in _tokenize(tokenizer, batch["text"], wheres):
+            pairs.append((ids + eos, ids + eos))
+    elif fmt == "prompt-completion":
+        prompts = _tokenize(tokenizer, batch["prompt"], wheres)
+        completions = _tokenize(tokenizer, batch["completion"], wheres, add_special_tokens=False)
+        for prompt, completion in zip(prompts, completions):
+            completion = completion + eos
+            pairs.append((prompt + completion, [IGNORE_INDEX] * len(prompt) + completion))
+    else:
+        for where, messages in zip(wheres, batch["messages"]):
+            pairs.append(_encode_messages((where, {"messages": json.loads(messages)}), tokenizer, Fields()))
+    out: dict[str, list] = {"input_ids": [], "labels": [], "length": []}
+    for ids, labels in pairs:
+        ids, labels = ids[:max_length], labels[:max_length]
+        if all(label == IGNORE_INDEX for label in labels):
+            continue  # nothing to learn (counted by the caller)
+        out["input_ids"].append(ids)
+        out["labels"].append(labels)
+        out["length"].append(len(ids))
+    return out

@@ -24,7 +24,7 @@ from torch import nn
 
 from deltatune import checkpoint, tracking
 from deltatune.config import METHODS
-from deltatune.data import IGNORE_INDEX, Batcher, Datasets, collate, eval_batches
+from deltatune.data import IGNORE_INDEX, Batcher, Datasets, collate, eval_batches, take
 from deltatune.data.packing import packed_attention, packed_inputs
 from deltatune.errors import ConfigError, TrainingError
 from deltatune.losses import causal_lm_loss
@@ -379,7 +379,7 @@ def evaluate(
     )  # loss sum, count, confusion matrix (gold x predicted)
     model.eval()
     for ids in eval_batches(len(data.eval), cfg.eval_batch_size, ctx.rank, ctx.world):
-        examples = [data.eval[max(i, 0)] for i in ids]
+        examples = take(data.eval, [max(i, 0) for i in ids])
         batch = {key: v.to(ctx.device) for key, v in collate(examples, pad_token_id).items()}
         labels, valid = batch.pop("labels"), torch.tensor([i >= 0 for i in ids], device=ctx.device)
         with autocast:

@@ -75,6 +75,7 @@ def run(
             max_length=config.max_length,
             seed=config.seed,
             labels=config.labels,
+            num_proc=config.num_proc,
         )
         if data.label_map is not None:
             _keep_label_map(os.path.join(out, "label_map.json"), data.label_map, ctx, resume_dir)

@@ -1,0 +1,352 @@
+"""`load_datasets`: a run's data read, split and tokenized into Arrow files (memory-mapped), cached on disk.
+
+Rows are read one at a time and written to an Arrow file after their fields are checked (`normalize`), then
+tokenized in batches by `datasets.map`, in `num_proc` processes. The result is kept in a cache folder named
+by a fingerprint of everything it depends on: the data files (path, size, modification time and a hash of
+their first and last MiB), the tokenizer (its class, its whole definition, special tokens and chat
+template), and the settings (task, fields, `max_length`, the eval split, declared labels). A second run with
+the same inputs reads the Arrow files and tokenizes nothing; any change makes a new folder. A folder is built
+under a temporary name and renamed when complete, so one left by a killed run is never read (and a damaged
+one is rebuilt).
+
+Where: `$DELTATUNE_DATA_CACHE`, else `$XDG_CACHE_HOME/deltatune/data` (`~/.cache/deltatune/data`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from deltatune.data import builtin as builtin_data
+from deltatune.data.sources import Fields, _is_saved_dataset, iter_rows, shard_files, split_indices
+from deltatune.data.tokenize import COLUMNS, causal_format, encode_batch, label_map_of, normalize
+from deltatune.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+CACHE_VERSION = 1
+"""Bumped when what is cached changes meaning, so that old folders are never read."""
+
+
+@dataclass
+class Datasets:
+    """Tokenized examples ready for `collate`/`Batcher`, and what was learned reading them."""
+
+    train: Any
+    """Examples `{"input_ids", "labels", "length"}`: a memory-mapped `datasets.Dataset` (or a list)."""
+    eval: Any
+    label_map: dict[str, int] | None
+    """Label name -> class id (classification only)."""
+    format: str
+    """`classification`, `text`, `prompt-completion` or `messages`."""
+    cached: bool = False
+    """Whether the tokenized data came from the cache (nothing was tokenized)."""
+    cache_path: str | None = None
+    """The cache folder holding the Arrow files."""
+
+
+def cache_root() -> str:
+    """Where tokenized data is cached (see the module docs)."""
+    if os.environ.get("DELTATUNE_DATA_CACHE"):
+        return os.environ["DELTATUNE_DATA_CACHE"]
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "deltatune", "data")
+
+
+def source_fingerprint(source: str) -> dict[str, Any]:
+    """What identifies the contents of `source` without reading all of it: for every file its path, size,
+    modification time (ns) and a hash of its first and last MiB; a built-in set by the code that makes it."""
+    if source.startswith("builtin:"):
+        with open(builtin_data.__file__, "rb") as f:
+            return {"builtin": source, "code": hashlib.sha256(f.read()).hexdigest()}
+    if os.path.isdir(source) and _is_saved_dataset(source):
+        files = sorted(
+            os.path.join(root, f)
+            for root, _, names in os.walk(source)
+            for f in names
+            if not f.startswith(".")
+        )
+    else:
+        files = shard_files(source)
+    out = []
+    for path in files:
+        stat = os.stat(path)
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            h.update(f.read(1 << 20))
+            if stat.st_size > 2 << 20:
+                f.seek(-(1 << 20), os.SEEK_END)
+                h.update(f.read())
+        out.append([os.path.abspath(path), stat.st_size, stat.st_mtime_ns, h.hexdigest()])
+    return {"source": os.path.abspath(source), "files": out}
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """A hash of everything about `tokenizer` that changes its output: its class, its full definition
+    (vocabulary, merges, normalizer, added tokens), special tokens and chat template."""
+    h = hashlib.sha256(type(tokenizer).__name__.encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        definition = json.loads(backend.to_str())
+        for state in ("truncation", "padding"):  # set by the last call, not part of what it is
+            definition.pop(state, None)
+        h.update(json.dumps(definition, sort_keys=True).encode())
+    else:
+        h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    extra = {
+        "special": {k: str(v) for k, v in tokenizer.special_tokens_map.items()},
+        "chat_template": getattr(tokenizer, "chat_template", None),
+        "eos": tokenizer.eos_token_id,
+        "bos": getattr(tokenizer, "bos_token_id", None),
+        "truncation_side": getattr(tokenizer, "truncation_side", None),
+        "model_max_length": getattr(tokenizer, "model_max_length", None),
+    }
+    h.update(json.dumps(extra, sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+def load_datasets(
+    data: str,
+    tokenizer: Any,
+    *,
+    task: str,
+    eval_data: str | None = None,
+    eval_fraction: float = 0.0,
+    fields: Fields | None = None,
+    max_length: int = 128,
+    seed: int = 0,
+    labels: list[str | int] | None = None,
+    num_proc: int = 1,
+    cache_dir: str | None = None,
+) -> Datasets:
+    """Read, split and tokenize the training and eval data, or read them from the cache.
+
+    Args:
+        data: a file, a folder of shards, a `save_to_disk` folder or `builtin:<name>`.
+        tokenizer: a Hugging Face tokenizer.
+        task: `seq-cls` or `causal-lm`.
+        eval_data: a held-out file; if None and `eval_fraction` is 0, a built-in set's own eval split.
+        eval_fraction: hold out this fraction of `data` instead (chosen with `seed`).
+        fields: column names.
+        max_length: longer examples are truncated to this many tokens.
+        seed: for the held-out fraction.
+        labels: classification: the label set, class `i` being the `i`-th entry (default: the labels seen).
+        num_proc: processes that tokenize.
+        cache_dir: the cache (default `cache_root()`).
+
+    Raises:
+        DataError: naming the file, the line (or row) and the field of the first bad row.
+    """
+    fields = fields or Fields()
+    if eval_data is not None and eval_fraction:
+        raise DataError("set either eval_data or eval_fraction, not both")
+    eval_data = eval_data or (None if eval_fraction else builtin_data.default_eval(data))
+    settings = {
+        "version": CACHE_VERSION,
+        "task": task,
+        "data": source_fingerprint(data),
+        "eval_data": source_fingerprint(eval_data) if eval_data else None,
+        "eval_fraction": eval_fraction,
+        "seed": seed if eval_fraction else None,
+        "fields": dataclasses.asdict(fields),
+        "max_length": max_length,
+        "labels": labels,
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+    }
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:32]
+    root = cache_dir or cache_root()
+    folder = os.path.join(root, key)
+    cached = _load(folder, settings)
+    if cached is not None:
+        logger.info("tokenized data from the cache %s", folder)
+        return cached
+    os.makedirs(root, exist_ok=True)
+    _remove_abandoned(root)
+    tmp = f"{folder}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    os.makedirs(tmp)
+    try:
+        meta = _build(
+            tmp, data, eval_data, tokenizer, task, fields, max_length, eval_fraction, seed, labels, num_proc
+        )
+        meta["settings"] = settings
+        with open(os.path.join(tmp, "meta.json"), "w", encoding="utf-8") as f:
+            json.dump(meta, f)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.rename(tmp, folder)  # complete, or not there at all
+        except OSError:  # another process finished the same folder first: use theirs
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    result = _load(folder, settings)
+    if result is None:
+        raise DataError(f"the data cache {folder} could not be read back right after writing it")
+    result.cached = False
+    return result
+
+
+def _build(
+    tmp: str,
+    data: str,
+    eval_data: str | None,
+    tokenizer: Any,
+    task: str,
+    fields: Fields,
+    max_length: int,
+    eval_fraction: float,
+    seed: int,
+    labels: list[str | int] | None,
+    num_proc: int,
+) -> dict[str, Any]:
+    import datasets
+
+    if task == "seq-cls":
+        fmt = "classification"
+    else:
+        first = next(iter_rows(data, fields, "train"), None)
+        if first is None:
+            raise DataError(f"{data}: no examples in it (is the file empty?)")
+        fmt = causal_format(first, fields)
+    if fmt == "messages" and not getattr(tokenizer, "chat_template", None):
+        raise DataError(
+            f"{data}: the tokenizer has no chat template, so 'messages' can't be rendered; "
+            "use a chat model's tokenizer or the text / prompt+completion fields"
+        )
+    train = _write_rows(os.path.join(tmp, "rows-train.arrow"), data, "train", fmt, fields)
+    if eval_data is not None:
+        evals = _write_rows(os.path.join(tmp, "rows-eval.arrow"), eval_data, "eval", fmt, fields)
+    elif eval_fraction:
+        kept, held = split_indices(len(train), eval_fraction, seed)
+        train, evals = train.select(kept), train.select(held)
+    else:
+        evals = None
+    label_map = None
+    if fmt == "classification":
+        label_map = label_map_of(_label_pairs(train), labels)
+        if evals is not None:
+            for where, name in _label_pairs(evals):
+                if name not in label_map:
+                    raise DataError(
+                        f"{where}: label {name!r} never appears in the training data "
+                        f"(known labels: {', '.join(label_map)})"
+                    )
+    meta: dict[str, Any] = {"format": fmt, "label_map": label_map, "files": {}, "rows": {}, "dropped": {}}
+    encode = {"tokenizer": tokenizer, "fmt": fmt, "max_length": max_length, "label_map": label_map}
+    label_feature = (
+        datasets.Value("int64") if fmt == "classification" else datasets.Sequence(datasets.Value("int32"))
+    )
+    features = datasets.Features(
+        {
+            "input_ids": datasets.Sequence(datasets.Value("int32")),
+            "labels": label_feature,
+            "length": datasets.Value("int32"),
+        }
+    )
+    for split, rows in (("train", train), ("eval", evals)):
+        if rows is None:
+            meta["files"][split], meta["rows"][split], meta["dropped"][split] = [], 0, 0
+            continue
+        tokens = rows.map(
+            encode_batch,
+            fn_kwargs=encode,
+            batched=True,
+            batch_size=1000,
+            num_proc=num_proc if num_proc > 1 and len(rows) >= 2 * num_proc else None,
+            remove_columns=rows.column_names,
+            features=features,
+            cache_file_name=os.path.join(tmp, f"{split}.arrow"),
+            load_from_cache_file=False,
+            new_fingerprint=f"{split}-{uuid.uuid4().hex}",
+            desc=f"tokenizing {split}",
+        )
+        meta["files"][split] = [os.path.basename(f["filename"]) for f in tokens.cache_files]
+        meta["rows"][split], meta["dropped"][split] = len(tokens), len(rows) - len(tokens)
+        if len(rows) > len(tokens):
+            logger.warning(
+                "%d %s example(s) had nothing to learn within max_length=%d tokens; skipped",
+                len(rows) - len(tokens),
+                split,
+                max_length,
+            )
+    if not meta["rows"]["train"]:
+        raise DataError(f"{data}: no example is left to train on after tokenizing (see the warnings above)")
+    for name in os.listdir(tmp):
+        if name.startswith("rows-"):
+            os.unlink(os.path.join(tmp, name))  # the untokenized rows: not needed any more
+    return meta
+
+
+def _write_rows(path: str, source: str, role: str, fmt: str, fields: Fields) -> Any:
+    """Every row of `source`, its fields checked and normalized, written to an Arrow file; memory-mapped."""
+    import datasets
+    from datasets.arrow_writer import ArrowWriter
+
+    features = datasets.Features({c: datasets.Value("string") for c in ("_where", *COLUMNS[fmt])})
+    with ArrowWriter(path=path, features=features, writer_batch_size=1000) as writer:
+        for row in iter_rows(source, fields, role):
+            writer.write(normalize(row, fmt, fields))
+        count, _ = writer.finalize()
+    if not count:
+        raise DataError(f"{source}: no examples in it (is the file empty?)")
+    return datasets.Dataset.from_file(path)
+
+
+def _label_pairs(rows: Any, chunk: int = 10_000):
+    for start in range(0, len(rows), chunk):
+        part = rows[start : start + chunk]
+        yield from zip(part["_where"], part["label"])
+
+
+def _load(folder: str, settings: dict[str, Any]) -> Datasets | None:
+    """The cached data in `folder`, or None if there is none; a damaged folder is removed (and so rebuilt)."""
+    import datasets
+
+    meta_path = os.path.join(folder, "meta.json")
+    if not os.path.isdir(folder):
+        return None
+    try:
+        with open(meta_path, encoding="utf-8") as f:
+            meta = json.load(f)
+        if meta.get("settings") != settings:
+            raise ValueError("it was made for other data, tokenizer or settings")
+        splits = {}
+        for split in ("train", "eval"):
+            parts = [datasets.Dataset.from_file(os.path.join(folder, name)) for name in meta["files"][split]]
+            ds = datasets.concatenate_datasets(parts) if len(parts) > 1 else (parts[0] if parts else [])
+            if len(ds) != meta["rows"][split]:
+                raise ValueError(f"{split} has {len(ds)} rows, not {meta['rows'][split]}")
+            splits[split] = ds
+    except Exception as e:  # a missing meta.json, a truncated Arrow file, ...: rebuild
+        logger.warning("the data cache %s is incomplete or damaged (%s); building it again", folder, e)
+        shutil.rmtree(folder, ignore_errors=True)
+        return None
+    return Datasets(splits["train"], splits["eval"], meta["label_map"], meta["format"], True, folder)
+
+
+def _remove_abandoned(root: str) -> None:
+    """Remove the temporary folders of builds whose process is gone (a run killed while tokenizing)."""
+    for name in os.listdir(root):
+        _, sep, rest = name.partition(".tmp-")
+        if not sep:
+            continue
+        pid = int(rest.split("-")[0]) if rest.split("-")[0].isdigit() else -1
+        try:
+            os.kill(pid, 0)
+            alive = pid > 0
+        except PermissionError:  # someone else's process
+            alive = True
+        except OSError:
+            alive = False
+        if not alive:
+            with contextlib.suppress(OSError):
+                shutil.rmtree(os.path.join(root, name))
