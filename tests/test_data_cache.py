@@ -46,7 +46,7 @@ def test_a_second_load_reads_the_memory_mapped_cache_and_tokenizes_nothing(tmp_p
         data, tok, tmp_path
     )  # (tokenizing sets the tokenizer's truncation: not part of its identity)
     assert not first.cached and len(first.train) == 30
-    assert all(f["filename"].startswith(first.cache_path) for f in first.train.cache_files)  # read from disk
+    assert all(p.startswith(first.cache_path) for p in first.train.paths)  # memory-mapped from the cache
     no_tokenizing(monkeypatch)
     second = load(data, tok, tmp_path)
     assert second.cached and second.cache_path == first.cache_path
@@ -84,7 +84,7 @@ def test_the_cache_is_not_used_for_another_tokenizer_max_length_or_data(tmp_path
 def test_a_damaged_or_half_written_cache_is_rebuilt_never_read(tmp_path, data, caplog):
     tok = tiny_tokenizer()
     first = load(data, tok, tmp_path)
-    (arrow,) = [f["filename"] for f in first.train.cache_files]
+    (arrow,) = first.train.paths
     size = os.path.getsize(arrow)
     del first
     with open(arrow, "r+b") as f:

@@ -173,10 +173,10 @@ def write_text_data(path, n=40, seed=0):
     return str(path)
 
 
-def test_packed_and_length_grouped_runs_report_real_tokens_and_resume_exactly(tmp_path):
-    from train_helpers import tiny_opt_folder, trainable_weights
+def tiny_run_config(tmp_path, **overrides):
+    from train_helpers import tiny_opt_folder
 
-    from deltatune.train import config_from_dict, run
+    from deltatune.train import config_from_dict
 
     folder = tiny_opt_folder(tmp_path / "opt")
     data = write_text_data(tmp_path / "d.jsonl")
@@ -195,14 +195,30 @@ def test_packed_and_length_grouped_runs_report_real_tokens_and_resume_exactly(tm
         "progress": False,
         "method_args": {"r": 2, "lora_alpha": 4},
     }
-    packed = run(config_from_dict(base | {"output_dir": str(tmp_path / "packed"), "packing": True}))
-    assert packed["status"] == "completed" and packed["tokens_per_s"] > 0
+    return lambda **more: config_from_dict(base | overrides | more)
+
+
+def test_a_packed_run_trains_and_reports_real_tokens_per_second(tmp_path):
+    from deltatune.train import run
+
+    config = tiny_run_config(tmp_path, packing=True, max_steps=2, eval_data=None)
+    summary = run(config(output_dir=str(tmp_path / "packed")))
+    assert summary["status"] == "completed" and summary["tokens_per_s"] > 0
     lines = [json.loads(x) for x in (tmp_path / "packed" / "metrics.jsonl").read_text().splitlines()]
-    assert all(line["tokens_per_s"] > 0 for line in lines if "train_loss" in line)
-    base["group_by_length"] = True
-    run(config_from_dict(base | {"output_dir": str(tmp_path / "full")}))
-    run(config_from_dict(base | {"output_dir": str(tmp_path / "half"), "max_steps": 3}))
-    resumed = run(config_from_dict(base | {"output_dir": str(tmp_path / "half")}), resume=True)
+    assert [line["step"] for line in lines] == [1, 2] and all(line["tokens_per_s"] > 0 for line in lines)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["packing", "group_by_length", "padding_free"])
+def test_runs_in_every_batching_mode_resume_exactly(tmp_path, mode):
+    from train_helpers import trainable_weights
+
+    from deltatune.train import run
+
+    config = tiny_run_config(tmp_path, **{mode: True})
+    run(config(output_dir=str(tmp_path / "full")))
+    run(config(output_dir=str(tmp_path / "half"), max_steps=3))
+    resumed = run(config(output_dir=str(tmp_path / "half")), resume=True)
     assert resumed["steps"] == 6 and resumed["resumed_from_step"] == 3
     a, b = trainable_weights(tmp_path / "full"), trainable_weights(tmp_path / "half")
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -5,7 +5,9 @@
 - `tokenize`: field mapping (`Fields`), label maps, prompt masking, chat templates;
 - `cache`: `load_datasets`: rows -> Arrow (memory-mapped), tokenized in `num_proc` processes, cached on disk;
 - `packing`: causal-LM examples packed into `max_length` rows;
-- `batching`: collating examples into tensors, and the batches of each epoch and each rank;
+- `batching`: collating examples into tensors, and the batches of each epoch and each rank (padded,
+  grouped by length, packed or padding-free);
+- `streaming`: training data read, tokenized and batched as it is used, with exact resume;
 - `builtin`: the built-in sets `builtin:spam` and `builtin:quotes`.
 """
 
@@ -36,6 +38,7 @@ from deltatune.data.sources import (
     read_rows,
     split_eval,
 )
+from deltatune.data.streaming import StreamBatcher, TrainStream, load_stream, make_batcher, open_stream
 from deltatune.data.tokenize import (
     build_label_map,
     causal_format,
@@ -58,6 +61,11 @@ __all__ = [
     "Datasets",
     "Fields",
     "Row",
+    "StreamBatcher",
+    "TrainStream",
+    "load_stream",
+    "make_batcher",
+    "open_stream",
     "cache_root",
     "source_fingerprint",
     "tokenizer_fingerprint",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -31,15 +32,42 @@ def collate(examples: list[dict[str, Any]], pad_token_id: int) -> dict[str, torc
     return batch
 
 
-def epoch_batches(
-    n: int, batch_size: int, epoch: int, seed: int, rank: int = 0, world: int = 1
-) -> list[list[int]]:
+class Batches(Sequence):
+    """An epoch's batches of one rank: consecutive `batch_size` slices of an index array, made into lists
+    only when asked for (a list of lists for 10^6 examples would cost ~50 MB)."""
+
+    def __init__(self, order: np.ndarray, batch_size: int):
+        self.order, self.batch_size = np.asarray(order, dtype=np.int64), batch_size
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.order) / self.batch_size)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        return self.order[i * self.batch_size : (i + 1) * self.batch_size].tolist()
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, Sequence)
+            and len(self) == len(other)
+            and all(a == b for a, b in zip(self, other))
+        )
+
+    def __repr__(self) -> str:
+        return f"Batches({len(self)} of {self.batch_size})"
+
+
+def epoch_batches(n: int, batch_size: int, epoch: int, seed: int, rank: int = 0, world: int = 1) -> Batches:
     """This rank's batches (example indices) for one epoch: a seeded shuffle, padded to a multiple of the
     world size by repeating its start (as `DistributedSampler` does), then every `world`-th index."""
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
-    order += order[: (-n) % world]
-    mine = order[rank::world]
-    return [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).numpy()
+    order = np.concatenate([order, order[: (-n) % world]])
+    return Batches(order[rank::world], batch_size)
 
 
 def eval_batches(n: int, batch_size: int, rank: int = 0, world: int = 1) -> list[list[int]]:
@@ -59,7 +87,7 @@ MODES = ("padded", "group_by_length", "packed", "padding_free")
 
 
 def take(examples: Any, ids: list[int]) -> list[dict[str, Any]]:
-    """The examples `ids` as dicts, from a list or (one read per batch) an Arrow-backed `datasets.Dataset`."""
+    """The examples `ids` as dicts, from a list or (one read per batch) memory-mapped `ArrowExamples`."""
     if isinstance(examples, list):
         return [examples[i] for i in ids]
     columns = examples[list(ids)]
@@ -68,12 +96,12 @@ def take(examples: Any, ids: list[int]) -> list[dict[str, Any]]:
 
 def example_lengths(examples: Any) -> np.ndarray:
     """Token count of every example (the `length` column of an Arrow-backed set: no row is read)."""
-    if not isinstance(examples, list) and "length" in getattr(examples, "column_names", ()):
-        return examples.data.column("length").to_numpy().astype(np.int64)
+    if hasattr(examples, "column") and "length" in examples.column_names:
+        return examples.column("length").astype(np.int64)
     return np.fromiter((len(e["input_ids"]) for e in examples), dtype=np.int64, count=len(examples))
 
 
-def grouped_order(lengths: np.ndarray, group: int, epoch: int, seed: int) -> list[int]:
+def grouped_order(lengths: np.ndarray, group: int, epoch: int, seed: int) -> np.ndarray:
     """An epoch's order in which every run of `group` consecutive examples has similar lengths, yet random:
     a seeded shuffle, cut into chunks of 50 groups, each chunk sorted by length and cut into groups, and the
     groups shuffled (as transformers' `LengthGroupedSampler`, with the order of groups random too)."""
@@ -86,7 +114,7 @@ def grouped_order(lengths: np.ndarray, group: int, epoch: int, seed: int) -> lis
         part = part[np.argsort(-lengths[part], kind="stable")]
         groups += [part[i : i + group] for i in range(0, len(part), group)]
     shuffled = torch.randperm(len(groups), generator=g).tolist()
-    return np.concatenate([groups[i] for i in shuffled]).tolist() if groups else []
+    return np.concatenate([groups[i] for i in shuffled]) if groups else np.zeros(0, dtype=np.int64)
 
 
 class Batcher:
@@ -128,14 +156,23 @@ class Batcher:
         """Batches per epoch on each rank."""
         return batches_per_epoch(self.units, self.batch_size, self.world)
 
-    def epoch(self, epoch: int) -> list[list[int]]:
+    def epoch(self, epoch: int) -> Batches:
         """This rank's batches of `epoch` (indices of examples, or of packed rows)."""
         if self.mode != "group_by_length":
             return epoch_batches(self.units, self.batch_size, epoch, self.seed, self.rank, self.world)
         order = grouped_order(self.lengths, self.batch_size * self.world, epoch, self.seed)
-        order += order[: (-len(order)) % self.world]
-        mine = order[self.rank :: self.world]
-        return [mine[i : i + self.batch_size] for i in range(0, len(mine), self.batch_size)]
+        order = np.concatenate([order, order[: (-len(order)) % self.world]])
+        return Batches(order[self.rank :: self.world], self.batch_size)
+
+    def stream(self, state: dict) -> Iterator[tuple[dict[str, torch.Tensor], int, dict[str, int]]]:
+        """`(tensors, real tokens, position)` from the position in `state` (`epoch`, `batch`) on; a resumed
+        run skips exactly the batches the checkpointed run consumed."""
+        epoch, start = state.get("epoch", 0), state.get("batch", 0)
+        while True:
+            batches = self.epoch(epoch)
+            for i in range(start, len(batches)):
+                yield *self.collate(batches[i]), {"epoch": epoch, "batch": i + 1}
+            epoch, start = epoch + 1, 0
 
     def collate(self, ids: list[int]) -> tuple[dict[str, torch.Tensor], int]:
         """The tensors of one batch and its number of real (not padding) tokens."""

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -27,7 +29,7 @@ from typing import Any
 
 from deltatune.data import builtin as builtin_data
 from deltatune.data.sources import Fields, _is_saved_dataset, iter_rows, shard_files, split_indices
-from deltatune.data.tokenize import COLUMNS, causal_format, encode_batch, label_map_of, normalize
+from deltatune.data.tokenize import COLUMNS, Where, causal_format, encode_batch, label_map_of, normalize
 from deltatune.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -41,7 +43,8 @@ class Datasets:
     """Tokenized examples ready for `collate`/`Batcher`, and what was learned reading them."""
 
     train: Any
-    """Examples `{"input_ids", "labels", "length"}`: a memory-mapped `datasets.Dataset` (or a list)."""
+    """Examples `{"input_ids", "labels", "length"}`: memory-mapped `ArrowExamples`, a `TrainStream` when
+    streaming, or a plain list."""
     eval: Any
     label_map: dict[str, int] | None
     """Label name -> class id (classification only)."""
@@ -51,6 +54,52 @@ class Datasets:
     """Whether the tokenized data came from the cache (nothing was tokenized)."""
     cache_path: str | None = None
     """The cache folder holding the Arrow files."""
+
+
+class ArrowExamples:
+    """Tokenized examples in Arrow files, memory-mapped (zero-copy: only the rows read are paged in).
+    `examples[i]` is one example as a dict, `examples[[i, j, ...]]` (and slices) the columns of those rows,
+    as `datasets.Dataset` gives them; reading needs only pyarrow, so a cached run doesn't import `datasets`."""
+
+    def __init__(self, paths: list[str]):
+        import pyarrow as pa
+
+        self.paths = list(paths)
+        tables = [pa.ipc.open_stream(pa.memory_map(p)).read_all() for p in self.paths]
+        self.table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+        self.column_names = self.table.column_names
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    def __getitem__(self, key: Any) -> Any:
+        if isinstance(key, slice):
+            return self.table.slice(*_slice_bounds(key, len(self))).to_pydict()
+        if isinstance(key, (list, tuple)) or hasattr(key, "__array__"):
+            return self.table.take(list(key)).to_pydict()
+        if key < 0:
+            key += len(self)
+        if not 0 <= key < len(self):
+            raise IndexError(key)
+        return self.table.slice(key, 1).to_pylist()[0]
+
+    def __iter__(self):
+        for batch in self.table.to_batches(max_chunksize=1000):
+            yield from batch.to_pylist()
+
+    def column(self, name: str) -> Any:
+        """One column as a NumPy array (e.g. every example's `length`, without reading the rows)."""
+        return self.table.column(name).to_numpy()
+
+    def __repr__(self) -> str:
+        return f"ArrowExamples({len(self)} rows: {', '.join(self.column_names)})"
+
+
+def _slice_bounds(key: slice, n: int) -> tuple[int, int]:
+    start, stop, step = key.indices(n)
+    if step != 1:
+        raise ValueError("ArrowExamples slices take every row (step 1)")
+    return start, max(0, stop - start)
 
 
 def cache_root() -> str:
@@ -223,18 +272,21 @@ def _build(
             "use a chat model's tokenizer or the text / prompt+completion fields"
         )
     train = _write_rows(os.path.join(tmp, "rows-train.arrow"), data, "train", fmt, fields)
+    locate = {"train": functools.partial(_where_of, data, fields, "train")}
     if eval_data is not None:
         evals = _write_rows(os.path.join(tmp, "rows-eval.arrow"), eval_data, "eval", fmt, fields)
+        locate["eval"] = functools.partial(_where_of, eval_data, fields, "eval")
     elif eval_fraction:
         kept, held = split_indices(len(train), eval_fraction, seed)
         train, evals = train.select(kept), train.select(held)
+        locate["eval"] = locate["train"]  # the rows keep their numbers in the file
     else:
         evals = None
     label_map = None
     if fmt == "classification":
-        label_map = label_map_of(_label_pairs(train), labels)
+        label_map = label_map_of(_label_pairs(train, locate["train"]), labels)
         if evals is not None:
-            for where, name in _label_pairs(evals):
+            for where, name in _label_pairs(evals, locate["eval"]):
                 if name not in label_map:
                     raise DataError(
                         f"{where}: label {name!r} never appears in the training data "
@@ -258,7 +310,7 @@ def _build(
             continue
         tokens = rows.map(
             encode_batch,
-            fn_kwargs=encode,
+            fn_kwargs=encode | {"locate": locate[split]},
             batched=True,
             batch_size=1000,
             num_proc=num_proc if num_proc > 1 and len(rows) >= 2 * num_proc else None,
@@ -291,26 +343,34 @@ def _write_rows(path: str, source: str, role: str, fmt: str, fields: Fields) -> 
     import datasets
     from datasets.arrow_writer import ArrowWriter
 
-    features = datasets.Features({c: datasets.Value("string") for c in ("_where", *COLUMNS[fmt])})
+    features = datasets.Features({c: datasets.Value("string") for c in COLUMNS[fmt]})
+    features["_row"] = datasets.Value("int64")  # its number in the source, to name it in a message
     with ArrowWriter(path=path, features=features, writer_batch_size=1000) as writer:
-        for row in iter_rows(source, fields, role):
-            writer.write(normalize(row, fmt, fields))
+        for i, row in enumerate(iter_rows(source, fields, role)):
+            record = normalize(row, fmt, fields)
+            del record["_where"]
+            record["_row"] = i
+            writer.write(record)
         count, _ = writer.finalize()
     if not count:
         raise DataError(f"{source}: no examples in it (is the file empty?)")
     return datasets.Dataset.from_file(path)
 
 
-def _label_pairs(rows: Any, chunk: int = 10_000):
+def _label_pairs(rows: Any, locate: Any, chunk: int = 10_000):
     for start in range(0, len(rows), chunk):
         part = rows[start : start + chunk]
-        yield from zip(part["_where"], part["label"])
+        yield from zip((Where(locate, i) for i in part["_row"]), part["label"])
+
+
+def _where_of(source: str, fields: Fields, role: str, index: int) -> str:
+    """Where the `index`-th row of `source` is (by reading up to it: only for an error message)."""
+    row = next(itertools.islice(iter_rows(source, fields, role), index, None), None)
+    return row[0] if row else f"{source} row {index}"
 
 
 def _load(folder: str, settings: dict[str, Any]) -> Datasets | None:
     """The cached data in `folder`, or None if there is none; a damaged folder is removed (and so rebuilt)."""
-    import datasets
-
     meta_path = os.path.join(folder, "meta.json")
     if not os.path.isdir(folder):
         return None
@@ -319,13 +379,12 @@ def _load(folder: str, settings: dict[str, Any]) -> Datasets | None:
             meta = json.load(f)
         if meta.get("settings") != settings:
             raise ValueError("it was made for other data, tokenizer or settings")
-        splits = {}
+        splits: dict[str, Any] = {}
         for split in ("train", "eval"):
-            parts = [datasets.Dataset.from_file(os.path.join(folder, name)) for name in meta["files"][split]]
-            ds = datasets.concatenate_datasets(parts) if len(parts) > 1 else (parts[0] if parts else [])
-            if len(ds) != meta["rows"][split]:
-                raise ValueError(f"{split} has {len(ds)} rows, not {meta['rows'][split]}")
-            splits[split] = ds
+            names = meta["files"][split]
+            splits[split] = ArrowExamples([os.path.join(folder, n) for n in names]) if names else []
+            if len(splits[split]) != meta["rows"][split]:
+                raise ValueError(f"{split} has {len(splits[split])} rows, not {meta['rows'][split]}")
     except Exception as e:  # a missing meta.json, a truncated Arrow file, ...: rebuild
         logger.warning("the data cache %s is incomplete or damaged (%s); building it again", folder, e)
         shutil.rmtree(folder, ignore_errors=True)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from deltatune.data.sources import IGNORE_INDEX, Fields, Row
@@ -202,6 +202,20 @@ COLUMNS = {
 """The columns of a normalized row of each format (besides `_where`, its location)."""
 
 
+class Where:
+    """A row's location ("file line N"), worked out only if a message needs it: the Arrow path stores row
+    numbers, not these strings (they would cost more than the text of short rows)."""
+
+    def __init__(self, locate: Callable[[int], str], index: int):
+        self.locate, self.index = locate, index
+
+    def __str__(self) -> str:
+        return self.locate(self.index)
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self), spec)
+
+
 def normalize(row: Row, fmt: str, fields: Fields) -> dict[str, str]:
     """The row's fields under their canonical names, type-checked (errors name the line and the field):
     what `encode_batch` reads. Labels become strings (`7`, `"7"` -> `"7"`), messages a JSON string."""
@@ -242,10 +256,15 @@ def encode_batch(
     fmt: str,
     max_length: int,
     label_map: dict[str, int] | None = None,
+    locate: Callable[[int], str] | None = None,
 ) -> dict[str, list]:
     """Tokenize a batch of normalized rows (columns as `normalize` makes them) into `input_ids`, `labels`
-    and `length`; causal-LM rows with nothing to learn within `max_length` are left out."""
-    wheres = batch["_where"]
+    and `length`; causal-LM rows with nothing to learn within `max_length` are left out. Rows are named by
+    their `_where` column, or by `locate(_row)` when a message needs it."""
+    if "_where" in batch:
+        wheres = batch["_where"]
+    else:
+        wheres = [Where(locate or str, i) for i in batch["_row"]]
     if fmt == "classification":
         ids = _tokenize(tokenizer, batch["text"], wheres, truncation=True, max_length=max_length)
         labels = [label_map[name] for name in batch["label"]]

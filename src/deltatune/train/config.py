@@ -70,6 +70,10 @@ class TrainConfig:
     group_by_length: bool = False
     """Batches of examples of similar length (random within length buckets, the same for a seed), so little
     padding; resuming continues exactly."""
+    streaming: bool = False
+    """Read, tokenize and batch the training data as it is used, never holding or caching it (a JSONL, text
+    or Parquet file or a folder of shards, in file order); needs `max_steps`; `--resume` continues at the
+    exact example. Classification needs `labels`."""
     num_proc: int = 1
     """Processes that tokenize the data (batched, through `datasets`); the result is cached on disk."""
 
@@ -389,6 +393,17 @@ def validate(config: TrainConfig) -> list[str]:
         errors.append("eval_data and eval_fraction: set one of them, not both")
     errors += _check_labels(config)
     errors += tracking.check(config.report_to)
+    if config.streaming:
+        if not config.max_steps:
+            errors.append("streaming: set max_steps (a stream's length isn't known before it is read)")
+        if config.eval_fraction:
+            errors.append("streaming: eval_fraction can't hold rows out of a stream; give eval_data instead")
+        if config.group_by_length:
+            errors.append(
+                "streaming: group_by_length needs every length up front; use padding_free or packing"
+            )
+        if config.task == "seq-cls" and config.labels is None:
+            errors.append("streaming: classification needs the label set up front: set labels: [...]")
     if config.packing and config.task != "causal-lm":
         errors.append("packing: only for task causal-lm")
     if config.padding_free and config.task != "causal-lm":

@@ -24,8 +24,9 @@ from torch import nn
 
 from deltatune import checkpoint, tracking
 from deltatune.config import METHODS
-from deltatune.data import IGNORE_INDEX, Batcher, Datasets, collate, eval_batches, take
+from deltatune.data import IGNORE_INDEX, Datasets, collate, eval_batches, take
 from deltatune.data.packing import packed_attention, packed_inputs
+from deltatune.data.streaming import make_batcher
 from deltatune.errors import ConfigError, TrainingError
 from deltatune.losses import causal_lm_loss
 from deltatune.train.config import DTYPES, TrainConfig, resolve_dtypes
@@ -142,7 +143,7 @@ def train(
     decay, no_decay = [p for p in params if p.ndim >= 2], [p for p in params if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
-    batcher = Batcher(
+    batcher = make_batcher(
         data.train,
         batch_size=cfg.batch_size,
         mode=batching_mode(cfg),
@@ -158,7 +159,7 @@ def train(
             packed_mode = packed_attention(model)
         except ValueError as e:
             raise ConfigError(f"{'packing' if batcher.mode == 'packed' else 'padding_free'}: {e}") from e
-    per_epoch = len(batcher)
+    per_epoch = len(batcher)  # 0 for a stream (unknown): max_steps says how long to train
     total = cfg.max_steps or max(1, math.ceil(cfg.epochs * per_epoch / cfg.grad_accum))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, _lr_lambda(cfg.schedule, cfg.warmup_steps, total)
@@ -177,7 +178,7 @@ def train(
     if cfg.eval_at_start and data.eval and not resume_dir:
         summary["before"] = metrics.log(0, evaluate(model, data, cfg, ctx, pad_token_id, autocast))
 
-    stream = _micro_batches(batcher, state)
+    stream = batcher.stream(state)
     bar = tqdm(total=total, initial=state["step"], disable=not (ctx.main and cfg.progress), desc="train")
     start, train_time, steps_run, status = time.perf_counter(), 0.0, 0, "completed"
     real_tokens = 0  # this rank's non-padding tokens since the start of this process
@@ -188,8 +189,7 @@ def train(
     while state["step"] < total:
         t0, loss_sum = time.perf_counter(), 0.0
         for micro in range(cfg.grad_accum):
-            epoch, index, ids = next(stream)
-            tensors, real = batcher.collate(ids)
+            tensors, real, position = next(stream)
             real_tokens += real
             batch = {k: v.to(dev) for k, v in tensors.items()}
             if packed_mode is not None:  # examples side by side: attention confined to each one
@@ -224,8 +224,7 @@ def train(
         ema = loss if state["loss_ema"] is None else 0.9 * state["loss_ema"] + 0.1 * loss
         state |= {
             "step": state["step"] + 1,
-            "epoch": epoch,
-            "batch": index + 1,
+            **position,
             "loss": loss,
             "loss_ema": ema,
         }
@@ -237,7 +236,7 @@ def train(
         )
         if step % cfg.log_every == 0 or step == total:
             tokens_s = _mean(real_tokens, ctx) * ctx.world / train_time  # exact: the sum over ranks
-            epochs = round(epoch + (index + 1) / per_epoch, 4)
+            epochs = round(position["epoch"] + (position["batch"] / per_epoch if per_epoch else 0), 4)
             metrics.log(
                 step,
                 {
@@ -249,6 +248,7 @@ def train(
                     "tokens_per_s": tokens_s,
                     "grad_norm": grad_norm,
                     "peak_mem_mb": peak_memory_mb(dev),
+                    "tokens": round(tokens_s * train_time),  # real tokens since this process started
                 },
             )
         if data.eval and cfg.eval_every and step % cfg.eval_every == 0 and step < total:
@@ -313,17 +313,6 @@ def batching_mode(cfg: TrainConfig) -> str:
     if cfg.padding_free:
         return "padding_free"
     return "group_by_length" if cfg.group_by_length else "padded"
-
-
-def _micro_batches(batcher: Batcher, state: dict) -> Iterator[tuple[int, int, list[int]]]:
-    """(epoch, batch index, example indices) from the saved position on; a resumed run skips exactly the
-    batches the checkpointed run consumed."""
-    epoch, start = state["epoch"], state["batch"]
-    while True:
-        batches = batcher.epoch(epoch)
-        for i in range(start, len(batches)):
-            yield epoch, i, batches[i]
-        epoch, start = epoch + 1, 0
 
 
 def _loss(logits: torch.Tensor, labels: torch.Tensor, classify: bool) -> tuple[torch.Tensor, int]:

@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -18,7 +19,7 @@ from torch import nn
 
 from deltatune import checkpoint, dtypes
 from deltatune.config import method_config
-from deltatune.data import Datasets, load_datasets
+from deltatune.data import Datasets, load_datasets, load_stream
 from deltatune.embedded import check_model, portable_name, resolve_model
 from deltatune.errors import ConfigError, TrainingError, short
 from deltatune.train import loop
@@ -65,18 +66,20 @@ def run(
             dtypes.warn_if_slow(name, ctx.device.type)
         seed_everything(config.seed, config.deterministic)
         tokenizer = _load_tokenizer(config)
-        data = load_datasets(
+        started = time.perf_counter()
+        load = load_stream if config.streaming else load_datasets
+        data = load(
             config.data,
             tokenizer,
             task=config.task,
             eval_data=config.eval_data,
-            eval_fraction=config.eval_fraction,
             fields=config.fields,
             max_length=config.max_length,
-            seed=config.seed,
             labels=config.labels,
             num_proc=config.num_proc,
+            **({} if config.streaming else {"eval_fraction": config.eval_fraction, "seed": config.seed}),
         )
+        data_load_s = time.perf_counter() - started  # reading + tokenizing, or reading the cache
         if data.label_map is not None:
             _keep_label_map(os.path.join(out, "label_map.json"), data.label_map, ctx, resume_dir)
         peft_model = build_model(config, data.label_map, tokenizer, ctx.device, wrap=wrap)
@@ -100,6 +103,7 @@ def run(
                     f"{checkpoint.write_failure(e, out)}; {checkpoint.intact_note(out)}"
                 ) from e
             summary["adapter_dir"] = os.path.join(out, "adapter")
+        summary["data_load_s"] = data_load_s
         summary.update(
             {"method": config.method, "model": config.model, "task": config.task, "data": config.data}
         )
