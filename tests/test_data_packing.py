@@ -51,9 +51,11 @@ def loss_alone(model, example) -> torch.Tensor:
     return token_losses(model, batch).sum()
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
 @pytest.mark.parametrize("family", ["llama", "gpt2", "opt"])
-def test_every_example_in_a_packed_row_has_its_loss_alone(family):
+def test_every_example_in_a_packed_row_has_its_loss_alone(family, attention):
     model = tiny_models.FAMILIES[family]()
+    model.set_attn_implementation(attention)
     mode = packed_attention(model)
     assert mode == ("mask4d" if family == "opt" else "positions")  # OPT's mask code ignores position ids
     rows = pack(examples(14, seed=1), max_length=32)

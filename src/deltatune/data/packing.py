@@ -109,8 +109,9 @@ def block_causal_mask(position_ids: torch.Tensor, dtype: torch.dtype | None = No
 def packed_inputs(batch: dict[str, torch.Tensor], mode: str, model: Any) -> dict[str, torch.Tensor]:
     """The model inputs for a packed batch in `mode` (`positions` or `mask4d`)."""
     if mode == "mask4d":
-        eager = getattr(getattr(model, "config", None), "_attn_implementation", "sdpa") == "eager"
-        dtype = next(p.dtype for p in model.parameters()) if eager else None
+        inner = model.module if hasattr(model, "module") else model  # under DDP/FSDP
+        eager = getattr(getattr(inner, "config", None), "_attn_implementation", "sdpa") == "eager"
+        dtype = next(p.dtype for p in inner.parameters()) if eager else None
         batch = batch | {"attention_mask": block_causal_mask(batch["position_ids"], dtype)}
     return batch
 

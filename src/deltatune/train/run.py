@@ -209,6 +209,8 @@ def build_model(
     from deltatune.model import get_peft_model
 
     kwargs: dict[str, Any] = {"dtype": DTYPES[config.base_dtype]}
+    if _flash_varlen(config, device):  # packed rows through flash-attention's variable-length kernel
+        kwargs["attn_implementation"] = "flash_attention_2"
     if config.task == "seq-cls":
         assert label_map is not None
         kwargs |= {"num_labels": len(label_map), "label2id": label_map}
@@ -240,6 +242,19 @@ def build_model(
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()
     return peft.to(device)
+
+
+def _flash_varlen(config: TrainConfig, device: torch.device) -> bool:
+    """Packing or padding-free on CUDA with a half-precision base and flash-attn installed (not tried on a GPU
+    yet; `loop.train` checks with a probe that examples stay apart, whatever the attention)."""
+    import importlib.util
+
+    return (
+        (config.packing or config.padding_free)
+        and device.type == "cuda"
+        and config.base_dtype != "fp32"
+        and importlib.util.find_spec("flash_attn") is not None
+    )
 
 
 def _cannot_load(model: str, error: Exception) -> str:
