@@ -140,7 +140,7 @@ def memory(work: str, model: str, sizes: list[int], steps: int) -> list[dict]:
     return rows
 
 
-def throughput(work: str, model: str, n: int, max_len: int, batch: int) -> list[dict]:
+def throughput(work: str, model: str, n: int, max_len: int, batch: int, method: str, lr: float) -> list[dict]:
     def lognormal(rng):  # word counts (one token each, plus EOS) between 16 and max_len - 1
         return int(min(max_len - 1, max(16, rng.lognormvariate(math.log(96), 0.9))))
 
@@ -160,8 +160,8 @@ def throughput(work: str, model: str, n: int, max_len: int, batch: int) -> list[
         "save_every": 0,
         "eval_at_start": "false",
         "log_every": 5,
-        "lr": 2e-3,
-        "method": "lora",
+        "lr": lr,
+        "method": method,
         "seed": 0,
     }
     modes = {
@@ -198,6 +198,8 @@ def main() -> None:
     )
     parser.add_argument("--max-len", type=int, default=1024, help="longest example / packed row, in tokens")
     parser.add_argument("--batch", type=int, default=8, help="examples per padded batch")
+    parser.add_argument("--method", default="full", help="method of the throughput runs")
+    parser.add_argument("--lr", type=float, default=3e-3, help="learning rate of the throughput runs")
     parser.add_argument("--out", default=None, help="also write the results here (JSON)")
     parser.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
     args = parser.parse_args()
@@ -218,7 +220,9 @@ def main() -> None:
                 f"{row['wall_first_s']:.1f} s -> {row['wall_cached_s']:.1f} s"
             )
     if args.throughput_rows:
-        results["throughput"] = throughput(work, model, args.throughput_rows, args.max_len, args.batch)
+        results["throughput"] = throughput(
+            work, model, args.throughput_rows, args.max_len, args.batch, args.method, args.lr
+        )
         padded = results["throughput"][0]["real_tokens_per_s"]
         for row in results["throughput"]:
             print(
