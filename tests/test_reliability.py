@@ -228,3 +228,26 @@ def test_lone_surrogates_and_nul_are_400_on_a_kept_connection(continuous):
         assert param in (r.json()["error"]["param"] or ""), r.json()
         assert r.headers.get("connection", "").lower() != "close"
     assert _post(client, ENDPOINTS["/v1/completions"]).status_code == 200
+
+
+def test_a_bug_is_a_logged_json_500_without_details_and_the_connection_is_kept(
+    continuous, monkeypatch, caplog
+):
+    engine, client = continuous
+
+    def broken():
+        raise RuntimeError(f"secret detail at {engine.registry.root}")
+
+    monkeypatch.setattr(engine, "health", broken)
+    with caplog.at_level("ERROR", logger="deltatune.serve"):
+        r = client.get("/health")
+    assert r.status_code == 500
+    assert r.json()["error"] == {
+        "message": "internal error (RuntimeError); it is logged on the server",
+        "type": "server_error",
+        "param": None,
+        "code": "internal_error",
+    }
+    assert "Traceback" in caplog.text and "secret detail" in caplog.text  # the server's log has it all
+    assert r.headers.get("connection", "").lower() != "close"
+    assert _post(client, ENDPOINTS["/v1/completions"]).status_code == 200
