@@ -328,6 +328,14 @@ def test_chat_completions_use_the_chat_template(causal, reference):
     message = body["choices"][0]["message"]
     assert message["role"] == "assistant"
     assert message["content"] == reference("beta", "system w1 user w2 w3 assistant", 8)
+    parts = [
+        {"role": "system", "content": [{"type": "text", "text": "w1"}]},
+        messages[1],
+    ]  # OpenAI's parts form
+    r = client.post(
+        "/v1/chat/completions", json={"model": "beta", "messages": parts, "max_tokens": 8, "temperature": 0}
+    )
+    assert r.json()["choices"][0]["message"]["content"] == message["content"]
 
 
 def test_models_and_health(causal):
@@ -551,6 +559,14 @@ BAD = [
         {"json": {"model": "alpha", "prompt": LONG, "max_tokens": 8}},
         400,
         "context_length_exceeded",
+    ),
+    (
+        "booleans as token ids",
+        "post",
+        "/v1/completions",
+        {"json": {"model": "alpha", "prompt": [True, False]}},
+        400,
+        "invalid_value",
     ),
     (
         "token id outside the vocab",

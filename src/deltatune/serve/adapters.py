@@ -140,9 +140,10 @@ class Registry:
                 return f"{name} is a link leading outside the adapters folder"
         return None
 
-    def register(self, name: str, directory: str) -> Entry:
+    def register(self, name: str, directory: str, exclusive: bool = False) -> Entry:
         """Read and check an adapter's config and its weights' header (no tensor is loaded); raises ValueError
-        saying which file and field is wrong (not where the folder is)."""
+        saying which file and field is wrong (not where the folder is), or KeyError when `exclusive` and the
+        name is taken."""
         _check_config_file(directory)
         try:
             config = load_config(directory)
@@ -158,6 +159,8 @@ class Registry:
             solo=bool(getattr(config, "use_dora", False)),
         )
         with self._lock:
+            if exclusive and name in self.entries:
+                raise KeyError(name)
             self.entries[name] = entry
             self.failed.pop(name, None)
         return entry

@@ -18,12 +18,12 @@ import time
 import traceback
 import uuid
 from collections.abc import AsyncIterator
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response, StreamingResponse
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
@@ -72,14 +72,24 @@ class _Sampling(_Body):
 
 
 class CompletionRequest(_Sampling):
-    prompt: Text | list[Text] | list[int] | list[list[int]]
+    prompt: Text | list[Text] | list[StrictInt] | list[list[StrictInt]]
     echo: bool | None = None
     logprobs: int | None = None
 
 
+class ContentPart(_Body):
+    type: Literal["text"]
+    text: Text
+
+
 class ChatMessage(_Body):
     role: Text
-    content: Text
+    content: Text | list[ContentPart]
+
+    def as_dict(self) -> dict[str, str]:
+        """The message for the chat template: text parts joined by newlines (OpenAI's list-of-parts form)."""
+        text = self.content if isinstance(self.content, str) else "\n".join(p.text for p in self.content)
+        return {"role": self.role, "content": text}
 
 
 class ChatRequest(_Sampling):
@@ -374,7 +384,7 @@ def _chat_ids(engine: Engine, messages: list[ChatMessage]) -> list[int]:
         )
     try:
         text = engine.tokenizer.apply_chat_template(
-            [m.model_dump() for m in messages], tokenize=False, add_generation_prompt=True
+            [m.as_dict() for m in messages], tokenize=False, add_generation_prompt=True
         )
     except Exception as e:  # the template itself may raise (a role it doesn't allow, say)
         raise ApiError(

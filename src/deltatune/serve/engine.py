@@ -191,7 +191,11 @@ class Engine:
         if self.registry.get(name) is not None:
             raise ApiError(409, f"an adapter named {name!r} is loaded already", "name_taken", "name")
         try:
-            self.registry.register(name, directory)
+            self.registry.register(name, directory, exclusive=True)
+        except KeyError:
+            raise ApiError(
+                409, f"an adapter named {name!r} is loaded already", "name_taken", "name"
+            ) from None
         except Exception as e:  # whatever is wrong with the files is this adapter's problem: a 400
             if not isinstance(e, (ValueError, OSError)):
                 logger.exception("registering adapter %r failed", name)
