@@ -7,6 +7,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from test_serve import BASE, _client, _Server, files, reference  # noqa: F401  (fixtures)
@@ -163,3 +166,31 @@ def test_bad_names_configs_and_links_are_skipped_at_startup_and_refused_at_runti
     assert r.status_code == 400 and r.json()["error"]["code"] == "adapter_invalid"
     assert client.post("/v1/adapters", json={"name": "alias2", "path": "alias"}).status_code == 200
     assert _complete(client, "alias2", "w1", 4) == _complete(client, "good", "w1", 4)
+
+
+def test_rows_whose_adapter_is_in_memory_do_not_wait_for_another_adapter_s_load(files, serve):  # noqa: F811
+    engine, client = serve(files["adapters"])
+    _complete(client, "alpha", "w1", 2)  # alpha is in memory, beta is not
+    real = engine._load_weights
+    engine._load_weights = lambda entry: (time.sleep(1.5), real(entry))
+    release = threading.Event()
+    engine.call(lambda: release.wait(10))  # hold the model thread so both requests queue up together
+    with ThreadPoolExecutor(2) as pool:
+        beta = pool.submit(_complete, client, "beta", "w1", 2)
+        time.sleep(0.2)
+        alpha = pool.submit(_timed_first_chunk, client, "alpha")
+        time.sleep(0.2)
+        release.set()
+        assert alpha.result(timeout=60) < 1.5  # its first token came before beta's load ended
+        assert beta.result(timeout=60)
+    assert engine.loaded_adapters == ["alpha", "beta"]
+
+
+def _timed_first_chunk(client, model: str) -> float:
+    body = {"model": model, "prompt": "w2 w3", "max_tokens": 4, "temperature": 0, "stream": True}
+    t0 = time.monotonic()
+    with client.stream("POST", "/v1/completions", json=body) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                return time.monotonic() - t0
+    raise AssertionError("no chunk")

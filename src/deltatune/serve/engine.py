@@ -226,9 +226,9 @@ class Engine:
         self.call(unload_now).result()
 
     # ---- the model (model thread only) -------------------------------------------------------------------
-    def ensure_loaded(self, name: str, pinned: set[str]) -> bool:
-        """Make `name` loaded (evicting LRU adapters not in `pinned`); False when it can't fit right now.
-        Raises ApiError (404 unknown, 400 failed load) naming the adapter."""
+    def ensure_loaded(self, name: str, pinned: set[str], may_load: bool = True) -> bool:
+        """Make `name` loaded (evicting LRU adapters not in `pinned`); False when it can't fit right now (or
+        isn't loaded and `may_load` is False). Raises ApiError (404 unknown, 400 failed load) naming it."""
         if name == BASE:
             return True
         entry = self.registry.get(name)
@@ -241,6 +241,8 @@ class Engine:
         if self.registry.is_loaded(name):
             self.registry.touch(name)
             return True
+        if not may_load:
+            return False
         victims = self.registry.victims(pinned)
         if victims is None:
             return False

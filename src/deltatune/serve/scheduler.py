@@ -211,11 +211,12 @@ class _Scheduler:
     def _after_command(self) -> None:
         """Hook: rows whose adapter was just unloaded."""
 
-    def _admit(self, limit: int, pinned: set[str]) -> list[Row]:
-        """Up to `limit` pending rows whose adapter is (now) in memory, in arrival order; rows whose adapter
-        can't be loaded fail, rows whose adapter doesn't fit yet wait."""
+    def _admit(self, limit: int, pinned: set[str], max_loads: int = 1 << 30) -> list[Row]:
+        """Up to `limit` pending rows whose adapter is (now) in memory, in arrival order, loading at most
+        `max_loads` adapters; rows whose adapter can't be loaded fail, rows whose adapter doesn't fit yet wait."""
         take: list[Row] = []
         keep: deque[Row] = deque()
+        loads = 0
         while self.pending:
             row = self.pending.popleft()
             if row.cancelled:
@@ -224,14 +225,16 @@ class _Scheduler:
             if len(take) >= limit:
                 keep.append(row)
                 continue
+            was_loaded = row.adapter == BASE or self.engine.registry.is_loaded(row.adapter)
             try:
-                ok = self.engine.ensure_loaded(row.adapter, pinned)
+                ok = self.engine.ensure_loaded(row.adapter, pinned, may_load=loads < max_loads)
             except Exception as e:
                 row.fail(_row_error(row, e))
                 continue
             if not ok:
                 keep.append(row)
                 continue
+            loads += not was_loaded
             pinned.add(row.adapter)
             row.sampler = RowSampler(row.adapter, row.temperature, row.top_p, row.seed, self.engine.device)
             take.append(row)
@@ -300,15 +303,17 @@ class ContinuousScheduler(_Scheduler):
             if self._stopped:
                 return
             self._reap()
-            free = self.max_batch - self.running()
-            if free > 0 and self.pending:
+            # Rows whose adapter is in memory join first; then at most one adapter is loaded per step, so a
+            # load holds neither them nor, for long, the running rows.
+            for max_loads in (0, 1):
+                free = self.max_batch - self.running()
+                if free <= 0 or not self.pending:
+                    break
                 pinned = {row.adapter for lane in self.lanes.values() for row in lane.rows}
-                new = self._admit(free, pinned)
                 by_lane: dict[str | None, list[Row]] = {}
-                for row in new:
-                    by_lane.setdefault(row.adapter if self.engine.is_solo(row.adapter) else None, []).append(
-                        row
-                    )
+                for row in self._admit(free, pinned, max_loads):
+                    solo = row.adapter if self.engine.is_solo(row.adapter) else None
+                    by_lane.setdefault(solo, []).append(row)
                 for solo, rows in by_lane.items():
                     self._prefill(solo, rows)
             for lane in list(self.lanes.values()):
