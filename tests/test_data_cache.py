@@ -84,7 +84,7 @@ def test_the_cache_is_not_used_for_another_tokenizer_max_length_or_data(tmp_path
 def test_a_damaged_or_half_written_cache_is_rebuilt_never_read(tmp_path, data, caplog):
     tok = tiny_tokenizer()
     first = load(data, tok, tmp_path)
-    (arrow,) = first.train.paths
+    arrow = first.train.path
     size = os.path.getsize(arrow)
     del first
     with open(arrow, "r+b") as f:

@@ -34,7 +34,7 @@ from deltatune.errors import DataError
 
 logger = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 """Bumped when what is cached changes meaning, so that old folders are never read."""
 
 
@@ -57,49 +57,97 @@ class Datasets:
 
 
 class ArrowExamples:
-    """Tokenized examples in Arrow files, memory-mapped (zero-copy: only the rows read are paged in).
-    `examples[i]` is one example as a dict, `examples[[i, j, ...]]` (and slices) the columns of those rows,
-    as `datasets.Dataset` gives them; reading needs only pyarrow, so a cached run doesn't import `datasets`."""
+    """Tokenized examples in an Arrow IPC *file* (random access), memory-mapped: a read pages in only the
+    record batches it touches, so memory stays flat however many rows there are. `examples[i]` is one example
+    as a dict, `examples[[i, j, ...]]` (and slices) the columns of those rows, as `datasets.Dataset` gives
+    them; only pyarrow is needed, so a cached run doesn't import `datasets`."""
 
-    def __init__(self, paths: list[str]):
+    def __init__(self, path: str, lengths: str | None = None):
+        import numpy as np
         import pyarrow as pa
 
-        self.paths = list(paths)
-        tables = [pa.ipc.open_stream(pa.memory_map(p)).read_all() for p in self.paths]
-        self.table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
-        self.column_names = self.table.column_names
+        self.path, self.lengths_path = path, lengths
+        self.reader = pa.ipc.open_file(pa.memory_map(path))
+        self.column_names = self.reader.schema.names
+        sizes = [self.reader.get_record_batch(b).num_rows for b in range(self.reader.num_record_batches)]
+        self.starts = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
+
+    @property
+    def paths(self) -> list[str]:
+        return [self.path] + ([self.lengths_path] if self.lengths_path else [])
 
     def __len__(self) -> int:
-        return self.table.num_rows
+        return int(self.starts[-1])
+
+    def _rows(self, ids: list[int]) -> Any:
+        import numpy as np
+        import pyarrow as pa
+
+        ids = np.asarray(ids, dtype=np.int64)
+        if len(ids) and (ids.min() < 0 or ids.max() >= len(self)):
+            raise IndexError(f"row index out of range 0..{len(self) - 1}")
+        where = np.searchsorted(self.starts, ids, side="right") - 1
+        parts = [
+            self.reader.get_record_batch(int(b)).slice(int(i - self.starts[b]), 1) for i, b in zip(ids, where)
+        ]
+        return pa.Table.from_batches(parts, schema=self.reader.schema)
 
     def __getitem__(self, key: Any) -> Any:
         if isinstance(key, slice):
-            return self.table.slice(*_slice_bounds(key, len(self))).to_pydict()
+            return self._rows(list(range(*key.indices(len(self))))).to_pydict()
         if isinstance(key, (list, tuple)) or hasattr(key, "__array__"):
-            return self.table.take(list(key)).to_pydict()
-        if key < 0:
-            key += len(self)
-        if not 0 <= key < len(self):
-            raise IndexError(key)
-        return self.table.slice(key, 1).to_pylist()[0]
+            return self._rows(list(key)).to_pydict()
+        return self._rows([key + len(self) if key < 0 else key]).to_pylist()[0]
 
     def __iter__(self):
-        for batch in self.table.to_batches(max_chunksize=1000):
-            yield from batch.to_pylist()
+        for b in range(self.reader.num_record_batches):
+            yield from self.reader.get_record_batch(b).to_pylist()
 
     def column(self, name: str) -> Any:
-        """One column as a NumPy array (e.g. every example's `length`, without reading the rows)."""
-        return self.table.column(name).to_numpy()
+        """One column as a NumPy array (`length` comes from its own small file: no row is read)."""
+        import numpy as np
+
+        if name == "length" and self.lengths_path:
+            return np.load(self.lengths_path, mmap_mode="r")
+        return np.concatenate(
+            [
+                self.reader.get_record_batch(b).column(name).to_numpy()
+                for b in range(self.reader.num_record_batches)
+            ]
+        )
 
     def __repr__(self) -> str:
         return f"ArrowExamples({len(self)} rows: {', '.join(self.column_names)})"
 
 
-def _slice_bounds(key: slice, n: int) -> tuple[int, int]:
-    start, stop, step = key.indices(n)
-    if step != 1:
-        raise ValueError("ArrowExamples slices take every row (step 1)")
-    return start, max(0, stop - start)
+def _to_ipc_file(sources: list[str], path: str, lengths_path: str, rows_per_batch: int = 8192) -> None:
+    """Rewrite the Arrow streams `datasets.map` wrote as one IPC file (batches of `rows_per_batch` rows, for
+    random access) and every example's length as a NumPy file; reads and writes one batch at a time."""
+    import numpy as np
+    import pyarrow as pa
+
+    lengths, pending, count = [], [], 0
+    writer = None
+    try:
+        for source in sources:
+            with pa.OSFile(source) as f:  # read, not mapped: pages of the whole file would count as ours
+                for batch in pa.ipc.open_stream(f):
+                    if writer is None:
+                        writer = pa.ipc.new_file(path, batch.schema)
+                    lengths.append(batch.column("length").to_numpy().astype(np.int32))
+                    pending.append(batch)
+                    count += batch.num_rows
+                    if count >= rows_per_batch:
+                        writer.write_table(
+                            pa.Table.from_batches(pending).combine_chunks(), max_chunksize=rows_per_batch
+                        )
+                        pending, count = [], 0
+        if writer is not None and pending:
+            writer.write_table(pa.Table.from_batches(pending).combine_chunks(), max_chunksize=rows_per_batch)
+    finally:
+        if writer is not None:
+            writer.close()
+    np.save(lengths_path, np.concatenate(lengths) if lengths else np.zeros(0, dtype=np.int32))
 
 
 def cache_root() -> str:
@@ -321,12 +369,24 @@ def _build(
             new_fingerprint=f"{split}-{uuid.uuid4().hex}",
             desc=f"tokenizing {split}",
         )
-        meta["files"][split] = [os.path.basename(f["filename"]) for f in tokens.cache_files]
+        streams = [f["filename"] for f in tokens.cache_files]
         meta["rows"][split], meta["dropped"][split] = len(tokens), len(rows) - len(tokens)
-        if len(rows) > len(tokens):
+        del tokens
+        if meta["rows"][split]:
+            _to_ipc_file(
+                streams,
+                os.path.join(tmp, f"{split}-examples.arrow"),
+                os.path.join(tmp, f"{split}-lengths.npy"),
+            )
+            meta["files"][split] = [f"{split}-examples.arrow", f"{split}-lengths.npy"]
+        else:
+            meta["files"][split] = []
+        for stream in streams:
+            os.unlink(stream)
+        if meta["dropped"][split]:
             logger.warning(
                 "%d %s example(s) had nothing to learn within max_length=%d tokens; skipped",
-                len(rows) - len(tokens),
+                meta["dropped"][split],
                 split,
                 max_length,
             )
@@ -382,7 +442,7 @@ def _load(folder: str, settings: dict[str, Any]) -> Datasets | None:
         splits: dict[str, Any] = {}
         for split in ("train", "eval"):
             names = meta["files"][split]
-            splits[split] = ArrowExamples([os.path.join(folder, n) for n in names]) if names else []
+            splits[split] = ArrowExamples(*(os.path.join(folder, n) for n in names)) if names else []
             if len(splits[split]) != meta["rows"][split]:
                 raise ValueError(f"{split} has {len(splits[split])} rows, not {meta['rows'][split]}")
     except Exception as e:  # a missing meta.json, a truncated Arrow file, ...: rebuild
