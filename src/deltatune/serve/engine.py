@@ -17,19 +17,18 @@ from typing import Any
 import torch
 
 from deltatune.checkpoint import head_num_labels, load_adapter_weights
+from deltatune.methods import registry as methods  # the method table (self.registry is the adapters')
 from deltatune.methods.mixed import BASE
 from deltatune.model import PeftModel
 from deltatune.serve.adapters import Entry, Registry, check_adapter_name
 from deltatune.serve.errors import ApiError, redact
 from deltatune.serve.metrics import Metrics
 from deltatune.tools import load_base
+from deltatune.vocab import DTYPES  # fp32|float32, bf16|bfloat16, fp16|float16
 
 logger = logging.getLogger("deltatune.serve")
 
 TASKS = {"causal-lm": "CAUSAL_LM", "seq-cls": "SEQ_CLS"}
-from deltatune.methods import registry as methods  # noqa: E402  (the method table; self.registry is the adapters)
-from deltatune.vocab import DTYPES  # noqa: E402  (fp32|float32, bf16|bfloat16, fp16|float16)
-
 SCHEDULERS = ("continuous", "static")
 
 
