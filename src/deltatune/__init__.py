@@ -15,8 +15,10 @@ from deltatune.config import (
     BottleneckConfig,
     ConfigError,
     FullFinetuneConfig,
+    IA3Config,
     LoraConfig,
     TopLayersConfig,
+    VeraConfig,
 )
 
 if TYPE_CHECKING:
@@ -28,9 +30,11 @@ __all__ = [
     "BottleneckConfig",
     "ConfigError",
     "FullFinetuneConfig",
+    "IA3Config",
     "LoraConfig",
     "PeftModel",
     "TopLayersConfig",
+    "VeraConfig",
     "get_peft_model",
     "__version__",
 ]

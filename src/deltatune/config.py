@@ -122,6 +122,8 @@ def _type_words(hint: Any, plural: bool = False) -> str:
     }
     words[str] = ("a string", "strings")
     return words[hint][plural] if hint in words else str(hint)
+# Keys PEFT writes into every adapter_config.json that carry no meaning for the adapter itself.
+_PEFT_INFORMATIONAL = ("auto_mapping", "peft_version")
 
 
 @dataclass
@@ -156,6 +158,8 @@ class _BaseConfig:
         """Build a config from a dict. Unknown keys raise (strict) or are dropped with a warning."""
         data = dict(data)
         data.pop("peft_type", None)
+        for key in _PEFT_INFORMATIONAL:
+            data.pop(key, None)
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = [k for k in data if k not in names]
         for k in unknown:
@@ -434,6 +438,103 @@ class FullFinetuneConfig(_BaseConfig):
     """Every weight trains (the article's baseline)."""
 
     peft_type: ClassVar[str] = "FULL"
+
+
+@dataclass
+class IA3Config(_BaseConfig):
+    """(IA)^3 (Liu et al., 2022): learned vectors that rescale chosen layers' activations (PEFT's names).
+
+    Args:
+        target_modules: as `LoraConfig.target_modules`; `None` uses PEFT's per-architecture default
+            (e.g. `key`, `value`, `output.dense` for BERT; `k_proj`, `v_proj`, `down_proj` for Llama).
+        exclude_modules: modules never adapted (same syntax).
+        feedforward_modules: targets whose *input* is rescaled (one value per input feature); the others get
+            their output rescaled (one value per output feature, bias included). A list matches names ending with
+            an entry (PEFT's rule), a string is a full-match regex; `None` uses PEFT's default for the architecture.
+            Must be a subset of `target_modules` when both are lists.
+        fan_in_fan_out: the layer stores its weight as `[in, out]` (GPT-2's `Conv1D`; set automatically).
+        init_ia3_weights: `True` starts every vector at 1 (the model starts unchanged).
+    """
+
+    peft_type: ClassVar[str] = "IA3"
+
+    target_modules: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
+    feedforward_modules: list[str] | str | None = None
+    fan_in_fan_out: bool = False
+    init_ia3_weights: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("target_modules", "exclude_modules", "feedforward_modules"):
+            _check_str_list(getattr(self, name), name)
+            value = getattr(self, name)
+            if isinstance(value, (set, tuple)):
+                setattr(self, name, sorted(value))
+        if isinstance(self.feedforward_modules, list) and isinstance(self.target_modules, list):
+            _check(
+                set(self.feedforward_modules) <= set(self.target_modules),
+                f"feedforward_modules {self.feedforward_modules} must be a subset of target_modules "
+                f"{self.target_modules}",
+            )
+        _check(isinstance(self.init_ia3_weights, bool), f"init_ia3_weights must be True or False, got {self.init_ia3_weights!r}")
+
+
+VERA_BIAS = ("none", "all", "vera_only")
+
+
+@dataclass
+class VeraConfig(_BaseConfig):
+    """VeRA (Kopiczko et al., 2024): one pair of frozen random matrices shared by every adapted layer, and per
+    layer two trained scaling vectors: `dW = diag(lambda_b) B diag(lambda_d) A` (PEFT's names and meanings).
+
+    Args:
+        r: the rank of the shared random matrices (larger than LoRA's: only `r + out` values train per layer).
+        target_modules: as `LoraConfig.target_modules` (`None`: PEFT's per-architecture default, as LoRA's).
+        projection_prng_key: seed of the shared matrices (Kaiming-uniform, drawn as PEFT draws them).
+        save_projection: store the shared matrices in the file (`base_model.vera_A`/`vera_B`); otherwise they are
+            drawn again from `projection_prng_key` when loading.
+        vera_dropout: dropout on the input of the VeRA branch.
+        d_initial: initial value of `lambda_d` (`lambda_b` starts at 0: the model starts unchanged).
+        fan_in_fan_out: the layer stores its weight as `[in, out]` (GPT-2's `Conv1D`; set automatically).
+        bias: `"none"`, `"all"` or `"vera_only"` (biases of adapted layers train).
+        init_weights: `True` (the init above); `False` leaves `lambda_d` random and `lambda_b` at 1 (not a no-op).
+        layers_to_transform, layers_pattern: as in `LoraConfig`.
+    """
+
+    peft_type: ClassVar[str] = "VERA"
+
+    r: int = 256
+    target_modules: list[str] | str | None = None
+    projection_prng_key: int = 0
+    save_projection: bool = True
+    vera_dropout: float = 0.0
+    d_initial: float = 0.1
+    fan_in_fan_out: bool = False
+    bias: str = "none"
+    init_weights: bool = True
+    layers_to_transform: list[int] | int | None = None
+    layers_pattern: list[str] | str | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(
+            isinstance(self.r, int) and not isinstance(self.r, bool) and self.r > 0,
+            f"r must be a positive integer, got {self.r!r}",
+        )
+        _check(
+            isinstance(self.vera_dropout, (int, float)) and 0 <= self.vera_dropout < 1,
+            f"vera_dropout must be in [0, 1), got {self.vera_dropout!r}",
+        )
+        _check(self.bias in VERA_BIAS, f"unknown bias {self.bias!r}; use one of {', '.join(VERA_BIAS)}")
+        _check(isinstance(self.projection_prng_key, int), f"projection_prng_key must be an integer, got {self.projection_prng_key!r}")
+        _check_str_list(self.target_modules, "target_modules")
+        if isinstance(self.target_modules, (set, tuple)):
+            self.target_modules = sorted(self.target_modules)
+        _check(
+            not (self.layers_pattern and self.layers_to_transform is None),
+            "layers_pattern needs layers_to_transform (the indices it refers to)",
+        )
 
 
 AnyConfig = _BaseConfig

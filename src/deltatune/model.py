@@ -455,6 +455,9 @@ class PeftModel(nn.Module):
         for name in self._adapter_param_names(adapter_name):
             key = mts.saved_key(method.saved_key(name, adapter_name), adapter_name)
             out[checkpoint.KEY_PREFIX + key] = params[name]
+        shared = getattr(method, "shared_tensors", None)  # tensors of the whole adapter (VeRA's projections)
+        if shared is not None:
+            out.update(shared(self.base_model, self.peft_config[adapter_name], adapter_name))
         return out
 
     def save_pretrained(
@@ -530,6 +533,11 @@ class PeftModel(nn.Module):
         method = registry.module_for(self.peft_config[adapter_name].peft_type)
         wrappers = [n for n, m in self.base_model.named_modules() if isinstance(m, mts.ModulesToSave)]
         found = {}
+        load_shared = getattr(method, "load_shared", None)
+        if load_shared is not None:  # keys outside the model's own (VeRA's `base_model.vera_A`)
+            shared = {k: t for k, t in tensors.items() if not k.startswith(checkpoint.KEY_PREFIX)}
+            load_shared(self.base_model, self.peft_config[adapter_name], adapter_name, shared, where)
+            tensors = {k: t for k, t in tensors.items() if k not in shared}
         for key, tensor in tensors.items():
             key = key.removeprefix(checkpoint.KEY_PREFIX)
             for w in wrappers:

@@ -88,7 +88,10 @@ class MethodModule(Protocol):
 
     Optional, for methods that change the inputs rather than layers (prompt/prefix tuning):
     `prepare_inputs(peft_model, adapter_name, args, kwargs) -> (args, kwargs)`, called before every forward and
-    generate with the active adapter.
+    generate with the active adapter. Optional, for tensors of the whole adapter rather than of a layer (VeRA's
+    shared projections): `shared_tensors(model, config, adapter_name) -> {file key: tensor}` when saving and
+    `load_shared(model, config, adapter_name, {file key: tensor}, where)` with the file's keys outside
+    `base_model.model.` when loading.
     """
 
     def prepare_config(self, config: _BaseConfig, model: nn.Module) -> None: ...
@@ -169,6 +172,16 @@ def _bottleneck(per_block: int) -> Callable[[ModelShape, Mapping[str, Any]], flo
         return shape.layers * (2 * h * b + h + b) * per_block
 
     return formula
+
+
+def _ia3(shape: ModelShape, o: Mapping[str, Any]) -> float:
+    # PEFT's defaults: key and value outputs (h each) and the FFN down-projection's input (4h).
+    return shape.layers * (2 * shape.hidden + 4 * shape.hidden)
+
+
+def _vera(shape: ModelShape, o: Mapping[str, Any]) -> float:
+    # Per adapted layer: lambda_b (out) + lambda_d (r, 256 by default); the shared random matrices are frozen.
+    return shape.layers * o["targets_per_layer"] * (shape.hidden + o.get("vera_r", 256))
 
 
 def _all_blocks(shape: ModelShape, o: Mapping[str, Any]) -> int:
@@ -327,7 +340,14 @@ def names() -> list[str]:
 
 
 def _register_builtin() -> None:
-    from deltatune.config import BottleneckConfig, FullFinetuneConfig, LoraConfig, TopLayersConfig
+    from deltatune.config import (
+        BottleneckConfig,
+        FullFinetuneConfig,
+        IA3Config,
+        LoraConfig,
+        TopLayersConfig,
+        VeraConfig,
+    )
 
     register_type(
         MethodType(
@@ -417,6 +437,19 @@ def _register_builtin() -> None:
     )
     register(
         Method(
+            "lora-plus",
+            "LORA",
+            3e-4,
+            "#aec7e8",
+            _lora,
+            args=lora_args,
+            quantized_base=True,
+            train_options={"loraplus_lr_ratio": 16},
+            description="LoRA+: B matrices at 16x the learning rate of A (an ordinary LoRA adapter)",
+        )
+    )
+    register(
+        Method(
             "qlora-nf4",
             "LORA",
             3e-3,
@@ -439,6 +472,29 @@ def _register_builtin() -> None:
             quantize="int8",
             quantized_base=True,
             description="LoRA on a frozen int8 base",
+        )
+    )
+    register_type(MethodType("IA3", IA3Config, "deltatune.methods.ia3", mixed_batch=False))
+    register(
+        Method(
+            "ia3",
+            "IA3",
+            3e-3,
+            "#8c564b",
+            _ia3,
+            description="(IA)^3: learned vectors rescale keys, values and the FFN input",
+        )
+    )
+
+    register_type(MethodType("VERA", VeraConfig, "deltatune.methods.vera", mixed_batch=False))
+    register(
+        Method(
+            "vera",
+            "VERA",
+            1e-2,
+            "#e377c2",
+            _vera,
+            description="VeRA: shared frozen random matrices, trained scaling vectors",
         )
     )
 

@@ -18,13 +18,14 @@ import torch
 import yaml
 
 from deltatune import dtypes, tracking
-from deltatune.config import METHODS, method_config
+from deltatune.config import method_config
 from deltatune.data import Fields, check_source
 from deltatune.embedded import DEFAULT_MODEL, check_model
 from deltatune.errors import ConfigError, short
+from deltatune.methods import registry
 
 TASK_TYPES = {"seq-cls": "SEQ_CLS", "causal-lm": "CAUSAL_LM"}
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {name: dtypes.torch_dtype(name) for name in dtypes.NAMES}  # the spellings train configs use
 RUN_FILES = ("train_config.yaml", "metrics.jsonl", "summary.json", "label_map.json", "checkpoints", "adapter")
 
 
@@ -78,7 +79,10 @@ class TrainConfig:
     """Processes that tokenize the data (batched, through `datasets`); the result is cached on disk."""
 
     lr: float | None = None
-    """Peak learning rate; by default the method's own (`deltatune.config.METHODS`)."""
+    """Peak learning rate; by default the method's own (`deltatune.methods.registry`)."""
+    loraplus_lr_ratio: float | None = None
+    """LoRA+: LoRA's B matrices (and 1-D parameters) learn at `lr * loraplus_lr_ratio` (PEFT's
+    `create_loraplus_optimizer`); the method `lora-plus` sets 16."""
     weight_decay: float = 0.01
     """AdamW weight decay on matrices (biases and norms get none)."""
     schedule: Literal["linear", "cosine", "constant"] = "linear"
@@ -332,13 +336,20 @@ def _coerce(value: Any, hint: Any, key: str, errors: list[str]) -> Any:
 def validate(config: TrainConfig) -> list[str]:
     """Every problem with a type-correct config (empty if it is good); reads no model and no data."""
     errors = []
-    if config.method not in METHODS:
-        hint = difflib.get_close_matches(str(config.method)[:100], METHODS, n=1)
+    if config.method not in registry.METHODS:
+        hint = difflib.get_close_matches(str(config.method)[:100], registry.names(), n=1)
         errors.append(
             f"method: unknown {short(config.method)}{f' (did you mean {hint[0]!r}?)' if hint else ''}; "
-            f"use one of {', '.join(METHODS)}"
+            f"use one of {', '.join(registry.names())}"
         )
     else:
+        if config.loraplus_lr_ratio is not None and (
+            registry.get(config.method).peft_type != "LORA" or not config.loraplus_lr_ratio > 0
+        ):
+            errors.append(
+                f"loraplus_lr_ratio: LoRA+ needs a LoRA method (lora, dora, qlora-*, lora-plus) and a positive ratio; "
+                f"got method {config.method!r}, ratio {config.loraplus_lr_ratio!r}"
+            )
         try:
             _, quantize = method_config(config.method, TASK_TYPES[config.task], **config.method_args)
         except (ConfigError, TypeError) as e:

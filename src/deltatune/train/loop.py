@@ -23,12 +23,12 @@ import torch
 from torch import nn
 
 from deltatune import checkpoint, tracking
-from deltatune.config import METHODS
 from deltatune.data import IGNORE_INDEX, Datasets, collate, eval_batches, take
 from deltatune.data.packing import packed_attention, packed_inputs
 from deltatune.data.streaming import make_batcher
 from deltatune.errors import ConfigError, TrainingError
 from deltatune.losses import causal_lm_loss
+from deltatune.methods import registry
 from deltatune.train.config import DTYPES, TrainConfig, resolve_dtypes
 
 logger = logging.getLogger(__name__)
@@ -139,10 +139,9 @@ def train(
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise TrainingError("the model has no trainable parameters")
-    lr = cfg.lr if cfg.lr is not None else METHODS[cfg.method]["lr"]
-    decay, no_decay = [p for p in params if p.ndim >= 2], [p for p in params if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
+    method = registry.get(cfg.method)
+    lr = cfg.lr if cfg.lr is not None else method.lr
+    optimizer = build_optimizer(model, params, cfg, lr, method)
     batcher = make_batcher(
         data.train,
         batch_size=cfg.batch_size,
@@ -357,6 +356,23 @@ def _mean(value: float, ctx: Context) -> float:
 
 
 @torch.no_grad()
+def build_optimizer(
+    model: nn.Module, params: list[nn.Parameter], cfg: TrainConfig, lr: float, method: registry.Method
+) -> torch.optim.Optimizer:
+    """AdamW; weight decay on matrices only. With LoRA+ (`loraplus_lr_ratio`, or the method's own, as for
+    `lora-plus`) PEFT's `create_loraplus_optimizer` groups: B matrices at `lr * ratio`."""
+    ratio = cfg.loraplus_lr_ratio or method.train_options.get("loraplus_lr_ratio")
+    if ratio:
+        from deltatune.methods.loraplus import create_loraplus_optimizer
+
+        return create_loraplus_optimizer(
+            model, torch.optim.AdamW, lr=lr, loraplus_lr_ratio=ratio, loraplus_weight_decay=cfg.weight_decay
+        )
+    decay, no_decay = [p for p in params if p.ndim >= 2], [p for p in params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
+
+
 def evaluate(
     model: nn.Module, data: Datasets, cfg: TrainConfig, ctx: Context, pad_token_id: int, autocast: Any
 ) -> dict[str, float]:

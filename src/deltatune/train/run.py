@@ -33,6 +33,7 @@ from deltatune.train.config import (
     validate,
 )
 from deltatune.train.loop import Context, _catch_signals, _init_context, seed_everything
+from deltatune.vocab import fix_pad_token
 
 logger = logging.getLogger(__name__)
 
@@ -220,8 +221,7 @@ def build_model(
         model = auto.from_pretrained(resolve_model(config.model), **kwargs)
     except OSError as e:
         raise ConfigError(_cannot_load(config.model, e)) from e
-    if getattr(model.config, "pad_token_id", None) is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
+    fix_pad_token(tokenizer, model)
     model.to(device)
     peft_config, quantize = method_config(config.method, TASK_TYPES[config.task], **config.method_args)
     # The name the user gave (a hub name, their path, or `embedded:minilm`), not the resolved folder.
