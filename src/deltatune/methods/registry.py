@@ -474,7 +474,7 @@ def _register_builtin() -> None:
             description="LoRA on a frozen int8 base",
         )
     )
-    register_type(MethodType("IA3", IA3Config, "deltatune.methods.ia3", mixed_batch=False))
+    register_type(MethodType("IA3", IA3Config, "deltatune.methods.ia3", mixed_batch=False, servable=False))
     register(
         Method(
             "ia3",
@@ -486,7 +486,7 @@ def _register_builtin() -> None:
         )
     )
 
-    register_type(MethodType("VERA", VeraConfig, "deltatune.methods.vera", mixed_batch=False))
+    register_type(MethodType("VERA", VeraConfig, "deltatune.methods.vera", mixed_batch=False, servable=False))
     register(
         Method(
             "vera",
