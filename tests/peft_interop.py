@@ -4,7 +4,6 @@ the same tensor keys and shapes as peft writes, and merge parity. Each method's 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
 
 import peft
 import torch

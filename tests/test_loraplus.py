@@ -33,13 +33,20 @@ def _groups(optimizer, names: dict[int, str]) -> list[tuple[float, float, list[s
 def test_same_groups_as_peft(family, opts):
     ours = get_peft_model(FAMILIES[family](), LoraConfig(r=4, **opts))
     theirs = peft.get_peft_model(FAMILIES[family](), peft.LoraConfig(r=4, **opts))
-    kwargs = {"lr": 1e-3, "loraplus_lr_ratio": 16, "loraplus_weight_decay": 0.01, "loraplus_lr_embedding": 1e-5}
+    kwargs = {
+        "lr": 1e-3,
+        "loraplus_lr_ratio": 16,
+        "loraplus_weight_decay": 0.01,
+        "loraplus_lr_embedding": 1e-5,
+    }
     got = create_loraplus_optimizer(ours, torch.optim.AdamW, **kwargs)
     want = peft_loraplus(theirs, torch.optim.AdamW, **kwargs)
     ours_names = {id(p): n.removeprefix("base_model.") for n, p in ours.named_parameters()}
     # PEFT's DoRA magnitude is a module (`.weight`), ours a parameter: the same tensor under a shorter name.
     theirs_names = {
-        id(p): n.removeprefix("base_model.model.").replace("lora_magnitude_vector.default.weight", "lora_magnitude_vector.default")
+        id(p): n.removeprefix("base_model.model.").replace(
+            "lora_magnitude_vector.default.weight", "lora_magnitude_vector.default"
+        )
         for n, p in theirs.named_parameters()
     }
     assert _groups(got, ours_names) == _groups(want, theirs_names)
@@ -63,5 +70,12 @@ def test_train_loop_builds_the_loraplus_optimizer():
     plain = build_optimizer(model, params, TrainConfig(method="lora"), 1e-3, registry.get("lora"))
     assert {g["lr"] for g in plain.param_groups} == {1e-3}
     plus = build_optimizer(model, params, TrainConfig(method="lora-plus"), 1e-3, registry.get("lora-plus"))
-    b_lr = {g["lr"] for g in plus.param_groups if any(p is model.base_model.model.decoder.layers[0].self_attn.q_proj.lora_B["default"].weight for p in g["params"])}
+    b_lr = {
+        g["lr"]
+        for g in plus.param_groups
+        if any(
+            p is model.base_model.model.decoder.layers[0].self_attn.q_proj.lora_B["default"].weight
+            for p in g["params"]
+        )
+    }
     assert b_lr == {1.6e-2}

@@ -22,7 +22,7 @@ from deltatune.methods import registry
 from deltatune.tools import _adapter_summary
 from deltatune.vocab import parse_dtype
 
-FAMILIES = ("bert", "gpt2")
+FAMILIES = ("bert", "opt")  # an encoder and a decoder whose layers every method adapts (OFT: nn.Linear only)
 
 
 def _fresh(name: str, family: str) -> torch.nn.Module:

@@ -8,7 +8,7 @@ import copy
 import peft
 import pytest
 import torch
-from peft_interop import merge_parity, saved_by_peft_loads_here, saved_here_loads_in_peft, same_files_as_peft
+from peft_interop import merge_parity, same_files_as_peft, saved_by_peft_loads_here, saved_here_loads_in_peft
 from tiny_models import FAMILIES, ids, out
 
 from deltatune import PeftModel, VeraConfig, get_peft_model
@@ -19,7 +19,15 @@ CASES = [
     ("opt", {"r": 6, "target_modules": ["q_proj", "v_proj", "fc1", "fc2"], "projection_prng_key": 3}),
     ("llama", {"r": 4, "save_projection": False}),
     ("bert", {"r": 8, "task_type": "SEQ_CLS"}),
-    ("bert", {"r": 4, "task_type": "SEQ_CLS", "target_modules": ["query", "intermediate.dense"], "bias": "vera_only"}),
+    (
+        "bert",
+        {
+            "r": 4,
+            "task_type": "SEQ_CLS",
+            "target_modules": ["query", "intermediate.dense"],
+            "bias": "vera_only",
+        },
+    ),
 ]
 IDS = ["gpt2-default", "opt-mixed-shapes", "llama-no-projection", "bert-default", "bert-bias"]
 
@@ -36,7 +44,9 @@ def test_saved_by_peft_loads_here(tmp_path, family, opts):
 
 @pytest.mark.parametrize(("family", "opts"), CASES[:4], ids=IDS[:4])
 def test_same_files_and_projections_as_peft(tmp_path, family, opts):
-    same_files_as_peft(tmp_path, family, VeraConfig(**copy.deepcopy(opts)), peft.VeraConfig(**copy.deepcopy(opts)))
+    same_files_as_peft(
+        tmp_path, family, VeraConfig(**copy.deepcopy(opts)), peft.VeraConfig(**copy.deepcopy(opts))
+    )
     if opts.get("save_projection", True):  # the shared matrices are drawn exactly as PEFT draws them
         from safetensors.torch import load_file
 

@@ -122,6 +122,8 @@ def _type_words(hint: Any, plural: bool = False) -> str:
     }
     words[str] = ("a string", "strings")
     return words[hint][plural] if hint in words else str(hint)
+
+
 # Keys PEFT writes into every adapter_config.json that carry no meaning for the adapter itself.
 _PEFT_INFORMATIONAL = ("auto_mapping", "peft_version")
 
@@ -477,7 +479,10 @@ class IA3Config(_BaseConfig):
                 f"feedforward_modules {self.feedforward_modules} must be a subset of target_modules "
                 f"{self.target_modules}",
             )
-        _check(isinstance(self.init_ia3_weights, bool), f"init_ia3_weights must be True or False, got {self.init_ia3_weights!r}")
+        _check(
+            isinstance(self.init_ia3_weights, bool),
+            f"init_ia3_weights must be True or False, got {self.init_ia3_weights!r}",
+        )
 
 
 VERA_BIAS = ("none", "all", "vera_only")
@@ -527,7 +532,10 @@ class VeraConfig(_BaseConfig):
             f"vera_dropout must be in [0, 1), got {self.vera_dropout!r}",
         )
         _check(self.bias in VERA_BIAS, f"unknown bias {self.bias!r}; use one of {', '.join(VERA_BIAS)}")
-        _check(isinstance(self.projection_prng_key, int), f"projection_prng_key must be an integer, got {self.projection_prng_key!r}")
+        _check(
+            isinstance(self.projection_prng_key, int),
+            f"projection_prng_key must be an integer, got {self.projection_prng_key!r}",
+        )
         _check_str_list(self.target_modules, "target_modules")
         if isinstance(self.target_modules, (set, tuple)):
             self.target_modules = sorted(self.target_modules)

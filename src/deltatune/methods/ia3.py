@@ -18,7 +18,7 @@ from torch import nn
 
 from deltatune import inject
 from deltatune.config import IA3Config
-from deltatune.vocab import is_conv1d
+from deltatune.vocab import is_conv1d, shape_of
 
 HOLDER = "ia3_l"
 
@@ -116,10 +116,14 @@ class IA3Linear(nn.Module):
         if name in self.ia3_l:
             raise ValueError(f"this layer already has an adapter named {name!r}")
         if self.ia3_l and feedforward != next(iter(self.is_feedforward.values())):
-            raise ValueError("all (IA)^3 adapters of one layer must agree on whether it is a feed-forward layer")
+            raise ValueError(
+                "all (IA)^3 adapters of one layer must agree on whether it is a feed-forward layer"
+            )
         shape = (1, self.in_features) if feedforward else (self.out_features, 1)
         device = self.base_layer.weight.device
-        vector = torch.ones(shape, device=device) if config.init_ia3_weights else torch.randn(shape, device=device)
+        vector = (
+            torch.ones(shape, device=device) if config.init_ia3_weights else torch.randn(shape, device=device)
+        )
         self.ia3_l[name] = nn.Parameter(vector)
         self.is_feedforward[name] = feedforward
         self.set_active(self.active_adapters or [name])
@@ -237,7 +241,9 @@ def prepare_config(config: IA3Config, model: nn.Module) -> None:
         setattr(config, field, list(table[mtype]))
 
 
-def inject_adapter(model: nn.Module, config: IA3Config, adapter_name: str, skip: Iterable[str] = ()) -> list[str]:
+def inject_adapter(
+    model: nn.Module, config: IA3Config, adapter_name: str, skip: Iterable[str] = ()
+) -> list[str]:
     """Wrap every target of `config` with an (IA)^3 vector (or add `adapter_name` to an existing wrapper)."""
     targets = inject.find_targets(
         model,
@@ -246,7 +252,9 @@ def inject_adapter(model: nn.Module, config: IA3Config, adapter_name: str, skip:
         exclude_modules=config.exclude_modules,
         skip=list(skip),
     )
-    targets = list(dict.fromkeys(t[: -len(".base_layer")] if t.endswith(".base_layer") else t for t in targets))
+    targets = list(
+        dict.fromkeys(t[: -len(".base_layer")] if t.endswith(".base_layer") else t for t in targets)
+    )
     config.fan_in_fan_out = any(is_conv1d(_base(inject.get_module(model, t))) for t in targets)
     for name in targets:
         module = inject.get_module(model, name)
@@ -279,5 +287,7 @@ def after_load(model: nn.Module, adapter_name: str) -> None:
 
 def summarize(tensors: dict[str, torch.Tensor]) -> dict:
     modules = sorted({k[: -len(f".{HOLDER}")] for k in tensors if k.endswith(f".{HOLDER}")})
-    feedforward = sorted(k[: -len(f".{HOLDER}")] for k, t in tensors.items() if k.endswith(HOLDER) and t.shape[0] == 1)
+    feedforward = sorted(
+        k[: -len(f".{HOLDER}")] for k, t in tensors.items() if k.endswith(HOLDER) and shape_of(t)[0] == 1
+    )
     return {"adapted_modules": modules, "feedforward_modules": feedforward}

@@ -47,7 +47,9 @@ def param_groups(
     from deltatune.methods.lora import LoraEmbedding
 
     if not loraplus_lr_ratio > 0:
-        raise ValueError(f"loraplus_lr_ratio must be positive (LoRA+ uses >= 1, e.g. 16), got {loraplus_lr_ratio!r}")
+        raise ValueError(
+            f"loraplus_lr_ratio must be positive (LoRA+ uses >= 1, e.g. 16), got {loraplus_lr_ratio!r}"
+        )
     no_decay = _no_decay_names(model)
     modules = dict(model.named_modules())
     groups: dict[str, list[torch.nn.Parameter]] = {"A": [], "embedding": [], "B": [], "B_no_decay": []}

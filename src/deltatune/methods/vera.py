@@ -23,7 +23,7 @@ from deltatune import inject
 from deltatune.config import VeraConfig
 from deltatune.errors import CheckpointError
 from deltatune.methods.lora import DEFAULT_TARGETS as LORA_TARGETS
-from deltatune.vocab import is_conv1d
+from deltatune.vocab import is_conv1d, shape_of
 
 HOLDERS = ("vera_lambda_b", "vera_lambda_d")
 SHARED_KEYS = ("base_model.vera_A", "base_model.vera_B")
@@ -93,7 +93,9 @@ class VeraLinear(nn.Module):
             lambda_d = torch.randn(config.r, device=device)
         self.vera_lambda_b[name] = nn.Parameter(lambda_b)
         self.vera_lambda_d[name] = nn.Parameter(lambda_d)
-        self.vera_dropout[name] = nn.Dropout(config.vera_dropout) if config.vera_dropout > 0 else nn.Identity()
+        self.vera_dropout[name] = (
+            nn.Dropout(config.vera_dropout) if config.vera_dropout > 0 else nn.Identity()
+        )
         self.vera_projections[name] = projections
         self.set_active(self.active_adapters or [name])
 
@@ -146,7 +148,9 @@ class VeraLinear(nn.Module):
         from deltatune.methods.mixed import MIXED
 
         if MIXED.get() is not None:
-            raise ValueError("VeRA adapters don't support mixed-adapter batches yet; run one adapter at a time")
+            raise ValueError(
+                "VeRA adapters don't support mixed-adapter batches yet; run one adapter at a time"
+            )
         dtype = result.dtype
         for name in self.active_adapters:
             a, b = self._ab(name)
@@ -188,7 +192,9 @@ def draw_projections(config: VeraConfig, out_max: int, in_max: int) -> tuple[tor
     return a, b
 
 
-def inject_adapter(model: nn.Module, config: VeraConfig, adapter_name: str, skip: Iterable[str] = ()) -> list[str]:
+def inject_adapter(
+    model: nn.Module, config: VeraConfig, adapter_name: str, skip: Iterable[str] = ()
+) -> list[str]:
     """Wrap every target with VeRA; the shared matrices cover the largest input and output sizes among them."""
     existing = [m for _, m in layers(model) if m.vera_projections]
     for m in existing:
@@ -206,7 +212,9 @@ def inject_adapter(model: nn.Module, config: VeraConfig, adapter_name: str, skip
         layers_to_transform=config.layers_to_transform,
         layers_pattern=config.layers_pattern,
     )
-    targets = list(dict.fromkeys(t[: -len(".base_layer")] if t.endswith(".base_layer") else t for t in targets))
+    targets = list(
+        dict.fromkeys(t[: -len(".base_layer")] if t.endswith(".base_layer") else t for t in targets)
+    )
     bases = {t: _base(inject.get_module(model, t)) for t in targets}
     config.fan_in_fan_out = any(is_conv1d(b) for b in bases.values())
     in_max = max(_features(b)[0] for b in bases.values())
@@ -302,5 +310,5 @@ def after_load(model: nn.Module, adapter_name: str) -> None:
 
 def summarize(tensors: dict[str, torch.Tensor]) -> dict:
     modules = sorted({k[: -len(".vera_lambda_b")] for k in tensors if k.endswith(".vera_lambda_b")})
-    ranks = sorted({int(t.shape[0]) for k, t in tensors.items() if k.endswith(".vera_lambda_d")})
+    ranks = sorted({shape_of(t)[0] for k, t in tensors.items() if k.endswith(".vera_lambda_d")})
     return {"adapted_modules": modules, "ranks": ranks}
