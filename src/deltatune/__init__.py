@@ -17,6 +17,7 @@ from deltatune.config import (
     FullFinetuneConfig,
     IA3Config,
     LoraConfig,
+    OFTConfig,
     TopLayersConfig,
     VeraConfig,
 )
@@ -32,6 +33,7 @@ __all__ = [
     "FullFinetuneConfig",
     "IA3Config",
     "LoraConfig",
+    "OFTConfig",
     "PeftModel",
     "TopLayersConfig",
     "VeraConfig",

@@ -545,6 +545,84 @@ class VeraConfig(_BaseConfig):
         )
 
 
+OFT_BIAS = ("none", "all", "oft_only")
+
+
+@dataclass
+class OFTConfig(_BaseConfig):
+    """OFT (Qiu et al., 2023): an orthogonal, block-diagonal rotation of each adapted layer's input,
+    `y = W (R x) + b` with `R = cayley(Q)` for skew-symmetric blocks `Q` (PEFT's names and meanings).
+
+    Args:
+        r: the number of blocks per layer (`in_features = r * oft_block_size`); give `r` or `oft_block_size`,
+            not both (the other is 0).
+        oft_block_size: the size of each square block (PEFT's default 32).
+        module_dropout: multiplicative dropout: during training this fraction of the blocks is the identity.
+        target_modules: as `LoraConfig.target_modules` (`None`: PEFT's per-architecture default, LoRA's);
+            `nn.Linear` layers only (as in PEFT: GPT-2's `Conv1D` is not supported).
+        exclude_modules: modules never adapted.
+        bias: `"none"`, `"all"` or `"oft_only"` (biases of adapted layers train).
+        init_weights: `True` (Q = 0: R is the identity, the model starts unchanged); `False`: Q ~ N(0, 0.1^2).
+        coft: constrained OFT: Q is projected into a ball of radius `eps` before each use.
+        eps: COFT's radius.
+        block_share: one block shared by all blocks of a layer.
+        use_cayley_neumann: approximate the Cayley transform `(I + Q)^-1 (I - Q)` with `num_cayley_neumann_terms`
+            terms of its Neumann series (PEFT's default); `False`: the exact inverse.
+        fan_in_fan_out, layers_to_transform, layers_pattern: as in `LoraConfig`.
+    """
+
+    peft_type: ClassVar[str] = "OFT"
+
+    r: int = 0
+    oft_block_size: int = 32
+    module_dropout: float = 0.0
+    target_modules: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
+    fan_in_fan_out: bool = False
+    bias: str = "none"
+    init_weights: bool = True
+    layers_to_transform: list[int] | int | None = None
+    layers_pattern: list[str] | str | None = None
+    coft: bool = False
+    eps: float = 6e-5
+    block_share: bool = False
+    use_cayley_neumann: bool = True
+    num_cayley_neumann_terms: int = 5
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("r", "oft_block_size", "num_cayley_neumann_terms"):
+            value = getattr(self, name)
+            _check(
+                isinstance(value, int) and not isinstance(value, bool) and value >= 0,
+                f"{name} must be a non-negative integer, got {value!r}",
+            )
+        _check(
+            (self.r != 0) != (self.oft_block_size != 0),
+            f"give either r ({self.r}) or oft_block_size ({self.oft_block_size}), the other 0: r x oft_block_size is "
+            "the layer's input size",
+        )
+        _check(
+            isinstance(self.module_dropout, (int, float)) and 0 <= self.module_dropout < 1,
+            f"module_dropout must be in [0, 1), got {self.module_dropout!r}",
+        )
+        _check(self.bias in OFT_BIAS, f"unknown bias {self.bias!r}; use one of {', '.join(OFT_BIAS)}")
+        for name in ("target_modules", "exclude_modules"):
+            _check_str_list(getattr(self, name), name)
+            if isinstance(getattr(self, name), (set, tuple)):
+                setattr(self, name, sorted(getattr(self, name)))
+        _check(
+            not (self.layers_pattern and self.layers_to_transform is None),
+            "layers_pattern needs layers_to_transform (the indices it refers to)",
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        # The Cayley-Neumann series is PEFT >= 0.18's (PEFT warns about older files without this key).
+        out["peft_version"] = "0.18.0"
+        return out
+
+
 AnyConfig = _BaseConfig
 
 

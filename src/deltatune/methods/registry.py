@@ -184,6 +184,12 @@ def _vera(shape: ModelShape, o: Mapping[str, Any]) -> float:
     return shape.layers * o["targets_per_layer"] * (shape.hidden + o.get("vera_r", 256))
 
 
+def _oft(shape: ModelShape, o: Mapping[str, Any]) -> float:
+    # Per adapted layer: in/b blocks of b(b-1)/2 values (PEFT's default block size b = 32).
+    b = o.get("oft_block_size", 32)
+    return shape.layers * o["targets_per_layer"] * (shape.hidden // b) * (b * (b - 1) // 2)
+
+
 def _all_blocks(shape: ModelShape, o: Mapping[str, Any]) -> int:
     return shape.layers
 
@@ -345,6 +351,7 @@ def _register_builtin() -> None:
         FullFinetuneConfig,
         IA3Config,
         LoraConfig,
+        OFTConfig,
         TopLayersConfig,
         VeraConfig,
     )
@@ -495,6 +502,18 @@ def _register_builtin() -> None:
             "#e377c2",
             _vera,
             description="VeRA: shared frozen random matrices, trained scaling vectors",
+        )
+    )
+
+    register_type(MethodType("OFT", OFTConfig, "deltatune.methods.oft", mixed_batch=False, servable=False))
+    register(
+        Method(
+            "oft",
+            "OFT",
+            1e-3,
+            "#7f3fbf",
+            _oft,
+            description="OFT: a block-diagonal orthogonal rotation of each adapted layer's input",
         )
     )
 
