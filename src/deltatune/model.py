@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import functools
 import logging
 import os
@@ -18,7 +17,7 @@ import torch
 from torch import nn
 
 from deltatune import checkpoint, inject
-from deltatune.config import AnyConfig, LoraConfig, load_config
+from deltatune.config import AnyConfig, load_config
 from deltatune.errors import short
 from deltatune.methods import modules_to_save as mts
 from deltatune.methods import registry
@@ -142,40 +141,11 @@ class PeftModel(nn.Module):
         if missing:
             raise ValueError(f"no adapter(s) named {missing}; loaded adapters: {self.adapter_names}")
         configs = [self.peft_config[a] for a in adapters]
-        if any(not isinstance(c, LoraConfig) or c.use_dora for c in configs):
+        combined = getattr(registry.module_for(configs[0].peft_type), "weighted_config", None)
+        if combined is None or len({c.peft_type for c in configs}) > 1:
             raise ValueError("add_weighted_adapter combines plain LoRA adapters (not DoRA or other methods)")
         combination_type = "linear" if len(adapters) == 1 else combination_type
-        ranks = [max(c.r, *c.rank_pattern.values()) if c.rank_pattern else c.r for c in configs]
-        if combination_type == "linear":
-            if len(set(ranks)) != 1:
-                raise ValueError(
-                    f"combination_type='linear' needs adapters of one rank, got ranks {ranks}; use 'cat' or 'svd'"
-                )
-            new_rank = ranks[0]
-        elif combination_type == "cat":
-            new_rank = sum(ranks)
-        elif combination_type == "svd":
-            new_rank = svd_rank or max(ranks)
-        else:
-            raise ValueError(f"unknown combination_type {combination_type!r}; use 'linear', 'cat' or 'svd'")
-        targets = [c.target_modules for c in configs]
-        if all(isinstance(t, str) for t in targets):
-            new_targets: str | list[str] = "|".join(f"({t})" for t in targets)
-        elif all(isinstance(t, list) for t in targets):
-            new_targets = sorted(set().union(*targets))
-        else:
-            raise ValueError("can't combine adapters whose target_modules mix regex strings and lists")
-        config = dataclasses.replace(
-            configs[0],
-            r=new_rank,
-            lora_alpha=new_rank,
-            target_modules=new_targets,
-            rank_pattern={},
-            alpha_pattern={},
-            use_rslora=False,
-            layers_to_transform=None,
-            init_lora_weights=True,
-        )
+        config = combined(configs, combination_type, svd_rank)
         self.add_adapter(adapter_name, config)
         for _, layer in self._delta_layers():
             if adapter_name in layer.adapters and hasattr(layer, "combine"):

@@ -7,6 +7,7 @@ and the parameter names are PEFT's (`<layer>.lora_A.<adapter>.weight`).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from collections.abc import Iterable
@@ -742,3 +743,46 @@ def summarize(tensors: dict[str, torch.Tensor]) -> dict:
         }
     )
     return {"adapted_modules": modules, "ranks": ranks}
+
+
+def weighted_config(configs: list[LoraConfig], combination_type: str, svd_rank: int | None) -> LoraConfig:
+    """The config of `add_weighted_adapter`'s new adapter from the combined adapters' configs (PEFT's rules):
+    `linear` keeps the (common) rank, `cat` sums the ranks, `svd` takes `svd_rank` (default: the largest).
+
+    Raises:
+        ValueError: DoRA adapters, ranks that `linear` can't mix, an unknown combination, or target_modules that
+            mix regex strings and lists.
+    """
+    if any(c.use_dora for c in configs):
+        raise ValueError("add_weighted_adapter combines plain LoRA adapters (not DoRA or other methods)")
+    ranks = [max(c.r, *c.rank_pattern.values()) if c.rank_pattern else c.r for c in configs]
+    if combination_type == "linear":
+        if len(set(ranks)) != 1:
+            raise ValueError(
+                f"combination_type='linear' needs adapters of one rank, got ranks {ranks}; use 'cat' or 'svd'"
+            )
+        new_rank = ranks[0]
+    elif combination_type == "cat":
+        new_rank = sum(ranks)
+    elif combination_type == "svd":
+        new_rank = svd_rank or max(ranks)
+    else:
+        raise ValueError(f"unknown combination_type {combination_type!r}; use 'linear', 'cat' or 'svd'")
+    targets = [c.target_modules for c in configs]
+    if all(isinstance(t, str) for t in targets):
+        new_targets: str | list[str] = "|".join(f"({t})" for t in targets)
+    elif all(isinstance(t, list) for t in targets):
+        new_targets = sorted(set().union(*targets))
+    else:
+        raise ValueError("can't combine adapters whose target_modules mix regex strings and lists")
+    return dataclasses.replace(
+        configs[0],
+        r=new_rank,
+        lora_alpha=new_rank,
+        target_modules=new_targets,
+        rank_pattern={},
+        alpha_pattern={},
+        use_rslora=False,
+        layers_to_transform=None,
+        init_lora_weights=True,
+    )
