@@ -350,11 +350,13 @@ def test_full_disk_mid_save_removes_the_temp_folder_and_names_the_intact_checkpo
     )
     assert f"the newest intact checkpoint is {step1}" in line and "--resume" in line
     assert sorted(os.listdir(out / "checkpoints")) == ["step-1"]  # no .step-2.tmp
-    # The message's advice works: free space, resume.
+    # The message's advice works: free space, resume. What a killed save left behind goes at the next save.
+    (out / "checkpoints" / ".step-9.tmp").mkdir()
     monkeypatch.setattr(checkpoint, "atomic_torch_save", real)
     code, err = _train(capsys, "--config", str(out / "train_config.yaml"), "--resume")
     assert code == 0, err
     assert (out / "adapter" / checkpoint.WEIGHTS_NAME).is_file()
+    assert sorted(os.listdir(out / "checkpoints")) == ["step-2", "step-3"]
 
 
 def test_interrupted_save_leaves_no_temp_folder(tmp_path, capsys, monkeypatch, bert_folder, data_file):

@@ -240,7 +240,10 @@ def save_checkpoint(
     if ctx.main:
         tmp = os.path.join(root, f".step-{state['step']}.tmp")
         try:
-            shutil.rmtree(tmp, ignore_errors=True)
+            if os.path.isdir(root):  # what a killed save (SIGKILL, power loss) left behind
+                for name in os.listdir(root):
+                    if re.fullmatch(r"\.step-\d+\.tmp", name):
+                        shutil.rmtree(os.path.join(root, name), ignore_errors=True)
             os.makedirs(tmp)
             atomic_save_tensors(os.path.join(tmp, "trainable.safetensors"), weights)
             training = {
