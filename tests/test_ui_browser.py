@@ -338,7 +338,11 @@ def test_screenshots_of_real_runs(browser):
         time.sleep(0.05)
     url = f"http://127.0.0.1:{port}"
     try:
-        found = {r["kind"]: r["path"] for r in reversed(ui_runs.scan(root))}
+        found = {
+            r["kind"]: r["path"]
+            for r in reversed(ui_runs.scan(root))
+            if r["kind"] != "train" or r.get("adapter")
+        }
         browser.get(url + "/#/")
         wait(browser, lambda d: d.find_elements(By.ID, "runs-table"), what="runs")
         shot(browser, "runs", 420)
@@ -357,13 +361,13 @@ def test_screenshots_of_real_runs(browser):
         browser.find_element(By.ID, "launch-submit").click()
         wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#launch-error .error"), what="form error")
         shot(browser, "launch", 820)
-        adapter = os.path.realpath(os.path.join(root, found["train"], "adapter"))
+        adapters = [a["path"] for a in ui_runs.adapters(root) if "/" not in a["run"]][:2]
         browser.get(url + "/#/playground")
-        Select(
-            wait(browser, lambda d: d.find_elements(By.ID, "adapter1"), what="playground")[0]
-        ).select_by_value(adapter)
+        wait(browser, lambda d: d.find_elements(By.ID, "adapter1"), what="playground")
+        for i, adapter in enumerate(adapters, start=1):
+            Select(browser.find_element(By.ID, f"adapter{i}")).select_by_value(adapter)
         browser.find_element(By.ID, "prompt").send_keys(
-            "Congratulations! You have won a free cruise, reply now to claim"
+            "CONGRATULATIONS! You have WON $500! Click here to claim your prize"
         )
         browser.find_element(By.ID, "play-run").click()
         wait(

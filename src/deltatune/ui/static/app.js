@@ -211,7 +211,8 @@ async function pageRuns() {
 const CURVES = [
   ["loss", "loss", ["train_loss", "train_loss_smoothed", "eval_loss"], false],
   ["eval", "eval metric", ["eval_accuracy", "eval_f1", "eval_perplexity"], false],
-  ["speed", "throughput", ["tokens_per_s", "samples_per_s"], false],
+  ["tokens", "real tokens/s", ["tokens_per_s"], false],
+  ["samples", "samples/s", ["samples_per_s"], false],
   ["memory", "memory (MB)", ["peak_mem_mb", "mem_mb", "memory_mb", "gpu_mem_mb"], false],
   ["lr", "learning rate", ["lr"], false],
   ["grad", "gradient norm", ["grad_norm"], false],
