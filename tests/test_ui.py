@@ -153,7 +153,7 @@ def test_form_errors_are_the_cli_messages(runs_dir, tmp_path, capsys):
 
 
 def test_playground_answers_equal_generate(tmp_path, capsys):
-    """Greedy answers of two adapters and the base, side by side, equal `deltatune generate`'s."""
+    """Greedy answers of a LoRA and a bottleneck adapter and the base, side by side, equal `deltatune generate`'s."""
     from deltatune.tools import generate_main
     from deltatune.train import config_from_dict, run
 
@@ -166,7 +166,7 @@ def test_playground_answers_equal_generate(tmp_path, capsys):
         )
     )
     adapters = []
-    for name, seed in (("a", 0), ("b", 1)):
+    for name, method in (("a", "lora"), ("b", "pfeiffer")):  # two kinds: the second gets its own base copy
         cfg = config_from_dict(
             {
                 "model": base,
@@ -175,7 +175,7 @@ def test_playground_answers_equal_generate(tmp_path, capsys):
                 "max_steps": 3,
                 "batch_size": 4,
                 "lr": 0.05,
-                "seed": seed,
+                "method": method,
                 "output_dir": str(tmp_path / "runs" / name),
                 "progress": False,
                 "eval_at_start": False,

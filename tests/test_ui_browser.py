@@ -371,8 +371,9 @@ def test_screenshots_of_real_runs(browser):
         )
         browser.find_element(By.ID, "play-run").click()
         wait(
-            browser, lambda d: d.find_elements(By.CSS_SELECTOR, ".answer .score"), timeout=120, what="answer"
+            browser, lambda d: d.find_elements(By.CSS_SELECTOR, ".answer .score, #play-error"), 600, "answer"
         )
+        assert not browser.find_elements(By.ID, "play-error"), text(browser, "#play-error")
         shot(browser, "playground", 620)
     finally:
         server.should_exit = True

@@ -73,15 +73,25 @@ class Playground:
         if not os.path.isdir(base_path):
             raise PlaygroundError(f"base model folder {base_path!r} does not exist")
         task = infos[0]["task_type"] if infos else None
-        model = tools.load_base(base_path, task, infos[0]["num_labels"] if infos else None)
-        names = []
+        num_labels = infos[0]["num_labels"] if infos else None
+        model = tools.load_base(base_path, task, num_labels)
+        slots = []  # (model, adapter name) per adapter
         for i, path in enumerate(adapters):
             name = f"adapter{i + 1}"
             if i == 0:
                 model = PeftModel.from_pretrained(model, path, adapter_name=name)
             else:
-                model.load_adapter(path, adapter_name=name)
-            names.append(name)
+                try:
+                    model.load_adapter(path, adapter_name=name)
+                except (
+                    ValueError
+                ):  # another kind of method (LoRA next to bottleneck): its own copy of the base
+                    other = PeftModel.from_pretrained(
+                        tools.load_base(base_path, task, num_labels), path, adapter_name=name
+                    ).eval()
+                    slots.append((other, name))
+                    continue
+            slots.append((model, name))
         model.eval()
         tokenizers = [tools.load_tokenizer(path, base_path) for path in adapters]
         if not adapters:
@@ -92,7 +102,7 @@ class Playground:
         )
         self.loaded = {
             "model": model,
-            "names": names,
+            "slots": slots,
             "adapters": list(adapters),
             "tokenizers": tokenizers,
             "base_path": base_path,
@@ -125,7 +135,7 @@ class Playground:
             model = loaded["model"]
             answers = []
 
-            def run(tokenizer) -> dict[str, Any]:
+            def run(tokenizer, model=model) -> dict[str, Any]:
                 if loaded["classify"]:
                     batch = tokenizer([prompt], return_tensors="pt", padding=True)
                     with torch.no_grad():
@@ -144,10 +154,12 @@ class Playground:
                     answers.append(
                         {"name": "base", "path": loaded["base_path"], **run(loaded["tokenizers"][0])}
                     )
-            for name, path, tokenizer in zip(loaded["names"], loaded["adapters"], loaded["tokenizers"]):
-                model.set_adapter(name)
+            for (holder, name), path, tokenizer in zip(
+                loaded["slots"], loaded["adapters"], loaded["tokenizers"]
+            ):
+                holder.set_adapter(name)
                 answer = {"name": os.path.basename(os.path.dirname(path.rstrip("/"))) or name, "path": path}
-                answer.update(run(tokenizer))
+                answer.update(run(tokenizer, holder))
                 if "scores" in answer:
                     answer["labels"] = _labels(path, len(answer["scores"]))
                 answers.append(answer)

@@ -163,7 +163,7 @@ function barChart(title, items, { logY = false, id = null } = {}) {
   const Y = y => T + (1 - (y - lo) / ((hi - lo) || 1)) * (H - T - B);
   for (const t of ticks) {
     svg.append(s("line", { x1: L, x2: W - R, y1: Y(t), y2: Y(t), class: "grid" }));
-    svg.append(s("text", { x: L - 6, y: Y(t) + 4, "text-anchor": "end" }, logY ? fmt(Math.pow(10, t)) : fmt(t)));
+    svg.append(s("text", { x: L - 6, y: Y(t) + 4, "text-anchor": "end" }, logY ? fmt(Math.pow(10, t), id || "") : fmt(t)));
   }
   const bw = (W - L - R) / ok.length;
   ok.forEach((it, i) => {
