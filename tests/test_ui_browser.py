@@ -345,7 +345,7 @@ def test_screenshots_of_real_runs(browser):
         }
         browser.get(url + "/#/")
         wait(browser, lambda d: d.find_elements(By.ID, "runs-table"), what="runs")
-        shot(browser, "runs", 420)
+        shot(browser, "runs", 470)
         browser.get(url + f"/#/run?path={found['train']}")
         wait(browser, lambda d: int(attr(d, '[data-chart="loss"]', "data-points") or 0) > 0, what="curves")
         shot(browser, "run", 900)
@@ -374,7 +374,7 @@ def test_screenshots_of_real_runs(browser):
             browser, lambda d: d.find_elements(By.CSS_SELECTOR, ".answer .score, #play-error"), 600, "answer"
         )
         assert not browser.find_elements(By.ID, "play-error"), text(browser, "#play-error")
-        shot(browser, "playground", 620)
+        shot(browser, "playground", 960)
     finally:
         server.should_exit = True
         thread.join(timeout=10)

@@ -441,7 +441,7 @@ async function pagePlayground() {
       h("label", {}, "prompt / text"), prompt, h("label", {}, "max new tokens"), maxNew,
       h("label", {}, "temperature"), h("div", {}, temp, h("div", { class: "muted" }, "0 = greedy, the same answer as deltatune generate")),
       h("span"), h("div", {}, go))),
-    adapters.length ? null : h("p", { class: "muted" }, "No adapters under the runs folder yet: train one first."), out);
+    ...(adapters.length ? [] : [h("p", { class: "muted" }, "No adapters under the runs folder yet: train one first.")]), out);
   async function run() {
     go.disabled = true;
     out.replaceChildren(h("p", { class: "muted", id: "play-wait" }, "loading the model and answering…"));
