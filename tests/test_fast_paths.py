@@ -143,7 +143,7 @@ def _perturb(model, seed=3):
     with torch.no_grad():
         for _, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
             if p.requires_grad:
-                p.add_(0.05 * torch.randn(p.shape, generator=g))
+                p.add_(0.05 * torch.randn(p.shape, generator=g).to(p.device))
 
 
 def _ours(factory, config, fused, monkeypatch, quantize=None):
@@ -240,3 +240,30 @@ def test_fused_path_trains_the_bias_when_asked(monkeypatch):
     assert bias and all(grads[0][n].abs().sum() > 0 for n in bias)
     for name in grads[1]:
         torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize(("quantize", "dora"), [(None, True), ("nf4", False), ("nf4", True), ("int8", False)])
+def test_fused_path_matches_plain_path_on_cuda(quantize, dora, monkeypatch):
+    """On CUDA the NF4 base dequantizes with bitsandbytes' CUDA kernels; the fused path must still equal the
+    plain one."""
+    if quantize == "nf4":
+        pytest.importorskip("bitsandbytes")
+    config = dict(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False, use_dora=dora)
+    x = ids(batch=2, seq=6).cuda()
+    results = []
+    for fused in (True, False):
+        monkeypatch.setattr(lora_method, "FUSED", fused)
+        base = llama().cuda()
+        if quantize:
+            from deltatune.methods.quant import quantize_model
+
+            quantize_model(base, quantize)
+        torch.manual_seed(1)
+        model = get_peft_model(base, LoraConfig(**config))
+        _perturb(model)
+        results.append(_step(model, x))
+    torch.testing.assert_close(results[0][0], results[1][0], atol=1e-4, rtol=1e-4)
+    for name in results[0][1]:
+        torch.testing.assert_close(results[0][1][name], results[1][1][name], atol=1e-4, rtol=1e-3)
