@@ -505,9 +505,10 @@ def run_train_timing(
     for step in steps.values():  # warm-up
         step()
     times: dict[str, list[float]] = {c: [] for c in cases}
-    for _ in range(rounds):
+    for r in range(rounds):
         for case, step in steps.items():
             times[case].append(_timed(step, device))
+        print(f"  round {r + 1}/{rounds} done", file=sys.stderr, flush=True)
     return {"times": times}
 
 
