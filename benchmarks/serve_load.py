@@ -225,7 +225,9 @@ async def main_async(args) -> dict:
             for name in servers:  # warm-up
                 await phase(clients[name], workload(2, 1, ["base"], words, args.prompt_words), args.time_cap)
             for n_clients in args.clients:
-                for mix, models_ in (("base", ["base"]), ("8 adapters", names[:8]), ("64 adapters", names)):
+                mixes = {"base": ["base"], "8": names[:8], "64": names}
+                for key in args.mixes:
+                    mix, models_ = ("base" if key == "base" else f"{key} adapters"), mixes[key]
                     plan = workload(n_clients, args.requests, models_, words, args.prompt_words)
                     pair = {}
                     for name in ("static", "continuous"):
@@ -267,6 +269,13 @@ async def main_async(args) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--clients", type=int, nargs="+", default=[16, 64])
+    p.add_argument(
+        "--mixes",
+        nargs="+",
+        choices=["base", "8", "64"],
+        default=["base", "8", "64"],
+        help="adapter mixes to run",
+    )
     p.add_argument("--requests", type=int, default=3, help="requests per client")
     p.add_argument("--prompt-words", type=int, default=16)
     p.add_argument("--max-batch", type=int, default=64)
