@@ -23,6 +23,8 @@ GRID = {
     "ia3": [1e-3, 3e-3, 1e-2],
     "vera": [3e-3, 1e-2, 3e-2],
     "oft": [3e-4, 1e-3, 3e-3],
+    "prompt-tuning": [1e-2, 3e-2, 1e-1],
+    "prefix-tuning": [3e-3, 1e-2, 3e-2],
 }
 
 

@@ -18,6 +18,7 @@ from deltatune.config import (
     IA3Config,
     LoraConfig,
     OFTConfig,
+    PromptTuningConfig,
     TopLayersConfig,
     VeraConfig,
 )
@@ -35,6 +36,7 @@ __all__ = [
     "LoraConfig",
     "OFTConfig",
     "PeftModel",
+    "PromptTuningConfig",
     "TopLayersConfig",
     "VeraConfig",
     "get_peft_model",

@@ -158,7 +158,8 @@ def head_num_labels(tensors: dict[str, Any]) -> int | None:
 
     `tensors` maps keys to tensors or to shapes (`tensor_shapes`)."""
     for head in ("classifier.weight", "score.weight", "classifier.out_proj.weight"):
-        tensor = tensors.get(KEY_PREFIX + head)
+        # PEFT saves a head under `base_model.model.` (or `base_model.` for prompt learning).
+        tensor = tensors.get(KEY_PREFIX + head, tensors.get("base_model." + head))
         shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else tensor
         if shape is not None and len(shape) == 2:
             return int(shape[0])

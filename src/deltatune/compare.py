@@ -319,9 +319,10 @@ def _behaviour(model, batch, task: str) -> dict[str, Any]:
     if task == "causal-lm":
         labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, IGNORE_INDEX)
         out = model(**batch, labels=labels)
-        return {"raw": out.logits, "loss": float(out.loss)}
+        # Prompt tuning's virtual tokens come first: the last positions are the input's.
+        return {"raw": out.logits[:, -labels.shape[1] :], "loss": float(out.loss)}
     out = model(**batch, output_hidden_states=True)
-    hidden = out.hidden_states[-1]
+    hidden = out.hidden_states[-1][:, -batch["attention_mask"].shape[1] :]
     mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
     pooled = (hidden * mask).sum(1) / mask.sum(1)
     return {"raw": pooled, "pooled": pooled, "logits": out.logits if hasattr(out, "logits") else None}

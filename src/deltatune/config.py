@@ -623,6 +623,68 @@ class OFTConfig(_BaseConfig):
         return out
 
 
+@dataclass
+class _PromptLearningConfig(_BaseConfig):
+    """Fields of PEFT's prompt-learning methods. The model-dependent ones (`token_dim`, `num_attention_heads`,
+    `num_layers`, `num_transformer_submodules`) are filled from the model's config when left `None`, as PEFT does
+    (for grouped-query attention, prefix tuning sizes its keys/values by `num_key_value_heads`)."""
+
+    num_virtual_tokens: int | None = None
+    token_dim: int | None = None
+    num_transformer_submodules: int | None = None
+    num_attention_heads: int | None = None
+    num_layers: int | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("num_virtual_tokens", "token_dim", "num_transformer_submodules", "num_attention_heads", "num_layers"):
+            value = getattr(self, name)
+            _check(
+                value is None or (isinstance(value, int) and not isinstance(value, bool) and value > 0),
+                f"{name} must be a positive integer, got {value!r}",
+            )
+        _check(self.num_virtual_tokens is not None, f"{type(self).__name__} needs num_virtual_tokens (e.g. 20)")
+
+
+PROMPT_TUNING_INIT = ("RANDOM", "SAMPLE_VOCAB", "TEXT")
+
+
+@dataclass
+class PromptTuningConfig(_PromptLearningConfig):
+    """Prompt tuning (Lester et al., 2021): `num_virtual_tokens` trained embeddings prepended to the input
+    embeddings; the model itself stays frozen (PEFT's names and meanings).
+
+    Args:
+        num_virtual_tokens: how many virtual tokens (the trained parameters are `num_virtual_tokens x token_dim`).
+        prompt_tuning_init: `"RANDOM"` (PEFT's default: standard normal), `"SAMPLE_VOCAB"` (embeddings of random
+            vocabulary tokens) or `"TEXT"` (the embeddings of `prompt_tuning_init_text`, repeated or cut to length).
+        prompt_tuning_init_text: the text for `"TEXT"`.
+        tokenizer_name_or_path: the tokenizer for `"TEXT"` (a local folder or hub name).
+        tokenizer_kwargs: extra arguments for `AutoTokenizer.from_pretrained` (`"TEXT"` only).
+    """
+
+    peft_type: ClassVar[str] = "PROMPT_TUNING"
+
+    prompt_tuning_init: str = "RANDOM"
+    prompt_tuning_init_text: str | None = None
+    tokenizer_name_or_path: str | None = None
+    tokenizer_kwargs: dict | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(
+            self.prompt_tuning_init in PROMPT_TUNING_INIT,
+            f"unknown prompt_tuning_init {self.prompt_tuning_init!r}; use one of {', '.join(PROMPT_TUNING_INIT)}",
+        )
+        if self.prompt_tuning_init == "TEXT":
+            _check(bool(self.tokenizer_name_or_path), "prompt_tuning_init='TEXT' needs tokenizer_name_or_path")
+            _check(self.prompt_tuning_init_text is not None, "prompt_tuning_init='TEXT' needs prompt_tuning_init_text")
+        _check(
+            not self.tokenizer_kwargs or self.prompt_tuning_init == "TEXT",
+            "tokenizer_kwargs only apply with prompt_tuning_init='TEXT'",
+        )
+
+
 AnyConfig = _BaseConfig
 
 

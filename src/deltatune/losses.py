@@ -91,6 +91,16 @@ _UNSUPPORTED = {
 }  # logit scaling / soft-capping
 
 
+def _changes_inputs(model: nn.Module) -> bool:
+    """The wrapper's forward changes the inputs (prompt/prefix tuning): the backbone alone would skip that."""
+    config = getattr(model, "peft_config", None)
+    if not isinstance(config, dict) or getattr(model, "active_adapter", None) not in config:
+        return False
+    from deltatune.methods import registry
+
+    return registry.method_type(config[model.active_adapter].peft_type).kind == "virtual_tokens"
+
+
 def causal_lm_loss(
     model: nn.Module, labels: torch.Tensor, *, chunk_size: int = 1024, **inputs
 ) -> torch.Tensor:
@@ -105,7 +115,13 @@ def causal_lm_loss(
     backbone = getattr(inner, getattr(inner, "base_model_prefix", ""), None)
     head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
     mtype = getattr(getattr(inner, "config", None), "model_type", None)
-    if backbone is None or head is None or mtype in _UNSUPPORTED or type(head) is not nn.Linear:
+    if (
+        backbone is None
+        or head is None
+        or mtype in _UNSUPPORTED
+        or type(head) is not nn.Linear
+        or _changes_inputs(model)
+    ):
         return model(**inputs, labels=labels).loss
     hidden = backbone(**inputs).last_hidden_state
     hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])

@@ -215,13 +215,13 @@ class PeftModel(nn.Module):
             params[name].requires_grad_(True)
 
     # ---- forward -----------------------------------------------------------------------------------
-    def _prepare_inputs(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    def _prepare_inputs(self, args: tuple, kwargs: dict, generate: bool = False) -> tuple[tuple, dict]:
         """Methods that change the inputs (virtual tokens, key/value prefixes) do so here."""
         method = registry.module_for(self.peft_config[self.active_adapter].peft_type)
         prepare = getattr(method, "prepare_inputs", None)
         if prepare is None:
             return args, kwargs
-        return prepare(self, self.active_adapter, args, kwargs)
+        return prepare(self, self.active_adapter, args, kwargs, generate=generate)
 
     def forward(self, *args, adapter_names: list[str] | None = None, **kwargs):
         """The base model's forward; `adapter_names` gives each row of the batch its own adapter."""
@@ -233,7 +233,7 @@ class PeftModel(nn.Module):
 
     def generate(self, *args, adapter_names: list[str] | None = None, **kwargs):
         """The base model's `generate`; `adapter_names` as in `forward`."""
-        args, kwargs = self._prepare_inputs(args, kwargs)
+        args, kwargs = self._prepare_inputs(args, kwargs, generate=True)
         if adapter_names is None:
             return self.base_model.generate(*args, **kwargs)
         with self._mixed_batch(adapter_names, args, kwargs):
@@ -261,8 +261,13 @@ class PeftModel(nn.Module):
                 "mixed-adapter batches need adapters (LoRA, bottleneck, ...), not full/top-layer fine-tuning"
             )
         if not kind.mixed_batch or any(not layer.supports_mixed_batch for _, layer in self._delta_layers()):
+            why = (
+                " (their virtual tokens change the length and the keys/values of every row)"
+                if kind.kind == "virtual_tokens"
+                else ""
+            )
             raise ValueError(
-                f"{kind.peft_type} adapters don't support mixed-adapter batches; run one adapter at a time "
+                f"{kind.peft_type} adapters don't support mixed-adapter batches{why}; run one adapter at a time "
                 "(set_adapter)"
             )
         token = MIXED.set(MixedBatch(list(adapter_names)))
@@ -420,11 +425,13 @@ class PeftModel(nn.Module):
         """The tensors of one adapter under PEFT's keys (`base_model.model.<path>...`)."""
         adapter_name = adapter_name or self.active_adapter
         method = registry.module_for(self.peft_config[adapter_name].peft_type)
+        prefix = registry.method_type(self.peft_config[adapter_name].peft_type).key_prefix
         params = dict(self.base_model.named_parameters())
         out = {}
         for name in self._adapter_param_names(adapter_name):
-            key = mts.saved_key(method.saved_key(name, adapter_name), adapter_name)
-            out[checkpoint.KEY_PREFIX + key] = params[name]
+            key = method.saved_key(name, adapter_name)
+            if key is not None:  # None: saved whole by `shared_tensors` (prompt learning's `prompt_embeddings`)
+                out[prefix + mts.saved_key(key, adapter_name)] = params[name]
         shared = getattr(method, "shared_tensors", None)  # tensors of the whole adapter (VeRA's projections)
         if shared is not None:
             out.update(shared(self.base_model, self.peft_config[adapter_name], adapter_name))
@@ -501,15 +508,16 @@ class PeftModel(nn.Module):
 
     def _load_tensors(self, adapter_name: str, tensors: dict[str, torch.Tensor], where: str) -> None:
         method = registry.module_for(self.peft_config[adapter_name].peft_type)
+        prefix = registry.method_type(self.peft_config[adapter_name].peft_type).key_prefix
         wrappers = [n for n, m in self.base_model.named_modules() if isinstance(m, mts.ModulesToSave)]
         found = {}
         load_shared = getattr(method, "load_shared", None)
-        if load_shared is not None:  # keys outside the model's own (VeRA's `base_model.vera_A`)
-            shared = {k: t for k, t in tensors.items() if not k.startswith(checkpoint.KEY_PREFIX)}
+        if load_shared is not None:  # keys outside the model's own (VeRA's `base_model.vera_A`, `prompt_embeddings`)
+            shared = {k: t for k, t in tensors.items() if not k.startswith(prefix)}
             load_shared(self.base_model, self.peft_config[adapter_name], adapter_name, shared, where)
             tensors = {k: t for k, t in tensors.items() if k not in shared}
         for key, tensor in tensors.items():
-            key = key.removeprefix(checkpoint.KEY_PREFIX)
+            key = key.removeprefix(prefix)
             for w in wrappers:
                 if (
                     key.startswith(f"{w}.")
@@ -520,7 +528,11 @@ class PeftModel(nn.Module):
                     break
             found[method.internal_key(key, adapter_name)] = tensor
         params = dict(self.base_model.named_parameters())
-        expected = {n: params[n].shape for n in self._adapter_param_names(adapter_name)}
+        expected = {
+            n: params[n].shape
+            for n in self._adapter_param_names(adapter_name)
+            if method.saved_key(n, adapter_name) is not None
+        }
         # Tensors a PEFT checkpoint may add (a targeted embedding's base weight, say) load into the base.
         extra = {k: params[k].shape for k in found if k not in expected and k in params}
         checkpoint.check_shapes({**expected, **extra}, found, where)

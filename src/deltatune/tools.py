@@ -159,12 +159,11 @@ def _adapter_summary(directory: str) -> dict:
 
     shapes = checkpoint.tensor_shapes(weights_file)
     # What the method itself saved (a trained head, saved beside any method, is not an adapted module).
+    prefix = registry.method_type(config.peft_type).key_prefix
     own = {
-        k.removeprefix(checkpoint.KEY_PREFIX): s
+        k.removeprefix(prefix): s
         for k, s in shapes.items()
-        if not any(
-            k.removeprefix(checkpoint.KEY_PREFIX).startswith(f"{h}.") for h in (config.modules_to_save or [])
-        )
+        if not any(k.removeprefix(prefix).startswith(f"{h}.") for h in (config.modules_to_save or []))
     }
     summary = registry.module_for(config.peft_type).summarize(own)
     label_map = read_label_map(directory)

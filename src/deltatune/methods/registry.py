@@ -190,6 +190,18 @@ def _oft(shape: ModelShape, o: Mapping[str, Any]) -> float:
     return shape.layers * o["targets_per_layer"] * (shape.hidden // b) * (b * (b - 1) // 2)
 
 
+# The merge refusal of the methods that add virtual tokens (prompt.py's MERGE_ERROR; not imported: torch).
+_VIRTUAL_MERGE_ERROR = (
+    "{method} can't be merged into the base weights: its virtual tokens are extra inputs, not a change of any "
+    "weight, so no plain model computes the same thing. Keep using the adapter model as it is, or call unload() "
+    "to get the plain base model back."
+)
+
+
+def _prompt_tuning(shape: ModelShape, o: Mapping[str, Any]) -> float:
+    return o.get("num_virtual_tokens", 20) * shape.hidden
+
+
 def _all_blocks(shape: ModelShape, o: Mapping[str, Any]) -> int:
     return shape.layers
 
@@ -215,6 +227,7 @@ class MethodType:
     mixed_batch: bool = True
     identity_at_init: bool = True  # a fresh adapter computes exactly what the base does
     adds_task_heads: bool = True  # a task's head trains as `modules_to_save` (not for full: it all trains)
+    key_prefix: str = "base_model.model."  # PEFT's prefix of the file's keys ("base_model." for prompt learning)
 
     @property
     def in_place(self) -> bool:
@@ -329,6 +342,11 @@ def not_servable(peft_type: str) -> str:
     kind = method_type(peft_type)
     if kind.in_place:
         return f"{peft_type} checkpoints are whole models, not adapters to serve"
+    if kind.kind == "virtual_tokens":
+        return (
+            f"{peft_type} adapters can't be served: serve runs mixed-adapter batches, which don't support virtual "
+            "tokens (they change the length and the keys/values of every row); use `deltatune generate` instead"
+        )
     if not kind.mixed_batch:
         return f"{peft_type} adapters can't be served yet: serve runs mixed-adapter batches, which they don't support"
     return f"{peft_type} adapters can't be served"
@@ -352,6 +370,7 @@ def _register_builtin() -> None:
         IA3Config,
         LoraConfig,
         OFTConfig,
+        PromptTuningConfig,
         TopLayersConfig,
         VeraConfig,
     )
@@ -514,6 +533,32 @@ def _register_builtin() -> None:
             "#7f3fbf",
             _oft,
             description="OFT: a block-diagonal orthogonal rotation of each adapted layer's input",
+        )
+    )
+
+    register_type(
+        MethodType(
+            "PROMPT_TUNING",
+            PromptTuningConfig,
+            "deltatune.methods.prompt",
+            kind="virtual_tokens",
+            mergeable=False,
+            merge_error=_VIRTUAL_MERGE_ERROR.format(method="prompt tuning"),
+            servable=False,
+            mixed_batch=False,
+            identity_at_init=False,
+            key_prefix="base_model.",
+        )
+    )
+    register(
+        Method(
+            "prompt-tuning",
+            "PROMPT_TUNING",
+            3e-2,
+            "#9467bd",
+            _prompt_tuning,
+            args={"num_virtual_tokens": 20, "prompt_tuning_init": "SAMPLE_VOCAB"},
+            description="prompt tuning: 20 trained virtual tokens in front of the input embeddings",
         )
     )
 
