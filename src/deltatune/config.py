@@ -685,6 +685,37 @@ class PromptTuningConfig(_PromptLearningConfig):
         )
 
 
+@dataclass
+class PrefixTuningConfig(_PromptLearningConfig):
+    """Prefix tuning (Li & Liang, 2021): per layer, `num_virtual_tokens` trained keys and values in front of the
+    sequence's own; the model stays frozen (PEFT's names and meanings).
+
+    Args:
+        num_virtual_tokens: the prefix length.
+        prefix_projection: train a `[num_virtual_tokens, token_dim]` table through a two-layer MLP (Linear, Tanh,
+            Linear) instead of the keys/values directly; the file holds the MLP's output (loads for inference only).
+        encoder_hidden_size: the MLP's hidden size (default: `token_dim`).
+        init_weights: `None` (PEFT's default: standard normal) or `"zero"` (the prefix starts at zero).
+    """
+
+    peft_type: ClassVar[str] = "PREFIX_TUNING"
+
+    init_weights: str | None = None
+    encoder_hidden_size: int | None = None
+    prefix_projection: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(self.init_weights in (None, "zero"), f"init_weights must be None or 'zero', got {self.init_weights!r}")
+        _check(isinstance(self.prefix_projection, bool), f"prefix_projection must be True or False, got {self.prefix_projection!r}")
+        _check(
+            self.encoder_hidden_size is None
+            or (isinstance(self.encoder_hidden_size, int) and not isinstance(self.encoder_hidden_size, bool)
+                and self.encoder_hidden_size > 0),
+            f"encoder_hidden_size must be a positive integer, got {self.encoder_hidden_size!r}",
+        )  # fmt: skip
+
+
 AnyConfig = _BaseConfig
 
 

@@ -202,6 +202,10 @@ def _prompt_tuning(shape: ModelShape, o: Mapping[str, Any]) -> float:
     return o.get("num_virtual_tokens", 20) * shape.hidden
 
 
+def _prefix_tuning(shape: ModelShape, o: Mapping[str, Any]) -> float:
+    return o.get("num_virtual_tokens", 20) * shape.layers * 2 * shape.hidden
+
+
 def _all_blocks(shape: ModelShape, o: Mapping[str, Any]) -> int:
     return shape.layers
 
@@ -370,6 +374,7 @@ def _register_builtin() -> None:
         IA3Config,
         LoraConfig,
         OFTConfig,
+        PrefixTuningConfig,
         PromptTuningConfig,
         TopLayersConfig,
         VeraConfig,
@@ -559,6 +564,32 @@ def _register_builtin() -> None:
             _prompt_tuning,
             args={"num_virtual_tokens": 20, "prompt_tuning_init": "SAMPLE_VOCAB"},
             description="prompt tuning: 20 trained virtual tokens in front of the input embeddings",
+        )
+    )
+
+    register_type(
+        MethodType(
+            "PREFIX_TUNING",
+            PrefixTuningConfig,
+            "deltatune.methods.prefix",
+            kind="virtual_tokens",
+            mergeable=False,
+            merge_error=_VIRTUAL_MERGE_ERROR.format(method="prefix tuning"),
+            servable=False,
+            mixed_batch=False,
+            identity_at_init=False,
+            key_prefix="base_model.",
+        )
+    )
+    register(
+        Method(
+            "prefix-tuning",
+            "PREFIX_TUNING",
+            1e-2,
+            "#c5b0d5",
+            _prefix_tuning,
+            args={"num_virtual_tokens": 20},
+            description="prefix tuning: 20 trained keys and values in front of every layer's own",
         )
     )
 
