@@ -412,8 +412,8 @@ def test_more_hostile_adapter_files(saved_adapter):
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("lr=1e300", "lr: must be a positive number up to 10"),
-        ("lr=.inf", "lr: must be a positive number up to 10"),
+        ("lr=1e300", "lr: must be positive and at most 10"),
+        ("lr=.inf", "lr: must be positive and at most 10"),
         ("epochs=.nan", "epochs: must be a finite number, got nan"),
         ("output_dir=/dev/null", "output_dir: '/dev/null' is a file, not a folder"),
         ("model=[[1]]", "model: expected str, got list [[1]]"),

@@ -390,7 +390,7 @@ def validate(config: TrainConfig) -> list[str]:
         errors.append(f"epochs: must be positive when max_steps is unset, got {config.epochs}")
     if config.lr is not None and not 0 < config.lr <= 10:
         errors.append(
-            f"lr: must be a positive number up to 10 (AdamW's are usually 1e-5 to 1e-2), got {config.lr}"
+            f"lr: must be positive and at most 10 (AdamW's are usually 1e-5 to 1e-2), got {config.lr}"
         )
     for key in ("weight_decay", "max_grad_norm", "epochs", "eval_fraction"):
         if not math.isfinite(getattr(config, key)):
