@@ -40,6 +40,7 @@ def test_saved_by_peft_loads_here(tmp_path, family, opts):
     saved_by_peft_loads_here(tmp_path, family, peft.IA3Config(**copy.deepcopy(opts)))
 
 
+@pytest.mark.slow  # the round trips above already fail on a wrong key; this names it
 @pytest.mark.parametrize(("family", "opts"), CASES[:4], ids=IDS[:4])
 def test_same_files_and_default_targets_as_peft(tmp_path, family, opts):
     same_files_as_peft(

@@ -84,7 +84,11 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("name, family", CASES)
+@pytest.mark.parametrize(
+    "name, family",
+    # QLoRA-NF4 imports bitsandbytes (seconds of CPU); its contract runs with `pytest -m slow`.
+    [pytest.param(n, f, marks=pytest.mark.slow) if n == "qlora-nf4" else (n, f) for n, f in CASES],
+)
 def test_method_contract(name, family, tmp_path):
     spec = registry.get(name)
     x = tf.ids(batch=4)
