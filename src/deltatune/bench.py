@@ -646,6 +646,10 @@ def _train_rows(timing: dict, memory: list[dict]) -> list[dict]:
     rows = []
     for case in times:
         row = {"case": case, **mem.get(case, {})}
+        if case.startswith("bound-") or case in CASES and CASES[case].peer == "ours":
+            row.setdefault("loss", "ours")  # deltatune's default loss (chunked for causal LMs)
+        else:
+            row.setdefault("loss", "model's")
         row["step_s"] = statistics.median(times[case])
         if case in CASES:
             bound = _ratios(times, case, CASES[case].bound)
@@ -733,7 +737,7 @@ def bench(
         row = _subprocess(["--worker", "memory", "--case", case, "--steps", str(mem_steps), *common])
         row.setdefault("case", case)
         memory_rows.append(row)
-    train_rows = []
+    train_rows, timing = [], {}
     if cases:
         timed = with_bounds(list(cases))
         print(
@@ -779,6 +783,7 @@ def bench(
         "transformers": transformers.__version__,
         "train": train_rows,
         "latency": latency_rows,
+        "step_times": timing.get("times", {}),  # every round, for other paired ratios
     }
     if device == "cuda":
         result["gpu"] = torch.cuda.get_device_name()
