@@ -198,13 +198,17 @@ def main() -> None:
     )
     parser.add_argument("--max-len", type=int, default=1024, help="longest example / packed row, in tokens")
     parser.add_argument("--batch", type=int, default=8, help="examples per padded batch")
+    parser.add_argument("--hidden", type=int, default=64, help="hidden size of the generated model")
+    parser.add_argument("--layers", type=int, default=2, help="layers of the generated model")
     parser.add_argument("--method", default="full", help="method of the throughput runs")
     parser.add_argument("--lr", type=float, default=3e-3, help="learning rate of the throughput runs")
     parser.add_argument("--out", default=None, help="also write the results here (JSON)")
     parser.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
     args = parser.parse_args()
     work = args.work or tempfile.mkdtemp(prefix="deltatune-data-scale-")
-    model = make_model(os.path.join(work, "model"), max_len=args.max_len)
+    model = make_model(
+        os.path.join(work, "model"), hidden=args.hidden, layers=args.layers, max_len=args.max_len
+    )
     results = {"command": " ".join(sys.argv), "cpus": os.cpu_count()}
     sizes = [int(float(x)) for x in args.rows.split(",") if x]
     if sizes:
