@@ -3,6 +3,8 @@
 Each method trains on the embedded default (all-MiniLM-L6-v2, builtin:spam, the compare settings: 60 steps,
 batch 8, max_length 64, seed 0) at a few learning rates around the usual range for that method, and the
 held-out accuracy is printed. A method's default is the rate that did best here (ties: the smaller rate).
+These defaults are what `deltatune compare --fast` uses and the centre of the grid that `lr: auto` (compare's
+default) searches on each user's own validation split.
 
     python benchmarks/lr_sweep.py [--methods full,lora] [--steps 60] [--out lr_sweep.json]
 """

@@ -67,6 +67,8 @@ def test_compare_classifier(tmp_path):
             out,
             "--price-per-hour",
             "2.5",
+            "--lr",
+            "default",
         )
         == 0
     )
@@ -90,7 +92,7 @@ def test_compare_classifier(tmp_path):
     assert by["lora"]["base_restored"] is True and by["houlsby"]["base_restored"] is True
     assert by["full"]["base_restored"] is None and by["full"]["forgetting"]["embedding_cosine_distance"] > 0
     report = (out / "report.md").read_text()
-    assert "| lora |" in report and "lora:" in report and "smaller than full fine-tuning's" in report
+    assert "| lora |" in report and "lora:" in report and "x smaller" in report and "within noise" in report
     for png in ("metrics.png", "latency.png", "loss_curves.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
 
@@ -115,7 +117,7 @@ def test_compare_causal_lm_with_peer_and_a_failing_method(tmp_path):
         "--peers",
         "peft",
         "--lr",
-        "top-layers=-1",
+        "default,top-layers=-1",
         "--steps",
         "2",
         "--out",
@@ -124,7 +126,7 @@ def test_compare_causal_lm_with_peer_and_a_failing_method(tmp_path):
     assert code == 0
     results = json.loads((out / "results.json").read_text())
     by = {r["method"]: r for r in results["methods"]}
-    assert by["top-layers"]["status"] == "failed" and "lr: must be positive" in by["top-layers"]["error"]
+    assert by["top-layers"]["status"] == "failed" and "lr: must be a positive number" in by["top-layers"]["error"]
     for name in ("lora", "peft-lora"):
         assert by[name]["status"] == "ok", by[name]
         assert by[name]["eval_perplexity"] > 1 and "reference_ppl_change" in by[name]["forgetting"]
@@ -175,6 +177,8 @@ def test_memory_estimate_against_the_measured_peak_on_the_default_model(tmp_path
                 "--no-progress",
                 "--latency-reps",
                 "1",
+                "--lr",
+                "default",
             ]
         )
         == 0

@@ -1,8 +1,12 @@
 """`deltatune compare`: the article's experiment — every method on the same model and data, side by side.
 
-Each method trains in its own process (so its peak memory is its own) with the same steps, batch and
-seed, and its own default learning rate (adapters and LoRA need a larger one than full fine-tuning).
-Then, in that process, the trained result is measured: checkpoint size, inference latency at batch 1
+Each method trains in its own process (so its peak memory is its own) on the same data, batch and seed.
+By default every choice is made on a validation split held out of the training data (stratified by label;
+never the eval data, which is only reported): each method's learning rate by a short search around its
+default (`lr: auto`), and its training length by early stopping on the validation loss, with the best
+weights restored. `--fast` keeps fixed short runs (60 steps at each method's default rate). `--seeds N`
+repeats each method with N seeds and reports mean and spread. Then, in that process, the trained result
+is measured: checkpoint size, inference latency at batch 1
 and 32 (LoRA also merged), and forgetting — how far the model's original behaviour moved. The parent
 writes `results.json`, `report.md` and PNG plots, and prints a table with ratios against full
 fine-tuning, like the article's "+96% samples/s, -57.6% memory".
@@ -11,6 +15,7 @@ fine-tuning, like the article's "+96% samples/s, -57.6% memory".
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import math
@@ -74,6 +79,17 @@ def validate(args: argparse.Namespace) -> list[str]:
         if method not in args.methods:
             errors.append(f"--lr names {method!r}, which is not among --methods")
     errors += tracking.check(getattr(args, "report_to", None))
+    if not 0 <= args.val_fraction < 1:
+        errors.append(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
+    if args.seeds < 1:
+        errors.append(f"--seeds must be at least 1, got {args.seeds}")
+    if args.patience < 1:
+        errors.append(f"--patience must be at least 1, got {args.patience}")
+    needs_split = args.early_stopping or any(v == "auto" for v in args.lr.values())
+    if needs_split and not args.val_fraction:
+        errors.append(
+            "--val-fraction 0 leaves nothing to choose the lr or the length on: give --lr default and --steps, or --fast"
+        )
     if "peft-lora" in args.methods:
         try:
             import peft  # noqa: F401
@@ -113,8 +129,9 @@ def _task_fits(path: str, task: str) -> str | None:
 # ---- one method, in its own process ---------------------------------------------------------------------
 
 
-def _round_robin(fns: dict[str, Any], reps: int) -> dict[str, float]:
-    """Median ms of each function, timed in turns so that they all see the same machine noise."""
+def _round_robin(fns: dict[str, Any], reps: int) -> dict[str, tuple[float, float, float]]:
+    """(25th percentile, median, 75th percentile) ms of each function, timed in turns so that they all see
+    the same machine noise."""
     times: dict[str, list[float]] = {k: [] for k in fns}
     for rep in range(reps + 1):
         for key, fn in fns.items():
@@ -122,7 +139,11 @@ def _round_robin(fns: dict[str, Any], reps: int) -> dict[str, float]:
             fn()
             if rep:  # the first round warms up
                 times[key].append(time.perf_counter() - start)
-    return {k: statistics.median(v) * 1000 for k, v in times.items()}
+    out = {}
+    for key, values in times.items():
+        q = statistics.quantiles(values, n=4, method="inclusive") if len(values) > 1 else values * 3
+        out[key] = (q[0] * 1000, statistics.median(values) * 1000, q[2] * 1000)
+    return out
 
 
 def _folder_bytes(path: str) -> int:
@@ -160,14 +181,18 @@ def run_method(spec: dict[str, Any]) -> dict[str, Any]:
             "output_dir": out,
             "save_every": 0,
             "log_every": 1,
-            "eval_at_start": False,
-            "progress": spec["progress"],
+            "eval_at_start": spec.get("eval_at_start", True),
+            "progress": False,
+            "val_fraction": spec.get("val_fraction", 0.2),
+            "early_stopping": spec.get("early_stopping", False),
+            "patience": spec.get("patience", 3),
+            "method_args": spec.get("method_args") or {},
             "report_to": spec.get("report_to") or [],
         }
     )
     wrap = _peft_wrap if method == "peft-lora" else None
     baseline_mb = _rss_mb()
-    summary = run(cfg, overwrite=True, wrap=wrap)
+    summary = run(cfg, overwrite=True, wrap=wrap, on_progress=_emit if spec["progress"] else None)
     record = {
         k: summary.get(k)
         for k in (
@@ -183,9 +208,27 @@ def run_method(spec: dict[str, Any]) -> dict[str, Any]:
             "trainable_params",
             "total_params",
             "steps",
+            "total_steps",
             "lr",
+            "lr_chosen_by",
+            "lr_search",
+            "validation",
+            "evaluated_on",
+            "stopped_early",
+            "best_step",
+            "val_loss",
+            "val_accuracy",
+            "val_curve",
+            "step_time_s",
+            "global_batch",
+            "eval_rows",
         )
+        if k in summary
     }
+    if "before" in summary:  # the untrained model (the new head on the frozen base), on the same eval rows
+        record["untrained"] = summary["before"]
+    record["method_args"] = {**registry.get(train_method).args, **(spec.get("method_args") or {})}
+    record["seed"] = spec["seed"]
     adapter = summary["adapter_dir"]
     record["checkpoint_bytes"] = _folder_bytes(adapter)
     record["baseline_mem_mb"] = baseline_mb
@@ -253,13 +296,15 @@ def run_method(spec: dict[str, Any]) -> dict[str, Any]:
         variants = {"base": base, "": tuned}
         if registry.get(train_method).mergeable and not registry.get(train_method).in_place:
             variants["_merged"] = copy.deepcopy(tuned).merge_and_unload(dtype=torch.float32)
-        latency = {}
+        latency, spread = {}, {}
         for batch_name, batch in (("b1", b1), ("b32", b32)):
             reps = spec["latency_reps"] if batch_name == "b1" else max(3, spec["latency_reps"] // 8)
             got = _round_robin({k: (lambda m=m, b=batch: m(**b)) for k, m in variants.items()}, reps)
-            for key, ms in got.items():
-                latency[f"base_{batch_name}" if key == "base" else f"{batch_name}{key}"] = ms
+            for key, (p25, ms, p75) in got.items():
+                name = f"base_{batch_name}" if key == "base" else f"{batch_name}{key}"
+                latency[name], spread[name] = ms, [p25, p75]
     record["latency_ms"] = latency
+    record["latency_iqr_ms"] = spread  # 25th and 75th percentile of the timed rounds
     return record
 
 
@@ -344,8 +389,35 @@ def _forgetting(before: dict[str, Any], after: dict[str, Any], task: str) -> dic
 
 # ---- the parent -----------------------------------------------------------------------------------------
 
+PROGRESS_PREFIX = "@deltatune-progress "
+AGGREGATED = (
+    "train_loss",
+    "eval_loss",
+    "eval_accuracy",
+    "eval_f1",
+    "eval_perplexity",
+    "val_loss",
+    "val_accuracy",
+    "runtime_s",
+    "samples_per_s",
+    "steps_per_s",
+    "peak_mem_mb",
+    "lr",
+    "steps",
+    "best_step",
+    "checkpoint_bytes",
+)
 
-def _run_worker(spec: dict[str, Any]) -> dict[str, Any]:
+
+def _emit(event: dict[str, Any]) -> None:
+    """A worker's progress line on stdout, read by the parent's progress bar."""
+    print(PROGRESS_PREFIX + json.dumps(event), flush=True)
+
+
+def _run_worker(spec: dict[str, Any], on_event: Any = None) -> dict[str, Any]:
+    """Run one method (one seed) in its own process; `on_event` gets its progress events as they come."""
+    import tempfile
+
     os.makedirs(spec["out"], exist_ok=True)
     spec_path = os.path.join(spec["out"], "compare_spec.json")
     record_path = os.path.join(spec["out"], "record.json")
@@ -357,27 +429,39 @@ def _run_worker(spec: dict[str, Any]) -> dict[str, Any]:
         **os.environ,
         "TRANSFORMERS_VERBOSITY": "error",
         "PYTHONWARNINGS": "ignore",
-        "TQDM_MININTERVAL": "1",
+        "TQDM_DISABLE": "1",
     }
-    proc = subprocess.run(
-        [sys.executable, "-m", "deltatune.compare", "--worker", spec_path],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    with tempfile.TemporaryFile("w+") as err:  # a file, not a pipe: a chatty stderr can't block the worker
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "deltatune.compare", "--worker", spec_path],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+            bufsize=1,
+        )
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if line.startswith(PROGRESS_PREFIX) and on_event:
+                with contextlib.suppress(ValueError):
+                    on_event(json.loads(line[len(PROGRESS_PREFIX) :]))
+        proc.wait()
+        err.seek(0)
+        stderr = err.read()
     if os.path.isfile(record_path):
         with open(record_path) as f:
             return json.load(f)
-    tail = [line for line in proc.stderr.strip().splitlines() if line.strip()][-1:] or [
+    tail = [line for line in stderr.strip().splitlines() if line.strip()][-1:] or [
         f"exit code {proc.returncode}"
     ]
     return {"method": spec["method"], "status": "failed", "error": tail[0][-300:]}
 
 
 def _worker_main(spec_path: str) -> int:
+    import logging
     import traceback
 
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
     with open(spec_path) as f:
         spec = json.load(f)
     record_path = os.path.join(spec["out"], "record.json")
@@ -391,63 +475,247 @@ def _worker_main(spec_path: str) -> int:
     return 0 if record["status"] == "ok" else 1
 
 
+def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One record from the same method run with several seeds: each metric is the mean over the seeds that
+    ran, `spread[metric]` its sample standard deviation, `per_seed[metric]` the values; latency medians are
+    averaged too. Non-numeric fields come from the first seed. A single run is returned as it is."""
+    ok = [r for r in runs if r.get("status") == "ok"]
+    if len(runs) == 1:
+        return runs[0]
+    if not ok:
+        return {**runs[0], "seeds": [r.get("seed") for r in runs]}
+    record = dict(ok[0])
+    record["seeds"] = [r.get("seed") for r in ok]
+    record["failed_seeds"] = [
+        {"seed": r.get("seed"), "error": r.get("error")} for r in runs if r.get("status") != "ok"
+    ]
+    record["per_seed"], record["spread"] = {}, {}
+    for key in AGGREGATED:
+        values = [r[key] for r in ok if isinstance(r.get(key), (int, float))]
+        if len(values) != len(ok):
+            continue
+        record[key] = statistics.fmean(values)
+        record["per_seed"][key] = values
+        record["spread"][key] = statistics.stdev(values) if len(values) > 1 else 0.0
+    for field in ("latency_ms",):
+        keys = set.intersection(*(set(r.get(field) or {}) for r in ok))
+        record[field] = {k: statistics.fmean(r[field][k] for r in ok) for k in sorted(keys)}
+    untrained = [r["untrained"] for r in ok if r.get("untrained")]
+    if untrained:
+        record["untrained"] = {
+            k: statistics.fmean(u[k] for u in untrained)
+            for k in untrained[0]
+            if all(k in u for u in untrained)
+        }
+    return record
+
+
+def result_line(record: dict[str, Any], task: str) -> str:
+    """The line printed as a method finishes."""
+    from deltatune import report
+
+    method = record["method"]
+    if record.get("status") != "ok":
+        return f"{method}: FAILED: {record.get('error', '?')}"
+    parts = []
+    quality = report.quality_cell(record, task)
+    if quality:
+        where = "val" if record.get("evaluated_on") == "validation split" else "eval"
+        name = "ppl" if task == "causal-lm" else "acc"
+        parts.append(f"{where} {name} {quality}")
+        base = (record.get("untrained") or {}).get("eval_accuracy")
+        if base is not None and task != "causal-lm":
+            parts[-1] += f" (untrained {100 * base:.1f}%)"
+    if record.get("train_loss") is not None:
+        parts.append(f"train loss {record['train_loss']:.3f}")
+    if record.get("lr") is not None:
+        parts.append(f"lr {record['lr']:.2g}" + (" (auto)" if record.get("lr_chosen_by") == "auto" else ""))
+    steps = f"{record.get('steps', 0):.0f} steps"
+    if record.get("best_step") is not None:
+        steps += f", best at {record['best_step']:.0f}" + (
+            " (stopped early)" if record.get("stopped_early") else " (did not stop: raise --epochs)"
+        )
+    parts.append(steps)
+    parts.append(f"{record.get('samples_per_s', 0):.1f} samples/s")
+    parts.append(f"{record.get('runtime_s', 0):.0f} s")
+    return f"{method}: " + ", ".join(parts)
+
+
+class _Progress:
+    """A bar per method for what its worker is doing now (lr search, training), with ETA and live loss;
+    plain lines when not on a terminal or with --no-progress."""
+
+    def __init__(self, console: Any, enabled: bool):
+        self.console, self.enabled, self.phase = console, enabled and console.is_terminal, None
+        self.progress = None
+        if self.enabled:
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+
+            self.progress = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(bar_width=24),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[loss]}"),
+                TimeElapsedColumn(),
+                TextColumn("eta"),
+                TimeRemainingColumn(),
+                console=console,
+                transient=True,
+            )
+
+    def __enter__(self) -> _Progress:
+        if self.progress:
+            self.progress.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.progress:
+            self.progress.stop()
+
+    def start(self, label: str) -> None:
+        self.label, self.phase, self.task, self.val = label, None, None, ""
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        phase = event.get("phase", "training")
+        if event["event"] == "val":
+            self.val = f" val loss {event['val_loss']:.3f}"
+            return
+        if phase != self.phase:
+            if self.progress and self.task is not None:
+                self.progress.remove_task(self.task)
+            self.phase, self.val = phase, ""
+            if self.progress:
+                self.task = self.progress.add_task(f"{self.label} {phase}", total=event["total"], loss="")
+            else:
+                self.console.print(f"    {phase}: {event['total']} steps at most", highlight=False)
+        if self.progress:
+            self.progress.update(
+                self.task,
+                completed=event["step"],
+                loss=f"epoch {event.get('epoch', 0):.1f} loss {event['loss']:.3f}{self.val}",
+            )
+
+    def done(self) -> None:
+        if self.progress and self.task is not None:
+            self.progress.remove_task(self.task)
+        self.task = None
+
+
 def compare(args: argparse.Namespace) -> dict[str, Any]:
     """Run every method and write the results; returns the results dict."""
     from rich.console import Console
 
+    from deltatune.builtin_data import default_eval
+
     console = Console(stderr=True)
     os.makedirs(args.out, exist_ok=True)
-    eval_source = args.eval_data or (
-        f"{args.data}:eval" if args.data.startswith("builtin:") and not args.eval_fraction else args.data
-    )
+    # What the eval_* numbers are measured on: only ever reported, never used to choose anything.
+    eval_data = args.eval_data or (None if args.eval_fraction else default_eval(args.data))
+    # Texts for the latency batches (any text of the task does).
+    latency_texts = eval_data or args.data
+    fast = args.fast
+    seeds = [args.seed + k for k in range(args.seeds)]
+    automatic = args.early_stopping or "auto" in args.lr.values()
+    split_used = bool(args.val_fraction) and (automatic or (eval_data is None and not args.eval_fraction))
+    if split_used:
+        console.print(
+            f"validation split: {args.val_fraction:.0%} of {args.data}, stratified by label"
+            if args.task == "seq-cls"
+            else f"validation split: {args.val_fraction:.0%} of {args.data}, at random",
+            highlight=False,
+        )
+    if eval_data is None and not args.eval_fraction:
+        console.print("no eval data (--eval-data): evaluating on the validation split", highlight=False)
     records = []
     start = time.perf_counter()
-    for i, method in enumerate(args.methods, start=1):
-        lr = args.lr.get(method, registry.get("lora" if method == "peft-lora" else method).lr)
-        console.print(
-            f"[bold][{i}/{len(args.methods)}] {method}[/bold]  lr {lr:g}, {args.steps or args.epochs} "
-            f"{'steps' if args.steps else 'epochs'}, batch {args.batch_size}"
-        )
-        spec = {
-            "method": method,
-            "out": os.path.join(args.out, method),
-            "model": args.model,
-            "task": args.task,
-            "data": args.data,
-            "eval_data": args.eval_data,
-            "eval_fraction": args.eval_fraction,
-            "eval_source": eval_source,
-            "reference_data": args.reference_data,
-            "max_length": args.max_length,
-            "batch_size": args.batch_size,
-            "steps": args.steps,
-            "epochs": args.epochs,
-            "lr": lr,
-            "seed": args.seed,
-            "progress": not args.no_progress,
-            "latency_reps": args.latency_reps,
-            "report_to": tracking.as_list(args.report_to),
-        }
-        record = _run_worker(spec)
-        record["method"] = method
-        if args.price_per_hour is not None and record.get("runtime_s") is not None:
-            record["cost"] = record["runtime_s"] / 3600 * args.price_per_hour
-        records.append(record)
-        status = "[red]failed[/red]: " + record.get("error", "") if record.get("status") != "ok" else "done"
-        console.print(f"    {status}")
+    with _Progress(console, not args.no_progress) as progress:
+        for i, method in enumerate(args.methods, start=1):
+            default_lr = registry.get("lora" if method == "peft-lora" else method).lr
+            lr = args.lr[method]
+            length = (
+                f"{args.steps} steps"
+                if args.steps
+                else f"up to {args.epochs:g} epochs, early stopping (patience {args.patience})"
+                if args.early_stopping
+                else f"{args.epochs:g} epochs"
+            )
+            lr_text = f"lr auto around {default_lr:g}" if lr == "auto" else f"lr {lr:g}"
+            console.print(
+                f"[bold][{i}/{len(args.methods)}] {method}[/bold]  {lr_text}, {length}, batch {args.batch_size}"
+                + (f", seeds {seeds[0]}..{seeds[-1]}" if len(seeds) > 1 else ""),
+                highlight=False,
+            )
+            runs = []
+            for seed in seeds:
+                spec = {
+                    "method": method,
+                    "out": os.path.join(args.out, method)
+                    if len(seeds) == 1
+                    else os.path.join(args.out, method, f"seed-{seed}"),
+                    "model": args.model,
+                    "task": args.task,
+                    "data": args.data,
+                    "eval_data": args.eval_data,
+                    "eval_fraction": args.eval_fraction,
+                    "eval_source": latency_texts,
+                    "reference_data": args.reference_data,
+                    "max_length": args.max_length,
+                    "batch_size": args.batch_size,
+                    "steps": args.steps,
+                    "epochs": args.epochs,
+                    "lr": lr,
+                    "seed": seed,
+                    "progress": not args.no_progress,
+                    "latency_reps": args.latency_reps,
+                    "val_fraction": args.val_fraction if split_used else 0.0,
+                    "early_stopping": args.early_stopping,
+                    "patience": args.patience,
+                    "report_to": tracking.as_list(args.report_to),
+                }
+                progress.start(method if len(seeds) == 1 else f"{method} seed {seed}")
+                record = _run_worker(spec, progress)
+                progress.done()
+                record["method"], record["run_dir"] = method, os.path.relpath(spec["out"], args.out)
+                runs.append(record)
+            record = aggregate(runs)
+            if args.price_per_hour is not None and record.get("runtime_s") is not None:
+                record["cost"] = record["runtime_s"] / 3600 * args.price_per_hour
+            records.append(record)
+            style = "red" if record.get("status") != "ok" else "green"
+            console.print(f"    [{style}]{result_line(record, args.task)}[/{style}]", highlight=False)
     results = {
         "model": args.model,
         "task": args.task,
         "dataset": args.data,
         "settings": {
+            "mode": "fast" if fast else "tuned",
             "steps": args.steps,
             "epochs": args.epochs,
+            "early_stopping": args.early_stopping,
+            "patience": args.patience if args.early_stopping else None,
             "batch_size": args.batch_size,
             "seed": args.seed,
+            "seeds": seeds,
             "max_length": args.max_length,
-            "eval_data": eval_source,
+            "eval_data": eval_data,
+            "eval_fraction": args.eval_fraction or None,
+            "evaluated_on": eval_data
+            or (
+                f"{args.eval_fraction:.0%} of {args.data}, held out"
+                if args.eval_fraction
+                else "validation split"
+            ),
+            "validation": {"fraction": args.val_fraction, "of": args.data} if split_used else None,
             "reference_data": args.reference_data,
             "lr": {r["method"]: r.get("lr") for r in records},
+            "lr_auto": [r["method"] for r in records if r.get("lr_chosen_by") == "auto"],
             "price_per_hour": args.price_per_hour,
         },
         "total_runtime_s": time.perf_counter() - start,
@@ -455,26 +723,37 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
     }
     from deltatune import report
 
-    with open(os.path.join(args.out, "results.json"), "w") as f:
+    tmp = os.path.join(args.out, "results.json.tmp")
+    with open(tmp, "w") as f:
         json.dump(results, f, indent=2)
+    os.replace(tmp, os.path.join(args.out, "results.json"))
     report.write(results, args.out)
     report.print_table(results)
     console.print(
-        f"\nresults: {os.path.join(args.out, 'results.json')}, report: {os.path.join(args.out, 'report.md')}, "
-        f"plots: {args.out}/*.png"
+        f"\ntotal {results['total_runtime_s'] / 60:.1f} min; results: {os.path.join(args.out, 'results.json')}, "
+        f"report: {os.path.join(args.out, 'report.md')}, plots: {args.out}/*.png",
+        highlight=False,
     )
     return results
 
 
-def _lr_overrides(text: str) -> dict[str, float]:
-    out = {}
+def _lr_overrides(text: str) -> dict[str, float | str]:
+    """`lora=1e-3,full=auto` -> {"lora": 1e-3, "full": "auto"}; a value without a method applies to all
+    (`--lr auto`, `--lr default`, `--lr 1e-4`)."""
+    out: dict[str, float | str] = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
-        name, _, value = part.partition("=")
+        name, sep, value = part.partition("=")
+        if not sep:
+            name, value = "*", name
+        if value in ("auto", "default"):
+            out[name] = value
+            continue
         try:
             out[name] = float(value)
         except ValueError:
             raise argparse.ArgumentTypeError(
-                f"--lr takes method=value pairs, e.g. lora=1e-3,full=5e-5; got {part!r}"
+                f"--lr takes a rate, 'auto' or 'default', for all methods or per method "
+                f"(lora=1e-3,full=auto); got {part!r}"
             ) from None
     return out
 
@@ -502,18 +781,54 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"comma-separated, from {', '.join(registry.names())} (default {','.join(DEFAULT_METHODS)})",
     )
     parser.add_argument("--peers", default="", help="'peft' adds PEFT's LoRA with the same settings")
-    parser.add_argument("--steps", type=int, default=None, help="optimizer steps per method (default 60)")
-    parser.add_argument("--epochs", type=float, default=None, help="passes over the data, instead of --steps")
-    parser.add_argument("--batch-size", type=int, default=8, help="examples per training step")
     parser.add_argument(
-        "--max-length", type=int, default=64, help="examples are truncated to this many tokens"
+        "--steps",
+        type=int,
+        default=None,
+        help="a fixed number of optimizer steps per method (no early stopping)",
     )
     parser.add_argument(
-        "--lr", type=_lr_overrides, default={}, help="per-method learning rates: lora=1e-3,full=5e-5"
+        "--epochs",
+        type=float,
+        default=None,
+        help="passes over the training data: the most with early stopping (default 15), else exactly",
     )
     parser.add_argument(
-        "--seed", type=int, default=0, help="seed of the data order, the split and the weights"
+        "--patience",
+        type=int,
+        default=3,
+        help="early stopping: epochs without a better validation loss (default 3)",
     )
+    parser.add_argument(
+        "--no-early-stopping", action="store_true", help="train all --epochs, keep the last weights"
+    )
+    parser.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.2,
+        help="fraction of --data held out (stratified) for choosing lr and length, never trained on (default 0.2)",
+    )
+    parser.add_argument(
+        "--fast",
+        action="store_true",
+        help="the quick look: 60 steps per method at its default lr, no search, no early stopping",
+    )
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        help="run each method with this many seeds; mean and spread (default 1)",
+    )
+    parser.add_argument("--batch-size", type=int, default=8, help="examples per step (default 8)")
+    parser.add_argument("--max-length", type=int, default=64, help="tokens per example (default 64)")
+    parser.add_argument(
+        "--lr",
+        type=_lr_overrides,
+        default={},
+        help="learning rates: auto (default: searched per method on the validation split), default (each "
+        "method's own), a number, or per method: lora=1e-3,full=auto",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="the first seed (default 0)")
     parser.add_argument(
         "--reference-data",
         default="builtin:quotes:eval",
@@ -544,8 +859,19 @@ def main(argv: list[str] | None = None) -> int:
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     args.methods += [PEERS[p] for p in filter(None, args.peers.split(",")) if p in PEERS]
     unknown_peers = [p for p in filter(None, args.peers.split(",")) if p not in PEERS]
-    if args.steps is None and args.epochs is None:
+    if args.fast and args.steps is None and args.epochs is None:
         args.steps = 60
+    if args.steps is None and args.epochs is None:
+        args.epochs = 15.0
+    args.early_stopping = not args.fast and args.steps is None and not args.no_early_stopping
+    every = args.lr.pop("*", None)
+    for method in args.methods:
+        value = args.lr.get(method, every)
+        if value == "default" or (value is None and args.fast):
+            args.lr.pop(method, None)
+            value = registry.get("lora" if method == "peft-lora" else method).lr
+        args.lr[method] = value if value is not None else "auto"
+    args.lr_given = {m for m in args.lr}
     errors = validate(args) + [f"unknown peer {p!r}; the peer is 'peft'" for p in unknown_peers]
     if errors:
         print("deltatune compare: nothing was run:\n  " + "\n  ".join(errors), file=sys.stderr)

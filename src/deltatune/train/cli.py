@@ -59,7 +59,7 @@ main = train_main
 
 
 def _print_summary(summary: dict[str, Any]) -> None:
-    rows = [(k, v) for k, v in summary.items() if not isinstance(v, dict) and v is not None]
+    rows = [(k, v) for k, v in summary.items() if not isinstance(v, (dict, list)) and v is not None]
     if "before" in summary:
         rows += [(f"{k} (before training)", v) for k, v in summary["before"].items()]
     width = max(len(k) for k, _ in rows)

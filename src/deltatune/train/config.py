@@ -26,7 +26,16 @@ from deltatune.methods import registry
 
 TASK_TYPES = {"seq-cls": "SEQ_CLS", "causal-lm": "CAUSAL_LM"}
 DTYPES = {name: dtypes.torch_dtype(name) for name in dtypes.NAMES}  # the spellings train configs use
-RUN_FILES = ("train_config.yaml", "metrics.jsonl", "summary.json", "label_map.json", "checkpoints", "adapter")
+RUN_FILES = (
+    "train_config.yaml",
+    "metrics.jsonl",
+    "summary.json",
+    "label_map.json",
+    "checkpoints",
+    "adapter",
+    "lr_search.json",
+    "lr_search",
+)
 
 
 @dataclass
@@ -78,8 +87,15 @@ class TrainConfig:
     num_proc: int = 1
     """Processes that tokenize the data (batched, through `datasets`); the result is cached on disk."""
 
-    lr: float | None = None
-    """Peak learning rate; by default the method's own (`deltatune.methods.registry`)."""
+    lr: float | Literal["auto"] | None = None
+    """Peak learning rate; by default the method's own (`deltatune.methods.registry`). `auto`: a short search
+    on the validation split (`lr_search_*`), around the method's default; the chosen rate and the curve go in
+    the summary."""
+    lr_search_steps: int = 0
+    """`lr: auto`: optimizer steps per tried rate (0: one epoch of the training split, 10 to 30 steps)."""
+    lr_search_trials: int = 5
+    """`lr: auto`: at most this many rates: the default x 1/3, x 1, x 3, then further out by x 3 while the
+    best is at an end of the grid."""
     loraplus_lr_ratio: float | None = None
     """LoRA+: LoRA's B matrices (and 1-D parameters) learn at `lr * loraplus_lr_ratio` (PEFT's
     `create_loraplus_optimizer`); the method `lora-plus` sets 16."""
@@ -114,6 +130,20 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """`auto`: CUDA when there is one."""
 
+    val_fraction: float = 0.2
+    """The validation split: this fraction of the training data (stratified by label for classification) is
+    held out of training when something is chosen automatically (`lr: auto`, `early_stopping`), or when there
+    is no eval data (then the evaluation is on it). 0: never hold out."""
+    early_stopping: bool = False
+    """Train up to `epochs` (or `max_steps`), evaluating on the validation split every epoch (or every
+    `val_every` steps); stop after `patience` evaluations without improvement and restore the best weights."""
+    patience: int = 3
+    """Early stopping: evaluations without improvement of `val_metric` before stopping."""
+    val_metric: Literal["loss", "accuracy"] = "loss"
+    """Early stopping watches this on the validation split (`accuracy`: classification only; ties go to the
+    lower loss)."""
+    val_every: int = 0
+    """Early stopping: evaluate on the validation split every N steps (0: at the end of every epoch)."""
     eval_every: int = 0
     """Evaluate every N steps (0: only at the end)."""
     eval_at_start: bool = True
@@ -313,7 +343,17 @@ def _coerce(value: Any, hint: Any, key: str, errors: list[str]) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0] if len(inner) == 1 else hint, key, errors)
+        if len(inner) == 1:
+            return _coerce(value, inner[0], key, errors)
+        tries = []
+        for alternative in inner:  # the first alternative that takes the value as it is
+            trial: list[str] = []
+            coerced = _coerce(value, alternative, key, trial)
+            if not trial:
+                return coerced
+            tries.append(trial[0])
+        errors.append(" or ".join(tries))
+        return value
     if origin is Literal:
         if value not in args:
             choices = ", ".join(repr(a) for a in args)
@@ -388,7 +428,9 @@ def validate(config: TrainConfig) -> list[str]:
         )
     if config.max_steps is None and not config.epochs > 0:
         errors.append(f"epochs: must be positive when max_steps is unset, got {config.epochs}")
-    if config.lr is not None and not 0 < config.lr <= 10:
+    if isinstance(config.lr, str) and config.lr != "auto":
+        errors.append(f"lr: a positive number or 'auto', got {config.lr!r}")
+    elif isinstance(config.lr, (int, float)) and not 0 < config.lr <= 10:
         errors.append(
             f"lr: must be positive and at most 10 (AdamW's are usually 1e-5 to 1e-2), got {config.lr}"
         )
@@ -398,6 +440,33 @@ def validate(config: TrainConfig) -> list[str]:
     out = output_dir(config)
     if os.path.exists(out) and not os.path.isdir(out):
         errors.append(f"output_dir: {short(out)} is a file, not a folder; set another output_dir")
+    if not 0 <= config.val_fraction < 1:
+        errors.append(f"val_fraction: must be in [0, 1), got {config.val_fraction}")
+    automatic = [
+        k for k, on in (("lr: auto", config.lr == "auto"), ("early_stopping", config.early_stopping)) if on
+    ]
+    if automatic and not config.val_fraction:
+        errors.append(
+            f"{' and '.join(automatic)} choose on the validation split, but val_fraction is 0; set val_fraction "
+            "(e.g. 0.2) or a fixed lr and max_steps"
+        )
+    if automatic and config.streaming:
+        errors.append(
+            f"{' and '.join(automatic)} need a validation split, which streamed data can't give; "
+            "give a fixed lr and max_steps"
+        )
+    if config.val_metric == "accuracy" and config.task != "seq-cls":
+        errors.append("val_metric: accuracy is for classification (task seq-cls); use loss")
+    errors += [
+        f"{k}: must be at least 1, got {getattr(config, k)}"
+        for k in ("patience", "lr_search_trials")
+        if getattr(config, k) < 1
+    ]
+    errors += [
+        f"{k}: must not be negative, got {getattr(config, k)}"
+        for k in ("val_every", "lr_search_steps")
+        if getattr(config, k) < 0
+    ]
     if not 0 <= config.eval_fraction < 1:
         errors.append(f"eval_fraction: must be in [0, 1), got {config.eval_fraction}")
     if config.eval_fraction and config.eval_data is not None:
@@ -469,6 +538,14 @@ def resolve_dtypes(config: TrainConfig, device: Any) -> TrainConfig:
     if base == "auto":
         base = precision if precision in ("bf16", "fp16") else "fp32"
     return dataclasses.replace(config, precision=precision, base_dtype=base)
+
+
+def needs_validation(config: TrainConfig, has_eval: bool) -> bool:
+    """Whether a run holds out a validation split: for an automatic choice, or to evaluate at all."""
+    automatic = config.lr == "auto" or config.early_stopping
+    if not config.val_fraction or (config.streaming and not automatic):
+        return False  # a streamed set can't be split; validate() refuses automatic choices on one
+    return automatic or not has_eval
 
 
 def output_dir(config: TrainConfig) -> str:

@@ -14,7 +14,7 @@ import resource
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -122,11 +122,20 @@ def train(
     ctx: Context | None = None,
     pad_token_id: int = 0,
     resume_dir: str | None = None,
+    val: list[dict[str, Any]] | None = None,
+    on_progress: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Train `model` (ready: its trainable parameters have `requires_grad`) and return the summary.
 
     Checkpoints go to `<out>/checkpoints/step-N/`, metrics to `<out>/metrics.jsonl`. Stops early (status
     `interrupted`, after saving a checkpoint) when `ctx.stop_signal` is set.
+
+    `val`: the validation split (see `deltatune.split`). With `config.early_stopping` the model is scored on
+    it every epoch (or every `val_every` steps); training stops after `patience` scores without improvement
+    and the best weights are put back (kept in memory: a resumed run starts its search for the best afresh).
+    Without early stopping it is scored once at the end. The summary holds `val_loss`/`val_accuracy` of the
+    weights returned. `on_progress(event)` is called after every step (`{"event": "step", "step", "total",
+    "loss", "epoch"}`) and every validation (`{"event": "val", "step", "val_loss", ...}`).
 
     Raises:
         TrainingError: the loss became NaN or infinite (nothing is saved; earlier checkpoints stay intact).
@@ -141,6 +150,8 @@ def train(
         raise TrainingError("the model has no trainable parameters")
     method = registry.get(cfg.method)
     lr = cfg.lr if cfg.lr is not None else method.lr
+    if not isinstance(lr, (int, float)):
+        raise TrainingError(f"lr={lr!r} must be resolved to a number before training (run() searches it)")
     optimizer = build_optimizer(model, params, cfg, lr, method)
     batcher = make_batcher(
         data.train,
@@ -174,9 +185,34 @@ def train(
     metrics = _Metrics(os.path.join(out, "metrics.jsonl"), ctx.main, state["step"], trackers)
     metrics.log_config(cfg, out, sum(p.numel() for p in params), sum(p.numel() for p in model.parameters()))
     summary: dict[str, Any] = {"resumed_from_step": state["step"] if resume_dir else None}
-    if cfg.eval_at_start and data.eval and not resume_dir:
-        summary["before"] = metrics.log(0, evaluate(model, data, cfg, ctx, pad_token_id, autocast))
+    if cfg.eval_at_start and not resume_dir and (data.eval or val):
+        # with no eval data the untrained model is scored on the validation split, as the trained one is
+        summary["before"] = metrics.log(
+            0,
+            evaluate(
+                model,
+                data,
+                cfg,
+                ctx,
+                pad_token_id,
+                autocast,
+                examples=None if data.eval else val,
+                prefix="eval" if data.eval else "val",
+            ),
+        )
 
+    stopper = _EarlyStopping(cfg, params) if cfg.early_stopping and val else None
+    steps_per_epoch = max(1, math.ceil(per_epoch / cfg.grad_accum))
+    val_every = cfg.val_every or steps_per_epoch
+
+    def validate_now(step: int) -> dict[str, float]:
+        scores = evaluate(model, data, cfg, ctx, pad_token_id, autocast, examples=val, prefix="val")
+        metrics.log(step, scores)
+        if on_progress:
+            on_progress({"event": "val", "step": step, **scores})
+        return scores
+
+    step_times: list[float] = []
     stream = batcher.stream(state)
     bar = tqdm(total=total, initial=state["step"], disable=not (ctx.main and cfg.progress), desc="train")
     start, train_time, steps_run, status = time.perf_counter(), 0.0, 0, "completed"
@@ -218,7 +254,8 @@ def train(
         scaler.update()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        train_time, steps_run = train_time + time.perf_counter() - t0, steps_run + 1
+        step_times.append(time.perf_counter() - t0)
+        train_time, steps_run = train_time + step_times[-1], steps_run + 1
         loss = _mean(loss_sum, ctx)
         ema = loss if state["loss_ema"] is None else 0.9 * state["loss_ema"] + 0.1 * loss
         state |= {
@@ -250,8 +287,22 @@ def train(
                     "tokens": round(tokens_s * train_time),  # real tokens since this process started
                 },
             )
+        if on_progress:
+            on_progress(
+                {
+                    "event": "step",
+                    "step": step,
+                    "total": total,
+                    "loss": loss,
+                    "epoch": position["epoch"] + (position["batch"] / per_epoch if per_epoch else 0),
+                }
+            )
         if data.eval and cfg.eval_every and step % cfg.eval_every == 0 and step < total:
             metrics.log(step, evaluate(model, data, cfg, ctx, pad_token_id, autocast))
+        scored = stopper is not None and (step % val_every == 0 or step == total)
+        if scored and stopper.update(step, validate_now(step)):
+            summary["stopped_early"] = True
+            break
         if stop or (cfg.save_every and step % cfg.save_every == 0):
             checkpoint.save_checkpoint(
                 out, model, optimizer, scheduler, scaler, state, ctx, cfg.keep_checkpoints
@@ -263,6 +314,19 @@ def train(
     runtime = time.perf_counter() - start
     summary |= {"status": status, "steps": state["step"], "total_steps": total}
     summary |= {"train_loss": state["loss_ema"], "train_loss_last": state["loss"]}
+    if stopper and status == "completed":
+        if stopper.best_step != state["step"]:
+            stopper.restore()
+        summary |= {
+            "stopped_early": summary.get("stopped_early", False),
+            "best_step": stopper.best_step,
+            "patience": cfg.patience,
+            "val_metric": cfg.val_metric,
+            "val_curve": stopper.curve,
+        }
+        summary |= {k: v for k, v in stopper.best_scores.items()}
+    elif status == "completed" and val:
+        summary |= validate_now(state["step"])
     if status == "completed" and data.eval:
         summary |= metrics.log(state["step"], evaluate(model, data, cfg, ctx, pad_token_id, autocast))
     summary |= {
@@ -271,6 +335,7 @@ def train(
         "steps_per_s": steps_run / train_time if train_time else 0.0,
         "tokens_per_s": _mean(real_tokens, ctx) * ctx.world / train_time if train_time else 0.0,
         "peak_mem_mb": peak_memory_mb(dev),
+        "step_time_s": _quartiles(step_times[min(3, len(step_times) // 4) :]),
         "trainable_params": sum(p.numel() for p in params),
         "total_params": sum(p.numel() for p in model.parameters()),
         "world_size": ctx.world,
@@ -291,6 +356,46 @@ def train(
                 else "",
             )
     return summary
+
+
+def _quartiles(values: list[float]) -> dict[str, float] | None:
+    """Median and quartiles of the step times (the first few, warm-up, left out by the caller)."""
+    if not values:
+        return None
+    q = np.quantile(np.asarray(values), [0.25, 0.5, 0.75])
+    return {"p25": float(q[0]), "median": float(q[1]), "p75": float(q[2]), "n": len(values)}
+
+
+class _EarlyStopping:
+    """Keeps the best validation score, a copy of the trainable weights that scored it, and the count of
+    scores since; `update` says when to stop."""
+
+    def __init__(self, cfg: TrainConfig, params: list[nn.Parameter]):
+        self.cfg, self.params = cfg, params
+        self.best: tuple[float, float] | None = None
+        self.best_step, self.best_scores, self.since = 0, {}, 0
+        self.curve: list[dict[str, float]] = []
+        self.saved: list[torch.Tensor] = []
+
+    def _key(self, scores: dict[str, float]) -> tuple[float, float]:
+        if self.cfg.val_metric == "accuracy":
+            return (-scores["val_accuracy"], scores["val_loss"])
+        return (scores["val_loss"], 0.0)
+
+    def update(self, step: int, scores: dict[str, float]) -> bool:
+        self.curve.append({"step": step, **scores})
+        key = self._key(scores)
+        if self.best is None or key < self.best:
+            self.best, self.best_step, self.best_scores, self.since = key, step, dict(scores), 0
+            self.saved = [p.detach().to("cpu", copy=True) for p in self.params]
+            return False
+        self.since += 1
+        return self.since >= self.cfg.patience
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for p, saved in zip(self.params, self.saved):
+            p.copy_(saved.to(p.device))
 
 
 def _lr_lambda(schedule: str, warmup: int, total: int):
@@ -375,18 +480,29 @@ def build_optimizer(
 
 
 def evaluate(
-    model: nn.Module, data: Datasets, cfg: TrainConfig, ctx: Context, pad_token_id: int, autocast: Any
+    model: nn.Module,
+    data: Datasets,
+    cfg: TrainConfig,
+    ctx: Context,
+    pad_token_id: int,
+    autocast: Any,
+    *,
+    examples: list[dict[str, Any]] | None = None,
+    prefix: str = "eval",
 ) -> dict[str, float]:
-    """Eval loss; accuracy and macro F1 (classification) or perplexity (causal LM), over every rank's share."""
+    """Eval loss; accuracy and macro F1 (classification) or perplexity (causal LM), over every rank's share.
+
+    `examples` (default: `data.eval`) and `prefix` (`eval` or `val`, the keys' prefix) score another split."""
     classify = data.label_map is not None
+    rows = data.eval if examples is None else examples
     k = len(data.label_map) if classify else 1
     totals = torch.zeros(
         2 + k * k, dtype=torch.float64
     )  # loss sum, count, confusion matrix (gold x predicted)
     model.eval()
-    for ids in eval_batches(len(data.eval), cfg.eval_batch_size, ctx.rank, ctx.world):
-        examples = take(data.eval, [max(i, 0) for i in ids])
-        batch = {key: v.to(ctx.device) for key, v in collate(examples, pad_token_id).items()}
+    for ids in eval_batches(len(rows), cfg.eval_batch_size, ctx.rank, ctx.world):
+        batch_rows = take(rows, [max(i, 0) for i in ids])
+        batch = {key: v.to(ctx.device) for key, v in collate(batch_rows, pad_token_id).items()}
         labels, valid = batch.pop("labels"), torch.tensor([i >= 0 for i in ids], device=ctx.device)
         with autocast:
             logits = model(**batch).logits.float()
@@ -408,13 +524,17 @@ def evaluate(
         totals = totals.cpu()
     loss = float(totals[0] / max(totals[1], 1))
     if not classify:
-        return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
+        return {f"{prefix}_loss": loss, f"{prefix}_perplexity": math.exp(min(loss, 50.0))}
     confusion = totals[2:].reshape(k, k)
     tp = confusion.diag()
     f1_denominator = confusion.sum(0) + confusion.sum(1)  # 2tp + fp + fn
     present = f1_denominator > 0
     f1 = float((2 * tp[present] / f1_denominator[present]).mean()) if present.any() else 0.0
-    return {"eval_loss": loss, "eval_accuracy": float(tp.sum() / max(confusion.sum(), 1)), "eval_f1": f1}
+    return {
+        f"{prefix}_loss": loss,
+        f"{prefix}_accuracy": float(tp.sum() / max(confusion.sum(), 1)),
+        f"{prefix}_f1": f1,
+    }
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -441,7 +561,7 @@ class _Metrics:
         if self.enabled:
             with open(self.path, "a", encoding="utf-8") as f:
                 f.write(json.dumps({"step": step, **values}) + "\n")
-            if "eval_loss" in values:
+            if "eval_loss" in values or "val_loss" in values:
                 logger.info("step %d: %s", step, ", ".join(f"{k}={v:.4f}" for k, v in values.items()))
             if self.trackers:
                 self.trackers.log(step, values)

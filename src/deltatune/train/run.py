@@ -22,17 +22,20 @@ from deltatune.config import method_config
 from deltatune.data import Datasets, load_datasets, load_stream
 from deltatune.embedded import check_model, portable_name, resolve_model
 from deltatune.errors import ConfigError, TrainingError, short
+from deltatune.split import split_validation
 from deltatune.train import loop
 from deltatune.train.config import (
     DTYPES,
     RUN_FILES,
     TASK_TYPES,
     TrainConfig,
+    needs_validation,
     output_dir,
     resolve_dtypes,
     validate,
 )
 from deltatune.train.loop import Context, _catch_signals, _init_context, seed_everything
+from deltatune.train.lr_search import search_lr
 from deltatune.vocab import fix_pad_token
 
 logger = logging.getLogger(__name__)
@@ -40,7 +43,12 @@ logger = logging.getLogger(__name__)
 
 # ---- the Python entry ------------------------------------------------------------------------------------
 def run(
-    config: TrainConfig, *, resume: bool = False, overwrite: bool = False, wrap: Callable | None = None
+    config: TrainConfig,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    wrap: Callable | None = None,
+    on_progress: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Train as `config` says and return the summary (also written to `<output_dir>/summary.json`).
 
@@ -49,6 +57,12 @@ def run(
         resume: continue from the newest complete checkpoint in the output folder.
         overwrite: replace a run that is already in the output folder.
         wrap: `wrap(model, peft_config) -> model` instead of `get_peft_model` (compare's PEFT peer row).
+        on_progress: called with each step's and each validation's numbers (`loop.train`), and, during
+            `lr: auto`, with `phase` naming the rate being tried.
+
+    The validation split (`deltatune.split`) is held out of the training data when `lr` is `auto`, with
+    `early_stopping`, or when there is no eval data; with no eval data the evaluation is on it
+    (`evaluated_on` in the summary says so).
     """
     errors = validate(config)
     if errors:
@@ -83,18 +97,74 @@ def run(
         data_load_s = time.perf_counter() - started  # reading + tokenizing, or reading the cache
         if data.label_map is not None:
             _keep_label_map(os.path.join(out, "label_map.json"), data.label_map, ctx, resume_dir)
+        val, split = None, None
+        if needs_validation(config, bool(data.eval)):
+            train_rows, val, split = split_validation(
+                data.train, config.val_fraction, config.seed, exclude=data.eval
+            )
+            data = dataclasses.replace(data, train=train_rows)
+            if ctx.main:
+                logger.info("%s", split.describe())
+        elif not data.eval and ctx.main:
+            logger.warning("no evaluation: no eval data and val_fraction=0")
         peft_model = build_model(config, data.label_map, tokenizer, ctx.device, wrap=wrap)
         model = _distribute(peft_model, config, ctx)
+        lr_search = None
         with _catch_signals(ctx):
+            if config.lr == "auto" and not resume_dir:
+                lr_search = search_lr(
+                    model,
+                    data,
+                    val,
+                    config,
+                    out=out,
+                    train_fn=loop.train,
+                    ctx=ctx,
+                    pad_token_id=tokenizer.pad_token_id,
+                    on_progress=on_progress,
+                )
+                if ctx.main:
+                    logger.info(
+                        "lr: auto chose %.3g (%s; %d steps per rate, %d in all)",
+                        lr_search["lr"],
+                        ", ".join(f"{t['lr']:.2g} -> {t['val_loss']:.4f}" for t in lr_search["trials"]),
+                        lr_search["steps_per_trial"],
+                        lr_search["budget_steps"],
+                    )
+                    checkpoint.atomic_write_text(
+                        os.path.join(out, "lr_search.json"), json.dumps(lr_search, indent=2)
+                    )
+            elif config.lr == "auto":  # resumed: the rate the interrupted run chose
+                with open(os.path.join(out, "lr_search.json"), encoding="utf-8") as f:
+                    lr_search = json.load(f)
+            train_config = (
+                dataclasses.replace(config, lr=lr_search["lr"]) if lr_search is not None else config
+            )
             summary = loop.train(
                 model,
                 data,
-                config,
+                train_config,
                 out=out,
                 ctx=ctx,
                 pad_token_id=tokenizer.pad_token_id,
                 resume_dir=resume_dir,
+                val=val,
+                on_progress=on_progress,
             )
+        summary["lr_chosen_by"] = "auto" if lr_search else ("given" if config.lr is not None else "default")
+        if lr_search is not None:
+            summary["lr_search"] = lr_search
+        if split is not None:
+            summary["validation"] = split.as_dict()
+        summary["evaluated_on"] = _evaluated_on(config, bool(data.eval), val is not None)
+        summary["eval_rows"] = len(data.eval) if data.eval else len(val or [])
+        if not data.eval and val is not None and summary["status"] == "completed":
+            # no eval data: the evaluation is the validation split's (the summary says so)
+            for name in ("loss", "accuracy", "f1", "perplexity"):
+                if f"val_{name}" in summary:
+                    summary[f"eval_{name}"] = summary[f"val_{name}"]
+                if f"val_{name}" in summary.get("before", {}):
+                    summary["before"][f"eval_{name}"] = summary["before"].pop(f"val_{name}")
         if summary["status"] == "completed":
             try:
                 _save_final(model, peft_model, tokenizer, data, out, ctx)
@@ -135,6 +205,19 @@ def _remove_failed_run(out: str, created: bool) -> None:
     if created:
         with contextlib.suppress(OSError):
             os.rmdir(out)  # only if empty
+
+
+def _evaluated_on(config: TrainConfig, has_eval: bool, has_val: bool) -> str | None:
+    """What the eval_* numbers of the summary were measured on (None: nothing was evaluated)."""
+    from deltatune.builtin_data import default_eval
+
+    if has_eval:
+        if config.eval_data:
+            return config.eval_data
+        if config.eval_fraction:
+            return f"{config.eval_fraction:.0%} of {config.data}, held out"
+        return default_eval(config.data)
+    return "validation split" if has_val else None
 
 
 def _prepare_output(
