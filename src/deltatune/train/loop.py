@@ -461,7 +461,6 @@ def _mean(value: float, ctx: Context) -> float:
     return float(t) / ctx.world
 
 
-@torch.no_grad()
 def build_optimizer(
     model: nn.Module, params: list[nn.Parameter], cfg: TrainConfig, lr: float, method: registry.Method
 ) -> torch.optim.Optimizer:
@@ -479,6 +478,7 @@ def build_optimizer(
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
 
 
+@torch.no_grad()
 def evaluate(
     model: nn.Module,
     data: Datasets,
