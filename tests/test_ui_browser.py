@@ -205,12 +205,12 @@ def test_live_curve_then_stop_leaves_a_resumable_checkpoint(board, browser):
     def points(d) -> int:
         return int(attr(d, '[data-chart="loss"]', "data-points") or 0)
 
-    first = wait(browser, points, what="first points")
-    wait(browser, lambda d: points(d) > first + 2, what="the curve gains points")  # live, without reloading
+    first = wait(browser, points, timeout=120, what="first points")
+    wait(browser, lambda d: points(d) > first + 2, timeout=120, what="the curve gains points")  # live, without reloading
     shot(browser, "run")
     browser.get(job_url)
     wait(browser, lambda d: click(d, "#job-stop"), what="stop button")
-    wait(browser, lambda d: text(d, "#job-status") == "stopped", timeout=60, what="stopped")
+    wait(browser, lambda d: text(d, "#job-status") == "stopped", timeout=180, what="stopped")
     with open(os.path.join(out, "summary.json")) as f:
         summary = json.load(f)
     assert summary["status"] == "interrupted" and summary["signal"] == "SIGTERM"
