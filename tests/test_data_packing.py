@@ -207,7 +207,9 @@ def test_a_packed_run_trains_and_reports_real_tokens_per_second(tmp_path):
     summary = run(config(output_dir=str(tmp_path / "packed")))
     assert summary["status"] == "completed" and summary["tokens_per_s"] > 0
     lines = [json.loads(x) for x in (tmp_path / "packed" / "metrics.jsonl").read_text().splitlines()]
+    lines = [line for line in lines if "train_loss" in line]  # (not the validation lines)
     assert [line["step"] for line in lines] == [1, 2] and all(line["tokens_per_s"] > 0 for line in lines)
+    assert lines[1]["tokens"] > lines[0]["tokens"] > 0
 
 
 @pytest.mark.slow
