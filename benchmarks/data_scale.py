@@ -122,6 +122,7 @@ def memory(work: str, model: str, sizes: list[int], steps: int) -> list[dict]:
             "save_every": 0,
             "eval_at_start": "false",
             "log_every": 1,
+            "val_fraction": 0,  # the data path alone (a validation split is held in memory as a list)
         }
         first = train(work, f"mem-{n}-first", common, cache)
         second = train(work, f"mem-{n}-second", common, cache)
