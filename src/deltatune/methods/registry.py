@@ -559,7 +559,7 @@ def _register_builtin() -> None:
         Method(
             "prompt-tuning",
             "PROMPT_TUNING",
-            3e-2,
+            1e-1,
             "#9467bd",
             _prompt_tuning,
             args={"num_virtual_tokens": 20, "prompt_tuning_init": "SAMPLE_VOCAB"},
