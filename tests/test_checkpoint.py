@@ -124,7 +124,9 @@ def test_head_num_labels_reads_the_head_not_a_pre_classifier():
     from deltatune.checkpoint import head_num_labels
 
     tensors = {
-        "base_model.model.pre_classifier.weight": torch.zeros(32, 32),  # DistilBERT: [dim, dim], not the labels
+        "base_model.model.pre_classifier.weight": torch.zeros(
+            32, 32
+        ),  # DistilBERT: [dim, dim], not the labels
         "base_model.model.classifier.weight": torch.zeros(3, 32),
     }
     assert head_num_labels(tensors) == 3

@@ -48,7 +48,9 @@ def test_saved_here_loads_in_peft_and_the_reverse(family, projection, tmp_path):
     ours = PeftModel.from_pretrained(reference, tmp_path / "theirs")
     torch.testing.assert_close(ours(input_ids=x, attention_mask=mask).logits, expected, atol=1e-5, rtol=0)
     if projection:  # the file holds the projected prefix: inference only, as in PEFT
-        with pytest.raises(CheckpointError, match="prefix_projection=True: its file holds the projected prefix"):
+        with pytest.raises(
+            CheckpointError, match="prefix_projection=True: its file holds the projected prefix"
+        ):
             PeftModel.from_pretrained(FAMILIES[family](), tmp_path / "theirs", is_trainable=True)
 
 
@@ -65,7 +67,9 @@ def test_bert_equals_peft_prefix_cache_and_same_files(tmp_path):
     theirs = peft.PeftModel.from_pretrained(reference, tmp_path / "adapter").eval()
     # PEFT's own prefix (its get_prompt) and head, fed to the model by hand, as PEFT did before transformers 5.
     full_mask = torch.cat([torch.ones(x.shape[0], 4, dtype=mask.dtype), mask], dim=1)
-    expected = theirs.base_model(input_ids=x, attention_mask=full_mask, cache=theirs.get_prompt(x.shape[0])).logits
+    expected = theirs.base_model(
+        input_ids=x, attention_mask=full_mask, cache=theirs.get_prompt(x.shape[0])
+    ).logits
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
     same_files_as_peft(
         tmp_path,
@@ -76,7 +80,9 @@ def test_bert_equals_peft_prefix_cache_and_same_files(tmp_path):
 
 
 def test_generate_with_the_cache_equals_greedy_full_forwards():
-    model = get_peft_model(FAMILIES["llama"](), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+    model = get_peft_model(
+        FAMILIES["llama"](), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)
+    )
     randomize(model, scale=0.5)
     model.eval()
     x = ids(batch=2, seq=5)
@@ -88,14 +94,18 @@ def test_generate_with_the_cache_equals_greedy_full_forwards():
     assert torch.equal(out, seq)
     padded = torch.cat([torch.zeros(1, 2, dtype=torch.long), x[1:, 2:]], dim=1)
     alone = model.generate(input_ids=x[1:, 2:], max_new_tokens=4, do_sample=False)
-    both = model.generate(input_ids=padded, attention_mask=torch.tensor([[0, 0, 1, 1, 1]]), max_new_tokens=4, do_sample=False)
+    both = model.generate(
+        input_ids=padded, attention_mask=torch.tensor([[0, 0, 1, 1, 1]]), max_new_tokens=4, do_sample=False
+    )
     assert torch.equal(both[:, 2:], alone)
 
 
 def test_refusals_and_disable():
     base = FAMILIES["gpt2"]()
     plain = copy.deepcopy(base)
-    model = get_peft_model(base, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3, init_weights="zero"))
+    model = get_peft_model(
+        base, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3, init_weights="zero")
+    )
     x = ids()
     with pytest.raises(ValueError, match="prefix tuning can't be merged into the base weights"):
         model.merge_and_unload()

@@ -63,7 +63,9 @@ def test_same_files_as_peft(tmp_path):
 
 
 def test_generate_equals_greedy_full_forwards_and_left_padding():
-    model = get_peft_model(FAMILIES["llama"](), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+    model = get_peft_model(
+        FAMILIES["llama"](), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)
+    )
     randomize(model, scale=0.5)
     model.eval()
     x = ids(batch=2, seq=5)
@@ -92,14 +94,20 @@ def test_trains_only_the_prompt_and_refuses_merge_and_mixed_batches():
     labels = x.clone()
     loss = model(input_ids=x, labels=labels).loss  # labels get -100 in front of them
     loss.backward()
-    with pytest.raises(ValueError, match="prompt tuning can't be merged into the base weights: its virtual tokens"):
+    with pytest.raises(
+        ValueError, match="prompt tuning can't be merged into the base weights: its virtual tokens"
+    ):
         model.merge_and_unload()
     model.eval()
-    with pytest.raises(ValueError, match="PROMPT_TUNING adapters don't support mixed-adapter batches \\(their virtual"):
+    with pytest.raises(
+        ValueError, match="PROMPT_TUNING adapters don't support mixed-adapter batches \\(their virtual"
+    ):
         model(input_ids=x, adapter_names=["default"] * x.shape[0])
     with model.disable_adapter():
         torch.testing.assert_close(model(input_ids=x).logits, plain(input_ids=x).logits, atol=0, rtol=0)
-    assert "mixed-adapter batches, which don't support virtual tokens" in registry.not_servable("PROMPT_TUNING")
+    assert "mixed-adapter batches, which don't support virtual tokens" in registry.not_servable(
+        "PROMPT_TUNING"
+    )
     assert not registry.method_type("PROMPT_TUNING").servable
     unloaded = model.unload()
     assert type(unloaded.transformer.wte) is torch.nn.Embedding

@@ -206,7 +206,9 @@ def test_live_curve_then_stop_leaves_a_resumable_checkpoint(board, browser):
         return int(attr(d, '[data-chart="loss"]', "data-points") or 0)
 
     first = wait(browser, points, timeout=120, what="first points")
-    wait(browser, lambda d: points(d) > first + 2, timeout=120, what="the curve gains points")  # live, without reloading
+    wait(
+        browser, lambda d: points(d) > first + 2, timeout=120, what="the curve gains points"
+    )  # live, without reloading
     shot(browser, "run")
     browser.get(job_url)
     wait(browser, lambda d: click(d, "#job-stop"), what="stop button")

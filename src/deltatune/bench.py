@@ -20,7 +20,6 @@ identity whose backward takes the gradient and drops it.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import ctypes
@@ -33,97 +32,21 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-# ---- the architectures ------------------------------------------------------------------------------------
-
-ARCHS: dict[str, dict] = {
-    "llama": {
-        "task": "causal",
-        "qv": ["q_proj", "v_proj"],
-        "sizes": {
-            "tiny": dict(
-                hidden_size=64,
-                intermediate_size=172,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                num_key_value_heads=2,
-                vocab_size=1000,
-            ),
-            # ~125M parameters: the SmolLM/Llama recipe at GPT-2-small width, untied head, GQA 12:4
-            "125m": dict(
-                hidden_size=768,
-                intermediate_size=2048,
-                num_hidden_layers=12,
-                num_attention_heads=12,
-                num_key_value_heads=4,
-                vocab_size=32000,
-            ),
-        },
-    },
-    "opt": {
-        "task": "causal",
-        "qv": ["q_proj", "v_proj"],
-        "sizes": {
-            "tiny": dict(
-                hidden_size=64,
-                num_hidden_layers=2,
-                ffn_dim=256,
-                num_attention_heads=4,
-                word_embed_proj_dim=64,
-                vocab_size=1000,
-            ),
-            "125m": dict(
-                hidden_size=768,
-                num_hidden_layers=12,
-                ffn_dim=3072,
-                num_attention_heads=12,
-                word_embed_proj_dim=768,
-                vocab_size=50272,
-            ),
-            "350m": dict(
-                hidden_size=1024,
-                num_hidden_layers=24,
-                ffn_dim=4096,
-                num_attention_heads=16,
-                word_embed_proj_dim=512,
-                do_layer_norm_before=False,
-                vocab_size=50272,
-            ),
-        },
-    },
-    "gpt2": {
-        "task": "causal",
-        "qv": ["c_attn"],  # GPT-2 computes q, k and v in one Conv1D (PEFT's default target for GPT-2)
-        "sizes": {
-            "tiny": dict(n_embd=64, n_layer=2, n_head=4, vocab_size=1000),
-            "125m": dict(n_embd=768, n_layer=12, n_head=12, vocab_size=50257),
-        },
-    },
-    "bert": {
-        "task": "cls",
-        "qv": ["query", "value"],
-        "sizes": {
-            "tiny": dict(
-                hidden_size=64,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                intermediate_size=256,
-                vocab_size=1000,
-            ),
-            "125m": dict(
-                hidden_size=768,
-                num_hidden_layers=12,
-                num_attention_heads=12,
-                intermediate_size=3072,
-                vocab_size=30522,
-            ),  # bert-base, 110M
-        },
-    },
-}
+from deltatune.bench_options import (  # noqa: F401  (re-exported: bench.ARCHS, bench.CASES, ...)
+    ARCHS,
+    CASES,
+    DEFAULT_CASES,
+    LATENCY_CASES,
+    LORA,
+    PEFT_PEER,
+    TOP_LAYERS,
+    Case,
+    build_parser,
+)
 
 
 def build_model(arch: str, size: str, seed: int = 0) -> nn.Module:
@@ -143,70 +66,6 @@ def build_model(arch: str, size: str, seed: int = 0) -> nn.Module:
 
 
 # ---- the cases --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Case:
-    """One training method. `placement` + `quantize` name its bound."""
-
-    kind: str  # lora | houlsby | pfeiffer | top-layers | full
-    peer: str = "ours"  # ours | peft
-    targets: str = "qv"  # qv | all
-    dora: bool = False
-    quantize: str | None = None  # nf4 | int8
-    extra: dict = field(default_factory=dict, hash=False, compare=False)
-
-    @property
-    def bound(self) -> str:
-        if self.kind == "lora":
-            return "bound-" + self.targets + (f"-{self.quantize}" if self.quantize else "")
-        return "bound-" + {"top-layers": "top2"}.get(self.kind, self.kind)
-
-
-CASES: dict[str, Case] = {
-    "lora-qv": Case("lora"),
-    "lora-all": Case("lora", targets="all"),
-    "dora": Case("lora", dora=True),
-    "dora-all": Case("lora", targets="all", dora=True),
-    "qlora-nf4": Case("lora", quantize="nf4"),
-    "qlora-int8": Case("lora", quantize="int8"),
-    "houlsby": Case("houlsby"),
-    "pfeiffer": Case("pfeiffer"),
-    "top-layers": Case("top-layers"),
-    "full": Case("full"),
-    "peft-lora-qv": Case("lora", peer="peft"),
-    "peft-lora-all": Case("lora", peer="peft", targets="all"),
-    "peft-dora": Case("lora", peer="peft", dora=True),
-    "peft-dora-all": Case("lora", peer="peft", targets="all", dora=True),
-    # PEFT's LoRA on bitsandbytes' own Linear4bit (NF4, double-quantized, block 64: the same storage)
-    "peft-qlora-nf4": Case("lora", peer="peft", quantize="nf4"),
-}
-# PEFT's row for each of our cases
-PEFT_PEER = {
-    "lora-qv": "peft-lora-qv",
-    "lora-all": "peft-lora-all",
-    "dora": "peft-dora",
-    "dora-all": "peft-dora-all",
-    "qlora-nf4": "peft-qlora-nf4",
-}
-DEFAULT_CASES = (
-    "lora-qv",
-    "lora-all",
-    "dora",
-    "qlora-nf4",
-    "qlora-int8",
-    "houlsby",
-    "pfeiffer",
-    "top-layers",
-    "full",
-    "peft-lora-qv",
-    "peft-lora-all",
-    "peft-dora",
-    "peft-qlora-nf4",
-)
-LORA = {"r": 8, "lora_alpha": 16}
-TOP_LAYERS = 2
-LATENCY_CASES = ("base", "lora", "lora-merged", "houlsby", "pfeiffer", "mixed8", "peft", "peft-mixed8")
 
 
 def _shared(model: nn.Module) -> nn.Module:
@@ -820,40 +679,7 @@ def bench(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="deltatune bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--arch", choices=list(ARCHS), default="llama", help="model shape (default llama)")
-    parser.add_argument("--size", default="125m", help="tiny, 125m (every arch) or 350m (opt); default 125m")
-    parser.add_argument(
-        "--peers", default="peft", help="comma-separated peers to run beside ours ('peft' or '')"
-    )
-    parser.add_argument("--quick", action="store_true", help="fewer steps and rounds")
-    parser.add_argument(
-        "--rounds", type=int, default=None, help="interleaved timing rounds (default 6, quick 3)"
-    )
-    parser.add_argument("--device", choices=["cpu", "cuda"], default=None)
-    parser.add_argument(
-        "--amp",
-        choices=["none", "fp16", "bf16"],
-        default="none",
-        help="autocast dtype; fp16 adds the grad scaler",
-    )
-    parser.add_argument("--threads", type=int, default=2, help="torch threads on CPU (default 2)")
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument(
-        "--cases",
-        default=",".join(DEFAULT_CASES),
-        help=f"training cases, from: {', '.join(CASES)} (each brings its bound)",
-    )
-    parser.add_argument("--no-latency", action="store_true", help="skip the forward-latency table")
-    parser.add_argument("--no-train", action="store_true", help="skip the training table")
-    parser.add_argument("--no-memory", action="store_true", help="skip the one-process-per-case memory runs")
-    parser.add_argument("--out", default="bench-results", help="folder for the JSON results")
-    # internal: one worker in this process
-    parser.add_argument("--worker", choices=["memory", "timing", "latency"], help=argparse.SUPPRESS)
-    parser.add_argument("--worker-out", help=argparse.SUPPRESS)
-    parser.add_argument("--case", help=argparse.SUPPRESS)
-    parser.add_argument("--steps", type=int, default=3, help=argparse.SUPPRESS)
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.size not in ARCHS[args.arch]["sizes"]:
         parser.error(f"--size {args.size}: {args.arch} comes in {', '.join(ARCHS[args.arch]['sizes'])}")

@@ -29,7 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "estimate": ("deltatune.estimate", "back-of-envelope memory and GPU count for fine-tuning a model"),
     "bench": (
-        "deltatune.bench",
+        "deltatune.bench_options",
         "systems benchmark: step time, memory and latency against the bound and PEFT",
     ),
     "merge": ("deltatune.tools", "merge an adapter into its base and write a plain model folder"),

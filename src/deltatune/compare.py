@@ -851,11 +851,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.worker:
-        return _worker_main(args.worker)
+def resolve(args: argparse.Namespace) -> list[str]:
+    """Turn parsed options into what `compare` runs (method list, run length, early stopping, each method's
+    learning rate) and return every problem with them (empty when they are good). Used by `main` and by the
+    web board's launch form, so that both run and refuse exactly the same things."""
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     args.methods += [PEERS[p] for p in filter(None, args.peers.split(",")) if p in PEERS]
     unknown_peers = [p for p in filter(None, args.peers.split(",")) if p not in PEERS]
@@ -872,7 +871,15 @@ def main(argv: list[str] | None = None) -> int:
             value = registry.get("lora" if method == "peft-lora" else method).lr
         args.lr[method] = value if value is not None else "auto"
     args.lr_given = {m for m in args.lr}
-    errors = validate(args) + [f"unknown peer {p!r}; the peer is 'peft'" for p in unknown_peers]
+    return validate(args) + [f"unknown peer {p!r}; the peer is 'peft'" for p in unknown_peers]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.worker:
+        return _worker_main(args.worker)
+    errors = resolve(args)
     if errors:
         print("deltatune compare: nothing was run:\n  " + "\n  ".join(errors), file=sys.stderr)
         return 2

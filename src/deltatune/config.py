@@ -637,13 +637,21 @@ class _PromptLearningConfig(_BaseConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in ("num_virtual_tokens", "token_dim", "num_transformer_submodules", "num_attention_heads", "num_layers"):
+        for name in (
+            "num_virtual_tokens",
+            "token_dim",
+            "num_transformer_submodules",
+            "num_attention_heads",
+            "num_layers",
+        ):
             value = getattr(self, name)
             _check(
                 value is None or (isinstance(value, int) and not isinstance(value, bool) and value > 0),
                 f"{name} must be a positive integer, got {value!r}",
             )
-        _check(self.num_virtual_tokens is not None, f"{type(self).__name__} needs num_virtual_tokens (e.g. 20)")
+        _check(
+            self.num_virtual_tokens is not None, f"{type(self).__name__} needs num_virtual_tokens (e.g. 20)"
+        )
 
 
 PROMPT_TUNING_INIT = ("RANDOM", "SAMPLE_VOCAB", "TEXT")
@@ -677,8 +685,13 @@ class PromptTuningConfig(_PromptLearningConfig):
             f"unknown prompt_tuning_init {self.prompt_tuning_init!r}; use one of {', '.join(PROMPT_TUNING_INIT)}",
         )
         if self.prompt_tuning_init == "TEXT":
-            _check(bool(self.tokenizer_name_or_path), "prompt_tuning_init='TEXT' needs tokenizer_name_or_path")
-            _check(self.prompt_tuning_init_text is not None, "prompt_tuning_init='TEXT' needs prompt_tuning_init_text")
+            _check(
+                bool(self.tokenizer_name_or_path), "prompt_tuning_init='TEXT' needs tokenizer_name_or_path"
+            )
+            _check(
+                self.prompt_tuning_init_text is not None,
+                "prompt_tuning_init='TEXT' needs prompt_tuning_init_text",
+            )
         _check(
             not self.tokenizer_kwargs or self.prompt_tuning_init == "TEXT",
             "tokenizer_kwargs only apply with prompt_tuning_init='TEXT'",
@@ -706,8 +719,14 @@ class PrefixTuningConfig(_PromptLearningConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check(self.init_weights in (None, "zero"), f"init_weights must be None or 'zero', got {self.init_weights!r}")
-        _check(isinstance(self.prefix_projection, bool), f"prefix_projection must be True or False, got {self.prefix_projection!r}")
+        _check(
+            self.init_weights in (None, "zero"),
+            f"init_weights must be None or 'zero', got {self.init_weights!r}",
+        )
+        _check(
+            isinstance(self.prefix_projection, bool),
+            f"prefix_projection must be True or False, got {self.prefix_projection!r}",
+        )
         _check(
             self.encoder_hidden_size is None
             or (isinstance(self.encoder_hidden_size, int) and not isinstance(self.encoder_hidden_size, bool)

@@ -67,11 +67,7 @@ def pattern_key(keys: Iterable[str], name: str) -> str | None:
 
 def is_linear_like(module: nn.Module) -> bool:
     """nn.Linear, transformers' Conv1D (duck-typed), or a frozen quantized linear of deltatune."""
-    return (
-        isinstance(module, nn.Linear)
-        or is_conv1d(module)
-        or getattr(module, "is_quantized_linear", False)
-    )
+    return isinstance(module, nn.Linear) or is_conv1d(module) or getattr(module, "is_quantized_linear", False)
 
 
 def output_head_names(model: nn.Module) -> set[str]:

@@ -430,7 +430,9 @@ class PeftModel(nn.Module):
         out = {}
         for name in self._adapter_param_names(adapter_name):
             key = method.saved_key(name, adapter_name)
-            if key is not None:  # None: saved whole by `shared_tensors` (prompt learning's `prompt_embeddings`)
+            if (
+                key is not None
+            ):  # None: saved whole by `shared_tensors` (prompt learning's `prompt_embeddings`)
                 out[prefix + mts.saved_key(key, adapter_name)] = params[name]
         shared = getattr(method, "shared_tensors", None)  # tensors of the whole adapter (VeRA's projections)
         if shared is not None:
@@ -512,7 +514,9 @@ class PeftModel(nn.Module):
         wrappers = [n for n, m in self.base_model.named_modules() if isinstance(m, mts.ModulesToSave)]
         found = {}
         load_shared = getattr(method, "load_shared", None)
-        if load_shared is not None:  # keys outside the model's own (VeRA's `base_model.vera_A`, `prompt_embeddings`)
+        if (
+            load_shared is not None
+        ):  # keys outside the model's own (VeRA's `base_model.vera_A`, `prompt_embeddings`)
             shared = {k: t for k, t in tensors.items() if not k.startswith(prefix)}
             load_shared(self.base_model, self.peft_config[adapter_name], adapter_name, shared, where)
             tensors = {k: t for k, t in tensors.items() if k not in shared}

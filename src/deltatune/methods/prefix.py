@@ -91,13 +91,19 @@ def internal_key(key: str, adapter_name: str) -> str:
     return key
 
 
-def shared_tensors(model: nn.Module, config: PrefixTuningConfig, adapter_name: str) -> dict[str, torch.Tensor]:
+def shared_tensors(
+    model: nn.Module, config: PrefixTuningConfig, adapter_name: str
+) -> dict[str, torch.Tensor]:
     layer = prompt.find_layer(model)
     return {prompt.FILE_KEY: layer.prompt_encoder[adapter_name]().detach()}
 
 
 def load_shared(
-    model: nn.Module, config: PrefixTuningConfig, adapter_name: str, tensors: dict[str, torch.Tensor], where: str
+    model: nn.Module,
+    config: PrefixTuningConfig,
+    adapter_name: str,
+    tensors: dict[str, torch.Tensor],
+    where: str,
 ) -> None:
     if prompt.find_layer(model).prompt_encoder[adapter_name].prefix_projection:
         from deltatune.errors import CheckpointError

@@ -136,11 +136,15 @@ def fill_config(config: Any, model: nn.Module, *, kv_heads: bool) -> None:
     if config.token_dim is None:
         config.token_dim = first("hidden_size", "n_embd", "d_model")
     if config.num_attention_heads is None:
-        config.num_attention_heads = first("num_attention_heads", "n_head", "num_heads", "encoder_attention_heads")
+        config.num_attention_heads = first(
+            "num_attention_heads", "n_head", "num_heads", "encoder_attention_heads"
+        )
     missing = [n for n in ("num_layers", "token_dim", "num_attention_heads") if getattr(config, n) is None]
     if missing:
         raise ValueError(f"can't read {', '.join(missing)} from the model's config; pass them in the config")
-    if kv_heads and getattr(mc, "num_key_value_heads", None) is not None:  # grouped-query attention (PEFT #1901)
+    if (
+        kv_heads and getattr(mc, "num_key_value_heads", None) is not None
+    ):  # grouped-query attention (PEFT #1901)
         head_dim = getattr(mc, "head_dim", None) or config.token_dim // config.num_attention_heads
         config.token_dim = head_dim * mc.num_key_value_heads
         config.num_attention_heads = mc.num_key_value_heads
@@ -183,7 +187,11 @@ def bind(model: nn.Module, args: tuple, kwargs: dict) -> dict:
     """Positional arguments as keywords, by the model's forward signature."""
     kwargs = dict(kwargs)
     if args:
-        params = [p for p in inspect.signature(model.forward).parameters.values() if p.kind == p.POSITIONAL_OR_KEYWORD]
+        params = [
+            p
+            for p in inspect.signature(model.forward).parameters.values()
+            if p.kind == p.POSITIONAL_OR_KEYWORD
+        ]
         for p, value in zip(params, args):
             if p.name in kwargs:
                 raise TypeError(f"forward() got multiple values for argument {p.name!r}")
@@ -215,7 +223,10 @@ def input_length(kwargs: Mapping[str, Any]) -> int:
 def summarize_tensors(tensors: Mapping[str, Any]) -> dict:
     shape = tensors.get(FILE_KEY)
     shape = tuple(shape.shape) if isinstance(shape, torch.Tensor) else tuple(shape or ())
-    return {"adapted_modules": ["input embeddings"] if shape else [], "virtual_tokens": shape[0] if shape else 0}
+    return {
+        "adapted_modules": ["input embeddings"] if shape else [],
+        "virtual_tokens": shape[0] if shape else 0,
+    }
 
 
 # ---- the prompt tuning method ---------------------------------------------------------------------
@@ -276,7 +287,9 @@ def internal_key(key: str, adapter_name: str) -> str:
     return key
 
 
-def shared_tensors(model: nn.Module, config: PromptTuningConfig, adapter_name: str) -> dict[str, torch.Tensor]:
+def shared_tensors(
+    model: nn.Module, config: PromptTuningConfig, adapter_name: str
+) -> dict[str, torch.Tensor]:
     layer = find_layer(model)
     return {FILE_KEY: layer.prompt_encoder[adapter_name]().detach()}
 
@@ -291,7 +304,9 @@ def load_prompt_embeddings(
     weight = layer.prompt_encoder[adapter_name].embedding.weight
     tensor = tensors.get(FILE_KEY)
     if tensor is None:
-        raise CheckpointError(f"the adapter in {where} has no {FILE_KEY!r} tensor (keys: {sorted(tensors)[:5]})")
+        raise CheckpointError(
+            f"the adapter in {where} has no {FILE_KEY!r} tensor (keys: {sorted(tensors)[:5]})"
+        )
     if tuple(tensor.shape) != tuple(weight.shape):
         raise CheckpointError(
             f"the adapter in {where} does not fit this model: {FILE_KEY} has shape {tuple(tensor.shape)}, "
@@ -302,7 +317,11 @@ def load_prompt_embeddings(
 
 
 def load_shared(
-    model: nn.Module, config: PromptTuningConfig, adapter_name: str, tensors: dict[str, torch.Tensor], where: str
+    model: nn.Module,
+    config: PromptTuningConfig,
+    adapter_name: str,
+    tensors: dict[str, torch.Tensor],
+    where: str,
 ) -> None:
     load_prompt_embeddings(model, adapter_name, tensors, where)
 

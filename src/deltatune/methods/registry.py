@@ -231,7 +231,9 @@ class MethodType:
     mixed_batch: bool = True
     identity_at_init: bool = True  # a fresh adapter computes exactly what the base does
     adds_task_heads: bool = True  # a task's head trains as `modules_to_save` (not for full: it all trains)
-    key_prefix: str = "base_model.model."  # PEFT's prefix of the file's keys ("base_model." for prompt learning)
+    key_prefix: str = (
+        "base_model.model."  # PEFT's prefix of the file's keys ("base_model." for prompt learning)
+    )
 
     @property
     def in_place(self) -> bool:

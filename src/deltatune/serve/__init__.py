@@ -12,21 +12,27 @@ The package shows the design, one file each:
 - `errors`, `metrics`, `command`: OpenAI's error body without server paths, Prometheus metrics, the CLI.
 """
 
-from deltatune.serve.adapters import NAME_RULE, check_adapter_name
-from deltatune.serve.app import create_app
-from deltatune.serve.command import API_KEY_ENV, main, serve_main
-from deltatune.serve.engine import Engine
-from deltatune.serve.errors import ApiError
-from deltatune.serve.scheduler import Row
+import importlib
 
-__all__ = [
-    "API_KEY_ENV",
-    "NAME_RULE",
-    "ApiError",
-    "Engine",
-    "Row",
-    "check_adapter_name",
-    "create_app",
-    "main",
-    "serve_main",
-]
+# Names are imported when first used (PEP 562), so that `deltatune serve --help` stays light: the command
+# line needs only `command`, the model code (torch, transformers) loads when the server starts.
+_HOMES = {
+    "NAME_RULE": "adapters",
+    "check_adapter_name": "adapters",
+    "create_app": "app",
+    "API_KEY_ENV": "command",
+    "main": "command",
+    "serve_main": "command",
+    "Engine": "engine",
+    "ApiError": "errors",
+    "Row": "scheduler",
+}
+
+
+def __getattr__(name: str):
+    if name not in _HOMES:
+        raise AttributeError(f"module 'deltatune.serve' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"deltatune.serve.{_HOMES[name]}"), name)
+
+
+__all__ = sorted(_HOMES)

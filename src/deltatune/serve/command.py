@@ -7,9 +7,13 @@ import logging
 import os
 import sys
 
-import torch
+from deltatune.vocab import DTYPE_NAMES
 
-from deltatune.serve.engine import DTYPES, SCHEDULERS, TASKS, Engine
+# Kept here, not in the engine, so that `deltatune serve --help` imports neither torch nor the model code.
+TASKS = {"causal-lm": "CAUSAL_LM", "seq-cls": "SEQ_CLS"}
+SCHEDULERS = ("continuous", "static")
+
+from deltatune.cli import HelpFormatter  # noqa: E402
 
 logger = logging.getLogger("deltatune.serve")
 API_KEY_ENV = "DELTATUNE_API_KEY"
@@ -17,6 +21,7 @@ API_KEY_ENV = "DELTATUNE_API_KEY"
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
+        formatter_class=HelpFormatter,
         prog="deltatune serve",
         description="Serve one base model and many adapters over an OpenAI-compatible HTTP API.",
     )
@@ -30,7 +35,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--task", choices=["auto", *TASKS], default="auto", help="default: from the adapters")
     p.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
     p.add_argument("--api-key", help=f"require this key on every endpoint (or set ${API_KEY_ENV})")
     p.add_argument("--max-tokens-cap", type=int, default=512, help="most tokens one completion may ask for")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="bigger request bodies get 413")
@@ -60,19 +65,25 @@ def _parser() -> argparse.ArgumentParser:
         help="on SIGTERM/Ctrl-C, seconds running requests get to finish before they are cancelled",
     )
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
-    p.add_argument("--dtype", choices=list(DTYPES), default="float32")
+    p.add_argument(
+        "--dtype", choices=list(DTYPE_NAMES), default="float32", help="dtype the base model is loaded in"
+    )
     p.add_argument("--threads", type=int, help="CPU threads for the model (default: torch's choice)")
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error"], help="server log level"
+    )
     return p
 
 
 def serve_main(argv: list[str] | None = None) -> int:
     """`deltatune serve`: register the adapters, load the base, then answer HTTP until SIGTERM/Ctrl-C."""
+    args = _parser().parse_args(argv)
+    import torch
     import uvicorn
 
     from deltatune.serve.app import create_app
+    from deltatune.serve.engine import Engine
 
-    args = _parser().parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

@@ -21,15 +21,13 @@ from deltatune.methods import registry as methods  # the method table (self.regi
 from deltatune.methods.mixed import BASE
 from deltatune.model import PeftModel
 from deltatune.serve.adapters import Entry, Registry, check_adapter_name
+from deltatune.serve.command import SCHEDULERS, TASKS  # noqa: F401  (the command line's vocabulary)
 from deltatune.serve.errors import ApiError, redact
 from deltatune.serve.metrics import Metrics
 from deltatune.tools import load_base
 from deltatune.vocab import DTYPES  # fp32|float32, bf16|bfloat16, fp16|float16
 
 logger = logging.getLogger("deltatune.serve")
-
-TASKS = {"causal-lm": "CAUSAL_LM", "seq-cls": "SEQ_CLS"}
-SCHEDULERS = ("continuous", "static")
 
 
 class Engine:

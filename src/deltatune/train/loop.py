@@ -424,7 +424,9 @@ def _loss(logits: torch.Tensor, labels: torch.Tensor, classify: bool) -> tuple[t
     (position t predicts token t+1; labels of -100, the prompt and the padding, count for nothing)."""
     if classify:
         return nn.functional.cross_entropy(logits.float(), labels, reduction="sum"), labels.numel()
-    logits = logits[:, -labels.shape[1] :]  # prompt tuning's virtual tokens come first: the last positions are ours
+    logits = logits[
+        :, -labels.shape[1] :
+    ]  # prompt tuning's virtual tokens come first: the last positions are ours
     logits, labels = logits[:, :-1], labels[:, 1:]
     loss = nn.functional.cross_entropy(
         logits.reshape(-1, logits.size(-1)).float(),

@@ -18,11 +18,14 @@ import os
 API_KEY_ENV = "DELTATUNE_API_KEY"
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
+from deltatune.cli import HelpFormatter  # noqa: E402
+
 logger = logging.getLogger(__name__)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
+        formatter_class=HelpFormatter,
         prog="deltatune ui",
         description="A local web board: runs and their live curves, compare tables and charts, launch train "
         "or compare from a form, and a playground for adapters.",
@@ -31,18 +34,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--runs", default="runs", help="folder holding train and compare output folders (default runs)"
     )
     p.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine only)")
-    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--port", type=int, default=7860, help="TCP port to listen on")
     p.add_argument("--api-key", help=f"require this key on every page and endpoint (or set ${API_KEY_ENV})")
     p.add_argument("--log-level", default="warning", help="uvicorn's log level (default warning)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     import uvicorn
 
     from deltatune.ui.app import create_app
 
-    args = build_parser().parse_args(argv)
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     if os.path.exists(args.runs) and not os.path.isdir(args.runs):
         print(f"deltatune ui: --runs {args.runs!r} is a file; give a folder", flush=True)

@@ -150,10 +150,7 @@ def compare_argv(form: dict[str, Any], runs_root: str) -> tuple[list[str], str]:
         raise JobError("deltatune compare: invalid options: " + " ".join(argv)) from None
     except Exception as e:  # argparse type errors (e.g. a malformed --lr) arrive as ArgumentTypeError
         raise JobError(f"deltatune compare: {e}") from None
-    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    if args.steps is None and args.epochs is None:
-        args.steps = 60
-    errors = compare.validate(args)
+    errors = compare.resolve(args)
     if errors:
         raise JobError("deltatune compare: nothing was run:\n  " + "\n  ".join(errors))
     if os.path.exists(out) and os.listdir(out):
