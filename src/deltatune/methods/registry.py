@@ -587,7 +587,7 @@ def _register_builtin() -> None:
         Method(
             "prefix-tuning",
             "PREFIX_TUNING",
-            1e-2,
+            3e-2,
             "#c5b0d5",
             _prefix_tuning,
             args={"num_virtual_tokens": 20},
