@@ -1,32 +1,10 @@
-"""`deltatune bench`: what a training step and a forward pass cost, against each method's bound and against PEFT.
-
-A random-init model of a real architecture's shape (no download): `--arch llama` (SwiGLU MLP, RMSNorm, rotary
-embeddings, grouped-query attention; ~125M parameters), `opt`, `gpt2` or `bert` (sequence classification);
-batch 4 x seq 128, AdamW.
-
-Step time: every case in one process, taking steps in turn (after a warm-up step each), so that all cases see
-the same machine noise; ratios (to the case's bound, to PEFT's equivalent) are taken within each round, and
-the median and the range over rounds reported. Peak memory: each case in its own process, measured from the
-end of its set-up (the peak of the training steps, with the model in memory). These machines are noisy: an
-absolute time means little, and processes run minutes apart differ by several percent.
-
-**The bound** of a case is the frozen base's forward plus the backward that any method of that placement
-must do: from the loss down to the outputs of the lowest trained layers (for top-layers, the input of the
-lowest trained block; for full fine-tuning, the embeddings' outputs), with no weight gradient and nothing
-below it. It runs the case's own base (its dtype, its quantization) and the same loss code as ours, and
-makes autograd compute exactly the gradients a method needs by marking the trained layers' outputs: an
-identity whose backward takes the gradient and drops it.
-"""
-
-# The command line and the shapes and cases it names live here, apart from the benchmark's code (bench.py), so
-# that `deltatune bench --help` imports no torch.
+"""`deltatune bench`'s command line and the shapes and cases it names (the benchmark itself, and what it measures
+and how, is in `deltatune.bench`), kept apart so that `deltatune bench --help` imports no torch."""
 
 from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass, field
-
-_DOC = __doc__ or ""
 
 # ---- the architectures ------------------------------------------------------------------------------------
 
@@ -184,7 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
     from deltatune.cli import HelpFormatter
 
     parser = argparse.ArgumentParser(
-        prog="deltatune bench", description=_DOC.split("\n\n")[0], formatter_class=HelpFormatter
+        prog="deltatune bench",
+        description="systems benchmark: what a training step and a forward pass cost, against each method's bound "
+        "and against PEFT (see `deltatune.bench` for how it measures)",
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--arch", choices=list(ARCHS), default="llama", help="model shape (default llama)")
     parser.add_argument("--size", default="125m", help="tiny, 125m (every arch) or 350m (opt); default 125m")
