@@ -126,10 +126,7 @@ def test_compare_causal_lm_with_peer_and_a_failing_method(tmp_path):
     assert code == 0
     results = json.loads((out / "results.json").read_text())
     by = {r["method"]: r for r in results["methods"]}
-    assert (
-        by["top-layers"]["status"] == "failed"
-        and "lr: must be positive" in by["top-layers"]["error"]
-    )
+    assert by["top-layers"]["status"] == "failed" and "lr: must be positive" in by["top-layers"]["error"]
     for name in ("lora", "peft-lora"):
         assert by[name]["status"] == "ok", by[name]
         assert by[name]["eval_perplexity"] > 1 and "reference_ppl_change" in by[name]["forgetting"]
