@@ -70,6 +70,14 @@ def is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
 
 
+def linear_features(module: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of an `nn.Linear` or a GPT-2 `Conv1D`."""
+    if is_conv1d(module):
+        fan_in, fan_out = module.weight.shape
+        return int(fan_in), int(fan_out)
+    return int(module.in_features), int(module.out_features)
+
+
 def task_type_of(model: nn.Module) -> str | None:
     """The task type a model's class implies (`BertForSequenceClassification` -> `SEQ_CLS`), if any head
     must train: sequence/token classification and question answering."""

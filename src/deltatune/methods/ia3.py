@@ -18,7 +18,8 @@ from torch import nn
 
 from deltatune import inject
 from deltatune.config import IA3Config
-from deltatune.vocab import is_conv1d, shape_of
+from deltatune.methods._bookkeeping import AdapterBookkeeping
+from deltatune.vocab import is_conv1d, linear_features, shape_of
 
 HOLDER = "ia3_l"
 
@@ -79,27 +80,22 @@ MIXED_ERROR = (
 )
 
 
-def _features(module: nn.Module) -> tuple[int, int]:
-    if is_conv1d(module):
-        fan_in, fan_out = module.weight.shape
-        return int(fan_in), int(fan_out)
-    return int(module.in_features), int(module.out_features)
-
-
-class IA3Linear(nn.Module):
+class IA3Linear(AdapterBookkeeping, nn.Module):
     """A frozen linear layer (`nn.Linear` or `Conv1D`) whose output (or input) is rescaled per adapter."""
 
     is_delta_layer = True
     supports_merge = True
     supports_mixed_batch = False
     merges_into_weight = True
+    _adapter_holders = ("ia3_l",)
+    _adapter_extras = ("is_feedforward",)
 
     def __init__(self, base_layer: nn.Module):
         super().__init__()
         if getattr(base_layer, "is_quantized_linear", False):
             raise ValueError("(IA)^3 on a quantized base is not supported; use LoRA (qlora-nf4/qlora-int8)")
         self.base_layer = base_layer
-        self.in_features, self.out_features = _features(base_layer)
+        self.in_features, self.out_features = linear_features(base_layer)
         self.fan_in_fan_out = is_conv1d(base_layer)
         self.ia3_l = nn.ParameterDict()
         self.is_feedforward: dict[str, bool] = {}
@@ -107,10 +103,6 @@ class IA3Linear(nn.Module):
         self.merged_adapters: list[str] = []
         self.disabled = False
         self._original: tuple[torch.Tensor, torch.Tensor | None] | None = None
-
-    @property
-    def adapters(self) -> list[str]:
-        return list(self.ia3_l)
 
     def add(self, name: str, config: IA3Config, feedforward: bool) -> None:
         if name in self.ia3_l:
@@ -127,20 +119,6 @@ class IA3Linear(nn.Module):
         self.ia3_l[name] = nn.Parameter(vector)
         self.is_feedforward[name] = feedforward
         self.set_active(self.active_adapters or [name])
-
-    def set_active(self, names: Iterable[str]) -> None:
-        self.active_adapters = [n for n in names if n in self.ia3_l]
-
-    def delete(self, name: str) -> None:
-        if name in self.merged_adapters:
-            raise ValueError(f"adapter {name!r} is merged into the base; unmerge it before deleting it")
-        if name in self.ia3_l:
-            del self.ia3_l[name]
-        self.is_feedforward.pop(name, None)
-        self.active_adapters = [n for n in self.active_adapters if n != name]
-
-    def reset_cache(self) -> None:
-        """Nothing derived from the weights is kept."""
 
     def _scale(self, names: Iterable[str]) -> torch.Tensor | None:
         scale = None

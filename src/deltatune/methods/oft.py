@@ -20,6 +20,7 @@ from torch import nn
 
 from deltatune import inject
 from deltatune.config import OFTConfig
+from deltatune.methods._bookkeeping import AdapterBookkeeping
 from deltatune.methods.lora import DEFAULT_TARGETS as LORA_TARGETS
 from deltatune.vocab import is_conv1d, shape_of
 
@@ -118,13 +119,15 @@ class Rotation(nn.Module):
         return torch.einsum("...rk,rkc->...rc", shaped, blocks).reshape(x.shape)
 
 
-class OFTLinear(nn.Module):
+class OFTLinear(AdapterBookkeeping, nn.Module):
     """A frozen `nn.Linear` whose input is rotated by each active OFT adapter."""
 
     is_delta_layer = True
     supports_merge = True
     supports_mixed_batch = False
     merges_into_weight = True
+    _adapter_holders = ("oft_R",)
+    _adapter_extras = ("module_dropout",)
 
     def __init__(self, base_layer: nn.Module):
         super().__init__()
@@ -139,10 +142,6 @@ class OFTLinear(nn.Module):
         self.merged_adapters: list[str] = []
         self.disabled = False
         self._original: torch.Tensor | None = None
-
-    @property
-    def adapters(self) -> list[str]:
-        return list(self.oft_R)
 
     def add(self, name: str, config: OFTConfig) -> None:
         if name in self.oft_R:
@@ -166,20 +165,6 @@ class OFTLinear(nn.Module):
         self.oft_R[name] = rotation
         self.module_dropout[name] = float(config.module_dropout)
         self.set_active(self.active_adapters or [name])
-
-    def set_active(self, names: Iterable[str]) -> None:
-        self.active_adapters = [n for n in names if n in self.oft_R]
-
-    def delete(self, name: str) -> None:
-        if name in self.merged_adapters:
-            raise ValueError(f"adapter {name!r} is merged into the base; unmerge it before deleting it")
-        if name in self.oft_R:
-            del self.oft_R[name]
-        self.module_dropout.pop(name, None)
-        self.active_adapters = [n for n in self.active_adapters if n != name]
-
-    def reset_cache(self) -> None:
-        """Nothing derived from the weights is kept."""
 
     def merge(self, adapter_names: Iterable[str] | None = None) -> None:
         names = [

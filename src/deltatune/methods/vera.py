@@ -22,21 +22,15 @@ from torch import nn
 from deltatune import inject
 from deltatune.config import VeraConfig
 from deltatune.errors import CheckpointError
+from deltatune.methods._bookkeeping import AdapterBookkeeping
 from deltatune.methods.lora import DEFAULT_TARGETS as LORA_TARGETS
-from deltatune.vocab import is_conv1d, shape_of
+from deltatune.vocab import is_conv1d, linear_features, shape_of
 
 HOLDERS = ("vera_lambda_b", "vera_lambda_d")
 SHARED_KEYS = ("base_model.vera_A", "base_model.vera_B")
 
 # PEFT's VeRA defaults are LoRA's, except phi.
 DEFAULT_TARGETS = {**LORA_TARGETS, "phi": ["q_proj", "v_proj"]}
-
-
-def _features(module: nn.Module) -> tuple[int, int]:
-    if is_conv1d(module):
-        fan_in, fan_out = module.weight.shape
-        return int(fan_in), int(fan_out)
-    return int(module.in_features), int(module.out_features)
 
 
 def _kaiming(shape: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
@@ -54,20 +48,21 @@ class Projections(nn.Module):
         self.register_buffer("vera_B", b, persistent=False)
 
 
-class VeraLinear(nn.Module):
+class VeraLinear(AdapterBookkeeping, nn.Module):
     """A frozen linear layer (`nn.Linear` or `Conv1D`) with VeRA adapters by name."""
 
     is_delta_layer = True
     supports_merge = True
     supports_mixed_batch = False
     merges_into_weight = True
+    _adapter_holders = ("vera_lambda_b", "vera_lambda_d", "vera_dropout", "vera_projections")
 
     def __init__(self, base_layer: nn.Module):
         super().__init__()
         if getattr(base_layer, "is_quantized_linear", False):
             raise ValueError("VeRA on a quantized base is not supported; use LoRA (qlora-nf4/qlora-int8)")
         self.base_layer = base_layer
-        self.in_features, self.out_features = _features(base_layer)
+        self.in_features, self.out_features = linear_features(base_layer)
         self.fan_in_fan_out = is_conv1d(base_layer)
         self.vera_lambda_b = nn.ParameterDict()
         self.vera_lambda_d = nn.ParameterDict()
@@ -76,10 +71,6 @@ class VeraLinear(nn.Module):
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.disabled = False
-
-    @property
-    def adapters(self) -> list[str]:
-        return list(self.vera_lambda_b)
 
     def add(self, name: str, config: VeraConfig, projections: Projections) -> None:
         if name in self.vera_lambda_b:
@@ -98,20 +89,6 @@ class VeraLinear(nn.Module):
         )
         self.vera_projections[name] = projections
         self.set_active(self.active_adapters or [name])
-
-    def set_active(self, names: Iterable[str]) -> None:
-        self.active_adapters = [n for n in names if n in self.vera_lambda_b]
-
-    def delete(self, name: str) -> None:
-        if name in self.merged_adapters:
-            raise ValueError(f"adapter {name!r} is merged into the base; unmerge it before deleting it")
-        for holder in (self.vera_lambda_b, self.vera_lambda_d, self.vera_dropout, self.vera_projections):
-            if name in holder:
-                del holder[name]
-        self.active_adapters = [n for n in self.active_adapters if n != name]
-
-    def reset_cache(self) -> None:
-        """Nothing derived from the weights is kept."""
 
     def _ab(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         proj = self.vera_projections[name]
@@ -217,8 +194,8 @@ def inject_adapter(
     )
     bases = {t: _base(inject.get_module(model, t)) for t in targets}
     config.fan_in_fan_out = any(is_conv1d(b) for b in bases.values())
-    in_max = max(_features(b)[0] for b in bases.values())
-    out_max = max(_features(b)[1] for b in bases.values())
+    in_max = max(linear_features(b)[0] for b in bases.values())
+    out_max = max(linear_features(b)[1] for b in bases.values())
     a, b = draw_projections(config, out_max, in_max)
     device = next(iter(bases.values())).weight.device
     projections = Projections(a.to(device), b.to(device))
