@@ -252,3 +252,25 @@ def test_inspect_merge_and_generate_commands(tmp_path):
     )
     assert gen.returncode == 0, gen.stderr
     assert gen.stdout.strip().startswith("w1 w2") and len(gen.stdout.split()) == 5
+
+
+def test_adapter_layers_found_again_after_layers_are_added_or_removed():
+    """The wrapper caches where its adapter layers are (the mixed-batch checks run on every forward); adding an
+    adapter on new modules, deleting one and unloading must each be seen by the next operation."""
+    base = opt().eval()
+    x = ids(batch=2, seq=5)
+    model = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False), "a")
+    model.eval()
+    model(input_ids=x, adapter_names=["a", "__base__"])  # fills the cache: q_proj layers only
+    model.add_adapter("b", LoraConfig(r=2, target_modules=["fc1"], init_lora_weights=False))
+    fc1 = [n for n, _ in model._delta_layers() if n.endswith("fc1")]
+    assert fc1, "the new fc1 layers were not found"
+    model.set_adapter("b")
+    with_b = out(model, x)
+    mixed = model(input_ids=x, adapter_names=["b", "__base__"]).logits
+    torch.testing.assert_close(mixed[:1], with_b[:1], atol=1e-5, rtol=0)
+    model.delete_adapter("a")  # the q_proj layers go back to plain linears
+    assert not [n for n, _ in model._delta_layers() if n.endswith("q_proj")]
+    merged = copy.deepcopy(model).merge_and_unload(["b"])
+    assert not any(getattr(m, "is_delta_layer", False) for m in merged.modules())
+    torch.testing.assert_close(out(merged, x), with_b, atol=1e-5, rtol=0)

@@ -30,10 +30,21 @@ def get_module(model: nn.Module, name: str) -> nn.Module:
     return model.get_submodule(name) if name else model
 
 
+_replacements = 0
+
+
+def replacements() -> int:
+    """How many modules `replace_module` has swapped so far (in any model): a cheap key for caches of where the
+    adapter layers are, which a swap invalidates."""
+    return _replacements
+
+
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     """Put `new` at dotted path `name`, in place of what was there."""
+    global _replacements
     parent_name, _, child = name.rpartition(".")
     setattr(get_module(model, parent_name), child, new)
+    _replacements += 1
 
 
 def matches(name: str, patterns: str | Sequence[str] | None) -> bool:

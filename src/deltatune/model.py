@@ -194,7 +194,16 @@ class PeftModel(nn.Module):
                 inject.replace_module(self.base_model, name, layer.base_layer)
 
     def _delta_layers(self) -> list[tuple[str, nn.Module]]:
-        return [(n, m) for n, m in self.base_model.named_modules() if getattr(m, "is_delta_layer", False)]
+        """The adapter layers and their names, found by a walk of the model that is cached until a module is
+        swapped (`inject.replace_module`, through which every method injects and removes its layers): the
+        mixed-batch checks run on every forward, and walking a large model's modules each time is not free."""
+        key = (inject.replacements(), id(self.base_model))
+        cached = self.__dict__.get("_delta_layers_cache")
+        if cached is None or cached[0] != key:
+            found = [(n, m) for n, m in self.base_model.named_modules() if getattr(m, "is_delta_layer", False)]
+            cached = (key, found)
+            self.__dict__["_delta_layers_cache"] = cached
+        return list(cached[1])
 
     def _adapter_param_names(self, adapter_name: str) -> list[str]:
         config = self.peft_config[adapter_name]

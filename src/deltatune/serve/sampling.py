@@ -71,10 +71,11 @@ class RowSampler:
 def pick_rows(samplers: list[RowSampler], logits: torch.Tensor) -> list[int | BaseException]:
     """Each row's next token from `logits [rows, vocab]` (row i by `samplers[i]`), or the exception that row
     raised: the finiteness check and the greedy choice are taken for all rows at once, sampling per row."""
-    bad = (
-        torch.isnan(logits).any(-1) | torch.isposinf(logits).any(-1) | ~torch.isfinite(logits).any(-1)
-    ).tolist()
-    greedy = logits.argmax(-1).tolist()
+    # One reduction gives both: a row's max is NaN when it holds a NaN (max propagates NaN), +inf when it holds
+    # +inf, -inf when nothing is finite; and its index is argmax's (the first maximal value).
+    top, index = logits.max(-1)
+    bad = (~torch.isfinite(top)).tolist()
+    greedy = index.tolist()
     out: list[int | BaseException] = []
     for i, sampler in enumerate(samplers):
         if bad[i]:
