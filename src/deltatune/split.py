@@ -9,8 +9,6 @@ to training rather than validated on. For classification the split is stratified
 
 from __future__ import annotations
 
-import random
-from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,10 +54,15 @@ class ValidationSplit:
 
 class Subset:
     """Rows `indices` of memory-mapped examples (`deltatune.data.ArrowExamples`), read through the same
-    interface (`len`, `[i]`, `[[i, j]]` as columns, `column`, `column_names`), so training reads only its rows."""
+    interface (`len`, `[i]`, `[[i, j]]` as columns, `column`, `column_names`), so a reader reads only its rows.
+    The indices are one NumPy array (8 bytes a row); no row is read until asked for."""
 
-    def __init__(self, base: Any, indices: list[int]):
-        self.base, self.indices = base, list(indices)
+    def __init__(self, base: Any, indices: Any):
+        import numpy as np
+
+        if isinstance(base, Subset):  # a view of a view reads the memory map directly
+            base, indices = base.base, base.indices[np.asarray(indices, dtype=np.int64)]
+        self.base, self.indices = base, np.asarray(indices, dtype=np.int64)
         self.column_names = base.column_names
 
     def __len__(self) -> int:
@@ -67,48 +70,69 @@ class Subset:
 
     def __getitem__(self, key: Any) -> Any:
         if isinstance(key, slice):
-            return self.base[[self.indices[i] for i in range(*key.indices(len(self)))]]
+            return self.base[self.indices[key].tolist()]
         if isinstance(key, (list, tuple)) or hasattr(key, "__array__"):
-            return self.base[[self.indices[int(i)] for i in key]]
-        return self.base[self.indices[key]]
+            return self.base[self.indices[list(key) if isinstance(key, tuple) else key].tolist()]
+        return self.base[int(self.indices[key])]
 
     def __iter__(self):
-        for i in self.indices:
+        for i in self.indices.tolist():
             yield self.base[i]
 
     def column(self, name: str) -> Any:
         import numpy as np
 
-        return np.asarray(self.base.column(name))[np.asarray(self.indices, dtype=np.int64)]
+        return np.asarray(self.base.column(name))[self.indices]
 
     def __repr__(self) -> str:
         return f"Subset({len(self)} of {self.base!r})"
 
 
-def _rows(examples: Any, ids: list[int]) -> list[dict[str, Any]]:
-    if isinstance(examples, list):
-        return [examples[i] for i in ids]
-    if not ids:
-        return []
-    columns = examples[list(ids)]
-    return [dict(zip(columns, values)) for values in zip(*columns.values())]
+def _class_ids(examples: Any) -> Any:
+    """Each example's class id as a NumPy array (classification: an int `labels`), else None. Of
+    memory-mapped examples only the first row and the labels column are read (no row becomes a dict)."""
+    import numpy as np
 
-
-def _class_ids(examples: Any) -> list[int] | None:
-    """Each example's class id (classification: an int `labels`), else None; reads only the labels column of
-    memory-mapped examples."""
     if not len(examples):
         return None
     if isinstance(examples, list):
         labels = [e["labels"] for e in examples]
-    elif hasattr(examples, "column"):
-        first = examples[0]["labels"]
-        if not isinstance(first, int):
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in labels):
             return None
-        labels = [int(v) for v in examples.column("labels")]
-    else:
+        return np.asarray(labels, dtype=np.int64)
+    if not hasattr(examples, "column"):
         return None
-    return labels if all(isinstance(v, int) and not isinstance(v, bool) for v in labels) else None
+    first = examples[0]["labels"]
+    if not isinstance(first, int) or isinstance(first, bool):
+        return None  # causal LM: a list of token labels per example
+    labels = np.asarray(examples.column("labels"))
+    return labels.astype(np.int64) if labels.ndim == 1 and labels.dtype.kind in "iu" else None
+
+
+def _lengths(examples: Any) -> Any:
+    """Every example's token count: the `length` column of memory-mapped examples (no row is read)."""
+    import numpy as np
+
+    if hasattr(examples, "column") and "length" in examples.column_names:
+        return np.asarray(examples.column("length"), dtype=np.int64)
+    return np.fromiter((len(e["input_ids"]) for e in examples), dtype=np.int64, count=len(examples))
+
+
+def _equal_to_excluded(examples: Any, candidates: Any, exclude: Any, chunk: int = 4096) -> list[int]:
+    """Those of `candidates` (indices) whose `input_ids` equal an example of `exclude`. Only candidates of a
+    length some excluded example has are read, `chunk` rows at a time."""
+    import numpy as np
+
+    banned = {tuple(e["input_ids"]) for e in (exclude if isinstance(exclude, list) else iter(exclude))}
+    sizes = np.fromiter({len(t) for t in banned}, dtype=np.int64)
+    candidates = candidates[np.isin(_lengths(examples)[candidates], sizes)]
+    found = []
+    for start in range(0, len(candidates), chunk):
+        ids = candidates[start : start + chunk].tolist()
+        rows = [examples[i] for i in ids] if isinstance(examples, list) else None
+        ids_column = [r["input_ids"] for r in rows] if rows is not None else examples[ids]["input_ids"]
+        found += [i for i, tokens in zip(ids, ids_column) if tuple(tokens) in banned]
+    return found
 
 
 def split_validation(
@@ -117,18 +141,22 @@ def split_validation(
     seed: int,
     *,
     exclude: Any = None,
-) -> tuple[Any, list[dict[str, Any]], ValidationSplit]:
+) -> tuple[Any, Any, ValidationSplit]:
     """(train, validation, description): hold out `fraction` of `examples`, chosen with `seed`.
 
-    `examples` is a list of tokenized examples or memory-mapped `ArrowExamples`; the validation part is a
-    list, the training part the same kind as the input (a `Subset` of memory-mapped examples). Classification
-    examples (an int `labels`) are split per label; each label with at least two examples gives at least one
-    to validation and keeps at least one for training. Both parts keep the input order. Examples whose
-    `input_ids` equal one in `exclude` (the eval data) never go to validation (they train instead).
+    `examples` is a list of tokenized examples or memory-mapped `ArrowExamples`. Both parts are the same kind
+    as the input: lists of the same example objects, or `Subset` views (index arrays) over the memory map, so
+    no row is read or copied however many there are; of memory-mapped examples only the `labels` column
+    (classification) and the `length` column are read. Classification examples (an int `labels`) are split
+    per label; each label with at least two examples gives at least one to validation and keeps at least one
+    for training. Both parts keep the input order. Examples whose `input_ids` equal one in `exclude` (the eval
+    data) never go to validation (they train instead).
 
     Raises:
         DataError: the fraction is outside (0, 1), or it would leave nothing to train or validate on.
     """
+    import numpy as np
+
     if not 0 < fraction < 1:
         raise DataError(f"val_fraction must be between 0 and 1 (exclusive), got {fraction}")
     if not hasattr(examples, "__getitem__") or not hasattr(examples, "__len__"):
@@ -139,40 +167,38 @@ def split_validation(
     n = len(examples)
     labels = _class_ids(examples)
     stratified = labels is not None
-    rng = random.Random(seed)
-    held: set[int] = set()
+    rng = np.random.default_rng(seed)
+    held = np.zeros(n, dtype=bool)
     if stratified:
-        by_label: dict[int, list[int]] = defaultdict(list)
-        for i, label in enumerate(labels):
-            by_label[label].append(i)
-        for label in sorted(by_label):
-            pool = by_label[label]
+        for label in np.unique(labels):
+            pool = np.flatnonzero(labels == label)
             if len(pool) < 2:
                 continue  # a single example must train
             k = min(max(1, round(fraction * len(pool))), len(pool) - 1)
-            held.update(rng.sample(pool, k))
+            held[rng.choice(pool, size=k, replace=False)] = True
     elif n > 1:
-        held.update(rng.sample(range(n), min(max(1, round(fraction * n)), n - 1)))
+        held[rng.choice(n, size=min(max(1, round(fraction * n)), n - 1), replace=False)] = True
     dropped = 0
-    if exclude is not None and len(exclude) and held:
-        banned = {tuple(e["input_ids"]) for e in (exclude if isinstance(exclude, list) else iter(exclude))}
-        order = sorted(held)
-        for i, row in zip(order, _rows(examples, order)):
-            if tuple(row["input_ids"]) in banned:
-                held.discard(i)
-                dropped += 1
-    if not held or len(held) >= n:
+    if exclude is not None and len(exclude) and held.any():
+        equal = _equal_to_excluded(examples, np.flatnonzero(held), exclude)
+        held[equal] = False
+        dropped = len(equal)
+    count = int(held.sum())
+    if not count or count >= n:
         raise DataError(
             f"val_fraction={fraction} of {n} training examples leaves "
-            + ("no validation examples" if not held else "nothing to train on")
+            + ("no validation examples" if not count else "nothing to train on")
             + "; give more data, another val_fraction, or val_fraction=0 with a fixed lr and steps"
         )
-    kept = [i for i in range(n) if i not in held]
-    val = _rows(examples, sorted(held))
-    train = [examples[i] for i in kept] if isinstance(examples, list) else Subset(examples, kept)
+    kept, chosen = np.flatnonzero(~held), np.flatnonzero(held)
+    del held
+    if isinstance(examples, list):
+        train, val = [examples[i] for i in kept.tolist()], [examples[i] for i in chosen.tolist()]
+    else:
+        train, val = Subset(examples, kept), Subset(examples, chosen)
     info = ValidationSplit(
-        rows=len(val),
-        train_rows=len(kept),
+        rows=count,
+        train_rows=n - count,
         fraction=fraction,
         stratified=stratified,
         seed=seed,
