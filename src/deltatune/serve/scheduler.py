@@ -2,9 +2,10 @@
 
 `ContinuousScheduler` (the default) keeps a running batch and takes one decoding step for all its rows at a
 time. A new request joins at the next step: its prompt is prefilled (prompts arriving together are prefilled
-together; the `n` choices of one prompt share one prefill), its KV cache is left-padded into the running batch's
-cache, and from then on it decodes with the others; a row leaves the step it finishes (its length, EOS, a stop
-string or a disconnect seen by the event loop). Each row keeps its own adapter through the mixed-adapter path
+together; the `n` choices of one prompt share one prefill), its keys/values are written into a free slot of the
+running batch's preallocated cache (`kvcache.RowCache`: joining and leaving copy only the rows concerned, and a step
+writes one column in place), and from then on it decodes with the others; a row leaves the step it finishes (its
+length, EOS, a stop string or a disconnect seen by the event loop). Each row keeps its own adapter through the mixed-adapter path
 (`adapter_names=`: one gathered matmul per layer over the rows, never a loop over adapters); DoRA adapters, which
 can't share a mixed batch, run in a lane of their own. Positions are per row (`position_ids` from each row's own
 mask), so a greedy row gets what `generate` gives for its adapter alone.
@@ -30,11 +31,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from deltatune.methods.mixed import BASE
 from deltatune.serve.errors import ApiError, overloaded, shutting_down
+from deltatune.serve.kvcache import RowCache
 from deltatune.serve.sampling import RowSampler, pick_rows
 
 logger = logging.getLogger("deltatune.serve")
@@ -273,13 +274,12 @@ class _Scheduler:
 # ---- continuous batching -------------------------------------------------------------------------------------
 @dataclass(eq=False)
 class _Lane:
-    """A running batch: its rows, their KV cache (one DynamicCache, left-padded), mask and last tokens.
-    `solo` names the one adapter of a lane that can't be mixed (DoRA); None for the mixed lane."""
+    """A running batch: its rows, their KV cache (a RowCache: one slot per row, in the rows' order) and last
+    tokens. `solo` names the one adapter of a lane that can't be mixed (DoRA); None for the mixed lane."""
 
     solo: str | None
     rows: list[Row] = field(default_factory=list)
-    cache: Any = None
-    mask: torch.Tensor | None = None
+    cache: RowCache = field(default_factory=RowCache)
     last: list[int] = field(default_factory=list)
 
 
@@ -410,72 +410,34 @@ class ContinuousScheduler(_Scheduler):
         pairs = [
             (layer.keys.index_select(0, index), layer.values.index_select(0, index)) for layer in cache.layers
         ]
-        self._merge(
-            self.lanes.setdefault(solo, _Lane(solo)),
-            [rows[i] for i in going],
-            cache,
-            pairs,
-            mask.index_select(0, index.cpu()),
-            firsts,
-        )
-
-    def _merge(
-        self, lane: _Lane, rows: list[Row], cache, pairs, mask: torch.Tensor, tokens: list[int]
-    ) -> None:
-        if not lane.rows:
-            for layer, (k, v) in zip(cache.layers, pairs):
-                layer.keys, layer.values = k, v
-            lane.cache, lane.mask, lane.rows, lane.last = cache, mask, list(rows), tokens
-            return
-        old, new = lane.mask.shape[1], mask.shape[1]
-        width = max(old, new)
-        for layer, (k, v) in zip(lane.cache.layers, pairs):
-            layer.keys = torch.cat(
-                [F.pad(layer.keys, (0, 0, width - old, 0)), F.pad(k, (0, 0, width - new, 0))]
-            )
-            layer.values = torch.cat(
-                [F.pad(layer.values, (0, 0, width - old, 0)), F.pad(v, (0, 0, width - new, 0))]
-            )
-        lane.mask = torch.cat([F.pad(lane.mask, (width - old, 0)), F.pad(mask, (width - new, 0))])
-        lane.rows += rows
-        lane.last += tokens
+        lane = self.lanes.setdefault(solo, _Lane(solo))
+        lane.cache.join(pairs, mask.index_select(0, index.cpu()))
+        lane.rows += [rows[i] for i in going]
+        lane.last += firsts
 
     def _select(self, lane: _Lane, keep: list[int]) -> None:
-        """Keep only rows `keep` of a lane, and drop the leading cache columns no row uses any more."""
-        if not keep:
-            lane.rows, lane.last, lane.cache, lane.mask = [], [], None, None
-            return
-        index = torch.tensor(keep)
-        mask = lane.mask.index_select(0, index)
-        unused = int((mask.sum(0) == 0).long().cumprod(0).sum())
-        mask = mask[:, unused:]
-        device_index = index.to(self.engine.device)
-        for layer in lane.cache.layers:
-            layer.keys = layer.keys.index_select(0, device_index)[:, :, unused:]
-            layer.values = layer.values.index_select(0, device_index)[:, :, unused:]
-        lane.mask = mask
-        lane.rows = [lane.rows[i] for i in keep]
-        lane.last = [lane.last[i] for i in keep]
+        """Keep only rows `keep` of a lane (the cache moves the last rows into the holes: the order changes)."""
+        order = lane.cache.select(keep)
+        lane.rows = [lane.rows[i] for i in order]
+        lane.last = [lane.last[i] for i in order]
 
     def _decode(self, lane: _Lane) -> None:
         rows = lane.rows
         ids = torch.tensor(lane.last, dtype=torch.long).view(-1, 1)
-        positions = lane.mask.sum(1, keepdim=True)
-        mask = F.pad(lane.mask, (0, 1), value=1)
-        saved = [(layer.keys, layer.values) for layer in lane.cache.layers]
+        mask, positions = lane.cache.step_inputs()
         try:
             logits, _ = self._forward(
                 lane.solo, [row.adapter for row in rows], ids, mask, positions, lane.cache
             )
         except Exception:
-            for layer, (k, v) in zip(lane.cache.layers, saved):
-                layer.keys, layer.values = k, v
+            mask, positions = mask.clone(), positions.clone()
+            lane.cache.undo_step()
             self._isolate(lane, ids, mask, positions)
             return
+        lane.cache.advance()
         self.stats["decode_steps"] += 1
         self.metrics.steps.labels(kind="decode").inc()
         self._note_call(rows)
-        lane.mask = mask
         keep = []
         for i, (row, token) in enumerate(zip(rows, pick_rows([row.sampler for row in rows], logits))):
             if isinstance(token, BaseException):
@@ -493,11 +455,7 @@ class ContinuousScheduler(_Scheduler):
         the others stay (their step is retried together next time)."""
         bad = []
         for i, row in enumerate(lane.rows):
-            one = DynamicCache(
-                ddp_cache_data=[
-                    (layer.keys[i : i + 1], layer.values[i : i + 1]) for layer in lane.cache.layers
-                ]
-            )
+            one = lane.cache.row(i)
             try:
                 self._forward(
                     lane.solo, [row.adapter], ids[i : i + 1], mask[i : i + 1], positions[i : i + 1], one
