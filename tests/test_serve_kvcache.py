@@ -51,7 +51,8 @@ def test_rows_join_leave_and_decode_as_if_each_ran_alone():
     with torch.inference_mode():
         join([[5, 6, 7], [8, 9]])
         step()
-        join([[10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21]])  # wider than the batch: columns open on the left
+        # wider than the batch: columns open on the left
+        join([[10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21]])
         step()
         join([[22], [23, 24], [25, 26, 27]])  # more rows than slots: the buffers grow
         step()

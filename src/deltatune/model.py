@@ -200,7 +200,9 @@ class PeftModel(nn.Module):
         key = (inject.replacements(), id(self.base_model))
         cached = self.__dict__.get("_delta_layers_cache")
         if cached is None or cached[0] != key:
-            found = [(n, m) for n, m in self.base_model.named_modules() if getattr(m, "is_delta_layer", False)]
+            found = [
+                (n, m) for n, m in self.base_model.named_modules() if getattr(m, "is_delta_layer", False)
+            ]
             cached = (key, found)
             self.__dict__["_delta_layers_cache"] = cached
         return list(cached[1])

@@ -77,7 +77,8 @@ class RowCache(Cache):
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
         self.mask: torch.Tensor | None = None  # [row_capacity, column_capacity], long
-        self.positions: torch.Tensor | None = None  # [row_capacity]: each row's next position (its token count)
+        # [row_capacity]: each row's next position (its token count)
+        self.positions: torch.Tensor | None = None
         self.n = self.start = self.end = 0
 
     # ---- shape --------------------------------------------------------------------------------------------
@@ -201,7 +202,10 @@ class RowCache(Cache):
         """A copy of row `i`'s cache, on its own (to retry a row alone)."""
         return DynamicCache(
             ddp_cache_data=[
-                (k[i : i + 1, :, self.start : self.end].clone(), v[i : i + 1, :, self.start : self.end].clone())
+                (
+                    k[i : i + 1, :, self.start : self.end].clone(),
+                    v[i : i + 1, :, self.start : self.end].clone(),
+                )
                 for k, v in zip(self.k, self.v)
             ]
         )
