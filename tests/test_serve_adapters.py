@@ -172,7 +172,7 @@ def test_rows_whose_adapter_is_in_memory_do_not_wait_for_another_adapter_s_load(
     engine, client = serve(files["adapters"])
     _complete(client, "alpha", "w1", 2)  # alpha is in memory, beta is not
     real = engine._load_weights
-    engine._load_weights = lambda entry: (time.sleep(1.5), real(entry))
+    engine._load_weights = lambda *args: (time.sleep(1.5), real(*args))
     release = threading.Event()
     engine.call(lambda: release.wait(10))  # hold the model thread so both requests queue up together
     with ThreadPoolExecutor(2) as pool:
@@ -183,6 +183,33 @@ def test_rows_whose_adapter_is_in_memory_do_not_wait_for_another_adapter_s_load(
         release.set()
         assert alpha.result(timeout=60) < 1.5  # its first token came before beta's load ended
         assert beta.result(timeout=60)
+    assert engine.loaded_adapters == ["alpha", "beta"]
+
+
+def test_adapter_files_are_read_beside_the_running_batch(files, serve, reference, monkeypatch):  # noqa: F811
+    """A slow read of an adapter's files (a cold disk) doesn't pause the rows that are running: the reader
+    thread reads, the model thread keeps stepping and then only attaches the weights."""
+    from deltatune import model as model_module
+
+    engine, client = serve(files["adapters"])
+    _complete(client, "alpha", "w1", 2)  # alpha is in memory, beta is not
+    real = model_module._read_adapter
+    monkeypatch.setattr(model_module, "_read_adapter", lambda *a: (time.sleep(1.5), real(*a))[1])
+    decode = engine.scheduler._decode
+    engine.scheduler._decode = lambda lane: (time.sleep(0.05), decode(lane))
+    body = {"model": "alpha", "prompt": "w2 w3", "max_tokens": 48, "temperature": 0, "stream": True}
+    stamps = []
+    with ThreadPoolExecutor(1) as pool, client.stream("POST", "/v1/completions", json=body) as r:
+        beta = None
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                stamps.append(time.monotonic())
+                if beta is None:  # alpha runs: now beta's files are read (1.5 s)
+                    beta = pool.submit(_complete, client, "beta", "w4 w5", 3)
+        assert beta.result(timeout=60) == reference("beta", "w4 w5", 3)
+    engine.scheduler._decode = decode
+    assert stamps[-1] - stamps[0] > 1.5  # alpha was still running while beta's files were read
+    assert max(b - a for a, b in zip(stamps, stamps[1:])) < 1.0  # and never paused for the read
     assert engine.loaded_adapters == ["alpha", "beta"]
 
 

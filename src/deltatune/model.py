@@ -476,9 +476,13 @@ class PeftModel(nn.Module):
         adapter_name: str = DEFAULT_ADAPTER,
         is_trainable: bool = False,
         config: AnyConfig | None = None,
+        tensors: dict[str, torch.Tensor] | None = None,
         **_: object,
     ) -> PeftModel:
         """Load an adapter directory (saved here or by PEFT) onto `model`.
+
+        `tensors`: its weights, read already by `read_adapter_tensors` (a server reads them in another thread);
+        default: read here.
 
         Raises:
             CheckpointError: the files are missing or corrupt, or their shapes don't fit `model` (every mismatch
@@ -488,7 +492,7 @@ class PeftModel(nn.Module):
         _check_adapter_name(adapter_name)
         config = copy.deepcopy(config) if config is not None else load_config(directory)
         config.inference_mode = not is_trainable
-        tensors = _read_adapter(directory, config)
+        tensors = _read_adapter(directory, config) if tensors is None else tensors
         peft = cls(model, config, adapter_name)
         try:
             peft._load_tensors(adapter_name, tensors, directory)
@@ -501,16 +505,22 @@ class PeftModel(nn.Module):
         return peft
 
     def load_adapter(
-        self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False, **_: object
+        self,
+        model_id: str | os.PathLike,
+        adapter_name: str,
+        is_trainable: bool = False,
+        tensors: dict[str, torch.Tensor] | None = None,
+        **_: object,
     ) -> None:
-        """Load another adapter directory under `adapter_name` (the active adapter doesn't change)."""
+        """Load another adapter directory under `adapter_name` (the active adapter doesn't change); `tensors` as in
+        `from_pretrained`."""
         directory = os.fspath(model_id)
         _check_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
             raise ValueError(f"an adapter named {adapter_name!r} exists already; pick another name")
         config = load_config(directory)
         config.inference_mode = not is_trainable
-        tensors = _read_adapter(directory, config)
+        tensors = _read_adapter(directory, config) if tensors is None else tensors
         self.add_adapter(adapter_name, config)
         try:
             self._load_tensors(adapter_name, tensors, directory)
@@ -608,6 +618,16 @@ def check_adapter_name(name: object) -> None:
 
 
 _check_adapter_name = check_adapter_name
+
+
+def read_adapter_tensors(
+    directory: str | os.PathLike, config: AnyConfig | None = None
+) -> dict[str, torch.Tensor]:
+    """An adapter directory's weights as `from_pretrained(..., tensors=)` takes them: its safetensors file read
+    after its header was checked against `config` (default: the directory's own). Touches no model, so it can run
+    in a thread beside one that is computing."""
+    directory = os.fspath(directory)
+    return _read_adapter(directory, load_config(directory) if config is None else config)
 
 
 def _read_adapter(directory: str, config: AnyConfig) -> dict[str, torch.Tensor]:

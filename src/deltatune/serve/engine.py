@@ -11,7 +11,7 @@ import inspect
 import logging
 import os
 import time
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -19,7 +19,7 @@ import torch
 from deltatune.checkpoint import head_num_labels, load_adapter_weights
 from deltatune.methods import registry as methods  # the method table (self.registry is the adapters')
 from deltatune.methods.mixed import BASE
-from deltatune.model import PeftModel
+from deltatune.model import PeftModel, read_adapter_tensors
 from deltatune.serve.adapters import Entry, Registry, check_adapter_name
 from deltatune.serve.command import SCHEDULERS, TASKS  # noqa: F401  (the command line's vocabulary)
 from deltatune.serve.errors import ApiError, redact
@@ -95,6 +95,9 @@ class Engine:
             base, self.task, self.registry.entries, self.tokenizer, DTYPES[dtype], self.device
         )
         self.peft: PeftModel | None = None
+        # Adapter files are read in this thread while the model thread computes; it only attaches the weights.
+        self._reader = ThreadPoolExecutor(1, thread_name_prefix="deltatune-adapter-reader")
+        self._reads: dict[str, tuple[Entry, Future]] = {}  # model thread only: reads under way or done
         self.base_labels = _base_labels(self.base.config)
 
         gen = getattr(self.base, "generation_config", None)
@@ -199,9 +202,15 @@ class Engine:
             where = "" if path is None else f" (at {path!r})"
             raise ApiError(400, f"adapter {name!r}{where} could not be loaded: {e}", "adapter_invalid") from e
 
+        entry = self.registry.get(name)
+        try:  # the files are read here, in the caller's thread; the model thread only attaches them
+            tensors: Any = read_adapter_tensors(directory, entry.config if entry is not None else None)
+        except Exception as e:
+            tensors = e
+
         def load_now() -> None:
             try:
-                self.ensure_loaded(name, pinned=set())
+                self.ensure_loaded(name, pinned=set(), prepared=tensors)
             except ApiError:
                 self.registry.unregister(name)
                 raise
@@ -215,6 +224,7 @@ class Engine:
             raise ApiError(404, f"no adapter named {name!r} is loaded", "model_not_found", "name")
 
         def unload_now() -> None:
+            self._reads.pop(name, None)
             if self.registry.unregister(name) is None:
                 raise ApiError(404, f"no adapter named {name!r} is loaded", "model_not_found", "name")
             if self.registry.is_loaded(name):
@@ -223,9 +233,20 @@ class Engine:
         self.call(unload_now).result()
 
     # ---- the model (model thread only) -------------------------------------------------------------------
-    def ensure_loaded(self, name: str, pinned: set[str], may_load: bool = True) -> bool:
+    def ensure_loaded(
+        self,
+        name: str,
+        pinned: set[str],
+        may_load: bool = True,
+        background: bool = False,
+        prepared: Any = None,
+    ) -> bool:
         """Make `name` loaded (evicting LRU adapters not in `pinned`); False when it can't fit right now (or
-        isn't loaded and `may_load` is False). Raises ApiError (404 unknown, 400 failed load) naming it."""
+        isn't loaded and `may_load` is False). Raises ApiError (404 unknown, 400 failed load) naming it.
+
+        `background`: don't read the files here: start reading them in the reader thread and return False until
+        they are read (the scheduler is woken then), so the running rows don't wait for the disk. `prepared`: the
+        files' tensors (or the exception reading them raised), read already by the caller."""
         if name == BASE:
             return True
         entry = self.registry.get(name)
@@ -240,14 +261,30 @@ class Engine:
             return True
         if not may_load:
             return False
+        read = self._reads.get(name)
+        if read is not None and read[0] is not entry:  # re-registered since: read it again
+            del self._reads[name]
+            read = None
+        if background and read is None:
+            future = self._reader.submit(read_adapter_tensors, entry.directory, entry.config)
+            self._reads[name] = (entry, future)
+            future.add_done_callback(lambda _: self.call(lambda: None))  # wake the model thread
+            return False
+        if read is not None and not read[1].done():
+            return False
         victims = self.registry.victims(pinned)
         if victims is None:
             return False
+        if read is not None:
+            del self._reads[name]
+            prepared = read[1].exception() or read[1].result()
         for victim in victims:
             self._drop(victim, evicted=True)
         start = time.monotonic()
         try:
-            self._load_weights(entry)
+            if isinstance(prepared, BaseException):
+                raise prepared
+            self._load_weights(entry, prepared)
         except Exception as e:  # any failure is this adapter's: named, recorded, the server keeps serving
             logger.warning("adapter %r failed to load", name, exc_info=True)
             entry.error = redact(
@@ -263,20 +300,22 @@ class Engine:
         self.metrics.loaded_adapters.set(len(self.registry.loaded))
         return True
 
-    def _load_weights(self, entry: Entry) -> None:
+    def _load_weights(self, entry: Entry, tensors: dict[str, torch.Tensor] | None = None) -> None:
         config = entry.config
         if not methods.method_type(config.peft_type).servable:
             raise ValueError(methods.not_servable(config.peft_type))
         if self.peft is None:
             try:
-                self.peft = PeftModel.from_pretrained(self.base, entry.directory, adapter_name=entry.name)
+                self.peft = PeftModel.from_pretrained(
+                    self.base, entry.directory, adapter_name=entry.name, tensors=tensors
+                )
             except Exception:
                 self.base.requires_grad_(False)  # a failed load unwraps the base with gradients on
                 raise
         else:
             before = set(self.peft.adapter_names)
             try:
-                self.peft.load_adapter(entry.directory, adapter_name=entry.name)
+                self.peft.load_adapter(entry.directory, adapter_name=entry.name, tensors=tensors)
             except Exception:
                 if entry.name in self.peft.adapter_names and entry.name not in before:
                     with contextlib.suppress(Exception):
@@ -355,6 +394,7 @@ class Engine:
 
     def close(self) -> None:
         self.scheduler.close()
+        self._reader.shutdown(wait=False, cancel_futures=True)
 
     def _check_task(self, config: Any) -> None:
         if self.task != "?" and config.task_type not in (None, self.task):

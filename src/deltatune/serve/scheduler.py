@@ -106,6 +106,7 @@ class _Scheduler:
     """The queue, the model thread, commands run between steps, and shutdown."""
 
     name = "?"
+    background_loads = False  # read adapter files in the engine's reader thread (rows wait, the batch runs)
 
     def __init__(self, engine, *, max_batch: int, batch_wait_ms: float, max_queue: int):
         self.engine = engine
@@ -228,7 +229,9 @@ class _Scheduler:
                 continue
             was_loaded = row.adapter == BASE or self.engine.registry.is_loaded(row.adapter)
             try:
-                ok = self.engine.ensure_loaded(row.adapter, pinned, may_load=loads < max_loads)
+                ok = self.engine.ensure_loaded(
+                    row.adapter, pinned, may_load=loads < max_loads, background=self.background_loads
+                )
             except Exception as e:
                 row.fail(_row_error(row, e))
                 continue
@@ -285,9 +288,11 @@ class _Lane:
 
 class ContinuousScheduler(_Scheduler):
     name = "continuous"
+    background_loads = True
 
     def __init__(self, engine, **kwargs):
         self.lanes: dict[str | None, _Lane] = {}
+        self._waiting = False  # every pending row waits for its adapter's files (the reader wakes us)
         super().__init__(engine, **kwargs)
 
     def _all_rows(self) -> list[Row]:
@@ -298,13 +303,15 @@ class ContinuousScheduler(_Scheduler):
 
     def _loop(self) -> None:
         while not self._stopped:
-            idle = not self.running() and not self.pending
+            idle = not self.running() and (not self.pending or self._waiting)
             self._take(block=idle)
             if self._stopped:
                 return
             self._reap()
-            # Rows whose adapter is in memory join first; then at most one adapter is loaded per step, so a
-            # load holds neither them nor, for long, the running rows.
+            # Rows whose adapter is in memory join first; then at most one adapter is attached per step (its
+            # files were read in the reader thread meanwhile), so a load holds neither them nor, for long, the
+            # running rows.
+            admitted = False
             for max_loads in (0, 1):
                 free = self.max_batch - self.running()
                 if free <= 0 or not self.pending:
@@ -314,8 +321,10 @@ class ContinuousScheduler(_Scheduler):
                 for row in self._admit(free, pinned, max_loads):
                     solo = row.adapter if self.engine.is_solo(row.adapter) else None
                     by_lane.setdefault(solo, []).append(row)
+                    admitted = True
                 for solo, rows in by_lane.items():
                     self._prefill(solo, rows)
+            self._waiting = bool(self.pending) and not admitted
             for lane in list(self.lanes.values()):
                 if lane.rows:
                     self._decode(lane)
