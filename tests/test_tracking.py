@@ -252,3 +252,79 @@ def test_report_to_errors_before_anything_runs(tmp_path, monkeypatch, capsys):
     assert compare.main(["--report-to", "mlflow", "--out", str(tmp_path / "c")]) == 2
     assert "pip install 'deltatune[mlflow]'" in capsys.readouterr().err
     assert not (tmp_path / "c").exists()
+
+
+def test_a_crashed_run_closes_its_tracker_run_and_resume_continues_it(tmp_path, monkeypatch):
+    """A run that raises mid-training ends its MLflow run as FAILED (not left RUNNING); `--resume` goes on
+    in that same MLflow run, so its metric history is one run's, step after step."""
+    import json
+
+    import mlflow
+    import train_helpers
+
+    from deltatune.train import config_from_dict, loop, run
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    out = tmp_path / "run"
+    cfg = config_from_dict(
+        {
+            "model": train_helpers.tiny_bert_folder(tmp_path / "bert"),
+            "data": train_helpers.classification_data(tmp_path / "cls.jsonl"),
+            "eval_fraction": 0.25,
+            "max_steps": 4,
+            "batch_size": 4,
+            "log_every": 1,
+            "save_every": 2,
+            "progress": False,
+            "report_to": ["mlflow"],
+            "output_dir": str(out),
+        }
+    )
+    real_clip, calls = loop._clip, []
+
+    def clip_then_crash(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("simulated crash in step 3")
+        return real_clip(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "_clip", clip_then_crash)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(cfg)
+    state = json.loads((out / "tracking.json").read_text())
+    client = mlflow.MlflowClient(tracking_uri=state["mlflow"]["tracking_uri"])
+    run_id = state["mlflow"]["run_id"]
+    assert client.get_run(run_id).info.status == "FAILED"
+    assert loop._OPEN == []
+
+    monkeypatch.setattr(loop, "_clip", real_clip)
+    run(cfg, resume=True)
+    assert json.loads((out / "tracking.json").read_text())["mlflow"]["run_id"] == run_id
+    assert client.get_run(run_id).info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == [1, 2, 3, 4]
+    assert len(client.search_runs([client.get_run(run_id).info.experiment_id])) == 1
+
+
+def test_resumed_trackers_continue_the_same_runs(tmp_path, monkeypatch):
+    """`make_trackers(..., resume_step=N)` reopens the W&B run by its id and drops TensorBoard events past N."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    for var in ("WANDB_MODE", "WANDB_API_KEY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    first = tracking.make_trackers(["tensorboard", "wandb"], str(tmp_path), "run-r")
+    wandb_id = first.trackers[1].run.id
+    for step in (1, 2, 3):
+        first.log(step, {"train_loss": 1.0 / step})
+    first.close("interrupted")
+    again = tracking.make_trackers(["tensorboard", "wandb"], str(tmp_path), "run-r", resume_step=2)
+    assert again.trackers[1].run.id == wandb_id
+    again.log(3, {"train_loss": 0.25})
+    again.close("completed")
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    assert [(e.step, e.value) for e in acc.Scalars("train/loss")] == [(1, 1.0), (2, 0.5), (3, 0.25)]
+    fresh = tracking.make_trackers(["wandb"], str(tmp_path), "run-r")  # not a resume: a new run
+    assert fresh.trackers[0].run.id != wandb_id
+    fresh.close("completed")

@@ -102,6 +102,9 @@ def _numbers(values: dict[str, Any]) -> dict[str, float]:
 
 
 class Tracker(Protocol):
+    name: str
+
+    def state(self) -> dict[str, Any]: ...  # what a resumed run needs to go on (tracking.json)
     def log_config(self, config: dict[str, Any], extra: dict[str, Any]) -> None: ...
     def log(self, step: int, values: dict[str, float]) -> None: ...
     def close(self, status: str) -> None: ...
@@ -112,11 +115,17 @@ class TensorBoardTracker:
 
     name = "tensorboard"
 
-    def __init__(self, run_dir: str, run_name: str):
+    def __init__(self, run_dir: str, run_name: str, previous: dict[str, Any] | None = None, step: int = 0):
         from torch.utils.tensorboard import SummaryWriter
 
         self.log_dir = os.path.join(run_dir, "tensorboard")
-        self.writer = SummaryWriter(log_dir=self.log_dir)
+        # resumed: the same folder, and events past the checkpoint's step are dropped (as in metrics.jsonl)
+        self.writer = SummaryWriter(
+            log_dir=self.log_dir, purge_step=step + 1 if previous is not None else None
+        )
+
+    def state(self) -> dict[str, Any]:
+        return {"log_dir": self.log_dir}
 
     def log_config(self, config: dict[str, Any], extra: dict[str, Any]) -> None:
         import yaml
@@ -151,7 +160,7 @@ class MlflowTracker:
 
     name = "mlflow"
 
-    def __init__(self, run_dir: str, run_name: str):
+    def __init__(self, run_dir: str, run_name: str, previous: dict[str, Any] | None = None, step: int = 0):
         import mlflow
 
         for noisy in ("mlflow", "alembic"):
@@ -167,11 +176,24 @@ class MlflowTracker:
             if not os.environ.get("MLFLOW_TRACKING_URI"):
                 location = os.path.abspath(os.path.join("mlruns", "artifacts"))
             experiment_id = self.client.create_experiment(experiment, artifact_location=location)
+        self.resumed = False
+        if previous and previous.get("tracking_uri") == self.tracking_uri and previous.get("run_id"):
+            try:  # resumed: the interrupted run goes on (metrics past the checkpoint are logged again)
+                old = self.client.get_run(previous["run_id"])
+            except mlflow.exceptions.MlflowException:
+                old = None  # deleted meanwhile: a new run
+            if old is not None and old.info.lifecycle_stage == "active":
+                self.client.update_run(old.info.run_id, status="RUNNING")
+                self.run_id, self.experiment_id, self.resumed = old.info.run_id, old.info.experiment_id, True
+                return
         run = self.client.create_run(
             experiment_id, run_name=run_name, tags={"deltatune.run_dir": os.path.abspath(run_dir)}
         )
         self.run_id = run.info.run_id
         self.experiment_id = experiment_id
+
+    def state(self) -> dict[str, Any]:
+        return {"run_id": self.run_id, "tracking_uri": self.tracking_uri}
 
     def log_config(self, config: dict[str, Any], extra: dict[str, Any]) -> None:
         import yaml
@@ -218,10 +240,11 @@ class WandbTracker:
 
     name = "wandb"
 
-    def __init__(self, run_dir: str, run_name: str):
+    def __init__(self, run_dir: str, run_name: str, previous: dict[str, Any] | None = None, step: int = 0):
         import wandb
 
         self.mode = wandb_mode()
+        resume = {"id": previous["id"], "resume": "allow"} if previous and previous.get("id") else {}
         self.run = wandb.init(
             project=os.environ.get("WANDB_PROJECT", "deltatune"),
             name=run_name,
@@ -229,7 +252,11 @@ class WandbTracker:
             mode=self.mode,
             reinit="finish_previous",
             settings=wandb.Settings(console="off", silent=True),
+            **resume,
         )
+
+    def state(self) -> dict[str, Any]:
+        return {"id": self.run.id}
 
     def log_config(self, config: dict[str, Any], extra: dict[str, Any]) -> None:
         self.run.config.update({**config, **extra}, allow_val_change=True)
@@ -290,11 +317,19 @@ class Trackers:
         self.trackers = []
 
 
+STATE_FILE = "tracking.json"
+
+
 def make_trackers(
-    names: str | list[str] | tuple[str, ...] | None, run_dir: str, run_name: str | None = None
+    names: str | list[str] | tuple[str, ...] | None,
+    run_dir: str,
+    run_name: str | None = None,
+    resume_step: int | None = None,
 ) -> Trackers:
     """Start one tracker per name (call on the main process only). The run is named after the last two
-    parts of `run_dir` (`runs/lora`, `compare-results/lora`) unless `run_name` is given.
+    parts of `run_dir` (`runs/lora`, `compare-results/lora`) unless `run_name` is given. Each tracker's
+    run id goes to `<run_dir>/tracking.json`; with `resume_step` (a resumed training run, at that step)
+    the same MLflow run and W&B run go on instead of new ones, and TensorBoard drops events past the step.
 
     Raises:
         TrackingError: a name is unknown or its library isn't installed (with the install command), or a
@@ -305,11 +340,28 @@ def make_trackers(
         raise TrackingError("; ".join(errors))
     parts = os.path.abspath(run_dir).split(os.sep)
     run_name = run_name or "/".join(p for p in parts[-2:] if p)
+    path = os.path.join(run_dir, STATE_FILE)
+    previous: dict[str, Any] = {}
+    if resume_step is not None and os.path.isfile(path):
+        try:
+            with open(path, encoding="utf-8") as f:
+                previous = json.load(f)
+        except (OSError, ValueError):
+            logger.warning("%s is unreadable: the trackers start new runs", path)
     started: list[Tracker] = []
     for name in dict.fromkeys(as_list(names)):
         try:
-            started.append(TRACKERS[name](run_dir, run_name))
+            earlier = previous.get(name) if resume_step is not None else None
+            if resume_step is not None and earlier is None:
+                earlier = {}  # resumed, but this tracker wasn't used before: still the same TensorBoard folder
+            started.append(TRACKERS[name](run_dir, run_name, earlier, resume_step or 0))
         except Exception as e:
             Trackers(started).close("failed")
             raise TrackingError(f"report_to: {name} could not start: {type(e).__name__}: {e}") from e
+    state = {**previous, **{t.name: t.state() for t in started}}
+    os.makedirs(run_dir, exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(state, f, indent=2)
+    os.replace(tmp, path)
     return Trackers(started)

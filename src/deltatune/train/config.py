@@ -35,6 +35,7 @@ RUN_FILES = (
     "adapter",
     "lr_search.json",
     "lr_search",
+    "tracking.json",
 )
 
 

@@ -181,7 +181,11 @@ def train(
     if resume_dir:
         state = checkpoint.load_checkpoint(resume_dir, model, optimizer, scheduler, scaler, ctx, state)
         logger.info("resumed from %s at step %d", resume_dir, state["step"])
-    trackers = tracking.make_trackers(cfg.report_to, out) if ctx.main and cfg.report_to else None
+    trackers = None
+    if ctx.main and cfg.report_to:
+        trackers = tracking.make_trackers(
+            cfg.report_to, out, resume_step=state["step"] if resume_dir else None
+        )
     metrics = _Metrics(os.path.join(out, "metrics.jsonl"), ctx.main, state["step"], trackers)
     metrics.log_config(cfg, out, sum(p.numel() for p in params), sum(p.numel() for p in model.parameters()))
     summary: dict[str, Any] = {"resumed_from_step": state["step"] if resume_dir else None}
@@ -546,12 +550,23 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+_OPEN: list[_Metrics] = []  # runs whose trackers are open: `close_trackers` ends them if the run crashes
+
+
+def close_trackers(status: str) -> None:
+    """End the tracker runs of training that raised (`run` calls this): `failed`, or `interrupted`."""
+    while _OPEN:
+        _OPEN[-1].close(status)
+
+
 class _Metrics:
     """`metrics.jsonl`, one JSON object per line; a resumed run first drops lines past its checkpoint."""
 
     def __init__(self, path: str, enabled: bool, truncate_after: int, trackers: Any = None):
         self.path, self.enabled = path, enabled
         self.trackers = trackers  # `report_to`: each row also goes to these (deltatune.tracking)
+        if trackers:
+            _OPEN.append(self)
         if enabled and truncate_after and os.path.isfile(path):
             with open(path, encoding="utf-8") as f:
                 kept = [
@@ -575,6 +590,8 @@ class _Metrics:
             self.trackers.log_config(config, {"trainable_params": trainable, "total_params": total})
 
     def close(self, status: str) -> None:
+        if self in _OPEN:
+            _OPEN.remove(self)
         if self.trackers:
             self.trackers.close(status)
             self.trackers = None

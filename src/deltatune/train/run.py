@@ -181,7 +181,8 @@ def run(
         if ctx.main:
             checkpoint.atomic_write_text(os.path.join(out, "summary.json"), json.dumps(summary, indent=2))
         return summary
-    except BaseException:
+    except BaseException as e:
+        loop.close_trackers("interrupted" if isinstance(e, KeyboardInterrupt) else "failed")
         if owned and ctx.main:
             _remove_failed_run(out, created)
         raise
