@@ -147,6 +147,60 @@ def test_n_choices_share_one_prefill(served, reference):  # noqa: F811
     assert engine.health()["stats"]["prefills"] - before == 1
 
 
+def test_long_prompts_are_prefilled_in_chunks_between_decoding_steps(files, reference):  # noqa: F811
+    """A prompt longer than --prefill-chunk is read a chunk per step while the running rows keep decoding; its
+    rows (n=2 share it) then get what `generate` gives alone; a short prompt joins in one prefill meanwhile."""
+    engine = Engine(
+        files["base"], files["adapters"], base_name=BASE, device="cpu", max_batch=8, prefill_chunk=3
+    )
+    server = _Server(create_app(engine, api_key=KEY, max_tokens_cap=CAP))
+    sched = engine.scheduler
+    chunk = sched._prefill_chunk
+    steps_at_chunks: list[int] = []
+
+    def recorded():
+        steps_at_chunks.append(sched.stats["decode_steps"])
+        chunk()
+
+    sched._prefill_chunk = recorded
+    restore = _slow_steps(engine, 0.03)
+    long_prompt = " ".join(f"w{i}" for i in range(3, 14))  # 11 words: 4 chunks of 3
+    try:
+        with _client(server.url) as client:
+            body = {"model": "alpha", "prompt": "w1 w2", "max_tokens": CAP, "temperature": 0, "stream": True}
+            with client.stream("POST", "/v1/completions", json=body) as running:
+                lines = running.iter_lines()
+                first = next(line for line in lines if line.startswith("data: "))  # alpha decodes
+                with ThreadPoolExecutor(2) as pool:
+                    long = pool.submit(
+                        client.post,
+                        "/v1/completions",
+                        json={
+                            "model": "beta",
+                            "prompt": long_prompt,
+                            "max_tokens": 5,
+                            "temperature": 0,
+                            "n": 2,
+                        },
+                    )
+                    short = pool.submit(
+                        client.post,
+                        "/v1/completions",
+                        json={"model": BASE, "prompt": "w20", "max_tokens": 4, "temperature": 0},
+                    )
+                    long, short = long.result(), short.result()
+                chunks = _sse([first, *lines])
+    finally:
+        restore()
+        server.stop()
+    assert "".join(c["choices"][0]["text"] for c in chunks[:-1]) == reference("alpha", "w1 w2", CAP)
+    assert long.status_code == 200, long.text
+    assert [c["text"] for c in long.json()["choices"]] == [reference("beta", long_prompt, 5)] * 2
+    assert short.json()["choices"][0]["text"] == reference(BASE, "w20", 4)
+    assert len(steps_at_chunks) >= 4  # the long prompt took several chunks (n=2 shared them)
+    assert all(b > a for a, b in zip(steps_at_chunks, steps_at_chunks[1:]))  # a decoding step between each
+
+
 # ---- the official client ---------------------------------------------------------------------------------------
 def test_openai_client_completions_and_chat(served, reference):  # noqa: F811
     _, _, oai = served

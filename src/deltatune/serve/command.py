@@ -51,6 +51,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--batch-wait-ms", type=float, default=5.0, help="static scheduler: how long a batch waits to fill"
     )
+    p.add_argument(
+        "--prefill-chunk",
+        type=int,
+        default=256,
+        help="continuous scheduler: longer prompts are prefilled this many tokens per step, between decoding steps",
+    )
     p.add_argument("--max-queue", type=int, default=1024, help="waiting rows beyond this get 503")
     p.add_argument(
         "--max-loaded-adapters",
@@ -117,6 +123,7 @@ def serve_main(argv: list[str] | None = None) -> int:
             dtype=args.dtype,
             scheduler=args.scheduler,
             max_loaded_adapters=args.max_loaded_adapters,
+            prefill_chunk=args.prefill_chunk,
         )
     except (OSError, ValueError) as e:
         return fail(str(e))

@@ -47,6 +47,8 @@ class Engine:
         scheduler: "continuous" (rows join and leave the running batch at every decoding step) or "static"
             (the rows that arrive together run as one `generate`).
         max_loaded_adapters: adapters kept in memory at once (least recently used evicted beyond it).
+        prefill_chunk: continuous scheduler: a prompt longer than this many tokens is prefilled this many tokens
+            per step, between the running rows' decoding steps (so they don't stall while it is read).
     """
 
     def __init__(
@@ -63,6 +65,7 @@ class Engine:
         dtype: str = "float32",
         scheduler: str = "continuous",
         max_loaded_adapters: int = 32,
+        prefill_chunk: int = 256,
     ):
         from transformers import AutoConfig, AutoTokenizer
 
@@ -123,7 +126,10 @@ class Engine:
             ContinuousScheduler if scheduler == "continuous" and self.task == "CAUSAL_LM" else StaticScheduler
         )
         self.scheduler_name = "continuous" if kind is ContinuousScheduler else "static"
-        self.scheduler = kind(self, max_batch=max_batch, batch_wait_ms=batch_wait_ms, max_queue=max_queue)
+        extra = {"prefill_chunk": prefill_chunk} if kind is ContinuousScheduler else {}
+        self.scheduler = kind(
+            self, max_batch=max_batch, batch_wait_ms=batch_wait_ms, max_queue=max_queue, **extra
+        )
 
     @property
     def batch_wait(self) -> float:

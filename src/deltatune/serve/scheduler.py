@@ -286,20 +286,43 @@ class _Lane:
     last: list[int] = field(default_factory=list)
 
 
+@dataclass(eq=False)
+class _Chunked:
+    """A prompt longer than the prefill chunk, prefilled one chunk per step between the running rows' decoding
+    steps: the rows that share it (`n` choices), its own cache so far, how many of its tokens are in it."""
+
+    solo: str | None
+    adapter: str
+    ids: list[int]
+    rows: list[Row]
+    cache: Any = None
+    done: int = 0
+
+
 class ContinuousScheduler(_Scheduler):
     name = "continuous"
     background_loads = True
 
-    def __init__(self, engine, **kwargs):
+    def __init__(self, engine, *, prefill_chunk: int = 256, **kwargs):
+        if prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be at least 1, got {prefill_chunk}")
         self.lanes: dict[str | None, _Lane] = {}
+        self.chunked: deque[_Chunked] = deque()
+        self.prefill_chunk = prefill_chunk
         self._waiting = False  # every pending row waits for its adapter's files (the reader wakes us)
         super().__init__(engine, **kwargs)
+        self.stats["prefill_chunks"] = 0
 
     def _all_rows(self) -> list[Row]:
-        return [*self.pending, *(r for lane in self.lanes.values() for r in lane.rows)]
+        return [
+            *self.pending,
+            *(r for job in self.chunked for r in job.rows),
+            *(r for lane in self.lanes.values() for r in lane.rows),
+        ]
 
     def running(self) -> int:
-        return sum(len(lane.rows) for lane in self.lanes.values())
+        """Rows decoding, and rows whose long prompt is being prefilled."""
+        return sum(len(lane.rows) for lane in self.lanes.values()) + sum(len(j.rows) for j in self.chunked)
 
     def _loop(self) -> None:
         while not self._stopped:
@@ -323,8 +346,13 @@ class ContinuousScheduler(_Scheduler):
                     by_lane.setdefault(solo, []).append(row)
                     admitted = True
                 for solo, rows in by_lane.items():
-                    self._prefill(solo, rows)
+                    short = [row for row in rows if len(row.ids) <= self.prefill_chunk]
+                    if short:
+                        self._prefill(solo, short)
+                    self._queue_chunked(solo, [row for row in rows if len(row.ids) > self.prefill_chunk])
             self._waiting = bool(self.pending) and not admitted
+            if self.chunked:  # one chunk of a long prompt per step, between the running rows' steps
+                self._prefill_chunk()
             for lane in list(self.lanes.values()):
                 if lane.rows:
                     self._decode(lane)
@@ -334,8 +362,31 @@ class ContinuousScheduler(_Scheduler):
     def _after_command(self) -> None:
         self._reap()
 
+    def _queue_chunked(self, solo: str | None, rows: list[Row]) -> None:
+        jobs: dict[tuple[str, tuple[int, ...]], _Chunked] = {}
+        for row in rows:
+            key = (row.adapter, tuple(row.ids))
+            if key not in jobs:
+                jobs[key] = _Chunked(solo, row.adapter, list(row.ids), [])
+                self.chunked.append(jobs[key])
+            jobs[key].rows.append(row)
+
     def _reap(self) -> None:
         """Drop rows that were cancelled or whose adapter is gone."""
+        for job in list(self.chunked):
+            if job.adapter != BASE and not self.engine.registry.is_loaded(job.adapter):
+                for row in job.rows:
+                    row.fail(
+                        ApiError(404, f"the adapter {row.adapter!r} was unloaded", "model_not_found", "model")
+                    )
+                job.rows = []
+            for row in job.rows:
+                if row.cancelled:
+                    row.finished = True
+                    self.stats["cancelled_rows"] += 1
+            job.rows = [row for row in job.rows if not row.finished]
+            if not job.rows:
+                self.chunked.remove(job)
         for lane in self.lanes.values():
             keep = []
             for i, row in enumerate(lane.rows):
@@ -395,12 +446,17 @@ class ContinuousScheduler(_Scheduler):
             for u in range(len(prompts)):  # find the prompt(s) that fail alone; the others go on
                 self._prefill(solo, [row for row, w in zip(rows, which) if w == u])
             return
+        self._note_call(rows)
+        self._start(solo, rows, which, logits, cache, mask)
+
+    def _start(self, solo: str | None, rows: list[Row], which: list[int], logits, cache, mask) -> None:
+        """After a prefill: pick the rows' first tokens (row i from `logits[which[i]]`) and move the rows that go
+        on, with their rows of the prefill's `cache` and `mask`, into their lane."""
         self.stats["prefills"] += 1
         lane = self.lanes.get(solo)
         if lane is not None and lane.rows:
             self.stats["joined_running"] += len(rows)
         self.metrics.steps.labels(kind="prefill").inc()
-        self._note_call(rows)
         going: list[int] = []
         firsts: list[int] = []
         picks = pick_rows([row.sampler for row in rows], logits[torch.tensor(which, device=logits.device)])
@@ -423,6 +479,29 @@ class ContinuousScheduler(_Scheduler):
         lane.cache.join(pairs, mask.index_select(0, index.cpu()))
         lane.rows += [rows[i] for i in going]
         lane.last += firsts
+
+    def _prefill_chunk(self) -> None:
+        """Take the next chunk of the oldest long prompt (its rows' own cache grows by one chunk); after its last
+        chunk the rows get their first token and join their lane."""
+        job = self.chunked[0]
+        start, end = job.done, min(len(job.ids), job.done + self.prefill_chunk)
+        ids = torch.tensor([job.ids[start:end]], dtype=torch.long)
+        mask = torch.ones((1, end), dtype=torch.long)
+        positions = torch.arange(start, end, dtype=torch.long).view(1, -1)
+        try:
+            logits, cache = self._forward(job.solo, [job.adapter], ids, mask, positions, job.cache)
+        except Exception as e:
+            self.chunked.popleft()
+            for row in job.rows:
+                row.fail(_row_error(row, e))
+            self.stats["failed_rows"] += len(job.rows)
+            return
+        job.cache, job.done = cache, end
+        self.stats["prefill_chunks"] += 1
+        self._note_call(job.rows)
+        if end == len(job.ids):
+            self.chunked.popleft()
+            self._start(job.solo, job.rows, [0] * len(job.rows), logits, cache, mask)
 
     def _select(self, lane: _Lane, keep: list[int]) -> None:
         """Keep only rows `keep` of a lane (the cache moves the last rows into the holes: the order changes)."""
