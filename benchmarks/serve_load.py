@@ -6,9 +6,11 @@ and v_proj) in a temp folder, starts `deltatune serve` twice on 127.0.0.1 (`--sc
 each adapter mix (the base alone, 8 adapters, 64 adapters of which at most 8 are in memory) runs the same
 workload against the two servers back to back: C concurrent clients, each sending R streamed greedy completions
 whose `max_tokens` is drawn between 8 and 64 (the same draws for both servers). Reports req/s, output tokens/s,
-p50/p95 latency and p50/p95 time to first token, and the continuous/static ratios. Writes a JSON file.
+p50/p95 latency and p50/p95 time to first token, and the continuous/static ratios. Writes a JSON file. The phases
+share `--budget` seconds (each its share of what is left, at most `--time-cap`), so the default run stays under
+about 12 minutes; requests a phase could not start in its share are skipped and reported (done/planned).
 
-    python benchmarks/serve_load.py --out serve_load.json                    # the full run (long on 2 cores)
+    python benchmarks/serve_load.py --out serve_load.json                    # the full run (<= ~12 min)
     python benchmarks/serve_load.py --small --clients 16 --requests 2        # a quick look
 
 Run by hand; the numbers go in the README. Traffic goes to 127.0.0.1 only.
@@ -224,6 +226,10 @@ async def main_async(args) -> dict:
             names = [f"task{i}" for i in range(N_ADAPTERS)]
             for name in servers:  # warm-up
                 await phase(clients[name], workload(2, 1, ["base"], words, args.prompt_words), args.time_cap)
+            # The whole run keeps to --budget: each phase may start requests for its share of what is left
+            # (and at most --time-cap); requests not started by then are skipped, and counted as planned.
+            phases_left = 2 * len(args.clients) * len(args.mixes)
+            budget_end = time.monotonic() + args.budget
             for n_clients in args.clients:
                 mixes = {"base": ["base"], "8": names[:8], "64": names}
                 for key in args.mixes:
@@ -231,13 +237,17 @@ async def main_async(args) -> dict:
                     plan = workload(n_clients, args.requests, models_, words, args.prompt_words)
                     pair = {}
                     for name in ("static", "continuous"):
-                        pair[name] = await phase(clients[name], plan, args.time_cap)
+                        cap = min(args.time_cap, max(5.0, (budget_end - time.monotonic()) / phases_left))
+                        phases_left -= 1
+                        pair[name] = await phase(clients[name], plan, cap)
                         r = pair[name]
+                        r["planned"], r["time_cap_s"] = n_clients * args.requests, round(cap, 1)
                         print(
                             f"{n_clients:3d} clients, {mix:11s}, {name:10s}: {r['requests_per_s']:.2f} req/s, "
                             f"{r['output_tokens_per_s']:.1f} tok/s, latency p50 {r['latency_p50_s']}s "
                             f"p95 {r['latency_p95_s']}s, TTFT p50 {r['ttft_p50_s']}s p95 {r['ttft_p95_s']}s, "
-                            f"{r['requests']} done, {r['errors']} errors, {r['adapter_loads']} loads",
+                            f"{r['requests']}/{r['planned']} done (cap {r['time_cap_s']}s), {r['errors']} errors, "
+                            f"{r['adapter_loads']} loads",
                             flush=True,
                         )
                     rows.append({"clients": n_clients, "adapters": mix, **{k: v for k, v in pair.items()}})
@@ -259,6 +269,7 @@ async def main_async(args) -> dict:
         "batch_wait_ms": args.batch_wait_ms,
         "threads": args.threads,
         "time_cap_s": args.time_cap,
+        "budget_s": args.budget,
         "torch": torch.__version__,
         "cpu_count": os.cpu_count(),
         "machine": platform.machine(),
@@ -276,15 +287,22 @@ def main() -> None:
         default=["base", "8", "64"],
         help="adapter mixes to run",
     )
-    p.add_argument("--requests", type=int, default=3, help="requests per client")
+    p.add_argument("--requests", type=int, default=2, help="requests per client")
     p.add_argument("--prompt-words", type=int, default=16)
     p.add_argument("--max-batch", type=int, default=64)
     p.add_argument("--batch-wait-ms", type=float, default=5.0)
     p.add_argument(
         "--time-cap",
         type=float,
-        default=300.0,
-        help="seconds per phase (requests not started by then are skipped)",
+        default=120.0,
+        help="most seconds per phase (requests not started by then are skipped)",
+    )
+    p.add_argument(
+        "--budget",
+        type=float,
+        default=540.0,
+        help="seconds for all the phases together (each gets its share of what is left, at most --time-cap); "
+        "with the model build and the servers' start the default run stays under ~12 minutes",
     )
     p.add_argument(
         "--threads",
