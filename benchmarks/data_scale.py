@@ -195,7 +195,7 @@ def throughput(work: str, model: str, n: int, max_len: int, batch: int, method: 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rows", default="10000,100000,1000000", help="row counts of the memory test")
+    parser.add_argument("--rows", default="10000,100000,1000000", help="row counts of the memory test (0: skip)")
     parser.add_argument("--steps", type=int, default=3, help="training steps of each memory run")
     parser.add_argument(
         "--throughput-rows", type=int, default=2000, help="rows of the skewed corpus (0: skip)"
@@ -214,7 +214,7 @@ def main() -> None:
         os.path.join(work, "model"), hidden=args.hidden, layers=args.layers, max_len=args.max_len
     )
     results = {"command": " ".join(sys.argv), "cpus": os.cpu_count()}
-    sizes = [int(float(x)) for x in args.rows.split(",") if x]
+    sizes = [n for n in (int(float(x)) for x in args.rows.split(",") if x) if n > 0]  # --rows 0: none
     if sizes:
         results["memory"] = memory(work, model, sizes, args.steps)
         base = results["memory"][0]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 
@@ -19,7 +20,8 @@ from deltatune.data import (
     pack_bins,
     packed_attention,
 )
-from deltatune.data.packing import packed_inputs
+from deltatune.data import varlen
+from deltatune.data.packing import packed_context, packed_inputs
 
 
 def examples(n: int, seed: int = 0, low: int = 1, high: int = 12) -> list[dict]:
@@ -51,17 +53,31 @@ def loss_alone(model, example) -> torch.Tensor:
     return token_losses(model, batch).sum()
 
 
+def packed_losses(model, batch, mode) -> torch.Tensor:
+    """`token_losses` of a packed batch as training runs it: the inputs of `mode`, inside its context."""
+    with packed_context(model, mode):
+        return token_losses(model, packed_inputs(batch, mode, model))
+
+
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 @pytest.mark.parametrize("family", ["llama", "gpt2", "opt"])
-def test_every_example_in_a_packed_row_has_its_loss_alone(family, attention):
+@pytest.mark.parametrize("mode", ["varlen", "positions", "mask4d"])
+def test_every_example_in_a_packed_row_has_its_loss_alone(family, attention, mode):
     model = tiny_models.FAMILIES[family]()
     model.set_attn_implementation(attention)
-    mode = packed_attention(model)
-    assert mode == ("mask4d" if family == "opt" else "positions")  # OPT's mask code ignores position ids
+    if mode == "positions" and family == "opt":  # OPT's mask code ignores position ids
+        with pytest.raises(ValueError, match="can't be confined"):
+            packed_attention(model, modes=[mode])
+        return
+    assert packed_attention(model, modes=[mode]) == mode
+    assert packed_attention(model) == "varlen"  # the first choice on CPU, for every family here
     rows = pack(examples(14, seed=1), max_length=32)
     assert len(rows) < 14 and all(sum(len(e["input_ids"]) for e in r) <= 32 for r in rows)
     batch = collate_packed(rows, pad_token_id=0)
-    losses = token_losses(model, packed_inputs(batch, mode, model))
+    calls = varlen.calls[0]
+    losses = packed_losses(model, batch, mode)
+    assert (varlen.calls[0] > calls) == (mode == "varlen")  # the per-example path ran, or not at all
+    assert model.config._attn_implementation == attention  # set only for the step
     for r, row in enumerate(rows):
         start = 0
         for e in row:
@@ -72,21 +88,77 @@ def test_every_example_in_a_packed_row_has_its_loss_alone(family, attention):
         assert losses[r, start - 1 :].abs().sum() == 0  # the padding and the step into it learn nothing
 
 
-def test_a_gradient_step_on_a_packed_batch_is_the_sum_over_its_examples():
-    data = examples(6, seed=2)
+@pytest.mark.parametrize("family,mode", [("llama", "varlen"), ("gpt2", "varlen"), ("llama", "positions")])
+def test_a_gradient_step_on_a_packed_batch_is_the_sum_over_its_examples(family, mode):
+    data = examples(8, seed=2)
     grads = []
     for packed in (True, False):
-        model = tiny_models.llama()
-        model.train()  # no dropout in the tiny Llama: train and eval forward are the same
+        model = tiny_models.FAMILIES[family]()
+        model.train(family == "llama")  # the tiny Llama has no dropout; GPT-2's is kept off (eval)
         if packed:
-            batch = collate_packed(pack(data, 64), 0)
-            token_losses(model, packed_inputs(batch, packed_attention(model), model)).sum().backward()
+            batch = collate_packed(pack(data, 16), 0)  # several rows of several examples
+            assert batch["input_ids"].shape[0] > 1 and batch["input_ids"].shape[0] < len(data)
+            with packed_context(model, mode):
+                token_losses(model, packed_inputs(batch, mode, model)).sum().backward()
         else:
             for e in data:
                 loss_alone(model, e).backward()
-        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
     for name, g in grads[0].items():
         torch.testing.assert_close(g, grads[1][name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_varlen_attends_each_example_alone_and_builds_no_row_mask(monkeypatch):
+    """The point of `varlen`: every SDPA call covers one example (no T x T scores), and no mask is built."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    model = tiny_models.llama()
+    rows = pack(examples(12, seed=5, low=2, high=9), max_length=24)
+    batch = collate_packed(rows, pad_token_id=0)
+    longest = max(len(e["input_ids"]) for row in rows for e in row)
+    shapes, masks = [], []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, *args, **kwargs):
+        shapes.append((q.shape[-2], k.shape[-2]))
+        masks.append(kwargs.get("attn_mask"))
+        return sdpa(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    for name in ("sdpa", "eager"):
+        monkeypatch.setitem(ALL_MASK_ATTENTION_FUNCTIONS._global_mapping, name, pytest.fail)
+    packed_losses(model, batch, "varlen")
+    width = batch["input_ids"].shape[1]
+    expected = []  # every row's examples, then its padding (a segment of its own)
+    for row in rows:
+        cuts = [0, *itertools.accumulate(len(e["input_ids"]) for e in row)]
+        expected.append(list(zip(cuts[:-1], cuts[1:])) + ([(cuts[-1], width)] if cuts[-1] < width else []))
+    assert varlen.segments(batch["position_ids"], len(rows)) == expected
+    calls = [(b - a, b - a) for segs in expected for a, b in segs] * model.config.num_hidden_layers
+    assert sorted(shapes) == sorted(calls) and max(q for q, _ in shapes) < width
+    assert all(m is None for m in masks)
+
+
+def test_a_model_whose_layers_bypass_the_attention_interface_falls_back_to_the_dense_mask(monkeypatch):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.models.llama import modeling_llama
+
+    model = tiny_models.llama()
+    # layers that always run their own SDPA, whatever implementation is set: `varlen` never runs there
+    monkeypatch.setattr(modeling_llama.ALL_ATTENTION_FUNCTIONS, "get_interface", lambda *a: sdpa_attention_forward)
+    assert packed_attention(model) == "positions"
+    assert packed_attention(model, modes=["varlen", "mask4d"]) == "mask4d"
+    model.config.sliding_window = 4  # a sliding window needs its mask: not tried there
+    assert not varlen.applies(model)
+
+
+def test_the_varlen_implementation_is_put_back_even_after_an_error():
+    model = tiny_models.gpt2()
+    with pytest.raises(RuntimeError, match="boom"), packed_context(model, "varlen"):
+        assert model.config._attn_implementation == varlen.NAME
+        raise RuntimeError("boom")
+    assert model.config._attn_implementation == "sdpa" and varlen.NAME not in model.config.to_json_string()
 
 
 def test_no_position_id_label_or_attention_crosses_an_example_boundary():
@@ -140,9 +212,13 @@ def test_padding_free_batches_are_one_row_with_the_losses_of_the_padded_batch():
     assert tensors["input_ids"].shape == (1, real) and real == sum(len(e["input_ids"]) for e in data)
     padded_tensors, padded_real = padded.collate(ids)
     assert padded_real == real and padded_tensors["input_ids"].numel() > real
-    batch = packed_inputs(tensors, packed_attention(model), model)
+    mode = packed_attention(model)
+    assert mode == "varlen"
     torch.testing.assert_close(
-        token_losses(model, batch).sum(), token_losses(model, padded_tensors).sum(), atol=1e-5, rtol=1e-5
+        packed_losses(model, tensors, mode).sum(),
+        token_losses(model, padded_tensors).sum(),
+        atol=1e-5,
+        rtol=1e-5,
     )
 
 
@@ -210,6 +286,21 @@ def test_a_packed_run_trains_and_reports_real_tokens_per_second(tmp_path):
     lines = [line for line in lines if "train_loss" in line]  # (not the validation lines)
     assert [line["step"] for line in lines] == [1, 2] and all(line["tokens_per_s"] > 0 for line in lines)
     assert lines[1]["tokens"] > lines[0]["tokens"] > 0
+
+
+def test_a_packed_run_on_cpu_uses_varlen_and_saves_nothing_of_it(tmp_path):
+    from deltatune.train import run
+
+    folder = tiny_models.save_with_tokenizer(tiny_models.llama(), str(tmp_path / "llama"))
+    config = tiny_run_config(
+        tmp_path, model=folder, method="full", method_args={}, packing=True, max_steps=2, save_every=1
+    )
+    summary = run(config(output_dir=str(tmp_path / "run")))
+    assert summary["status"] == "completed" and summary["packed_attention"] == "varlen"
+    saved = [p for p in (tmp_path / "run").rglob("*") if p.suffix in (".json", ".yaml")]
+    assert {p.name for p in saved} >= {"adapter_config.json", "train_config.yaml", "summary.json"}
+    for path in saved:
+        assert varlen.NAME not in path.read_text(), path  # (the summary says "varlen", not the registered name)
 
 
 @pytest.mark.slow

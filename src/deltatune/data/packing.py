@@ -2,9 +2,12 @@
 
 A packed row holds whole examples side by side. Each example keeps its own position ids (0, 1, 2, ... from
 its first token), its first token gets no label (nothing before it in *its* example predicts it), and the
-model is made to attend only within an example, one of two ways, picked by `packed_attention` with a probe
+model is made to attend only within an example, one of three ways, picked by `packed_attention` with a probe
 on the real model:
 
+- `varlen`: without flash-attention (CPU, or CUDA without `flash_attn`), for models on SDPA/eager: causal SDPA
+  on each example separately (`deltatune.data.varlen`), set on the model only around each training step, so
+  no dense `T x T` mask and no attention across the whole row is computed;
 - `positions`: only `position_ids` and no attention mask: transformers (>= 4.54) then builds the
   block-diagonal causal mask itself (SDPA/eager) or uses flash-attention's variable-length kernel;
 - `mask4d`: a block-diagonal causal 4-D mask passed as `attention_mask` (for models whose mask code
@@ -17,6 +20,7 @@ of its own (position ids from 0, no labels), so it never mixes with an example e
 from __future__ import annotations
 
 import bisect
+import contextlib
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -24,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from deltatune.data import varlen
 from deltatune.data.sources import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
@@ -107,7 +112,8 @@ def block_causal_mask(position_ids: torch.Tensor, dtype: torch.dtype | None = No
 
 
 def packed_inputs(batch: dict[str, torch.Tensor], mode: str, model: Any) -> dict[str, torch.Tensor]:
-    """The model inputs for a packed batch in `mode` (`positions` or `mask4d`)."""
+    """The model inputs for a packed batch in `mode` (`varlen`, `positions` or `mask4d`); `varlen` and
+    `positions` take position ids alone (run `varlen` inside `packed_context`)."""
     if mode == "mask4d":
         inner = model.module if hasattr(model, "module") else model  # under DDP/FSDP
         eager = getattr(getattr(inner, "config", None), "_attn_implementation", "sdpa") == "eager"
@@ -116,9 +122,17 @@ def packed_inputs(batch: dict[str, torch.Tensor], mode: str, model: Any) -> dict
     return batch
 
 
-def packed_attention(model: Any) -> str:
-    """How `model` keeps packed examples apart: `positions` or `mask4d` (see the module docs), found by a
-    probe: the logits of an example packed after another must equal its logits alone.
+def packed_context(model: Any, mode: str | None) -> Any:
+    """What a training step (forward and backward) on a packed batch of `mode` runs inside: `varlen.active`
+    for `varlen`, nothing for the others."""
+    return varlen.active(model) if mode == "varlen" else contextlib.nullcontext()
+
+
+def packed_attention(model: Any, modes: Sequence[str] = ("varlen", "positions", "mask4d")) -> str:
+    """How `model` keeps packed examples apart: the first of `modes` (`varlen`, `positions`, `mask4d`; see the
+    module docs) that passes a probe: the logits of an example packed after another must equal its logits
+    alone (and `varlen` must be what the model's attention layers actually ran). `varlen` is tried only where
+    it applies (`varlen.applies`: no flash/flex attention, no sliding window).
 
     Raises:
         ValueError: neither works for this model (its attention can't be confined to an example).
@@ -144,11 +158,18 @@ def packed_attention(model: Any) -> str:
         with torch.no_grad():
             alone = inner(input_ids=second[None].to(device), use_cache=False).logits[0].float()
             scale = tolerance * (1 + float(alone.abs().max()))
-            for mode in ("positions", "mask4d"):
+            for mode in modes:
+                if mode == "varlen" and not varlen.applies(inner):
+                    continue
+                before = varlen.calls[0]
                 try:
-                    out = inner(**packed_inputs(batch, mode, inner), use_cache=False).logits[0, 5:].float()
+                    with packed_context(inner, mode):
+                        out = inner(**packed_inputs(batch, mode, inner), use_cache=False).logits[0, 5:].float()
                 except Exception as e:  # a model that can't take the inputs of this mode
                     logger.debug("packing mode %s fails on this model: %s", mode, e)
+                    continue
+                if mode == "varlen" and varlen.calls[0] == before:
+                    logger.debug("packing mode varlen: this model's attention doesn't reach it")
                     continue
                 if float((out - alone).abs().max()) <= scale:
                     return mode

@@ -24,7 +24,7 @@ from torch import nn
 
 from deltatune import checkpoint, tracking
 from deltatune.data import IGNORE_INDEX, Datasets, collate, eval_batches, take
-from deltatune.data.packing import packed_attention, packed_inputs
+from deltatune.data.packing import packed_attention, packed_context, packed_inputs
 from deltatune.data.streaming import make_batcher
 from deltatune.errors import ConfigError, TrainingError
 from deltatune.losses import causal_lm_loss
@@ -189,6 +189,8 @@ def train(
     metrics = _Metrics(os.path.join(out, "metrics.jsonl"), ctx.main, state["step"], trackers)
     metrics.log_config(cfg, out, sum(p.numel() for p in params), sum(p.numel() for p in model.parameters()))
     summary: dict[str, Any] = {"resumed_from_step": state["step"] if resume_dir else None}
+    if packed_mode is not None:
+        summary["packed_attention"] = packed_mode  # how examples were kept apart (data.packing)
     if cfg.eval_at_start and not resume_dir and (data.eval or val):
         # with no eval data the untrained model is scored on the validation split, as the trained one is
         summary["before"] = metrics.log(
@@ -234,14 +236,15 @@ def train(
             if packed_mode is not None:  # examples side by side: attention confined to each one
                 batch = packed_inputs(batch, packed_mode, model) | {"use_cache": False}
             labels = batch.pop("labels")
-            with _maybe_no_sync(model, micro < cfg.grad_accum - 1), autocast:
-                if chunked:
-                    count = int((labels[:, 1:] != IGNORE_INDEX).sum())
-                    loss = causal_lm_loss(model, labels, **batch) * count
-                else:
-                    loss, count = _loss(model(**batch).logits, labels, classify)
-                loss = loss / max(count, 1) / cfg.grad_accum
-            scaler.scale(loss).backward()
+            with _maybe_no_sync(model, micro < cfg.grad_accum - 1), packed_context(model, packed_mode):
+                with autocast:
+                    if chunked:
+                        count = int((labels[:, 1:] != IGNORE_INDEX).sum())
+                        loss = causal_lm_loss(model, labels, **batch) * count
+                    else:
+                        loss, count = _loss(model(**batch).logits, labels, classify)
+                    loss = loss / max(count, 1) / cfg.grad_accum
+                scaler.scale(loss).backward()
             loss_sum += loss.item()
         grad_norm = _clip(scaler, optimizer, params, cfg.max_grad_norm)
         bad = not math.isfinite(loss_sum) or (not math.isfinite(grad_norm) and not scaler.is_enabled())
