@@ -1,8 +1,9 @@
 """Training on real corpora: memory vs number of rows, the tokenization cache, and padded vs grouped vs packed
 throughput on skewed lengths.
 
-    python benchmarks/data_scale.py                      # 1e4, 1e5, 1e6 rows; throughput on 2,000 rows
-    python benchmarks/data_scale.py --rows 10000,100000 --throughput-rows 600 --max-len 512   # smaller
+    python benchmarks/data_scale.py                      # 1e4, 1e5, 1e6 rows; throughput on 600 rows
+    python benchmarks/data_scale.py --rows 0             # throughput only (padded / grouped / packed)
+    python benchmarks/data_scale.py --rows 10000,100000 --throughput-rows 0                    # memory only
 
 Everything is generated here (a tiny Llama-shaped model with a word-level tokenizer, JSONL of random words),
 so nothing is downloaded. Every training run is `deltatune train` in its own process (`python -m deltatune
@@ -12,7 +13,8 @@ train ...`), its peak RSS and times taken from its `summary.json` (`peak_mem_mb`
 1. Memory: `deltatune train` for a few steps on N generated rows (no eval data: the validation split, 1% of
    them, is held out and evaluated on); the peak RSS of the training process, first (tokenizing) and second
    (cached) run, and the data loading time of each.
-2. Throughput: one corpus whose lengths are log-normal between 16 and `--max-len` tokens, one epoch each with
+2. Throughput: one corpus whose lengths are log-normal between 16 and `--max-len` (default 1,024) tokens
+   (median ~100), on a Llama-shaped model of hidden size 256 and 4 layers by default, one epoch each with
    padded batches, `group_by_length` and `packing` (rows of `--max-len` tokens, as many rows per batch as
    hold about the same number of tokens as a padded batch); real (non-pad) tokens/s and the eval loss on
    held-out rows after the epoch (same data, same tokens: the loss should match within noise).
@@ -186,6 +188,7 @@ def throughput(work: str, model: str, n: int, max_len: int, batch: int, method: 
             "eval_loss": s["eval_loss"],
             "train_loss": s["train_loss"],
             "runtime_s": s["runtime_s"],
+            "packed_attention": s.get("packed_attention"),  # packed: how examples were kept apart
             "curve": [(m["tokens"], round(m["train_loss"], 4)) for m in s["metrics"] if "train_loss" in m],
         }
         results.append(row)
@@ -198,12 +201,12 @@ def main() -> None:
     parser.add_argument("--rows", default="10000,100000,1000000", help="row counts of the memory test (0: skip)")
     parser.add_argument("--steps", type=int, default=3, help="training steps of each memory run")
     parser.add_argument(
-        "--throughput-rows", type=int, default=2000, help="rows of the skewed corpus (0: skip)"
+        "--throughput-rows", type=int, default=600, help="rows of the skewed corpus (0: skip)"
     )
     parser.add_argument("--max-len", type=int, default=1024, help="longest example / packed row, in tokens")
     parser.add_argument("--batch", type=int, default=8, help="examples per padded batch")
-    parser.add_argument("--hidden", type=int, default=64, help="hidden size of the generated model")
-    parser.add_argument("--layers", type=int, default=2, help="layers of the generated model")
+    parser.add_argument("--hidden", type=int, default=256, help="hidden size of the generated model")
+    parser.add_argument("--layers", type=int, default=4, help="layers of the generated model")
     parser.add_argument("--method", default="full", help="method of the throughput runs")
     parser.add_argument("--lr", type=float, default=3e-3, help="learning rate of the throughput runs")
     parser.add_argument("--out", default=None, help="also write the results here (JSON)")
@@ -236,6 +239,7 @@ def main() -> None:
             print(
                 f"{row['mode']:>16}: {row['real_tokens_per_s']:8.0f} real tokens/s ({row['real_tokens_per_s'] / padded:.2f}x "
                 f"padded), {row['steps']} steps of {row['batch_size']}, eval loss {row['eval_loss']:.4f}"
+                + (f", attention: {row['packed_attention']}" if row.get("packed_attention") else "")
             )
     if args.out:
         with open(args.out, "w") as f:
