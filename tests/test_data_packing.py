@@ -153,6 +153,26 @@ def test_a_model_whose_layers_bypass_the_attention_interface_falls_back_to_the_d
     assert not varlen.applies(model)
 
 
+def test_packed_rows_are_one_row_for_flash_attention_with_the_same_losses():
+    model = tiny_models.llama()
+    rows = pack(examples(14, seed=1), max_length=32)
+    batch = collate_packed(rows, pad_token_id=0)
+    assert len(rows) > 1
+    # flash-attention 2 (CUDA, not run here) sees example boundaries in position ids only in one row
+    model.config._attn_implementation_internal = "flash_attention_2"
+    flat = packed_inputs(batch, "positions", model)
+    assert {k: tuple(v.shape) for k, v in flat.items()} == {k: (1, batch["input_ids"].numel()) for k in batch}
+    assert flat["position_ids"][0].tolist() == batch["position_ids"].reshape(-1).tolist()
+    model.config._attn_implementation_internal = "sdpa"
+    assert packed_inputs(batch, "positions", model)["input_ids"].shape == batch["input_ids"].shape
+    # the one row keeps every example apart too: the same per-token losses, nothing across the rows' seams
+    per_row = token_losses(model, packed_inputs(batch, "positions", model))  # [rows, T - 1]
+    one_row = token_losses(model, flat)[0]  # [rows * T - 1]: the seams predict unlabelled first tokens
+    one_row = torch.cat([one_row, one_row.new_zeros(1)]).reshape(len(rows), -1)
+    assert (one_row[:, -1] == 0).all()
+    torch.testing.assert_close(one_row[:, :-1], per_row, atol=1e-5, rtol=1e-5)
+
+
 def test_the_varlen_implementation_is_put_back_even_after_an_error():
     model = tiny_models.gpt2()
     with pytest.raises(RuntimeError, match="boom"), packed_context(model, "varlen"):

@@ -114,9 +114,15 @@ def block_causal_mask(position_ids: torch.Tensor, dtype: torch.dtype | None = No
 def packed_inputs(batch: dict[str, torch.Tensor], mode: str, model: Any) -> dict[str, torch.Tensor]:
     """The model inputs for a packed batch in `mode` (`varlen`, `positions` or `mask4d`); `varlen` and
     `positions` take position ids alone (run `varlen` inside `packed_context`)."""
+    inner = model.module if hasattr(model, "module") else model  # under DDP/FSDP
+    implementation = str(getattr(getattr(inner, "config", None), "_attn_implementation", "sdpa"))
+    if mode == "positions" and implementation.startswith("flash") and batch["input_ids"].shape[0] > 1:
+        # flash-attention finds example boundaries in position ids only in a batch of one row (transformers'
+        # `_is_packed_sequence`); otherwise each row would be attended causally as a whole. So the rows become
+        # one row, as `DataCollatorWithFlattening` makes them (a row's first token is never a target).
+        return {k: v.reshape(1, -1) for k, v in batch.items()}
     if mode == "mask4d":
-        inner = model.module if hasattr(model, "module") else model  # under DDP/FSDP
-        eager = getattr(getattr(inner, "config", None), "_attn_implementation", "sdpa") == "eager"
+        eager = implementation == "eager"
         dtype = next(p.dtype for p in inner.parameters()) if eager else None
         batch = batch | {"attention_mask": block_causal_mask(batch["position_ids"], dtype)}
     return batch
