@@ -67,5 +67,6 @@ def test_rows_join_leave_and_decode_as_if_each_ran_alone():
         step()
         assert cache.select([]) == [] and cache.n == 0
         texts.clear()
-        join([[30, 31]])  # an empty batch starts afresh, in the same buffers
+        assert not cache.k  # an empty batch gives its buffers back
+        join([[30, 31]])  # and starts afresh
         step()

@@ -7,7 +7,8 @@ says which columns are a row's real tokens. A decoding step writes column `end` 
 advances `end` — nothing is copied (transformers' `DynamicCache` concatenates, i.e. copies the whole cache, at every
 step). A row joins by writing its prefilled keys/values into the next free slot (its columns right-aligned to
 `end`); a row leaves by moving the last rows into the holes (only those rows are copied) and dropping leading
-columns that no row uses any more. The buffers are reallocated (doubling) only when rows or columns run out.
+columns that no row uses any more. The buffers are reallocated (doubling) only when rows or columns run out, and freed when the
+batch runs dry.
 
 Columns a row doesn't use are zero in its slot (they are masked out, but a stale NaN left behind by an earlier,
 failed row would turn a masked score into NaN), so a slot is cleared when a row takes it.
@@ -114,20 +115,13 @@ class RowCache(Cache):
         `[m, p]` says; they take slots `n .. n+m-1`."""
         m, p = mask.shape
         mask = mask.to(pairs[0][0].device)
-        if not self.k:
+        if not self.k:  # the first rows (or the first since the batch ran dry): buffers their size, and room
             self.k = [k.new_zeros(m, k.shape[1], p + 32, k.shape[3]) for k, _ in pairs]
             self.v = [v.new_zeros(m, v.shape[1], p + 32, v.shape[3]) for _, v in pairs]
             self.layers = [_SlotLayer(self, i) for i in range(len(pairs))]
             self.mask = mask.new_zeros(m, p + 32)
             self.positions = mask.new_zeros(m)
             self.n, self.start, self.end = 0, 0, p
-        if self.n == 0:  # an empty batch takes any width: start afresh
-            if p + 1 > self.mask.shape[1]:
-                for buffers in (self.k, self.v):
-                    for i, b in enumerate(buffers):
-                        buffers[i] = b.new_zeros(b.shape[0], b.shape[1], p + 32, b.shape[3])
-                self.mask = self.mask.new_zeros(self.mask.shape[0], p + 32)
-            self.start, self.end = 0, p
         rows = self.mask.shape[0]
         grow_rows = self.n + m > rows
         need_left = p - self.width > self.start
@@ -175,7 +169,10 @@ class RowCache(Cache):
             self.mask[dst] = self.mask[src]
             self.positions[dst] = self.positions[src]
         self.n = n
-        if n == 0:
+        if (
+            n == 0
+        ):  # the batch ran dry: give the memory back (a burst's buffers can be large); the next join allocates
+            self.k, self.v, self.layers, self.mask, self.positions = [], [], [], None, None
             self.start = self.end = 0
         else:  # leading columns no row uses any more are dropped
             used = self.mask[:n, self.start : self.end].any(0)
