@@ -211,6 +211,9 @@ def test_adapter_files_are_read_beside_the_running_batch(files, serve, reference
     assert stamps[-1] - stamps[0] > 1.5  # alpha was still running while beta's files were read
     assert max(b - a for a, b in zip(stamps, stamps[1:])) < 1.0  # and never paused for the read
     assert engine.loaded_adapters == ["alpha", "beta"]
+    assert not [
+        name for name, m in engine.peft.named_modules() if m.training
+    ]  # attached in eval mode (dropout off)
 
 
 def _timed_first_chunk(client, model: str) -> float:
