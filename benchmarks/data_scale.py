@@ -198,7 +198,9 @@ def throughput(work: str, model: str, n: int, max_len: int, batch: int, method: 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rows", default="10000,100000,1000000", help="row counts of the memory test (0: skip)")
+    parser.add_argument(
+        "--rows", default="10000,100000,1000000", help="row counts of the memory test (0: skip)"
+    )
     parser.add_argument("--steps", type=int, default=3, help="training steps of each memory run")
     parser.add_argument(
         "--throughput-rows", type=int, default=600, help="rows of the skewed corpus (0: skip)"

@@ -19,8 +19,8 @@ from deltatune.data import (
     pack,
     pack_bins,
     packed_attention,
+    varlen,
 )
-from deltatune.data import varlen
 from deltatune.data.packing import packed_context, packed_inputs
 
 
@@ -116,7 +116,6 @@ def test_varlen_attends_each_example_alone_and_builds_no_row_mask(monkeypatch):
     model = tiny_models.llama()
     rows = pack(examples(12, seed=5, low=2, high=9), max_length=24)
     batch = collate_packed(rows, pad_token_id=0)
-    longest = max(len(e["input_ids"]) for row in rows for e in row)
     shapes, masks = [], []
     sdpa = torch.nn.functional.scaled_dot_product_attention
 
@@ -146,7 +145,9 @@ def test_a_model_whose_layers_bypass_the_attention_interface_falls_back_to_the_d
 
     model = tiny_models.llama()
     # layers that always run their own SDPA, whatever implementation is set: `varlen` never runs there
-    monkeypatch.setattr(modeling_llama.ALL_ATTENTION_FUNCTIONS, "get_interface", lambda *a: sdpa_attention_forward)
+    monkeypatch.setattr(
+        modeling_llama.ALL_ATTENTION_FUNCTIONS, "get_interface", lambda *a: sdpa_attention_forward
+    )
     assert packed_attention(model) == "positions"
     assert packed_attention(model, modes=["varlen", "mask4d"]) == "mask4d"
     model.config.sliding_window = 4  # a sliding window needs its mask: not tried there
@@ -320,7 +321,7 @@ def test_a_packed_run_on_cpu_uses_varlen_and_saves_nothing_of_it(tmp_path):
     saved = [p for p in (tmp_path / "run").rglob("*") if p.suffix in (".json", ".yaml")]
     assert {p.name for p in saved} >= {"adapter_config.json", "train_config.yaml", "summary.json"}
     for path in saved:
-        assert varlen.NAME not in path.read_text(), path  # (the summary says "varlen", not the registered name)
+        assert varlen.NAME not in path.read_text(), path  # (the summary says "varlen", not this name)
 
 
 @pytest.mark.slow

@@ -170,7 +170,9 @@ def packed_attention(model: Any, modes: Sequence[str] = ("varlen", "positions", 
                 before = varlen.calls[0]
                 try:
                     with packed_context(inner, mode):
-                        out = inner(**packed_inputs(batch, mode, inner), use_cache=False).logits[0, 5:].float()
+                        out = (
+                            inner(**packed_inputs(batch, mode, inner), use_cache=False).logits[0, 5:].float()
+                        )
                 except Exception as e:  # a model that can't take the inputs of this mode
                     logger.debug("packing mode %s fails on this model: %s", mode, e)
                     continue

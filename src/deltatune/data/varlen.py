@@ -74,11 +74,23 @@ def varlen_attention_forward(
             found = _segments_cached(position_ids, batch)
         elif kwargs.get("cu_seq_lens_q") is not None and batch == 1:  # flash-style kwargs: one flattened row
             cuts = kwargs["cu_seq_lens_q"].tolist()
-            if cuts[-1] == t and kwargs.get("cu_seq_lens_k") is not None and kwargs["cu_seq_lens_k"].tolist() == cuts:
+            if (
+                cuts[-1] == t
+                and kwargs.get("cu_seq_lens_k") is not None
+                and kwargs["cu_seq_lens_k"].tolist() == cuts
+            ):
                 found = [list(zip(cuts[:-1], cuts[1:]))]
     if found is None or all(len(row) == 1 for row in found):
         return sdpa_attention_forward(
-            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+            module,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=dropout,
+            scaling=scaling,
+            is_causal=is_causal,
+            **kwargs,
         )
     extra = {}
     groups = getattr(module, "num_key_value_groups", 1)
