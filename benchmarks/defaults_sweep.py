@@ -42,6 +42,17 @@ VARIANTS: dict[str, tuple[str, dict, dict]] = {
     "houlsby-rf32": ("houlsby", {"reduction_factor": 32}, {}),
     "pfeiffer": ("pfeiffer", {}, {}),
     "pfeiffer-rf8": ("pfeiffer", {"reduction_factor": 8}, {}),
+    # early stopping on validation accuracy (loss breaks ties) instead of validation loss
+    "full-acc": ("full", {}, {"val_metric": "accuracy"}),
+    "top-layers-acc": ("top-layers", {}, {"val_metric": "accuracy"}),
+    "houlsby-acc": ("houlsby", {}, {"val_metric": "accuracy"}),
+    "pfeiffer-acc": ("pfeiffer", {}, {"val_metric": "accuracy"}),
+    "lora-acc": ("lora", {}, {"val_metric": "accuracy"}),
+    "lora-all-acc": ("lora", {"target_modules": "all-linear"}, {"val_metric": "accuracy"}),
+    # the rate one grid step (x 1/3) below what `lr: auto` chose on this task, early stopping on accuracy
+    "lora-acc-lr3e-3": ("lora", {}, {"val_metric": "accuracy", "lr": 3e-3}),
+    "full-acc-lr1e-4": ("full", {}, {"val_metric": "accuracy", "lr": 1e-4}),
+    "lora-all-acc-lr1e-3": ("lora", {"target_modules": "all-linear"}, {"val_metric": "accuracy", "lr": 1e-3}),
 }
 
 

@@ -305,3 +305,11 @@ def test_auto_dtypes_pick_what_the_machine_computes_fast(monkeypatch):
         os.path.join(os.path.dirname(__file__), "..", "configs", "opt-quotes-lora.yaml")
     )
     assert (shipped.precision, shipped.base_dtype) == ("auto", "auto")
+
+
+def test_train_options_may_come_between_overrides(capsys):
+    """`deltatune train lr=1 --overwrite learning_rate=2`: the options are parsed wherever they are, so the
+    overrides after them reach the config check (not argparse's "unrecognized arguments")."""
+    assert cli.main(["train", "method=lora", "--overwrite", "learning_rate=1e-4"]) == 2
+    err = capsys.readouterr().err
+    assert "did you mean 'lr'" in err and "unrecognized arguments" not in err

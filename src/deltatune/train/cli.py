@@ -35,7 +35,7 @@ def parser() -> argparse.ArgumentParser:
 
 def train_main(argv: list[str]) -> int:
     """`deltatune train --config FILE [key=value ...] [--resume | --overwrite]`."""
-    args = parser().parse_args(argv)
+    args = parser().parse_intermixed_args(argv)  # options may come between key=value overrides
     from deltatune.errors import DeltatuneError
 
     try:
