@@ -7,8 +7,8 @@ says which columns are a row's real tokens. A decoding step writes column `end` 
 advances `end` — nothing is copied (transformers' `DynamicCache` concatenates, i.e. copies the whole cache, at every
 step). A row joins by writing its prefilled keys/values into the next free slot (its columns right-aligned to
 `end`); a row leaves by moving the last rows into the holes (only those rows are copied) and dropping leading
-columns that no row uses any more. The buffers are reallocated (doubling) only when rows or columns run out, and freed when the
-batch runs dry.
+columns that no row uses any more. The buffers are reallocated (doubling) only when rows or columns run out, and
+freed when the batch runs dry.
 
 Columns a row doesn't use are zero in its slot (they are masked out, but a stale NaN left behind by an earlier,
 failed row would turn a masked score into NaN), so a slot is cleared when a row takes it.

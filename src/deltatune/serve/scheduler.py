@@ -2,13 +2,15 @@
 
 `ContinuousScheduler` (the default) keeps a running batch and takes one decoding step for all its rows at a
 time. A new request joins at the next step: its prompt is prefilled (prompts arriving together are prefilled
-together; the `n` choices of one prompt share one prefill), its keys/values are written into a free slot of the
+together; the `n` choices of one prompt share one prefill; a prompt longer than `prefill_chunk` tokens is prefilled
+one chunk per step, between the running rows' decoding steps), its keys/values are written into a free slot of the
 running batch's preallocated cache (`kvcache.RowCache`: joining and leaving copy only the rows concerned, and a step
 writes one column in place), and from then on it decodes with the others; a row leaves the step it finishes (its
-length, EOS, a stop string or a disconnect seen by the event loop). Each row keeps its own adapter through the mixed-adapter path
-(`adapter_names=`: one gathered matmul per layer over the rows, never a loop over adapters); DoRA adapters, which
-can't share a mixed batch, run in a lane of their own. Positions are per row (`position_ids` from each row's own
-mask), so a greedy row gets what `generate` gives for its adapter alone.
+length, EOS, a stop string or a disconnect seen by the event loop). Each row keeps its own adapter through the
+mixed-adapter path (`adapter_names=`: one gathered matmul per layer over the rows, never a loop over adapters);
+DoRA adapters, which can't share a mixed batch, run in a lane of their own. Positions are per row, so a greedy row
+gets what `generate` gives for its adapter alone. Adapter files are read in the engine's reader thread; this
+thread only attaches them.
 
 `StaticScheduler` (`--scheduler static`) takes what arrived within `batch_wait_ms` and runs it as one
 `generate`; every row waits for the longest.
