@@ -3,8 +3,9 @@ middle, the buffers grow, and every row's next-token logits stay what the model 
 
 from __future__ import annotations
 
+import pytest
 import torch
-from tiny_models import opt
+from tiny_models import gpt2, llama, opt
 
 from deltatune.serve.kvcache import RowCache
 
@@ -26,9 +27,10 @@ def _alone(model, text):
     return model(input_ids=torch.tensor([text])).logits[0, -1]
 
 
-def test_rows_join_leave_and_decode_as_if_each_ran_alone():
+@pytest.mark.parametrize("factory", [opt, llama, gpt2])
+def test_rows_join_leave_and_decode_as_if_each_ran_alone(factory):
     torch.manual_seed(0)
-    model = opt()
+    model = factory()
     cache = RowCache()
     texts: list[list[int]] = []
 
