@@ -488,11 +488,13 @@ class LoraLinear(_LoraLayer):
         a_stack, b_stack = self._stacked(slots)
         rows = mix.rows(slots, x.device)
         x3 = rows_view(x, len(mix)).to(a_stack.dtype)
-        h = torch.bmm(x3, a_stack[rows].transpose(1, 2))
+        # index_select, not a_stack[rows]: the same gather, several times faster for a decoding step's small batch
+        h = torch.bmm(x3, a_stack.index_select(0, rows).transpose(1, 2))
+        b_rows = b_stack.index_select(0, rows).transpose(1, 2)
         if not torch.is_grad_enabled() and result.dtype == h.dtype and result.is_contiguous():
-            result.view(len(mix), -1, result.shape[-1]).baddbmm_(h, b_stack[rows].transpose(1, 2))
+            result.view(len(mix), -1, result.shape[-1]).baddbmm_(h, b_rows)
             return result
-        delta = torch.bmm(h, b_stack[rows].transpose(1, 2))
+        delta = torch.bmm(h, b_rows)
         return result + delta.reshape(result.shape).to(result.dtype)
 
     def extra_repr(self) -> str:
