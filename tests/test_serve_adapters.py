@@ -216,6 +216,22 @@ def test_adapter_files_are_read_beside_the_running_batch(files, serve, reference
     ]  # attached in eval mode (dropout off)
 
 
+def test_reads_ahead_are_bounded_and_forgotten_when_no_row_waits(files, serve):  # noqa: F811
+    engine, client = serve(files["adapters"], max_loaded_adapters=1)
+
+    def on_model_thread():
+        first = engine.ensure_loaded("alpha", set(), background=True)  # starts reading alpha
+        second = engine.ensure_loaded("beta", set(), background=True)  # one read ahead at most: waits
+        reading = sorted(engine._reads)
+        engine.prune_reads({"beta"})  # alpha's rows went away
+        third = engine.ensure_loaded("beta", set(), background=True)  # now beta's read starts
+        return first, second, reading, third, sorted(engine._reads)
+
+    assert engine.call(on_model_thread).result() == (False, False, ["alpha"], False, ["beta"])
+    assert _complete(client, "beta", "w1", 2)  # beta attaches from its read
+    assert engine.loaded_adapters == ["beta"]
+
+
 def _timed_first_chunk(client, model: str) -> float:
     body = {"model": model, "prompt": "w2 w3", "max_tokens": 4, "temperature": 0, "stream": True}
     t0 = time.monotonic()

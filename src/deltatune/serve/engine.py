@@ -272,6 +272,8 @@ class Engine:
             del self._reads[name]
             read = None
         if background and read is None:
+            if len(self._reads) >= self.registry.max_loaded:  # read ahead at most as many as fit in memory
+                return False
             future = self._reader.submit(read_adapter_tensors, entry.directory, entry.config)
             self._reads[name] = (entry, future)
             future.add_done_callback(lambda _: self.call(lambda: None))  # wake the model thread
@@ -305,6 +307,12 @@ class Engine:
         self.metrics.adapter_events.labels(event="load").inc()
         self.metrics.loaded_adapters.set(len(self.registry.loaded))
         return True
+
+    def prune_reads(self, wanted: set[str]) -> None:
+        """Forget the read-ahead of adapters no waiting row wants any more (their rows were cancelled): the reads
+        ahead are bounded, and must not stay taken by adapters nobody waits for."""
+        for name in [n for n in self._reads if n not in wanted]:
+            self._reads.pop(name)[1].cancel()
 
     def _load_weights(self, entry: Entry, tensors: dict[str, torch.Tensor] | None = None) -> None:
         config = entry.config

@@ -353,6 +353,7 @@ class ContinuousScheduler(_Scheduler):
                         self._prefill(solo, short)
                     self._queue_chunked(solo, [row for row in rows if len(row.ids) > self.prefill_chunk])
             self._waiting = bool(self.pending) and not admitted
+            self.engine.prune_reads({row.adapter for row in self.pending})
             if self.chunked:  # one chunk of a long prompt per step, between the running rows' steps
                 self._prefill_chunk()
             for lane in list(self.lanes.values()):
