@@ -69,7 +69,7 @@ def test_config_validates_the_new_options():
 
 
 # ---- lr: auto ---------------------------------------------------------------------------------------------
-def test_lr_auto_walks_the_grid_to_the_known_best():
+def test_lr_auto_walks_the_grid_to_the_known_best(tmp_path):
     """A synthetic task whose validation loss is lowest at exactly one rate, 9x the default: the search
     starts at default/3..3x, extends towards the best and stops once it is inside the grid."""
     best = 1e-4 * 9
@@ -84,13 +84,42 @@ def test_lr_auto_walks_the_grid_to_the_known_best():
     cfg = config_from_dict({"lr": "auto", "lr_search_steps": 4, "lr_search_trials": 6})
     before = [p.detach().clone() for p in model.parameters()]
     result = search_lr(
-        model, data, data.train[:4], cfg, out="/tmp/dt-lr-auto", train_fn=fake_train, default_lr=1e-4
+        model, data, data.train[:4], cfg, out=str(tmp_path), train_fn=fake_train, default_lr=1e-4
     )
     assert result["lr"] == pytest.approx(best)
-    assert calls == pytest.approx([1e-4 / 3, 1e-4, 3e-4, 9e-4, 2.7e-3])  # stops once the best is inside
-    assert result["budget_steps"] == 5 * 4 and not result["at_grid_edge"]
-    assert [t["lr"] for t in result["trials"]] == sorted(calls)
+    # the grid stops once the best is inside; then the two best (9e-4, and 3e-4 tied with 2.7e-3, the lower
+    # listed first) train again 3x as long
+    assert calls == pytest.approx([1e-4 / 3, 1e-4, 3e-4, 9e-4, 2.7e-3, 9e-4, 3e-4])
+    assert result["budget_steps"] == 5 * 4 + 2 * 12 and not result["at_grid_edge"]
+    assert [t["lr"] for t in result["trials"]] == sorted(calls[:5])
+    assert [(t["lr"], t["steps"]) for t in result["finalists"]] == [
+        (pytest.approx(3e-4), 12),
+        (pytest.approx(9e-4), 12),
+    ]
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_lr_auto_finalists_undo_the_short_trials_bias(tmp_path):
+    """A task where 20-step trials favour a rate that is too high for a longer run (as measured on the
+    development task): the finalists, trained 3x as long, choose the lower rate; with `lr_search_finalists: 0`
+    the short trials decide."""
+
+    def fake_train(model, data, cfg, **kw):
+        best = 9e-4 if cfg.max_steps == 4 else 3e-4  # short: the fast learner wins; long: the stable one
+        return {"eval_loss": (math.log(cfg.lr) - math.log(best)) ** 2 + 0.1, "train_loss": 1.0}
+
+    model = torch.nn.Linear(2, 2)
+    data = Datasets(_examples([0, 1] * 8), [], {"a": 0, "b": 1}, "classification")
+    for finalists, chosen in ((2, 3e-4), (0, 9e-4)):
+        cfg = config_from_dict({"lr": "auto", "lr_search_steps": 4, "lr_search_finalists": finalists})
+        result = search_lr(
+            model, data, data.train[:4], cfg, out=str(tmp_path), train_fn=fake_train, default_lr=1e-4
+        )
+        assert result["lr"] == pytest.approx(chosen)
+        assert min(result["trials"], key=lambda t: t["val_loss"])["lr"] == pytest.approx(9e-4)
+        assert len(result["finalists"]) == finalists
+    with pytest.raises(Exception, match="lr_search_finalists: must not be negative"):
+        config_from_dict({"lr": "auto", "lr_search_finalists": -1})
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +157,8 @@ def test_lr_auto_then_trains_exactly_as_with_the_chosen_rate(tmp_path, bert, ema
     )
     search = auto["lr_search"]
     assert auto["lr_chosen_by"] == "auto" and auto["lr"] == search["lr"]
-    assert search["lr"] == min(search["trials"], key=lambda t: t["val_loss"])["lr"]
+    assert search["lr"] == min(search["finalists"], key=lambda t: t["val_loss"])["lr"]
+    assert len(search["finalists"]) == 2 and search["budget_steps"] == 3 * len(search["trials"]) + 2 * 9
     assert json.loads((tmp_path / "auto" / "lr_search.json").read_text())["lr"] == search["lr"]
     run(_config(tmp_path / "fixed", bert, emails, lr=search["lr"], max_steps=4, early_stopping=True))
     a, b = trainable_weights(tmp_path / "auto"), trainable_weights(tmp_path / "fixed")

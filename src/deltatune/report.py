@@ -383,10 +383,11 @@ def write(results: dict[str, Any], out: str) -> list[str]:
             "Each rate trained the same starting weights with the same seed and data order for "
             f"{searched[0]['lr_search']['steps_per_trial']} steps and was scored by its validation loss; the grid "
             "starts at the method's default x 1/3, x 1, x 3 and extends by x 3 while the best is at an end. "
-            f"Search budget: {budget} steps in all.",
+            "The two best rates (finalists) then trained again, 3x as long, and the lower validation loss there "
+            f"was chosen (short trials favour rates that learn fast). Search budget: {budget} steps in all.",
             "",
-            "| method | rate → validation loss | chosen |",
-            "|---|---|---|",
+            "| method | rate → validation loss | finalists, 3x the steps | chosen |",
+            "|---|---|---|---|",
         ]
         for r in searched:
             s = r["lr_search"]
@@ -398,8 +399,16 @@ def write(results: dict[str, Any], out: str) -> list[str]:
                 )
                 for t in s["trials"]
             )
+            finals = ", ".join(
+                (
+                    f"**{t['lr']:.2g} → {t['val_loss']:.3f}**"
+                    if t["lr"] == s["lr"]
+                    else f"{t['lr']:.2g} → {t['val_loss']:.3f}"
+                )
+                for t in s.get("finalists", [])
+            )
             edge = " (at the grid's edge)" if s.get("at_grid_edge") else ""
-            lines.append(f"| {r['method']} | {tried} | {s['lr']:.2g}{edge} |")
+            lines.append(f"| {r['method']} | {tried} | {finals or '-'} | {s['lr']:.2g}{edge} |")
         lines.append("")
     given = {
         m: lr for m, lr in settings["lr"].items() if m not in settings.get("lr_auto", []) and lr is not None

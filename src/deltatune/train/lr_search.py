@@ -5,8 +5,11 @@ x 3 first; while the best rate is at an end of the grid, one more rate further o
 `lr_search_trials` rates. Each rate trains the same model from the same starting weights, with the same seed
 and data order, for `lr_search_steps` steps (default: one epoch of the training split, 10 to 30 steps) with
 the run's schedule, and is scored by its loss on the validation split (a rate whose loss became NaN or
-infinite scores infinity). The lowest loss wins; the weights and the random state are put back before the
-real run. Short runs favour rates that learn fast; the x 3 spacing keeps that bias to one grid step at most.
+infinite scores infinity). Short runs favour rates that learn fast, and a rate that wins 20 steps is often
+too high for the hundred steps of the real run (measured on the development task: `benchmarks/defaults_sweep.py`,
+README). So the `lr_search_finalists` rates with the lowest loss (default 2) train again from the same start,
+3x as long, and the lowest validation loss there wins (a successive-halving step). The weights and the random
+state are put back before the real run.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from deltatune.train.config import TrainConfig
 logger = logging.getLogger(__name__)
 
 FACTOR = 3.0
+FINAL_LENGTH = 3  # finalists train this many times the short trials' steps
 
 
 def search_budget(config: TrainConfig, n_train: int, world: int = 1) -> int:
@@ -72,26 +76,27 @@ def search_lr(
             for p, saved in zip(params, start):
                 p.copy_(saved.to(p.device))
 
-    def trial(lr: float) -> None:
+    def trial(lr: float, length: int = steps, stage: str = "") -> dict[str, Any]:
         restore()
         seed_everything(config.seed, config.deterministic)
         cfg = dataclasses.replace(
             config,
             lr=lr,
-            max_steps=steps,
+            max_steps=length,
             early_stopping=False,
             eval_at_start=False,
             eval_every=0,
             save_every=0,
             progress=False,
-            log_every=max(1, steps // 20),
+            log_every=max(1, length // 20),
         )
-        folder = os.path.join(out, "lr_search", f"lr-{lr:.3g}")
+        folder = os.path.join(out, "lr_search", f"{stage}lr-{lr:.3g}")
         os.makedirs(folder, exist_ok=True)
+        label = f"finalist {lr:.2g}" if stage else f"{len(trials) + 1}: {lr:.2g}"
 
         def progress(event: dict[str, Any]) -> None:
             if on_progress:
-                on_progress({**event, "phase": f"lr search {len(trials) + 1}: {lr:.2g}"})
+                on_progress({**event, "phase": f"lr search {label}"})
 
         try:
             summary = train_fn(
@@ -107,11 +112,12 @@ def search_lr(
             row["train_loss"] = summary.get("train_loss")
         except TrainingError:
             row = {"lr": lr, "val_loss": math.inf, "diverged": True}
-        trials[lr] = row
-        logger.info("lr search: lr %.3g -> val loss %.4f", lr, row["val_loss"])
+        row["steps"] = length
+        logger.info("lr search: lr %.3g, %d steps -> val loss %.4f", lr, length, row["val_loss"])
+        return row
 
     for lr in (default / FACTOR, default, default * FACTOR):
-        trial(lr)
+        trials[lr] = trial(lr)
     while len(trials) < config.lr_search_trials:
         best = min(trials.values(), key=lambda r: r["val_loss"])["lr"]
         low, high = min(trials), max(trials)
@@ -123,11 +129,19 @@ def search_lr(
             nxt = high * FACTOR
         else:
             break
-        trial(nxt)
-    restore()
-    seed_everything(config.seed, config.deterministic)
+        trials[nxt] = trial(nxt)
     ordered = [trials[lr] for lr in sorted(trials)]
     best = min(ordered, key=lambda r: r["val_loss"])
+    finite = sorted((r for r in ordered if math.isfinite(r["val_loss"])), key=lambda r: r["val_loss"])
+    finalists: list[dict[str, Any]] = []
+    if config.lr_search_finalists >= 2 and len(finite) >= 2:
+        for row in finite[: config.lr_search_finalists]:
+            finalists.append(trial(row["lr"], steps * FINAL_LENGTH, stage="final-"))
+        finalists.sort(key=lambda r: r["lr"])
+        if any(math.isfinite(r["val_loss"]) for r in finalists):
+            best = min(finalists, key=lambda r: r["val_loss"])
+    restore()
+    seed_everything(config.seed, config.deterministic)
     if math.isinf(best["val_loss"]):
         raise TrainingError(
             f"lr: auto: every rate tried ({', '.join(f'{r:.2g}' for r in sorted(trials))}) diverged; "
@@ -138,7 +152,9 @@ def search_lr(
         "default_lr": default,
         "trials": ordered,
         "steps_per_trial": steps,
-        "budget_steps": steps * len(trials),
+        "finalists": finalists,
+        "steps_per_finalist": steps * FINAL_LENGTH if finalists else 0,
+        "budget_steps": steps * len(trials) + steps * FINAL_LENGTH * len(finalists),
         "scored_on": "validation loss",
         "at_grid_edge": best["lr"] in (min(trials), max(trials)),
     }

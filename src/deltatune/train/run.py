@@ -124,11 +124,15 @@ def run(
                     on_progress=on_progress,
                 )
                 if ctx.main:
+                    finals = ", ".join(
+                        f"{t['lr']:.2g} -> {t['val_loss']:.4f}" for t in lr_search["finalists"]
+                    )
                     logger.info(
-                        "lr: auto chose %.3g (%s; %d steps per rate, %d in all)",
+                        "lr: auto chose %.3g (%s; %d steps per rate%s, %d in all)",
                         lr_search["lr"],
                         ", ".join(f"{t['lr']:.2g} -> {t['val_loss']:.4f}" for t in lr_search["trials"]),
                         lr_search["steps_per_trial"],
+                        f"; finalists, {lr_search['steps_per_finalist']} steps: {finals}" if finals else "",
                         lr_search["budget_steps"],
                     )
                     checkpoint.atomic_write_text(
