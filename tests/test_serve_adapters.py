@@ -83,6 +83,8 @@ def test_max_loaded_adapters_below_one_is_refused_at_startup(files, capsys):  # 
         Engine(files["base"], files["adapters"], max_loaded_adapters=0, device="cpu")
     assert serve_main(["--base", files["base"], "--max-loaded-adapters", "0"]) == 2
     assert "--max-loaded-adapters must be at least 1" in capsys.readouterr().err
+    assert serve_main(["--base", files["base"], "--prefill-chunk", "0"]) == 2
+    assert "--prefill-chunk must be at least 1 (tokens per step), got 0" in capsys.readouterr().err
 
 
 def test_empty_api_key_is_refused_at_startup(files, capsys, monkeypatch):  # noqa: F811

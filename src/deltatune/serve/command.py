@@ -108,6 +108,8 @@ def serve_main(argv: list[str] | None = None) -> int:
         return fail(
             f"--max-loaded-adapters must be at least 1 (one batch needs one adapter in memory), got {args.max_loaded_adapters}"
         )
+    if args.prefill_chunk < 1:
+        return fail(f"--prefill-chunk must be at least 1 (tokens per step), got {args.prefill_chunk}")
     if args.threads:
         torch.set_num_threads(args.threads)
     try:

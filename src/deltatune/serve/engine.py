@@ -71,8 +71,8 @@ class Engine:
 
         from deltatune.serve.scheduler import ContinuousScheduler, StaticScheduler
 
-        if max_batch < 1 or batch_wait_ms < 0 or max_queue < 1:
-            raise ValueError("max_batch and max_queue must be >= 1 and batch_wait_ms >= 0")
+        if max_batch < 1 or batch_wait_ms < 0 or max_queue < 1 or prefill_chunk < 1:
+            raise ValueError("max_batch, max_queue and prefill_chunk must be >= 1 and batch_wait_ms >= 0")
         if task not in ("auto", *TASKS, *TASKS.values()):
             raise ValueError(f"task must be 'auto' or one of {list(TASKS)}, got {task!r}")
         if scheduler not in SCHEDULERS:
