@@ -142,3 +142,26 @@ def test_a_folder_of_shards_and_a_corrupt_shard(tmp_path):
     (shards / "2.parquet").write_bytes(b"PAR1 this is not parquet")
     with pytest.raises(DataError, match=r"shards/2.parquet: not a readable Parquet file"):
         load_datasets(str(shards), tiny_tokenizer(), task="causal-lm", cache_dir=str(tmp_path / "c"))
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads RssFile from /proc (Linux)")
+def test_reading_every_row_of_a_mapped_file_does_not_keep_it_in_memory(tmp_path):
+    """Pages of the memory map that reads touched are released as reading goes on: an epoch (or an
+    evaluation over rows spread through the file) doesn't leave the whole file counted in the RSS."""
+    import numpy as np
+    from test_split import arrow_examples
+
+    def resident_file_mb() -> float:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) / 1024 for line in f if line.startswith("RssFile:"))
+
+    n = 100_000
+    examples = arrow_examples(tmp_path, np.full(n, 40), None)  # ~32 MB of input_ids and labels
+    size_mb = os.path.getsize(examples.path) / 2**20
+    assert size_mb > 30
+    before = resident_file_mb()
+    for start in range(0, n, 1000):
+        ids = list(range(start, min(n, start + 1000), 7))  # rows spread through the file: every page
+        assert examples[ids]["input_ids"][-1] == list(range(ids[-1], ids[-1] + 40))
+    grown = resident_file_mb() - before
+    assert grown < size_mb / 3, f"{grown:.0f} MB of the {size_mb:.0f} MB file stayed resident"

@@ -60,17 +60,43 @@ class ArrowExamples:
     """Tokenized examples in an Arrow IPC *file* (random access), memory-mapped: a read pages in only the
     record batches it touches, so memory stays flat however many rows there are. `examples[i]` is one example
     as a dict, `examples[[i, j, ...]]` (and slices) the columns of those rows, as `datasets.Dataset` gives
-    them; only pyarrow is needed, so a cached run doesn't import `datasets`."""
+    them; only pyarrow is needed, so a cached run doesn't import `datasets`.
+
+    Pages of the file that reads touched stay mapped into the process and count in its RSS (clean file pages
+    the kernel may drop, but counted): an epoch, or an evaluation over rows spread through the file, would
+    show the whole file as this process's memory. So every `RELEASE_EVERY` rows read (and after whole-column
+    reads) the mapping's pages are released (`madvise(MADV_DONTNEED)`: a later read pages them in again from
+    the page cache; the data stays valid)."""
+
+    RELEASE_EVERY = 1024
 
     def __init__(self, path: str, lengths: str | None = None):
+        import mmap
+
         import numpy as np
         import pyarrow as pa
 
         self.path, self.lengths_path = path, lengths
-        self.reader = pa.ipc.open_file(pa.memory_map(path))
+        with open(path, "rb") as f:
+            self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        self.reader = pa.ipc.open_file(pa.BufferReader(pa.py_buffer(self._map)))
         self.column_names = self.reader.schema.names
         sizes = [self.reader.get_record_batch(b).num_rows for b in range(self.reader.num_record_batches)]
         self.starts = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
+        self._unreleased = 0
+
+    def release(self) -> None:
+        """Drop the pages of the file that reads mapped in from this process (no-op where unsupported)."""
+        import mmap
+
+        self._unreleased = 0
+        if hasattr(mmap, "MADV_DONTNEED"):
+            self._map.madvise(mmap.MADV_DONTNEED)
+
+    def _count(self, rows: int) -> None:
+        self._unreleased += rows
+        if self._unreleased >= self.RELEASE_EVERY:
+            self.release()
 
     @property
     def paths(self) -> list[str]:
@@ -94,14 +120,20 @@ class ArrowExamples:
 
     def __getitem__(self, key: Any) -> Any:
         if isinstance(key, slice):
-            return self._rows(list(range(*key.indices(len(self))))).to_pydict()
+            key = list(range(*key.indices(len(self))))
         if isinstance(key, (list, tuple)) or hasattr(key, "__array__"):
-            return self._rows(list(key)).to_pydict()
-        return self._rows([key + len(self) if key < 0 else key]).to_pylist()[0]
+            columns = self._rows(list(key)).to_pydict()
+            self._count(len(key))
+            return columns
+        row = self._rows([key + len(self) if key < 0 else key]).to_pylist()[0]
+        self._count(1)
+        return row
 
     def __iter__(self):
         for b in range(self.reader.num_record_batches):
-            yield from self.reader.get_record_batch(b).to_pylist()
+            rows = self.reader.get_record_batch(b).to_pylist()
+            self._count(len(rows))
+            yield from rows
 
     def column(self, name: str) -> Any:
         """One column as a NumPy array (`length` comes from its own small file: no row is read)."""
@@ -109,12 +141,14 @@ class ArrowExamples:
 
         if name == "length" and self.lengths_path:
             return np.load(self.lengths_path, mmap_mode="r")
-        return np.concatenate(
+        values = np.concatenate(
             [
                 self.reader.get_record_batch(b).column(name).to_numpy()
                 for b in range(self.reader.num_record_batches)
             ]
-        )
+        )  # (a copy: the mapping's pages can go)
+        self.release()
+        return values
 
     def __repr__(self) -> str:
         return f"ArrowExamples({len(self)} rows: {', '.join(self.column_names)})"
