@@ -75,12 +75,14 @@ def _parsers() -> dict[str, argparse.ArgumentParser]:
         pass
 
     original = argparse.ArgumentParser.parse_args
+    intermixed = argparse.ArgumentParser.parse_intermixed_args
 
     def capture(self, *args, **kwargs):
         found[self.prog.split()[-1]] = self
         raise Stop
 
     argparse.ArgumentParser.parse_args = capture
+    argparse.ArgumentParser.parse_intermixed_args = capture
     try:
         for name in cli.COMMANDS:
             if name in HEAVY:
@@ -90,6 +92,7 @@ def _parsers() -> dict[str, argparse.ArgumentParser]:
                 (getattr(module, f"{name}_main", None) or module.main)(["--help"])
     finally:
         argparse.ArgumentParser.parse_args = original
+        argparse.ArgumentParser.parse_intermixed_args = intermixed
     return found
 
 
