@@ -104,20 +104,28 @@ def test_lr_auto_finalists_undo_the_short_trials_bias(tmp_path):
     development task): the finalists, trained 3x as long, choose the lower rate; with `lr_search_finalists: 0`
     the short trials decide."""
 
+    horizons = []
+
     def fake_train(model, data, cfg, **kw):
+        horizons.append(kw["schedule_steps"])
         best = 9e-4 if cfg.max_steps == 4 else 3e-4  # short: the fast learner wins; long: the stable one
-        return {"eval_loss": (math.log(cfg.lr) - math.log(best)) ** 2 + 0.1, "train_loss": 1.0}
+        # 2.7e-3 is second best in the short trials, but a finalist is the rate just below the best
+        return {"eval_loss": abs(math.log(cfg.lr) - math.log(best)) + (0.5 if cfg.lr < best else 0.1)}
 
     model = torch.nn.Linear(2, 2)
     data = Datasets(_examples([0, 1] * 8), [], {"a": 0, "b": 1}, "classification")
     for finalists, chosen in ((2, 3e-4), (0, 9e-4)):
-        cfg = config_from_dict({"lr": "auto", "lr_search_steps": 4, "lr_search_finalists": finalists})
+        horizons.clear()
+        cfg = config_from_dict(
+            {"lr": "auto", "lr_search_steps": 4, "lr_search_finalists": finalists, "max_steps": 100}
+        )
         result = search_lr(
             model, data, data.train[:4], cfg, out=str(tmp_path), train_fn=fake_train, default_lr=1e-4
         )
         assert result["lr"] == pytest.approx(chosen)
         assert min(result["trials"], key=lambda t: t["val_loss"])["lr"] == pytest.approx(9e-4)
-        assert len(result["finalists"]) == finalists
+        assert [t["lr"] for t in result["finalists"]] == pytest.approx([3e-4, 9e-4][:finalists])
+        assert set(horizons) == {100}  # every trial is the start of the real 100-step run, schedule included
     with pytest.raises(Exception, match="lr_search_finalists: must not be negative"):
         config_from_dict({"lr": "auto", "lr_search_finalists": -1})
 

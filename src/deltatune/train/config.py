@@ -98,8 +98,9 @@ class TrainConfig:
     """`lr: auto`: at most this many rates: the default x 1/3, x 1, x 3, then further out by x 3 while the
     best is at an end of the grid."""
     lr_search_finalists: int = 2
-    """`lr: auto`: the best this many rates of the short trials train again, 3x as long, and the lowest
-    validation loss there wins (short trials favour rates that learn fast; 0 or 1: the short trials decide)."""
+    """`lr: auto`: this many rates train again, 3x as long, and the lowest validation loss there wins: the
+    short trials' best and the rates just below it (short trials favour rates that learn fast); 0 or 1: the
+    short trials decide."""
     loraplus_lr_ratio: float | None = None
     """LoRA+: LoRA's B matrices (and 1-D parameters) learn at `lr * loraplus_lr_ratio` (PEFT's
     `create_loraplus_optimizer`); the method `lora-plus` sets 16."""

@@ -124,6 +124,7 @@ def train(
     resume_dir: str | None = None,
     val: list[dict[str, Any]] | None = None,
     on_progress: Callable[[dict[str, Any]], None] | None = None,
+    schedule_steps: int | None = None,
 ) -> dict[str, Any]:
     """Train `model` (ready: its trainable parameters have `requires_grad`) and return the summary.
 
@@ -136,6 +137,8 @@ def train(
     Without early stopping it is scored once at the end. The summary holds `val_loss`/`val_accuracy` of the
     weights returned. `on_progress(event)` is called after every step (`{"event": "step", "step", "total",
     "loss", "epoch"}`) and every validation (`{"event": "val", "step", "val_loss", ...}`).
+    `schedule_steps`: the length the lr schedule decays over, when not the run's own (the trials of
+    `lr: auto` are the first steps of the real run, schedule included).
 
     Raises:
         TrainingError: the loss became NaN or infinite (nothing is saved; earlier checkpoints stay intact).
@@ -172,7 +175,7 @@ def train(
     per_epoch = len(batcher)  # 0 for a stream (unknown): max_steps says how long to train
     total = cfg.max_steps or max(1, math.ceil(cfg.epochs * per_epoch / cfg.grad_accum))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, _lr_lambda(cfg.schedule, cfg.warmup_steps, total)
+        optimizer, _lr_lambda(cfg.schedule, cfg.warmup_steps, schedule_steps or total)
     )
     scaler = torch.amp.GradScaler("cuda", enabled=cfg.precision == "fp16")
     autocast = torch.autocast(dev.type, dtype=DTYPES[cfg.precision], enabled=cfg.precision != "fp32")

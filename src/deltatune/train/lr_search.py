@@ -3,13 +3,16 @@
 The grid is logarithmic around the method's default (`deltatune.methods.registry`): the default x 1/3, x 1 and
 x 3 first; while the best rate is at an end of the grid, one more rate further out by x 3, up to
 `lr_search_trials` rates. Each rate trains the same model from the same starting weights, with the same seed
-and data order, for `lr_search_steps` steps (default: one epoch of the training split, 10 to 30 steps) with
-the run's schedule, and is scored by its loss on the validation split (a rate whose loss became NaN or
-infinite scores infinity). Short runs favour rates that learn fast, and a rate that wins 20 steps is often
-too high for the hundred steps of the real run (measured on the development task: `benchmarks/defaults_sweep.py`,
-README). So the `lr_search_finalists` rates with the lowest loss (default 2) train again from the same start,
-3x as long, and the lowest validation loss there wins (a successive-halving step). The weights and the random
-state are put back before the real run.
+and data order, for `lr_search_steps` steps (default: one epoch of the training split, 10 to 30 steps): the
+first steps of the real run, its lr schedule included (the schedule decays over the real run's length, not
+the trial's), and is scored by its loss on the validation split (a rate whose loss became NaN or infinite
+scores infinity).
+
+Short trials favour rates that learn fast: measured on the development task (`benchmarks/defaults_sweep.py`,
+README), the rate that won 20-step trials was 3x too high for every method's real run. So two finalists, the
+best rate and the next lower rate tried (`lr_search_finalists`), train again from the same start for 3x as
+many steps, and the lower validation loss there wins. The weights and the random state are put back before
+the real run.
 """
 
 from __future__ import annotations
@@ -66,6 +69,8 @@ def search_lr(
     default = default_lr or registry.get(config.method).lr
     world = getattr(ctx, "world", 1)
     steps = search_budget(config, len(data.train), world)
+    per_epoch = math.ceil(batches_per_epoch(len(data.train), config.batch_size, world) / config.grad_accum)
+    real_steps = config.max_steps or max(1, math.ceil(config.epochs * per_epoch))  # the real run's schedule
     params = [p for p in model.parameters() if p.requires_grad]
     start = [p.detach().to("cpu", copy=True) for p in params]
     scored = dataclasses.replace(data, eval=val)
@@ -100,7 +105,14 @@ def search_lr(
 
         try:
             summary = train_fn(
-                model, scored, cfg, out=folder, ctx=ctx, pad_token_id=pad_token_id, on_progress=progress
+                model,
+                scored,
+                cfg,
+                out=folder,
+                ctx=ctx,
+                pad_token_id=pad_token_id,
+                on_progress=progress,
+                schedule_steps=max(real_steps, length),
             )
             loss = summary.get("eval_loss")
             row = {"lr": lr, "val_loss": loss if loss is not None and math.isfinite(loss) else math.inf}
@@ -135,7 +147,10 @@ def search_lr(
     finite = sorted((r for r in ordered if math.isfinite(r["val_loss"])), key=lambda r: r["val_loss"])
     finalists: list[dict[str, Any]] = []
     if config.lr_search_finalists >= 2 and len(finite) >= 2:
-        for row in finite[: config.lr_search_finalists]:
+        # the best, then the rates below it (nearest first), then the others by their loss
+        below = sorted((r for r in finite[1:] if r["lr"] < best["lr"]), key=lambda r: -r["lr"])
+        rest = [r for r in finite[1:] if r["lr"] > best["lr"]]
+        for row in ([best] + below + rest)[: config.lr_search_finalists]:
             finalists.append(trial(row["lr"], steps * FINAL_LENGTH, stage="final-"))
         finalists.sort(key=lambda r: r["lr"])
         if any(math.isfinite(r["val_loss"]) for r in finalists):
