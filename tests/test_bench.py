@@ -56,6 +56,38 @@ def test_bound_marks_every_trained_layer_and_its_gradient_is_computed(arch, boun
     assert reached == placed
 
 
+@pytest.mark.parametrize("bound", ["bound-qv", "bound-all", "bound-houlsby"])
+def test_bound_carries_the_true_gradient_through_the_frozen_layers(bound):
+    """What reaches block 1's input in a bound's backward is the loss's true gradient there (marks are
+    identities that pass it on), not only the residual stream's share: a method with trained layers in block 0
+    needs all of it, through the frozen weights of every layer above."""
+    from deltatune.losses import causal_lm_loss
+
+    bases = bench.Bases("llama", "tiny", "cpu")
+    ids = bench._ids("llama", "tiny", 2, 8)
+    model, _ = bench.make_bound(bases, bound)
+    seen = {}
+
+    def keep(module, args, kwargs):
+        h = args[0] if args else kwargs["hidden_states"]
+        h.retain_grad()
+        seen["h"] = h
+
+    handle = model.model.layers[1].register_forward_pre_hook(keep, with_kwargs=True)
+    causal_lm_loss(model, ids, input_ids=ids).backward()
+    handle.remove()
+    plain = bench.build_model("llama", "tiny").requires_grad_(False)
+
+    def leaf(module, args, kwargs):
+        h = (args[0] if args else kwargs["hidden_states"]).detach().requires_grad_()
+        seen["ref"] = h
+        return ((h, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": h})
+
+    plain.model.layers[1].register_forward_pre_hook(leaf, with_kwargs=True)
+    causal_lm_loss(plain, ids, input_ids=ids).backward()
+    assert torch.allclose(seen["h"].grad, seen["ref"].grad, atol=1e-6)
+
+
 @pytest.mark.parametrize("arch", ["llama", "bert"])
 def test_top_layers_bound_starts_at_the_lowest_trained_block(arch):
     bases = bench.Bases(arch, "tiny", "cpu")

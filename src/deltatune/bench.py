@@ -15,7 +15,8 @@ must do: from the loss down to the outputs of the lowest trained layers (for top
 lowest trained block; for full fine-tuning, the embeddings' outputs), with no weight gradient and nothing
 below it. It runs the case's own base (its dtype, its quantization) and the same loss code as ours, and
 makes autograd compute exactly the gradients a method needs by marking the trained layers' outputs: an
-identity whose backward takes the gradient and drops it.
+identity that joins them to the graph and passes their gradient on (through the frozen weights below them,
+down to the lowest mark).
 """
 
 from __future__ import annotations
@@ -169,8 +170,13 @@ def make_method(bases: Bases, case: Case) -> nn.Module:
 
 
 class _NeedsGrad(torch.autograd.Function):
-    """Identity whose backward takes the gradient and drops it: marks a tensor whose gradient a method needs,
-    so that autograd computes it (and everything above it), without cutting the graph below other marks."""
+    """Identity that marks a tensor whose gradient a method needs: it makes the tensor part of the graph (through
+    `anchor`, which requires grad), so autograd computes its gradient and everything above it, and passes that
+    gradient on unchanged to where the tensor came from. Below a marked layer the gradient goes on through the
+    frozen weights (`dX = dY W`: what a method needs for the trained layers further down) and stops where
+    nothing was marked below (inputs that don't require grad). An earlier version dropped it at the mark, so a
+    bound with every linear layer marked skipped the backward through them all and came out cheaper than a
+    bound with two marks per block."""
 
     @staticmethod
     def forward(ctx, x, anchor):
@@ -178,7 +184,7 @@ class _NeedsGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return None, grad.new_zeros(())
+        return grad, grad.new_zeros(())
 
 
 def make_bound(bases: Bases, bound: str) -> tuple[nn.Module, torch.Tensor]:
