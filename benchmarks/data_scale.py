@@ -146,7 +146,9 @@ def memory(work: str, model: str, sizes: list[int], steps: int) -> list[dict]:
     return rows
 
 
-def throughput(work: str, model: str, n: int, max_len: int, batch: int, method: str, lr: float) -> list[dict]:
+def throughput(
+    work: str, model: str, n: int, max_len: int, batch: int, method: str, lr: float, seed: int = 0
+) -> list[dict]:
     def lognormal(rng):  # word counts (one token each, plus EOS) between 16 and max_len - 1
         return int(min(max_len - 1, max(16, rng.lognormvariate(math.log(96), 0.9))))
 
@@ -168,7 +170,7 @@ def throughput(work: str, model: str, n: int, max_len: int, batch: int, method: 
         "log_every": 5,
         "lr": lr,
         "method": method,
-        "seed": 0,
+        "seed": seed,
     }
     modes = {
         "padded": {},
@@ -179,9 +181,10 @@ def throughput(work: str, model: str, n: int, max_len: int, batch: int, method: 
     train(work, "warm-cache", common | {"max_steps": 1}, cache)  # tokenize once: every mode reads the cache
     results = []
     for mode, extra in modes.items():
-        s = train(work, f"tp-{mode}", common | extra, cache)
+        s = train(work, f"tp-{mode}-s{seed}", common | extra, cache)
         row = {
             "mode": mode,
+            "seed": seed,
             "batch_size": extra.get("batch_size", batch),
             "steps": s["steps"],
             "real_tokens_per_s": s["tokens_per_s"],
@@ -211,6 +214,11 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4, help="layers of the generated model")
     parser.add_argument("--method", default="full", help="method of the throughput runs")
     parser.add_argument("--lr", type=float, default=3e-3, help="learning rate of the throughput runs")
+    parser.add_argument(
+        "--seeds",
+        default="0",
+        help="comma-separated seeds of the throughput runs (data order; the loss spread over seeds is the noise)",
+    )
     parser.add_argument("--out", default=None, help="also write the results here (JSON)")
     parser.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
     args = parser.parse_args()
@@ -233,16 +241,20 @@ def main() -> None:
                 f"{row['wall_first_s']:.1f} s -> {row['wall_cached_s']:.1f} s"
             )
     if args.throughput_rows:
-        results["throughput"] = throughput(
-            work, model, args.throughput_rows, args.max_len, args.batch, args.method, args.lr
-        )
-        padded = results["throughput"][0]["real_tokens_per_s"]
-        for row in results["throughput"]:
-            print(
-                f"{row['mode']:>16}: {row['real_tokens_per_s']:8.0f} real tokens/s ({row['real_tokens_per_s'] / padded:.2f}x "
-                f"padded), {row['steps']} steps of {row['batch_size']}, eval loss {row['eval_loss']:.4f}"
-                + (f", attention: {row['packed_attention']}" if row.get("packed_attention") else "")
+        results["throughput"] = []
+        for seed in (int(x) for x in args.seeds.split(",")):
+            rows = throughput(
+                work, model, args.throughput_rows, args.max_len, args.batch, args.method, args.lr, seed
             )
+            results["throughput"] += rows
+            padded = rows[0]["real_tokens_per_s"]
+            for row in rows:
+                print(
+                    f"{row['mode']:>16} (seed {seed}): {row['real_tokens_per_s']:8.0f} real tokens/s "
+                    f"({row['real_tokens_per_s'] / padded:.2f}x padded), {row['steps']} steps of "
+                    f"{row['batch_size']}, eval loss {row['eval_loss']:.4f}"
+                    + (f", attention: {row['packed_attention']}" if row.get("packed_attention") else "")
+                )
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=2)
