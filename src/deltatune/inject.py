@@ -162,6 +162,30 @@ def suggest(model: nn.Module, adaptable: Callable[[nn.Module], bool]) -> str:
     return f"suffixes {suffixes}; e.g. {names[:4]}" if names else "none found"
 
 
+def fill_default(
+    config: object,
+    field: str,
+    table: dict[str, Sequence[str]],
+    model: nn.Module,
+    adaptable: Callable[[nn.Module], bool],
+    method: str = "",
+) -> None:
+    """`config.<field>` left None: PEFT's default for the model's architecture from `table`.
+
+    Raises:
+        ValueError: the architecture has no default; says what to pass and lists the adaptable modules.
+    """
+    if getattr(config, field) is not None:
+        return
+    mtype = model_type(model)
+    if mtype not in table:
+        raise ValueError(
+            f"{field} is None and there is no {method + ' ' if method else ''}default for model type {mtype!r}; "
+            f"pass {field} explicitly. Adaptable modules: {suggest(model, adaptable)}"
+        )
+    setattr(config, field, list(table[mtype]))
+
+
 def find_blocks(model: nn.Module, blocks_module: str | None = None) -> tuple[str, nn.ModuleList]:
     """The model's main list of transformer blocks: the `nn.ModuleList` holding the most parameters.
 

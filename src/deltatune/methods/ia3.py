@@ -207,16 +207,8 @@ def prepare_config(config: IA3Config, model: nn.Module) -> None:
     Raises:
         ValueError: the architecture has no default for one of them; says which to pass.
     """
-    mtype = inject.model_type(model)
     for field, table in (("target_modules", DEFAULT_TARGETS), ("feedforward_modules", DEFAULT_FEEDFORWARD)):
-        if getattr(config, field) is not None:
-            continue
-        if mtype not in table:
-            raise ValueError(
-                f"{field} is None and there is no (IA)^3 default for model type {mtype!r}; pass {field} explicitly. "
-                f"Adaptable modules: {inject.suggest(model, is_adaptable)}"
-            )
-        setattr(config, field, list(table[mtype]))
+        inject.fill_default(config, field, table, model, is_adaptable, "(IA)^3")
 
 
 def inject_adapter(

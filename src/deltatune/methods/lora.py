@@ -719,15 +719,7 @@ def prepare_config(config: LoraConfig, model: nn.Module) -> None:
     Raises:
         ValueError: the architecture has no default; lists the model's adaptable modules.
     """
-    if config.target_modules is not None:
-        return
-    mtype = inject.model_type(model)
-    if mtype not in DEFAULT_TARGETS:
-        raise ValueError(
-            f"target_modules is None and there is no default for model type {mtype!r}; pass target_modules "
-            f"explicitly. Adaptable modules: {inject.suggest(model, is_adaptable)}"
-        )
-    config.target_modules = list(DEFAULT_TARGETS[mtype])
+    inject.fill_default(config, "target_modules", DEFAULT_TARGETS, model, is_adaptable)
 
 
 def after_load(model: nn.Module, adapter_name: str) -> None:

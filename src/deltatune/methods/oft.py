@@ -222,15 +222,7 @@ def layers(model: nn.Module) -> list[tuple[str, OFTLinear]]:
 
 def prepare_config(config: OFTConfig, model: nn.Module) -> None:
     """`target_modules=None`: PEFT's per-architecture default."""
-    if config.target_modules is not None:
-        return
-    mtype = inject.model_type(model)
-    if mtype not in DEFAULT_TARGETS:
-        raise ValueError(
-            f"target_modules is None and there is no OFT default for model type {mtype!r}; pass target_modules "
-            f"explicitly. Adaptable modules: {inject.suggest(model, is_adaptable)}"
-        )
-    config.target_modules = list(DEFAULT_TARGETS[mtype])
+    inject.fill_default(config, "target_modules", DEFAULT_TARGETS, model, is_adaptable, "OFT")
 
 
 def inject_adapter(

@@ -150,15 +150,7 @@ def layers(model: nn.Module) -> list[tuple[str, VeraLinear]]:
 
 def prepare_config(config: VeraConfig, model: nn.Module) -> None:
     """`target_modules=None`: PEFT's per-architecture default."""
-    if config.target_modules is not None:
-        return
-    mtype = inject.model_type(model)
-    if mtype not in DEFAULT_TARGETS:
-        raise ValueError(
-            f"target_modules is None and there is no VeRA default for model type {mtype!r}; pass target_modules "
-            f"explicitly. Adaptable modules: {inject.suggest(model, is_adaptable)}"
-        )
-    config.target_modules = list(DEFAULT_TARGETS[mtype])
+    inject.fill_default(config, "target_modules", DEFAULT_TARGETS, model, is_adaptable, "VeRA")
 
 
 def draw_projections(config: VeraConfig, out_max: int, in_max: int) -> tuple[torch.Tensor, torch.Tensor]:
