@@ -359,9 +359,8 @@ def make_trackers(
             Trackers(started).close("failed")
             raise TrackingError(f"report_to: {name} could not start: {type(e).__name__}: {e}") from e
     state = {**previous, **{t.name: t.state() for t in started}}
+    from deltatune.checkpoint import atomic_write_text
+
     os.makedirs(run_dir, exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(state, f, indent=2)
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(state, indent=2))
     return Trackers(started)

@@ -37,12 +37,15 @@ FACTOR = 3.0
 FINAL_LENGTH = 3  # finalists train this many times the short trials' steps
 
 
+def _steps_per_epoch(config: TrainConfig, n_train: int, world: int) -> int:
+    return math.ceil(batches_per_epoch(n_train, config.batch_size, world) / config.grad_accum)
+
+
 def search_budget(config: TrainConfig, n_train: int, world: int = 1) -> int:
     """Optimizer steps per tried rate."""
     if config.lr_search_steps:
         return config.lr_search_steps
-    per_epoch = math.ceil(batches_per_epoch(n_train, config.batch_size, world) / config.grad_accum)
-    return int(min(30, max(10, per_epoch)))
+    return int(min(30, max(10, _steps_per_epoch(config, n_train, world))))
 
 
 def search_lr(
@@ -69,7 +72,7 @@ def search_lr(
     default = default_lr or registry.get(config.method).lr
     world = getattr(ctx, "world", 1)
     steps = search_budget(config, len(data.train), world)
-    per_epoch = math.ceil(batches_per_epoch(len(data.train), config.batch_size, world) / config.grad_accum)
+    per_epoch = _steps_per_epoch(config, len(data.train), world)
     real_steps = config.max_steps or max(1, math.ceil(config.epochs * per_epoch))  # the real run's schedule
     params = [p for p in model.parameters() if p.requires_grad]
     start = [p.detach().to("cpu", copy=True) for p in params]
