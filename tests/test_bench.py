@@ -48,6 +48,9 @@ def _marks_reached(arch: str, bound: str) -> tuple[int, int]:
         ("opt", "bound-houlsby", 2),
         ("gpt2", "bound-pfeiffer", 1),
         ("bert", "bound-qv", 2),
+        ("llama", "bound-ia3", 3),  # k, v outputs; down_proj's input
+        ("opt", "bound-oft", 2),  # q, v inputs
+        ("bert", "bound-ia3", 4),  # key, value outputs; both output.dense inputs (PEFT matches the suffix)
     ],
 )
 def test_bound_marks_every_trained_layer_and_its_gradient_is_computed(arch, bound, per_block):
@@ -86,6 +89,31 @@ def test_bound_carries_the_true_gradient_through_the_frozen_layers(bound):
     plain.model.layers[1].register_forward_pre_hook(leaf, with_kwargs=True)
     causal_lm_loss(plain, ids, input_ids=ids).backward()
     assert torch.allclose(seen["h"].grad, seen["ref"].grad, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("bound", "inputs", "outputs"),
+    [("bound-ia3", {"down_proj"}, {"k_proj", "v_proj"}), ("bound-oft", {"q_proj", "v_proj"}, set())],
+)
+def test_bounds_mark_inputs_where_the_method_needs_the_input_gradient(bound, inputs, outputs):
+    """OFT rotates a layer's input and (IA)^3 rescales a feed-forward layer's input: their gradients need
+    `dY W` at that layer, even in the lowest block, so the mark goes on the input (a pre-hook); a layer whose
+    output the method changes (LoRA, VeRA, (IA)^3 on k/v) is marked on its output."""
+    model, _ = bench.make_bound(bench.Bases("llama", "tiny", "cpu"), bound)
+    pre = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if m._forward_pre_hooks}
+    post = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if m._forward_hooks}
+    assert (pre, post) == (inputs, outputs)
+
+
+def test_bound_of_oft_carries_the_gradient_below_the_lowest_rotated_layer():
+    """With the mark on q_proj's input, block 0's `dY_q W_q` is computed: the gradient reaches that input."""
+    bases = bench.Bases("llama", "tiny", "cpu")
+    model, _ = bench.make_bound(bases, "bound-oft")
+    seen = []
+    model.model.layers[0].self_attn.q_proj.register_full_backward_hook(lambda m, gi, go: seen.append(gi[0]))
+    ids = bench._ids("llama", "tiny", 2, 8)
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert seen and seen[0] is not None and seen[0].abs().sum() > 0
 
 
 @pytest.mark.parametrize("arch", ["llama", "bert"])
@@ -203,3 +231,15 @@ def test_gpu_check_without_cuda_prints_its_plan_and_exits_0():
         "deltatune compare",
     ):
         assert needle in proc.stdout
+
+
+def test_quick_bench_runs_the_registrys_other_methods_against_peft(tmp_path):
+    """(IA)^3, VeRA and OFT, ours and PEFT's, each against its own bound, on a tiny Llama (OFT's blocks of 32
+    need a width PEFT accepts: 64)."""
+    cases = "ia3,vera,oft,peft-ia3,peft-vera,peft-oft"
+    argv = ["--arch", "llama", "--size", "tiny", "--quick", "--batch", "2", "--seq", "16", "--rounds", "1"]
+    assert bench.main([*argv, "--no-memory", "--no-latency", "--cases", cases, "--out", str(tmp_path)]) == 0
+    rows = {r["case"]: r for r in json.loads((tmp_path / "bench-llama-tiny-cpu.json").read_text())["train"]}
+    assert set(rows) == {*cases.split(","), "bound-ia3", "bound-qv", "bound-oft"}
+    assert rows["vera"]["bound"] == "bound-qv" and rows["oft"]["bound"] == "bound-oft"
+    assert all(rows[c]["vs_peft"] > 0 for c in ("ia3", "vera", "oft"))

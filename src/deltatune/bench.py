@@ -79,9 +79,19 @@ def _lora_targets(arch: str, case: Case) -> list[str] | str:
 
 
 def _ours_config(arch: str, case: Case):
-    from deltatune import BottleneckConfig, FullFinetuneConfig, LoraConfig, TopLayersConfig
+    from deltatune import (
+        BottleneckConfig,
+        FullFinetuneConfig,
+        IA3Config,
+        LoraConfig,
+        OFTConfig,
+        TopLayersConfig,
+        VeraConfig,
+    )
 
     task = {"task_type": "SEQ_CLS"} if ARCHS[arch]["task"] == "cls" else {"task_type": "CAUSAL_LM"}
+    if case.kind in ("ia3", "vera", "oft"):  # each at its defaults, which are PEFT's
+        return {"ia3": IA3Config, "vera": VeraConfig, "oft": OFTConfig}[case.kind](**task)
     if case.kind == "lora":
         return LoraConfig(**LORA, target_modules=_lora_targets(arch, case), use_dora=case.dora, **task)
     if case.kind in ("houlsby", "pfeiffer"):
@@ -158,6 +168,9 @@ def make_method(bases: Bases, case: Case) -> nn.Module:
         import peft
 
         task = "SEQ_CLS" if ARCHS[arch]["task"] == "cls" else "CAUSAL_LM"
+        if case.kind in ("ia3", "vera", "oft"):
+            config = {"ia3": peft.IA3Config, "vera": peft.VeraConfig, "oft": peft.OFTConfig}[case.kind]
+            return peft.get_peft_model(base, config(task_type=task))
         return peft.get_peft_model(
             base,
             peft.LoraConfig(
@@ -202,22 +215,34 @@ def make_bound(bases: Bases, bound: str) -> tuple[nn.Module, torch.Tensor]:
             return (_NeedsGrad.apply(args[0], anchor), *args[1:]), kwargs
         return args, {**kwargs, "hidden_states": _NeedsGrad.apply(kwargs["hidden_states"], anchor)}
 
-    if placement in ("qv", "all", "houlsby", "pfeiffer"):
+    if placement in ("qv", "all", "houlsby", "pfeiffer", "ia3", "oft"):
         # the layers the method wraps, found the way the method finds them
         case = {"qv": Case("lora"), "all": Case("lora", targets="all")}.get(placement, Case(placement))
         from deltatune import get_peft_model
 
         wrapped = get_peft_model(_shared(base), _ours_config(bases.arch, case))
-        names = [
-            n
+        wraps = {
+            "lora": "lora_A",
+            "houlsby": "adapter_down",
+            "pfeiffer": "adapter_down",
+            "ia3": "ia3_l",
+            "oft": "oft_R",
+        }
+        layers_ = [
+            (n, m)
             for n, m in wrapped.get_base_model().named_modules()
-            if getattr(m, "is_delta_layer", False)
-            and (case.kind != "lora" or hasattr(m, "lora_A"))
-            and (case.kind == "lora" or hasattr(m, "adapter_down"))
+            if getattr(m, "is_delta_layer", False) and hasattr(m, wraps[case.kind])
         ]
+        # What the method's gradient needs at each layer it wraps: the gradient of the layer's output (LoRA,
+        # VeRA, bottleneck adapters, (IA)^3 rescaling outputs), or of its input (OFT rotates the input, (IA)^3
+        # rescales a feed-forward layer's input: both need `dX = dY W` through that layer, even the lowest).
+        inputs = {n for n, m in layers_ if case.kind == "oft" or case.kind == "ia3" and m.feedforward}
         del wrapped
-        for name in names:
-            base.get_submodule(name).register_forward_hook(mark_output)
+        for name, _ in layers_:
+            if name in inputs:
+                base.get_submodule(name).register_forward_pre_hook(mark_input, with_kwargs=True)
+            else:
+                base.get_submodule(name).register_forward_hook(mark_output)
     elif placement == "top2":
         from deltatune import TopLayersConfig
         from deltatune.methods import layers
@@ -517,6 +542,7 @@ def _train_rows(timing: dict, memory: list[dict]) -> list[dict]:
             row.setdefault("loss", "model's")
         row["step_s"] = statistics.median(times[case])
         if case in CASES:
+            row["bound"] = CASES[case].bound
             bound = _ratios(times, case, CASES[case].bound)
             if bound:
                 row["x_bound"], row["x_bound_range"] = statistics.median(bound), [min(bound), max(bound)]

@@ -98,7 +98,7 @@ ARCHS: dict[str, dict] = {
 class Case:
     """One training method. `placement` + `quantize` name its bound."""
 
-    kind: str  # lora | houlsby | pfeiffer | top-layers | full
+    kind: str  # lora | houlsby | pfeiffer | top-layers | full | ia3 | vera | oft
     peer: str = "ours"  # ours | peft
     targets: str = "qv"  # qv | all
     dora: bool = False
@@ -109,6 +109,8 @@ class Case:
     def bound(self) -> str:
         if self.kind == "lora":
             return "bound-" + self.targets + (f"-{self.quantize}" if self.quantize else "")
+        if self.kind == "vera":  # on LoRA's default targets, q/v: the same marks (their outputs) as LoRA's
+            return "bound-qv"
         return "bound-" + {"top-layers": "top2"}.get(self.kind, self.kind)
 
 
@@ -129,6 +131,14 @@ CASES: dict[str, Case] = {
     "peft-dora-all": Case("lora", peer="peft", targets="all", dora=True),
     # PEFT's LoRA on bitsandbytes' own Linear4bit (NF4, double-quantized, block 64: the same storage)
     "peft-qlora-nf4": Case("lora", peer="peft", quantize="nf4"),
+    # the registry's other weight-space methods, each with PEFT's own defaults (the same as ours): (IA)^3 on
+    # keys, values and the FFN's input; VeRA r=256 and OFT (blocks of 32, Cayley-Neumann) on q/v
+    "ia3": Case("ia3"),
+    "vera": Case("vera"),
+    "oft": Case("oft"),
+    "peft-ia3": Case("ia3", peer="peft"),
+    "peft-vera": Case("vera", peer="peft"),
+    "peft-oft": Case("oft", peer="peft"),
 }
 # PEFT's row for each of our cases
 PEFT_PEER = {
@@ -137,6 +147,9 @@ PEFT_PEER = {
     "dora": "peft-dora",
     "dora-all": "peft-dora-all",
     "qlora-nf4": "peft-qlora-nf4",
+    "ia3": "peft-ia3",
+    "vera": "peft-vera",
+    "oft": "peft-oft",
 }
 DEFAULT_CASES = (
     "lora-qv",
@@ -148,10 +161,16 @@ DEFAULT_CASES = (
     "pfeiffer",
     "top-layers",
     "full",
+    "ia3",
+    "vera",
+    "oft",
     "peft-lora-qv",
     "peft-lora-all",
     "peft-dora",
     "peft-qlora-nf4",
+    "peft-ia3",
+    "peft-vera",
+    "peft-oft",
 )
 LORA = {"r": 8, "lora_alpha": 16}
 TOP_LAYERS = 2
