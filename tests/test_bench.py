@@ -243,3 +243,14 @@ def test_quick_bench_runs_the_registrys_other_methods_against_peft(tmp_path):
     assert set(rows) == {*cases.split(","), "bound-ia3", "bound-qv", "bound-oft"}
     assert rows["vera"]["bound"] == "bound-qv" and rows["oft"]["bound"] == "bound-oft"
     assert all(rows[c]["vs_peft"] > 0 for c in ("ia3", "vera", "oft"))
+
+
+def test_cases_an_architecture_cannot_take_are_skipped_with_the_reason(tmp_path, capsys):
+    argv = ["--arch", "gpt2", "--size", "tiny", "--quick", "--batch", "2", "--seq", "16", "--rounds", "1"]
+    assert (
+        bench.main([*argv, "--no-memory", "--no-latency", "--cases", "oft,lora-qv", "--out", str(tmp_path)])
+        == 0
+    )
+    assert "skipped oft: OFT adapts nn.Linear layers only" in capsys.readouterr().err
+    rows = json.loads((tmp_path / "bench-gpt2-tiny-cpu.json").read_text())["train"]
+    assert {r["case"] for r in rows} == {"lora-qv", "bound-qv"}

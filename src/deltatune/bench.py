@@ -606,6 +606,10 @@ def bench(
     mem_steps, train_rounds, lat_rounds = (2, 3, 5) if quick else (3, 6, 15)
     train_rounds = rounds or train_rounds
     cases = tuple(c for c in cases if CASES[c].peer == "ours" or CASES[c].peer in peers)
+    unsupported = ARCHS[arch].get("unsupported", {})
+    for case in [c for c in cases if CASES[c].kind in unsupported]:
+        print(f"  skipped {case}: {unsupported[CASES[case].kind]}", file=sys.stderr, flush=True)
+    cases = tuple(c for c in cases if CASES[c].kind not in unsupported)
     common = [
         "--arch",
         arch,

@@ -66,6 +66,7 @@ ARCHS: dict[str, dict] = {
     "gpt2": {
         "task": "causal",
         "qv": ["c_attn"],  # GPT-2 computes q, k and v in one Conv1D (PEFT's default target for GPT-2)
+        "unsupported": {"oft": "OFT adapts nn.Linear layers only (as PEFT's), and GPT-2's are Conv1D"},
         "sizes": {
             "tiny": dict(n_embd=64, n_layer=2, n_head=4, vocab_size=1000),
             "125m": dict(n_embd=768, n_layer=12, n_head=12, vocab_size=50257),
