@@ -434,3 +434,26 @@ def test_a_wrapped_model_trains_under_transformers_trainer(tmp_path, bert):
     assert changed and changed <= trainable
     model.save_pretrained(tmp_path / "adapter")
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_optimizer_is_fused_adamw_with_the_default_loops_update():
+    """The trainer's AdamW runs fused where torch has it (CPU/CUDA float tensors) and gives the default
+    per-tensor loop's update to float rounding; a parameter it can't take (float64 on "meta") falls back."""
+    from deltatune.train.loop import fused_kwargs
+
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(8, 5)), torch.nn.Parameter(torch.randn(5))]
+    assert fused_kwargs(params) == {"fused": True}
+    assert fused_kwargs([torch.nn.Parameter(torch.zeros(2, device="meta"))]) == {}
+    assert fused_kwargs([torch.nn.Parameter(torch.zeros(2, dtype=torch.int32), requires_grad=False)]) == {}
+    copies = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    fused = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1, **fused_kwargs(params))
+    plain = torch.optim.AdamW(copies, lr=1e-2, weight_decay=0.1)
+    for _ in range(3):
+        grads = [torch.randn_like(p) for p in params]
+        for p, q, g in zip(params, copies, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        fused.step()
+        plain.step()
+    for p, q in zip(params, copies):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)

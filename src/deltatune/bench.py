@@ -267,6 +267,7 @@ def _ids(arch: str, size: str, batch: int, seq: int, seed: int = 1) -> torch.Ten
 def make_step(bases: Bases, name: str, batch: int, seq: int, amp: str = "none"):
     """A training step function for case (or bound) `name`, its trainable parameter count, and its loss code."""
     from deltatune.losses import causal_lm_loss
+    from deltatune.train.loop import fused_kwargs
 
     arch, device = bases.arch, bases.device
     is_bound = name.startswith("bound-")
@@ -282,7 +283,8 @@ def make_step(bases: Bases, name: str, batch: int, seq: int, amp: str = "none"):
     # every bound; PEFT's rows use the model's own loss, as PEFT's users run it
     chunked = causal and (case is None or case.peer == "ours")
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-5) if params else None
+    # the trainer's optimizer (fused AdamW where torch has it), the same for every case and PEFT's rows
+    optimizer = torch.optim.AdamW(params, lr=1e-5, **fused_kwargs(params)) if params else None
     ids = _ids(arch, bases.size, batch, seq).to(device)
     labels = (
         ids
