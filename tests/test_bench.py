@@ -254,3 +254,10 @@ def test_cases_an_architecture_cannot_take_are_skipped_with_the_reason(tmp_path,
     assert "skipped oft: OFT adapts nn.Linear layers only" in capsys.readouterr().err
     rows = json.loads((tmp_path / "bench-gpt2-tiny-cpu.json").read_text())["train"]
     assert {r["case"] for r in rows} == {"lora-qv", "bound-qv"}
+
+
+def test_a_run_of_only_cases_the_architecture_cannot_take_is_refused(capsys):
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--arch", "gpt2", "--size", "tiny", "--cases", "oft,peft-oft", "--no-memory"])
+    assert e.value.code == 2
+    assert "no case left to run on --arch gpt2: OFT adapts nn.Linear layers only" in capsys.readouterr().err

@@ -761,6 +761,10 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [c for c in cases if c not in CASES]
     if unknown:
         parser.error(f"unknown case(s) {unknown}; choose from {', '.join(CASES)}")
+    unsupported = ARCHS[args.arch].get("unsupported", {})
+    if cases and all(CASES[c].kind in unsupported for c in cases) and not args.no_train:
+        why = "; ".join(dict.fromkeys(unsupported[CASES[c].kind] for c in cases))
+        parser.error(f"no case left to run on --arch {args.arch}: {why}")
     if "peft" in peers:
         try:
             import peft  # noqa: F401
