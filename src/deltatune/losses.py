@@ -31,13 +31,17 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             logits = F.linear(h, weight, bias).float()
             valid = y != IGNORE_INDEX
             safe_y = torch.where(valid, y, 0)
-            lse = torch.logsumexp(logits, dim=-1)
+            # log-sum-exp and softmax in place over the one `[chunk, vocab]` buffer (logsumexp would allocate a
+            # second one, and the softmax would take two more passes): shift by the row max, exponentiate, sum.
+            logits.sub_(logits.amax(dim=-1, keepdim=True))
             picked = logits.gather(1, safe_y[:, None]).squeeze(1)
-            total += ((lse - picked) * valid).sum()
-            # d(loss)/d(logits) = (softmax - onehot) / n_valid on valid rows, computed in place over the logits.
-            grad = logits.sub_(lse[:, None]).exp_()
-            grad[torch.arange(grad.shape[0], device=grad.device), safe_y] -= 1
-            grad.mul_((valid / n_valid)[:, None])
+            exp = logits.exp_()
+            sums = exp.sum(dim=-1)
+            total += ((sums.log() - picked) * valid).sum()
+            # d(loss)/d(logits) = (softmax - onehot) / n_valid on valid rows, computed in place over the buffer.
+            weight_row = valid / n_valid
+            grad = exp.mul_((weight_row / sums)[:, None])
+            grad[torch.arange(grad.shape[0], device=grad.device), safe_y] -= weight_row.to(grad.dtype)
             grad = grad.to(weight.dtype)
             if grad_hidden is not None:
                 grad_hidden[start : start + chunk_size] = grad @ weight
