@@ -51,11 +51,13 @@ def _marks_reached(arch: str, bound: str) -> tuple[int, int]:
         ("llama", "bound-ia3", 3),  # k, v outputs; down_proj's input
         ("opt", "bound-oft", 2),  # q, v inputs
         ("bert", "bound-ia3", 4),  # key, value outputs; both output.dense inputs (PEFT matches the suffix)
+        ("llama", "bound-prompt", 0.5),  # one mark: the virtual tokens' encoder
+        ("gpt2", "bound-prefix", 0.5),  # one mark: the prefix keys/values' encoder
     ],
 )
 def test_bound_marks_every_trained_layer_and_its_gradient_is_computed(arch, bound, per_block):
     placed, reached = _marks_reached(arch, bound)
-    assert placed == per_block * 2  # two blocks in the tiny models
+    assert placed == per_block * 2  # two blocks in the tiny models (prompt learning: one encoder in all)
     assert reached == placed
 
 
@@ -234,15 +236,16 @@ def test_gpu_check_without_cuda_prints_its_plan_and_exits_0():
 
 
 def test_quick_bench_runs_the_registrys_other_methods_against_peft(tmp_path):
-    """(IA)^3, VeRA and OFT, ours and PEFT's, each against its own bound, on a tiny Llama (OFT's blocks of 32
-    need a width PEFT accepts: 64)."""
-    cases = "ia3,vera,oft,peft-ia3,peft-vera,peft-oft"
+    """(IA)^3, VeRA, OFT, prompt and prefix tuning, ours and PEFT's, each against its own bound, on a tiny Llama
+    (OFT's blocks of 32 need a width PEFT accepts: 64)."""
+    cases = "ia3,vera,oft,prompt-tuning,prefix-tuning,peft-ia3,peft-vera,peft-oft,peft-prompt-tuning,peft-prefix-tuning"
     argv = ["--arch", "llama", "--size", "tiny", "--quick", "--batch", "2", "--seq", "16", "--rounds", "1"]
     assert bench.main([*argv, "--no-memory", "--no-latency", "--cases", cases, "--out", str(tmp_path)]) == 0
     rows = {r["case"]: r for r in json.loads((tmp_path / "bench-llama-tiny-cpu.json").read_text())["train"]}
-    assert set(rows) == {*cases.split(","), "bound-ia3", "bound-qv", "bound-oft"}
+    bounds = {"bound-ia3", "bound-qv", "bound-oft", "bound-prompt", "bound-prefix"}
+    assert set(rows) == {*cases.split(","), *bounds}
     assert rows["vera"]["bound"] == "bound-qv" and rows["oft"]["bound"] == "bound-oft"
-    assert all(rows[c]["vs_peft"] > 0 for c in ("ia3", "vera", "oft"))
+    assert all(rows[c]["vs_peft"] > 0 for c in ("ia3", "vera", "oft", "prompt-tuning", "prefix-tuning"))
 
 
 def test_cases_an_architecture_cannot_take_are_skipped_with_the_reason(tmp_path, capsys):
@@ -254,6 +257,7 @@ def test_cases_an_architecture_cannot_take_are_skipped_with_the_reason(tmp_path,
     assert "skipped oft: OFT adapts nn.Linear layers only" in capsys.readouterr().err
     rows = json.loads((tmp_path / "bench-gpt2-tiny-cpu.json").read_text())["train"]
     assert {r["case"] for r in rows} == {"lora-qv", "bound-qv"}
+    assert bench.skip_reason("bert", "peft-prefix-tuning") and not bench.skip_reason("bert", "prefix-tuning")
 
 
 def test_a_run_of_only_cases_the_architecture_cannot_take_is_refused(capsys):
@@ -261,3 +265,32 @@ def test_a_run_of_only_cases_the_architecture_cannot_take_is_refused(capsys):
         bench.main(["--arch", "gpt2", "--size", "tiny", "--cases", "oft,peft-oft", "--no-memory"])
     assert e.value.code == 2
     assert "no case left to run on --arch gpt2: OFT adapts nn.Linear layers only" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bound", ["bound-prompt", "bound-prefix"])
+def test_prompt_learning_bound_is_the_methods_own_computation_without_its_update(bound):
+    """The bound of prompt/prefix tuning runs the method's longer input: its loss equals the method's, and the
+    gradient reaching the marked virtual tokens (keys/values) is the one the method's parameter gets."""
+    bases = bench.Bases("llama", "tiny", "cpu")
+    model, _ = bench.make_bound(bases, bound)
+    method = bench.make_method(bases, bench.CASES[bound.replace("bound-", "") + "-tuning"])
+    ids = bench._ids("llama", "tiny", 2, 8)
+    kept = {}
+
+    def keep(module, args, out):  # runs after the bound's mark: `out` is the marked tensor
+        out.retain_grad()
+        kept["out"] = out
+
+    encoders = [e for m in model.modules() for e in getattr(m, "prompt_encoder", {}).values()]
+    theirs = [e for m in method.modules() for e in getattr(m, "prompt_encoder", {}).values()]
+    assert len(encoders) == len(theirs) == 1
+    encoders[0].load_state_dict(theirs[0].state_dict())  # the same virtual tokens (each drew its own)
+    encoders[0].register_forward_hook(keep)
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    want = method(input_ids=ids, labels=ids).loss
+    want.backward()
+    trained = [p for p in method.parameters() if p.requires_grad]
+    assert len(trained) == 1 and all(p.grad is None for p in model.parameters())
+    torch.testing.assert_close(loss, want)
+    torch.testing.assert_close(kept["out"].grad, trained[0].grad)

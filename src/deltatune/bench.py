@@ -45,8 +45,10 @@ from deltatune.bench_options import (  # noqa: F401  (re-exported: bench.ARCHS, 
     LORA,
     PEFT_PEER,
     TOP_LAYERS,
+    VIRTUAL_TOKENS,
     Case,
     build_parser,
+    skip_reason,
 )
 
 
@@ -85,6 +87,8 @@ def _ours_config(arch: str, case: Case):
         IA3Config,
         LoraConfig,
         OFTConfig,
+        PrefixTuningConfig,
+        PromptTuningConfig,
         TopLayersConfig,
         VeraConfig,
     )
@@ -92,6 +96,10 @@ def _ours_config(arch: str, case: Case):
     task = {"task_type": "SEQ_CLS"} if ARCHS[arch]["task"] == "cls" else {"task_type": "CAUSAL_LM"}
     if case.kind in ("ia3", "vera", "oft"):  # each at its defaults, which are PEFT's
         return {"ia3": IA3Config, "vera": VeraConfig, "oft": OFTConfig}[case.kind](**task)
+    if case.kind == "prompt-tuning":
+        return PromptTuningConfig(num_virtual_tokens=VIRTUAL_TOKENS, **task)
+    if case.kind == "prefix-tuning":
+        return PrefixTuningConfig(num_virtual_tokens=VIRTUAL_TOKENS, **task)
     if case.kind == "lora":
         return LoraConfig(**LORA, target_modules=_lora_targets(arch, case), use_dora=case.dora, **task)
     if case.kind in ("houlsby", "pfeiffer"):
@@ -171,6 +179,9 @@ def make_method(bases: Bases, case: Case) -> nn.Module:
         if case.kind in ("ia3", "vera", "oft"):
             config = {"ia3": peft.IA3Config, "vera": peft.VeraConfig, "oft": peft.OFTConfig}[case.kind]
             return peft.get_peft_model(base, config(task_type=task))
+        if case.kind in ("prompt-tuning", "prefix-tuning"):
+            config = peft.PromptTuningConfig if case.kind == "prompt-tuning" else peft.PrefixTuningConfig
+            return peft.get_peft_model(base, config(task_type=task, num_virtual_tokens=VIRTUAL_TOKENS))
         return peft.get_peft_model(
             base,
             peft.LoraConfig(
@@ -249,6 +260,23 @@ def make_bound(bases: Bases, bound: str) -> tuple[nn.Module, torch.Tensor]:
 
         lowest = layers.trained_blocks(base, TopLayersConfig(num_layers=TOP_LAYERS))[0]
         base.get_submodule(lowest).register_forward_pre_hook(mark_input, with_kwargs=True)
+    elif placement in ("prompt", "prefix"):
+        # Prompt learning trains extra *inputs* (virtual tokens in front of the embeddings, or keys/values in
+        # front of every layer's): its bound is the base run on that same longer input, with the gradient of
+        # those inputs computed (through every layer, down to the lowest that reads them) and nothing else.
+        # So the bound is the method's own model with the trained tensor frozen and its encoder's output
+        # marked: the same forward and backward, without the parameter's gradient, or the optimizer's step.
+        from deltatune import get_peft_model
+
+        kind = {"prompt": "prompt-tuning", "prefix": "prefix-tuning"}[placement]
+        wrapped = get_peft_model(base, _ours_config(bases.arch, Case(kind)))
+        for p in wrapped.parameters():
+            p.requires_grad_(False)
+        for module in wrapped.modules():
+            for encoder in getattr(module, "prompt_encoder", {}).values():
+                encoder.register_forward_hook(mark_output)
+        wrapped.train()
+        return wrapped, anchor
     elif placement == "full":
         for module in base.modules():
             if isinstance(module, nn.Embedding):
@@ -608,10 +636,9 @@ def bench(
     mem_steps, train_rounds, lat_rounds = (2, 3, 5) if quick else (3, 6, 15)
     train_rounds = rounds or train_rounds
     cases = tuple(c for c in cases if CASES[c].peer == "ours" or CASES[c].peer in peers)
-    unsupported = ARCHS[arch].get("unsupported", {})
-    for case in [c for c in cases if CASES[c].kind in unsupported]:
-        print(f"  skipped {case}: {unsupported[CASES[case].kind]}", file=sys.stderr, flush=True)
-    cases = tuple(c for c in cases if CASES[c].kind not in unsupported)
+    for case in [c for c in cases if skip_reason(arch, c)]:
+        print(f"  skipped {case}: {skip_reason(arch, case)}", file=sys.stderr, flush=True)
+    cases = tuple(c for c in cases if not skip_reason(arch, c))
     common = [
         "--arch",
         arch,
@@ -761,9 +788,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [c for c in cases if c not in CASES]
     if unknown:
         parser.error(f"unknown case(s) {unknown}; choose from {', '.join(CASES)}")
-    unsupported = ARCHS[args.arch].get("unsupported", {})
-    if cases and all(CASES[c].kind in unsupported for c in cases) and not args.no_train:
-        why = "; ".join(dict.fromkeys(unsupported[CASES[c].kind] for c in cases))
+    if cases and all(skip_reason(args.arch, c) for c in cases) and not args.no_train:
+        why = "; ".join(dict.fromkeys(skip_reason(args.arch, c) for c in cases))
         parser.error(f"no case left to run on --arch {args.arch}: {why}")
     if "peft" in peers:
         try:

@@ -66,6 +66,7 @@ ARCHS: dict[str, dict] = {
     "gpt2": {
         "task": "causal",
         "qv": ["c_attn"],  # GPT-2 computes q, k and v in one Conv1D (PEFT's default target for GPT-2)
+        # a method (all its cases) or a case the architecture can't take, and why
         "unsupported": {"oft": "OFT adapts nn.Linear layers only (as PEFT's), and GPT-2's are Conv1D"},
         "sizes": {
             "tiny": dict(n_embd=64, n_layer=2, n_head=4, vocab_size=1000),
@@ -74,6 +75,9 @@ ARCHS: dict[str, dict] = {
     },
     "bert": {
         "task": "cls",
+        "unsupported": {
+            "peft-prefix-tuning": "PEFT's prefix tuning refuses transformers 5's BERT (no past key values)"
+        },
         "qv": ["query", "value"],
         "sizes": {
             "tiny": dict(
@@ -99,7 +103,7 @@ ARCHS: dict[str, dict] = {
 class Case:
     """One training method. `placement` + `quantize` name its bound."""
 
-    kind: str  # lora | houlsby | pfeiffer | top-layers | full | ia3 | vera | oft
+    kind: str  # lora | houlsby | pfeiffer | top-layers | full | ia3 | vera | oft | prompt-tuning | prefix-tuning
     peer: str = "ours"  # ours | peft
     targets: str = "qv"  # qv | all
     dora: bool = False
@@ -112,7 +116,9 @@ class Case:
             return "bound-" + self.targets + (f"-{self.quantize}" if self.quantize else "")
         if self.kind == "vera":  # on LoRA's default targets, q/v: the same marks (their outputs) as LoRA's
             return "bound-qv"
-        return "bound-" + {"top-layers": "top2"}.get(self.kind, self.kind)
+        return "bound-" + {"top-layers": "top2", "prompt-tuning": "prompt", "prefix-tuning": "prefix"}.get(
+            self.kind, self.kind
+        )
 
 
 CASES: dict[str, Case] = {
@@ -140,6 +146,11 @@ CASES: dict[str, Case] = {
     "peft-ia3": Case("ia3", peer="peft"),
     "peft-vera": Case("vera", peer="peft"),
     "peft-oft": Case("oft", peer="peft"),
+    # prompt learning, 20 virtual tokens (prompt tuning) or 20 keys/values per layer (prefix tuning)
+    "prompt-tuning": Case("prompt-tuning"),
+    "prefix-tuning": Case("prefix-tuning"),
+    "peft-prompt-tuning": Case("prompt-tuning", peer="peft"),
+    "peft-prefix-tuning": Case("prefix-tuning", peer="peft"),
 }
 # PEFT's row for each of our cases
 PEFT_PEER = {
@@ -151,6 +162,8 @@ PEFT_PEER = {
     "ia3": "peft-ia3",
     "vera": "peft-vera",
     "oft": "peft-oft",
+    "prompt-tuning": "peft-prompt-tuning",
+    "prefix-tuning": "peft-prefix-tuning",
 }
 DEFAULT_CASES = (
     "lora-qv",
@@ -165,6 +178,8 @@ DEFAULT_CASES = (
     "ia3",
     "vera",
     "oft",
+    "prompt-tuning",
+    "prefix-tuning",
     "peft-lora-qv",
     "peft-lora-all",
     "peft-dora",
@@ -172,7 +187,10 @@ DEFAULT_CASES = (
     "peft-ia3",
     "peft-vera",
     "peft-oft",
+    "peft-prompt-tuning",
+    "peft-prefix-tuning",
 )
+VIRTUAL_TOKENS = 20
 LORA = {"r": 8, "lora_alpha": 16}
 TOP_LAYERS = 2
 LATENCY_CASES = ("base", "lora", "lora-merged", "houlsby", "pfeiffer", "mixed8", "peft", "peft-mixed8")
@@ -231,3 +249,9 @@ def main(argv: list[str] | None = None) -> int:
     from deltatune import bench
 
     return bench.main(argv)
+
+
+def skip_reason(arch: str, case: str) -> str | None:
+    """Why `arch` can't take `case` (a method it can't adapt, or a peer that refuses it), or None."""
+    unsupported = ARCHS[arch].get("unsupported", {})
+    return unsupported.get(case) or unsupported.get(CASES[case].kind)
