@@ -204,6 +204,9 @@ async def phase(client: httpx.AsyncClient, plan: list[list[dict]], time_cap: flo
         "ttft_p95_s": pct(ttft, 0.95),
         "model_calls": calls,
         "adapter_loads": after["adapter_loads"] - before["adapter_loads"],
+        # seconds the model thread spent attaching adapters, and adapters paused to give a waiting row their slot
+        "adapter_load_s": round(after.get("adapter_load_seconds", 0) - before.get("adapter_load_seconds", 0), 2),
+        "adapter_pauses": after.get("adapter_pauses", 0) - before.get("adapter_pauses", 0),
     }
 
 
@@ -247,7 +250,7 @@ async def main_async(args) -> dict:
                             f"{r['output_tokens_per_s']:.1f} tok/s, latency p50 {r['latency_p50_s']}s "
                             f"p95 {r['latency_p95_s']}s, TTFT p50 {r['ttft_p50_s']}s p95 {r['ttft_p95_s']}s, "
                             f"{r['requests']}/{r['planned']} done (cap {r['time_cap_s']}s), {r['errors']} errors, "
-                            f"{r['adapter_loads']} loads",
+                            f"{r['adapter_loads']} loads ({r['adapter_load_s']}s), {r['adapter_pauses']} pauses",
                             flush=True,
                         )
                     rows.append({"clients": n_clients, "adapters": mix, **{k: v for k, v in pair.items()}})

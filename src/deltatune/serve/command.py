@@ -57,6 +57,13 @@ def _parser() -> argparse.ArgumentParser:
         default=256,
         help="continuous scheduler: longer prompts are prefilled this many tokens per step, between decoding steps",
     )
+    p.add_argument(
+        "--adapter-slice",
+        type=int,
+        default=16,
+        help="continuous scheduler: when a request waits for an adapter slot and every loaded adapter is in use, "
+        "the one in use longest, at least this many steps, is paused (its rows resume later); 0: never (default 16)",
+    )
     p.add_argument("--max-queue", type=int, default=1024, help="waiting rows beyond this get 503")
     p.add_argument(
         "--max-loaded-adapters",
@@ -110,6 +117,8 @@ def serve_main(argv: list[str] | None = None) -> int:
         )
     if args.prefill_chunk < 1:
         return fail(f"--prefill-chunk must be at least 1 (tokens per step), got {args.prefill_chunk}")
+    if args.adapter_slice < 0:
+        return fail(f"--adapter-slice must be 0 (never pause) or more steps, got {args.adapter_slice}")
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
@@ -126,6 +135,7 @@ def serve_main(argv: list[str] | None = None) -> int:
             scheduler=args.scheduler,
             max_loaded_adapters=args.max_loaded_adapters,
             prefill_chunk=args.prefill_chunk,
+            adapter_slice=args.adapter_slice,
         )
     except (OSError, ValueError) as e:
         return fail(str(e))

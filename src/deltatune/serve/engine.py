@@ -49,6 +49,9 @@ class Engine:
         max_loaded_adapters: adapters kept in memory at once (least recently used evicted beyond it).
         prefill_chunk: continuous scheduler: a prompt longer than this many tokens is prefilled this many tokens
             per step, between the running rows' decoding steps (so they don't stall while it is read).
+        adapter_slice: continuous scheduler: when a request waits for an adapter slot and every loaded adapter has
+            running rows, the adapter that has had rows the longest, at least this many steps, is paused (its rows
+            keep their caches and resume when it is loaded again) so the waiting one gets the slot; 0: never.
     """
 
     def __init__(
@@ -66,13 +69,16 @@ class Engine:
         scheduler: str = "continuous",
         max_loaded_adapters: int = 32,
         prefill_chunk: int = 256,
+        adapter_slice: int = 16,
     ):
         from transformers import AutoConfig, AutoTokenizer
 
         from deltatune.serve.scheduler import ContinuousScheduler, StaticScheduler
 
-        if max_batch < 1 or batch_wait_ms < 0 or max_queue < 1 or prefill_chunk < 1:
-            raise ValueError("max_batch, max_queue and prefill_chunk must be >= 1 and batch_wait_ms >= 0")
+        if max_batch < 1 or batch_wait_ms < 0 or max_queue < 1 or prefill_chunk < 1 or adapter_slice < 0:
+            raise ValueError(
+                "max_batch, max_queue and prefill_chunk must be >= 1, batch_wait_ms and adapter_slice >= 0"
+            )
         if task not in ("auto", *TASKS, *TASKS.values()):
             raise ValueError(f"task must be 'auto' or one of {list(TASKS)}, got {task!r}")
         if scheduler not in SCHEDULERS:
@@ -126,7 +132,9 @@ class Engine:
             ContinuousScheduler if scheduler == "continuous" and self.task == "CAUSAL_LM" else StaticScheduler
         )
         self.scheduler_name = "continuous" if kind is ContinuousScheduler else "static"
-        extra = {"prefill_chunk": prefill_chunk} if kind is ContinuousScheduler else {}
+        extra = (
+            {"prefill_chunk": prefill_chunk, "adapter_slice": adapter_slice} if kind is ContinuousScheduler else {}
+        )
         self.scheduler = kind(
             self, max_batch=max_batch, batch_wait_ms=batch_wait_ms, max_queue=max_queue, **extra
         )
@@ -308,6 +316,11 @@ class Engine:
         self.metrics.loaded_adapters.set(len(self.registry.loaded))
         return True
 
+    def read_ready(self, name: str) -> bool:
+        """Whether `name` is not in memory and its files were read in the reader thread (it can attach now)."""
+        read = self._reads.get(name)
+        return read is not None and read[1].done() and not self.registry.is_loaded(name)
+
     def prune_reads(self, wanted: set[str]) -> None:
         """Forget the read-ahead of adapters no waiting row wants any more (their rows were cancelled): the reads
         ahead are bounded, and must not stay taken by adapters nobody waits for."""
@@ -407,6 +420,7 @@ class Engine:
                 **self.scheduler.stats_dict(),
                 "adapter_loads": reg.stats.loads,
                 "adapter_evictions": reg.stats.evictions,
+                "adapter_load_seconds": round(reg.stats.load_seconds, 3),
             },
         }
 

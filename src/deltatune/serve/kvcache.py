@@ -195,6 +195,19 @@ class RowCache(Cache):
         """The step failed: its column (written by some layers, perhaps) is masked out again."""
         self.mask[: self.n, self.end] = 0
 
+    def take(self, rows: list[int]) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+        """Copies of rows `rows`' keys/values and mask, as `join` takes them back (a paused row's cache): per layer
+        `(keys, values)` `[m, heads, p, head_dim]` and `mask` `[m, p]`, `p` the columns these rows use."""
+        index = torch.tensor(rows, device=self.mask.device)
+        mask = self.mask.index_select(0, index)[:, self.start : self.end]
+        used = mask.any(0)
+        first = self.start + (int(used.long().argmax()) if bool(used.any()) else self.width)
+        pairs = [
+            (k[:, :, first : self.end].index_select(0, index), v[:, :, first : self.end].index_select(0, index))
+            for k, v in zip(self.k, self.v)
+        ]
+        return pairs, self.mask.index_select(0, index)[:, first : self.end]
+
     def row(self, i: int) -> DynamicCache:
         """A copy of row `i`'s cache, on its own (to retry a row alone)."""
         return DynamicCache(

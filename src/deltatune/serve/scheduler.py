@@ -67,6 +67,9 @@ class Row:
     last_time: float = 0.0
     sampler: RowSampler | None = None
     finished: bool = False
+    # A row paused to free its adapter's slot for a row that waited (continuous scheduler): its keys/values
+    # (per layer, `[1, heads, p, head_dim]`), their mask `[1, p]` and its next input token, until it resumes.
+    paused: tuple | None = None
 
     def emit(self, event: tuple) -> None:
         if self.sink is None:
@@ -215,9 +218,12 @@ class _Scheduler:
     def _after_command(self) -> None:
         """Hook: rows whose adapter was just unloaded."""
 
-    def _admit(self, limit: int, pinned: set[str], max_loads: int = 1 << 30) -> list[Row]:
+    def _admit(
+        self, limit: int, pinned: set[str], max_loads: int = 1 << 30, held: frozenset[str] = frozenset()
+    ) -> list[Row]:
         """Up to `limit` pending rows whose adapter is (now) in memory, in arrival order, loading at most
-        `max_loads` adapters; rows whose adapter can't be loaded fail, rows whose adapter doesn't fit yet wait."""
+        `max_loads` adapters; rows whose adapter can't be loaded fail, rows whose adapter doesn't fit yet wait, and
+        so do rows of the adapters `held` (being freed for a row that waits)."""
         take: list[Row] = []
         keep: deque[Row] = deque()
         loads = 0
@@ -226,7 +232,7 @@ class _Scheduler:
             if row.cancelled:
                 row.finished = True
                 continue
-            if len(take) >= limit:
+            if len(take) >= limit or row.adapter in held:
                 keep.append(row)
                 continue
             was_loaded = row.adapter == BASE or self.engine.registry.is_loaded(row.adapter)
@@ -242,7 +248,8 @@ class _Scheduler:
                 continue
             loads += not was_loaded
             pinned.add(row.adapter)
-            row.sampler = RowSampler(row.adapter, row.temperature, row.top_p, row.seed, self.engine.device)
+            if row.sampler is None:  # (a paused row keeps its own, its generator where it was)
+                row.sampler = RowSampler(row.adapter, row.temperature, row.top_p, row.seed, self.engine.device)
             take.append(row)
         self.pending = keep
         return take
@@ -305,15 +312,20 @@ class ContinuousScheduler(_Scheduler):
     name = "continuous"
     background_loads = True
 
-    def __init__(self, engine, *, prefill_chunk: int = 256, **kwargs):
+    def __init__(self, engine, *, prefill_chunk: int = 256, adapter_slice: int = 16, **kwargs):
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be at least 1, got {prefill_chunk}")
+        if adapter_slice < 0:
+            raise ValueError(f"adapter_slice must be 0 (off) or more steps, got {adapter_slice}")
         self.lanes: dict[str | None, _Lane] = {}
         self.chunked: deque[_Chunked] = deque()
         self.prefill_chunk = prefill_chunk
+        self.adapter_slice = adapter_slice
         self._waiting = False  # every pending row waits for its adapter's files (the reader wakes us)
+        self._steps = 0  # scheduling steps taken
+        self._since: dict[str, int] = {}  # the step since which each adapter of the running rows has had rows
         super().__init__(engine, **kwargs)
-        self.stats["prefill_chunks"] = 0
+        self.stats.update(prefill_chunks=0, adapter_pauses=0, paused_rows=0, resumed_rows=0)
 
     def _all_rows(self) -> list[Row]:
         return [
@@ -333,27 +345,37 @@ class ContinuousScheduler(_Scheduler):
             if self._stopped:
                 return
             self._reap()
+            # A row that waits for an adapter slot while every slot is in use gets one: the adapter in use the
+            # longest (at least `adapter_slice` steps) is paused, its rows keep their caches and queue again.
+            held = self._pause_for_waiters()
             # Rows whose adapter is in memory join first; then at most one adapter is attached per step (its
             # files were read in the reader thread meanwhile), so a load holds neither them nor, for long, the
             # running rows.
-            admitted = False
+            admitted, busy = False, bool(self.running())
             for max_loads in (0, 1):
                 free = self.max_batch - self.running()
                 if free <= 0 or not self.pending:
                     break
-                pinned = {row.adapter for lane in self.lanes.values() for row in lane.rows}
                 by_lane: dict[str | None, list[Row]] = {}
-                for row in self._admit(free, pinned, max_loads):
+                for row in self._admit(free, self._pinned(), max_loads, held):
                     solo = row.adapter if self.engine.is_solo(row.adapter) else None
                     by_lane.setdefault(solo, []).append(row)
                     admitted = True
                 for solo, rows in by_lane.items():
+                    fresh = [row for row in rows if row.paused is None]
+                    self._resume(solo, [row for row in rows if row.paused is not None])
+                    rows = fresh
                     short = [row for row in rows if len(row.ids) <= self.prefill_chunk]
                     if short:
                         self._prefill(solo, short)
                     self._queue_chunked(solo, [row for row in rows if len(row.ids) > self.prefill_chunk])
-            self._waiting = bool(self.pending) and not admitted
+            # Block for the reader only when nothing ran: rows that held adapters may leave at this step's decode,
+            # and then the next step must look again (nothing else would wake it).
+            self._waiting = bool(self.pending) and not admitted and not held and not busy
             self.engine.prune_reads({row.adapter for row in self.pending})
+            self._steps += 1
+            active = {row.adapter for lane in self.lanes.values() for row in lane.rows} - {BASE}
+            self._since = {a: self._since.get(a, self._steps) for a in active}
             if self.chunked:  # one chunk of a long prompt per step, between the running rows' steps
                 self._prefill_chunk()
             for lane in list(self.lanes.values()):
@@ -364,6 +386,68 @@ class ContinuousScheduler(_Scheduler):
 
     def _after_command(self) -> None:
         self._reap()
+
+    def _pinned(self) -> set[str]:
+        """Adapters that can't be evicted now: those of the running rows and of the long prompts being prefilled."""
+        return {row.adapter for lane in self.lanes.values() for row in lane.rows} | {
+            job.adapter for job in self.chunked
+        }
+
+    def _pause_for_waiters(self) -> frozenset[str]:
+        """When a row waits for an adapter whose files are read, no slot is free (every loaded adapter has running
+        rows) and an adapter has had rows for `adapter_slice` steps or more, pause the one that has had them the
+        longest: its rows leave the batch with their caches and queue again behind the rows waiting, and the
+        adapter is held (no row joins it) so that this step's load evicts it. Returns the held adapters.
+
+        Without this a waiting row would wait for every row of some adapter to finish — for as long as rows for it
+        keep arriving. The pause is bounded: each adapter keeps its slot at least `adapter_slice` steps, and the
+        paused rows (whose caches stay in memory) are at most `max_batch`."""
+        if not self.adapter_slice or not self.pending:
+            return frozenset()
+        registry = self.engine.registry
+        pinned = self._pinned()
+        if registry.victims(pinned) is not None:  # a slot is free, or held by an adapter no row uses
+            return frozenset()
+        if sum(row.paused is not None for row in self.pending) >= self.max_batch:
+            return frozenset()
+        if not any(not row.cancelled and self.engine.read_ready(row.adapter) for row in self.pending):
+            return frozenset()
+        chunking = {job.adapter for job in self.chunked}
+        due = [
+            a
+            for a, since in self._since.items()
+            if self._steps - since >= self.adapter_slice and a not in chunking and registry.is_loaded(a)
+        ]
+        if not due:
+            return frozenset()
+        victim = min(due, key=self._since.__getitem__)
+        for lane in self.lanes.values():
+            which = [i for i, row in enumerate(lane.rows) if row.adapter == victim]
+            if not which:
+                continue
+            pairs, mask = lane.cache.take(which)
+            for j, i in enumerate(which):
+                row = lane.rows[i]
+                row.paused = ([(k[j : j + 1], v[j : j + 1]) for k, v in pairs], mask[j : j + 1], lane.last[i])
+                self.pending.append(row)
+            self.stats["paused_rows"] += len(which)
+            self._select(lane, [i for i in range(len(lane.rows)) if i not in set(which)])
+        self.stats["adapter_pauses"] += 1
+        del self._since[victim]
+        return frozenset({victim})
+
+    def _resume(self, solo: str | None, rows: list[Row]) -> None:
+        """Paused rows whose adapter is back: their caches rejoin the lane, and they decode on where they were."""
+        if not rows:
+            return
+        lane = self.lanes.setdefault(solo, _Lane(solo))
+        for row in rows:
+            pairs, mask, last = row.paused
+            row.paused = None
+            lane.cache.join(pairs, mask)
+            lane.rows.append(row)
+            lane.last.append(last)
+        self.stats["resumed_rows"] += len(rows)
 
     def _queue_chunked(self, solo: str | None, rows: list[Row]) -> None:
         jobs: dict[tuple[str, tuple[int, ...]], _Chunked] = {}

@@ -1,0 +1,102 @@
+"""Adapter slots under pressure (continuous scheduler): more adapters wanted than `max_loaded_adapters` fit.
+
+A row waiting for an adapter that isn't in memory, while every slot is held by an adapter with running rows and
+requests for those keep coming, gets its slot within a bounded number of steps (the adapter in use the longest is
+paused: its rows keep their caches and resume when it is back). Every answer, paused and resumed ones included,
+equals `generate` of its adapter alone. Driven through the scheduler's queue on the model thread, so the number
+of steps is exact: a stream of requests for `alpha` (each one sent when the previous ends, two at a time) and one
+request for `beta`, with one adapter slot."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from test_serve import BASE, files, reference  # noqa: F401  (fixtures)
+
+from deltatune.serve import Engine
+from deltatune.serve.scheduler import Row
+
+PROMPTS = ["w1 w2 w3", "w4 w5", "w6 w7 w8 w9", "w10", "w11 w12", "w13 w14 w15"]
+
+
+def _stream(engine: Engine, alpha_requests: int, beta_after: int) -> dict:
+    """Two closed-loop clients of `alpha` (max_tokens 9 and 14, so they never end on the same step) send
+    `alpha_requests` requests in all; when `beta_after` alpha tokens were produced, one request for `beta` comes.
+    Returns every row's tokens, and the steps at which beta arrived and got its first token and alpha's last
+    request ended."""
+    sched = engine.scheduler
+    out: dict = {"rows": [], "beta_first": None, "alpha_end": None}
+    done = threading.Event()
+    sent = {"alpha": 0, "tokens": 0, "open": 0}
+
+    def send(adapter: str, prompt: str, max_tokens: int) -> None:
+        tokens: list[int] = []
+        ids = engine.tokenizer(prompt)["input_ids"]
+        out["rows"].append((adapter, prompt, max_tokens, tokens))
+        sent["open"] += 1
+
+        def sink(event: tuple) -> None:  # on the model thread
+            if event[0] == "token":
+                tokens.append(event[1])
+                if adapter == "beta" and len(tokens) == 1:
+                    out["beta_first"] = sched._steps
+                if adapter == "alpha":
+                    sent["tokens"] += 1
+                    if sent["tokens"] == beta_after:
+                        out["beta_sent"] = sched._steps
+                        send("beta", "w20 w21", 6)
+                return
+            sent["open"] -= 1
+            assert event[0] == "done", event
+            if adapter == "alpha" and sent["alpha"] < alpha_requests:
+                sent["alpha"] += 1
+                send("alpha", PROMPTS[sent["alpha"] % len(PROMPTS)], 9 if sent["alpha"] % 2 else 14)
+            elif adapter == "alpha" and out["alpha_end"] is None:
+                out["alpha_end"] = sched._steps
+            if sent["open"] == 0:
+                done.set()
+
+        sched.submit([Row("generate", adapter, ids, max_tokens, sink=sink)])
+
+    hold = threading.Event()
+    engine.call(lambda: hold.wait(30))  # both first requests join in one step
+    sent["alpha"] = 2
+    send("alpha", PROMPTS[0], 9)
+    send("alpha", PROMPTS[1], 14)
+    hold.set()
+    assert done.wait(120), "the requests did not finish"
+    return out
+
+
+@pytest.mark.parametrize("adapter_slice", [4, 0])
+def test_a_row_waiting_for_a_slot_gets_it_within_the_slice_and_every_answer_equals_generate_alone(
+    files,  # noqa: F811
+    reference,  # noqa: F811
+    adapter_slice,
+):
+    engine = Engine(
+        files["base"],
+        files["adapters"],
+        base_name=BASE,
+        device="cpu",
+        max_loaded_adapters=1,
+        adapter_slice=adapter_slice,
+    )
+    try:
+        out = _stream(engine, alpha_requests=8, beta_after=3)
+        stats = engine.scheduler.stats_dict()
+    finally:
+        engine.close()
+    for adapter, prompt, max_tokens, tokens in out["rows"]:
+        text = engine.tokenizer.decode(tokens, skip_special_tokens=True)
+        assert text == reference(adapter, prompt, max_tokens), (adapter, prompt, max_tokens)
+    waited = out["beta_first"] - out["beta_sent"]
+    if adapter_slice:
+        # beta's files are read in the reader thread meanwhile: a few steps more than the slice at most
+        assert waited <= adapter_slice + 12, waited
+        assert out["beta_first"] < out["alpha_end"]  # it didn't wait for alpha's requests to stop coming
+        assert stats["adapter_pauses"] >= 1 and stats["resumed_rows"] == stats["paused_rows"] >= 1
+    else:  # the old behaviour: beta waits until no request for alpha is running any more
+        assert out["beta_first"] > out["alpha_end"]
+        assert stats["adapter_pauses"] == 0
