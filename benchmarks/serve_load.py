@@ -99,6 +99,8 @@ def start(base: str, adapters: str, scheduler: str, args) -> tuple[subprocess.Po
         "--batch-wait-ms", str(args.batch_wait_ms), "--max-loaded-adapters", str(LOADED), "--log-level", "warning",
         "--threads", str(args.threads), "--max-tokens-cap", "64",
     ]  # fmt: skip
+    if scheduler == "continuous" and args.adapter_slice is not None:
+        cmd += ["--adapter-slice", str(args.adapter_slice)]
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL), f"http://127.0.0.1:{port}"
 
 
@@ -271,6 +273,7 @@ async def main_async(args) -> dict:
         "max_batch": args.max_batch,
         "batch_wait_ms": args.batch_wait_ms,
         "threads": args.threads,
+        "adapter_slice": args.adapter_slice,
         "time_cap_s": args.time_cap,
         "budget_s": args.budget,
         "torch": torch.__version__,
@@ -312,6 +315,12 @@ def main() -> None:
         type=int,
         default=1,
         help="each server's torch threads (1: OpenMP spinning on shared cores is slow)",
+    )
+    p.add_argument(
+        "--adapter-slice",
+        type=int,
+        default=None,
+        help="the continuous server's --adapter-slice (default: the server's own; 0: never pause an adapter)",
     )
     p.add_argument("--small", action="store_true", help="a smaller model than OPT-125m, for slow machines")
     p.add_argument("--out", default="serve_load.json")

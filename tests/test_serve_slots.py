@@ -100,3 +100,39 @@ def test_a_row_waiting_for_a_slot_gets_it_within_the_slice_and_every_answer_equa
     else:  # the old behaviour: beta waits until no request for alpha is running any more
         assert out["beta_first"] > out["alpha_end"]
         assert stats["adapter_pauses"] == 0
+
+
+def test_a_long_prompt_being_prefilled_keeps_its_adapter_in_memory(files, reference):  # noqa: F811
+    """With one slot, a request for `beta` waits while `alpha`'s long prompt is prefilled chunk by chunk (it used to
+    evict alpha between two chunks, and alpha's request failed)."""
+    engine = Engine(
+        files["base"], files["adapters"], base_name=BASE, device="cpu", max_loaded_adapters=1, prefill_chunk=2
+    )
+    long_prompt = " ".join(f"w{i}" for i in range(30, 44))
+    results: dict[str, list] = {}
+    done = threading.Semaphore(0)
+    try:
+        hold = threading.Event()
+        engine.call(lambda: hold.wait(30))  # both arrive in one step
+        for adapter, prompt in (("alpha", long_prompt), ("beta", "w1 w2")):
+            events: list = []
+            results[adapter] = events
+
+            def sink(event, events=events):
+                events.append(event)
+                if event[0] != "token":
+                    done.release()
+
+            ids = engine.tokenizer(prompt)["input_ids"]
+            engine.scheduler.submit([Row("generate", adapter, ids, 8, sink=sink)])
+        hold.set()
+        assert done.acquire(timeout=60) and done.acquire(timeout=60), results
+        chunks = engine.scheduler.stats_dict()["prefill_chunks"]
+    finally:
+        engine.close()
+    assert chunks >= 7
+    for adapter, prompt in (("alpha", long_prompt), ("beta", "w1 w2")):
+        events = results[adapter]
+        assert events[-1][0] == "done", events[-1]
+        tokens = [e[1] for e in events if e[0] == "token"]
+        assert engine.tokenizer.decode(tokens, skip_special_tokens=True) == reference(adapter, prompt, 8)

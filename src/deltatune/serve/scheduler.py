@@ -401,7 +401,9 @@ class ContinuousScheduler(_Scheduler):
 
         Without this a waiting row would wait for every row of some adapter to finish — for as long as rows for it
         keep arriving. The pause is bounded: each adapter keeps its slot at least `adapter_slice` steps, and the
-        paused rows (whose caches stay in memory) are at most `max_batch`."""
+        paused rows (whose caches stay in memory) are at most `max_batch`. An adapter whose rows all end within half
+        a slice (by their `max_tokens`) is left to finish: its slot frees soon anyway, and pausing rows a few tokens
+        from their end only adds a wait to their latency and a reload to the model thread."""
         if not self.adapter_slice or not self.pending:
             return frozenset()
         registry = self.engine.registry
@@ -418,6 +420,13 @@ class ContinuousScheduler(_Scheduler):
             for a, since in self._since.items()
             if self._steps - since >= self.adapter_slice and a not in chunking and registry.is_loaded(a)
         ]
+        if not due:
+            return frozenset()
+        left: dict[str, int] = {}  # the most tokens any row of an adapter may still produce
+        for lane in self.lanes.values():
+            for row in lane.rows:
+                left[row.adapter] = max(left.get(row.adapter, 0), row.max_tokens - row.produced)
+        due = [a for a in due if left.get(a, 0) > self.adapter_slice // 2]
         if not due:
             return frozenset()
         victim = min(due, key=self._since.__getitem__)
