@@ -207,7 +207,9 @@ async def phase(client: httpx.AsyncClient, plan: list[list[dict]], time_cap: flo
         "model_calls": calls,
         "adapter_loads": after["adapter_loads"] - before["adapter_loads"],
         # seconds the model thread spent attaching adapters, and adapters paused to give a waiting row their slot
-        "adapter_load_s": round(after.get("adapter_load_seconds", 0) - before.get("adapter_load_seconds", 0), 2),
+        "adapter_load_s": round(
+            after.get("adapter_load_seconds", 0) - before.get("adapter_load_seconds", 0), 2
+        ),
         "adapter_pauses": after.get("adapter_pauses", 0) - before.get("adapter_pauses", 0),
     }
 

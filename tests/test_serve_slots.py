@@ -136,3 +136,12 @@ def test_a_long_prompt_being_prefilled_keeps_its_adapter_in_memory(files, refere
         assert events[-1][0] == "done", events[-1]
         tokens = [e[1] for e in events if e[0] == "token"]
         assert engine.tokenizer.decode(tokens, skip_special_tokens=True) == reference(adapter, prompt, 8)
+
+
+def test_a_negative_adapter_slice_is_refused(files, capsys):  # noqa: F811
+    from deltatune.serve import serve_main
+
+    with pytest.raises(ValueError, match="adapter_slice"):
+        Engine(files["base"], files["adapters"], base_name=BASE, device="cpu", adapter_slice=-1)
+    assert serve_main(["--base", files["base"], "--adapter-slice", "-1"]) == 2
+    assert "--adapter-slice must be 0 (never pause) or more steps, got -1" in capsys.readouterr().err

@@ -4,8 +4,8 @@ The package shows the design, one file each:
 
 - `app`: the HTTP app (FastAPI), request models, the guard (API key, body cap, no 500 leaking), streaming.
 - `scheduler`: the model thread; continuous batching (rows join and leave the running batch at every decoding
-  step, each with its own KV cache rows and adapter; long prompts prefilled in chunks between steps) or static
-  batching (`--scheduler static`).
+  step, each with its own KV cache rows and adapter; long prompts prefilled in chunks between steps; adapters
+  take turns in the memory slots when more are wanted than fit) or static batching (`--scheduler static`).
 - `kvcache`: the running batch's KV cache, one preallocated slot per row (cheap joins and leaves).
 - `adapters`: the registry of adapter folders (names, the symlink rule, configs checked at startup) and the
   LRU bookkeeping of the ones in memory.

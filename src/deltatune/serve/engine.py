@@ -133,7 +133,9 @@ class Engine:
         )
         self.scheduler_name = "continuous" if kind is ContinuousScheduler else "static"
         extra = (
-            {"prefill_chunk": prefill_chunk, "adapter_slice": adapter_slice} if kind is ContinuousScheduler else {}
+            {"prefill_chunk": prefill_chunk, "adapter_slice": adapter_slice}
+            if kind is ContinuousScheduler
+            else {}
         )
         self.scheduler = kind(
             self, max_batch=max_batch, batch_wait_ms=batch_wait_ms, max_queue=max_queue, **extra

@@ -203,7 +203,10 @@ class RowCache(Cache):
         used = mask.any(0)
         first = self.start + (int(used.long().argmax()) if bool(used.any()) else self.width)
         pairs = [
-            (k[:, :, first : self.end].index_select(0, index), v[:, :, first : self.end].index_select(0, index))
+            (
+                k[:, :, first : self.end].index_select(0, index),
+                v[:, :, first : self.end].index_select(0, index),
+            )
             for k, v in zip(self.k, self.v)
         ]
         return pairs, self.mask.index_select(0, index)[:, first : self.end]

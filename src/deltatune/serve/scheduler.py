@@ -10,7 +10,9 @@ length, EOS, a stop string or a disconnect seen by the event loop). Each row kee
 mixed-adapter path (`adapter_names=`: one gathered matmul per layer over the rows, never a loop over adapters);
 DoRA adapters, which can't share a mixed batch, run in a lane of their own. Positions are per row, so a greedy row
 gets what `generate` gives for its adapter alone. Adapter files are read in the engine's reader thread; this
-thread only attaches them.
+thread only attaches them. When more adapters are wanted than `max_loaded_adapters` fit, a row waiting for one
+doesn't wait for a loaded adapter's rows to run dry: once an adapter has had its slot `adapter_slice` steps, it is
+paused for the waiting row (its rows keep their caches, queue again and resume where they were, bit for bit).
 
 `StaticScheduler` (`--scheduler static`) takes what arrived within `batch_wait_ms` and runs it as one
 `generate`; every row waits for the longest.
@@ -249,7 +251,9 @@ class _Scheduler:
             loads += not was_loaded
             pinned.add(row.adapter)
             if row.sampler is None:  # (a paused row keeps its own, its generator where it was)
-                row.sampler = RowSampler(row.adapter, row.temperature, row.top_p, row.seed, self.engine.device)
+                row.sampler = RowSampler(
+                    row.adapter, row.temperature, row.top_p, row.seed, self.engine.device
+                )
             take.append(row)
         self.pending = keep
         return take
