@@ -86,6 +86,7 @@ def test_a_row_waiting_for_a_slot_gets_it_within_the_slice_and_every_answer_equa
     try:
         out = _stream(engine, alpha_requests=8, beta_after=3)
         stats = engine.scheduler.stats_dict()
+        metrics = engine.metrics.render().decode()
     finally:
         engine.close()
     for adapter, prompt, max_tokens, tokens in out["rows"]:
@@ -97,6 +98,7 @@ def test_a_row_waiting_for_a_slot_gets_it_within_the_slice_and_every_answer_equa
         assert waited <= adapter_slice + 12, waited
         assert out["beta_first"] < out["alpha_end"]  # it didn't wait for alpha's requests to stop coming
         assert stats["adapter_pauses"] >= 1 and stats["resumed_rows"] == stats["paused_rows"] >= 1
+        assert f'deltatune_adapter_events_total{{event="pause"}} {float(stats["adapter_pauses"])}' in metrics
     else:  # the old behaviour: beta waits until no request for alpha is running any more
         assert out["beta_first"] > out["alpha_end"]
         assert stats["adapter_pauses"] == 0

@@ -39,7 +39,10 @@ class Metrics:
             "deltatune_decode_steps", "model calls (prefills and decoding steps)", ["kind"], registry=r
         )
         self.adapter_events = Counter(
-            "deltatune_adapter_events", "adapter loads, evictions and failed loads", ["event"], registry=r
+            "deltatune_adapter_events",
+            "adapter loads, evictions, failed loads and pauses (its slot given to a waiting request)",
+            ["event"],
+            registry=r,
         )
 
     def render(self) -> bytes:

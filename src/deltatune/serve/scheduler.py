@@ -446,6 +446,7 @@ class ContinuousScheduler(_Scheduler):
             self.stats["paused_rows"] += len(which)
             self._select(lane, [i for i in range(len(lane.rows)) if i not in set(which)])
         self.stats["adapter_pauses"] += 1
+        self.metrics.adapter_events.labels(event="pause").inc()
         del self._since[victim]
         return frozenset({victim})
 
