@@ -153,6 +153,14 @@ def test_memory_case_reports_peak_from_after_set_up():
     assert row["trainable_params"] == 2 * 2 * (8 * 64 + 64 * 8)
 
 
+def test_noise_is_the_ratio_of_one_bound_timed_twice():
+    times = {"bound-qv": [1.0, 2.0, 1.0], "bound-qv (again)": [1.1, 1.9, 1.0], "lora-qv": [1.0, 2.0, 1.0]}
+    noise = bench._noise(times)
+    assert noise == {"case": "bound-qv", "ratio": pytest.approx(1.0), "range": pytest.approx([0.95, 1.1])}
+    assert set(times) == {"bound-qv", "lora-qv"}
+    assert bench._noise(times) is None
+
+
 def test_paired_ratios_ranges_and_under_bound_flag():
     times = {
         "bound-qv": [1.0, 2.0, 1.0],
@@ -202,7 +210,12 @@ def test_quick_bench_runs_end_to_end_on_a_tiny_model(tmp_path, capsys):
     assert all(rows[c]["x_bound"] > 0 for c in cases.split(","))
     assert rows["lora-qv"]["vs_peft"] > 0 and "vs_peft" not in rows["dora"]  # no peft-dora row asked
     assert result["cpu"]["torch_capability"]
-    assert "x bound" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "x bound" in out
+    # the first bound timed twice per round gives the noise of a paired ratio; its second timing isn't a row
+    assert result["noise"]["case"] == "bound-qv" and result["noise"]["range"][0] <= result["noise"]["ratio"]
+    assert "noise: bound-qv timed twice in each round" in out
+    assert set(result["step_times"]) == {*cases.split(","), "bound-qv"}
 
 
 def test_latency_rows_cover_every_variant():

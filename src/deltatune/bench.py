@@ -422,6 +422,10 @@ def run_train_timing(
     them see the same machine noise."""
     bases = Bases(arch, size, device)
     steps = {case: make_step(bases, case, batch, seq, amp)[0] for case in cases}
+    bounds = [c for c in cases if c.startswith("bound-")]
+    if bounds:  # the first bound again, as its own model, last in each round: the noise of a paired ratio
+        steps[bounds[0] + AGAIN] = make_step(bases, bounds[0], batch, seq, amp)[0]
+    cases = list(steps)
     for step in steps.values():  # warm-up
         step()
     times: dict[str, list[float]] = {c: [] for c in cases}
@@ -430,6 +434,24 @@ def run_train_timing(
             times[case].append(_timed(step, device))
         print(f"  round {r + 1}/{rounds} done", file=sys.stderr, flush=True)
     return {"times": times}
+
+
+AGAIN = " (again)"
+
+
+def _noise(times: dict[str, list[float]]) -> dict | None:
+    """The paired ratio of one bound timed twice in each round (as two models): what the ratios' noise is.
+    Removes the second timing from `times`."""
+    again = next((c for c in times if c.endswith(AGAIN)), None)
+    if again is None:
+        return None
+    second, first = times.pop(again), times[again[: -len(AGAIN)]]
+    ratios = [a / b for a, b in zip(second, first)]
+    return {
+        "case": again[: -len(AGAIN)],
+        "ratio": statistics.median(ratios),
+        "range": [min(ratios), max(ratios)],
+    }
 
 
 def with_bounds(cases: list[str]) -> list[str]:
@@ -661,7 +683,7 @@ def bench(
         row = _subprocess(["--worker", "memory", "--case", case, "--steps", str(mem_steps), *common])
         row.setdefault("case", case)
         memory_rows.append(row)
-    train_rows, timing = [], {}
+    train_rows, timing, noise = [], {}, None
     if cases:
         timed = with_bounds(list(cases))
         print(
@@ -675,6 +697,7 @@ def bench(
         if "error" in timing:
             memory_rows.append({"case": "timing", "error": timing["error"]})
             timing = {}
+        noise = _noise(timing.get("times", {}))
         train_rows = _train_rows(timing, memory_rows)
     latency_rows = []
     if latency:
@@ -708,6 +731,7 @@ def bench(
         "train": train_rows,
         "latency": latency_rows,
         "step_times": timing.get("times", {}),  # every round, for other paired ratios
+        "noise": noise,  # one bound timed twice per round: the spread of a paired ratio of equal work
     }
     if device == "cuda":
         result["gpu"] = torch.cuda.get_device_name()
@@ -725,6 +749,11 @@ def bench(
         "",
     ]
     lines += _train_table(train_rows) if train_rows else []
+    if noise:
+        lines.append(
+            f"noise: {noise['case']} timed twice in each round, second / first {noise['ratio']:.3f} "
+            f"(range {noise['range'][0]:.2f}-{noise['range'][1]:.2f}): a ratio inside that range is equal work"
+        )
     if latency_rows and "ms" in latency_rows[0]:
         lines += ["", f"{'forward':<12} {'batch x seq':>11} {'ms':>9} {'vs base':>8}"]
         lines += [
