@@ -257,7 +257,25 @@ async def main_async(args) -> dict:
                             f"{r['adapter_loads']} loads ({r['adapter_load_s']}s), {r['adapter_pauses']} pauses",
                             flush=True,
                         )
-                    rows.append({"clients": n_clients, "adapters": mix, **{k: v for k, v in pair.items()}})
+                    # A static batch decodes every row to its longest max_tokens. With the clients' i-th requests
+                    # in one batch, static decodes this many row-steps per output token, continuous one: the
+                    # continuous/static tokens/s ratio that equal step costs allow (more only from static's idle
+                    # gaps between batches, or from larger batches than static runs).
+                    rounds = list(zip(*([b["max_tokens"] for b in bodies] for bodies in plan)))
+                    work = sum(len(r) * max(r) for r in rounds) / sum(sum(r) for r in rounds)
+                    ratio = pair["continuous"]["output_tokens_per_s"] / pair["static"]["output_tokens_per_s"]
+                    print(
+                        f"    continuous/static tokens/s {ratio:.2f}x; static's row-steps per token {work:.2f}",
+                        flush=True,
+                    )
+                    rows.append(
+                        {
+                            "clients": n_clients,
+                            "adapters": mix,
+                            "static_row_steps_per_token": round(work, 3),
+                            **{k: v for k, v in pair.items()},
+                        }
+                    )
             for c in clients.values():
                 await c.aclose()
         finally:
