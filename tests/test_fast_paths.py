@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from tiny_models import gpt2, ids, llama, opt
 
 import deltatune.methods.lora as lora_method
-from deltatune import LoraConfig, get_peft_model
+from deltatune import LoraConfig, PrefixTuningConfig, PromptTuningConfig, get_peft_model
 from deltatune.losses import causal_lm_loss, fused_linear_cross_entropy
 
 
@@ -78,9 +78,22 @@ def test_fused_cross_entropy_matches_reference(chunk):
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("factory", [opt, gpt2, llama])
-def test_causal_lm_loss_equals_model_loss(factory):
-    model = get_peft_model(factory(), LoraConfig(r=4, init_lora_weights=False))
+@pytest.mark.parametrize(
+    ("factory", "config"),
+    [
+        (opt, LoraConfig(r=4, init_lora_weights=False)),
+        (gpt2, LoraConfig(r=4, init_lora_weights=False)),
+        (llama, LoraConfig(r=4, init_lora_weights=False)),
+        # prompt learning: the wrapper's virtual tokens (labels extended by -100) or prefix cache, then the same
+        # fused head (it fell back to the model's own loss, with the full logits)
+        (llama, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)),
+        (gpt2, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)),
+        (llama, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)),
+        (opt, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)),
+    ],
+)
+def test_causal_lm_loss_equals_model_loss(factory, config):
+    model = get_peft_model(factory(), config)
     x = ids(batch=3, seq=8)
     labels = x.clone()
     labels[0, :3] = -100
@@ -88,8 +101,11 @@ def test_causal_lm_loss_equals_model_loss(factory):
     expected.backward()
     want = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     model.zero_grad()
+    head_calls = []
+    model.get_base_model().get_output_embeddings().register_forward_hook(lambda *a: head_calls.append(1))
     loss = causal_lm_loss(model, labels, input_ids=x, chunk_size=5)
     loss.backward()
+    assert not head_calls, "the fused head, not the model's own logits"
     torch.testing.assert_close(loss, expected, atol=1e-5, rtol=0)
     for n, p in model.named_parameters():
         if p.requires_grad:

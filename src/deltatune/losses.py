@@ -119,14 +119,14 @@ def causal_lm_loss(
     backbone = getattr(inner, getattr(inner, "base_model_prefix", ""), None)
     head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
     mtype = getattr(getattr(inner, "config", None), "model_type", None)
-    if (
-        backbone is None
-        or head is None
-        or mtype in _UNSUPPORTED
-        or type(head) is not nn.Linear
-        or _changes_inputs(model)
-    ):
+    if backbone is None or head is None or mtype in _UNSUPPORTED or type(head) is not nn.Linear:
         return model(**inputs, labels=labels).loss
+    if _changes_inputs(model):
+        # prompt/prefix tuning: the wrapper's own input preparation (virtual tokens in front of the embeddings,
+        # with the labels extended by -100 to match; or the prefix keys/values as a filled cache), then the same
+        # backbone and fused head as for every other method
+        _, inputs = model._prepare_inputs((), {**inputs, "labels": labels})
+        labels = inputs.pop("labels")
     hidden = backbone(**inputs).last_hidden_state
     hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     targets = labels[:, 1:].reshape(-1)
