@@ -81,32 +81,22 @@ def _lora_targets(arch: str, case: Case) -> list[str] | str:
 
 
 def _ours_config(arch: str, case: Case):
-    from deltatune import (
-        BottleneckConfig,
-        FullFinetuneConfig,
-        IA3Config,
-        LoraConfig,
-        OFTConfig,
-        PrefixTuningConfig,
-        PromptTuningConfig,
-        TopLayersConfig,
-        VeraConfig,
-    )
+    """Our config of a case: the registry's config class of the method the case names (`kind`), with the bench's
+    settings; (IA)^3, VeRA, OFT and full fine-tuning at their defaults (for the first three, PEFT's)."""
+    from deltatune.methods import registry
 
     task = {"task_type": "SEQ_CLS"} if ARCHS[arch]["task"] == "cls" else {"task_type": "CAUSAL_LM"}
-    if case.kind in ("ia3", "vera", "oft"):  # each at its defaults, which are PEFT's
-        return {"ia3": IA3Config, "vera": VeraConfig, "oft": OFTConfig}[case.kind](**task)
-    if case.kind == "prompt-tuning":
-        return PromptTuningConfig(num_virtual_tokens=VIRTUAL_TOKENS, **task)
-    if case.kind == "prefix-tuning":
-        return PrefixTuningConfig(num_virtual_tokens=VIRTUAL_TOKENS, **task)
+    config = registry.get(case.kind).config
     if case.kind == "lora":
-        return LoraConfig(**LORA, target_modules=_lora_targets(arch, case), use_dora=case.dora, **task)
-    if case.kind in ("houlsby", "pfeiffer"):
-        return BottleneckConfig(style=case.kind, **task)
-    if case.kind == "top-layers":
-        return TopLayersConfig(num_layers=TOP_LAYERS, **task)
-    return FullFinetuneConfig(**task)
+        return config(**LORA, target_modules=_lora_targets(arch, case), use_dora=case.dora, **task)
+    settings = {
+        "houlsby": {"style": "houlsby"},
+        "pfeiffer": {"style": "pfeiffer"},
+        "top-layers": {"num_layers": TOP_LAYERS},
+        "prompt-tuning": {"num_virtual_tokens": VIRTUAL_TOKENS},
+        "prefix-tuning": {"num_virtual_tokens": VIRTUAL_TOKENS},
+    }
+    return config(**settings.get(case.kind, {}), **task)
 
 
 def _bnb_4bit(model: nn.Module) -> nn.Module:
