@@ -199,8 +199,8 @@ class RowCache(Cache):
         """Copies of rows `rows`' keys/values and mask, as `join` takes them back (a paused row's cache): per layer
         `(keys, values)` `[m, heads, p, head_dim]` and `mask` `[m, p]`, `p` the columns these rows use."""
         index = torch.tensor(rows, device=self.mask.device)
-        mask = self.mask.index_select(0, index)[:, self.start : self.end]
-        used = mask.any(0)
+        mask = self.mask.index_select(0, index)
+        used = mask[:, self.start : self.end].any(0)
         first = self.start + (int(used.long().argmax()) if bool(used.any()) else self.width)
         pairs = [
             (
@@ -209,7 +209,7 @@ class RowCache(Cache):
             )
             for k, v in zip(self.k, self.v)
         ]
-        return pairs, self.mask.index_select(0, index)[:, first : self.end]
+        return pairs, mask[:, first : self.end]
 
     def row(self, i: int) -> DynamicCache:
         """A copy of row `i`'s cache, on its own (to retry a row alone)."""
