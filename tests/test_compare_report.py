@@ -189,3 +189,20 @@ def test_compare_with_seeds_and_no_eval_data(tmp_path):
     assert lora["eval_accuracy"] == pytest.approx(statistics.fmean(lora["per_seed"]["eval_accuracy"]))
     assert "eval_accuracy" in lora["spread"] and (out / "lora" / "seed-1" / "adapter").is_dir()
     assert "val acc" in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize("kind", ["rss", "cuda"])
+def test_memory_table_measures_the_peak_against_a_baseline_of_its_own_kind(tmp_path, kind):
+    """On a GPU the peak is CUDA's allocated memory and its baseline the CUDA memory before the run (0 here):
+    subtracting the process's RSS from it gave negative 'peak - baseline' rows (seen on an H200)."""
+    baseline = 0.0 if kind == "cuda" else 500.0
+    records = [
+        _record(m, 0.9, peak_mem_mb=peak, memory_estimate_mb=est, baseline_mem_mb=baseline, memory_kind=kind)
+        for m, peak, est in (("full", 1400.0, 800.0), ("lora", 1000.0, 300.0))
+    ]
+    report.write(_results(records), str(tmp_path))
+    text = (tmp_path / "report.md").read_text()
+    header = "| method | peak CUDA allocated MB |" if kind == "cuda" else "| method | peak RSS MB |"
+    assert header in text
+    used = 1400 - baseline
+    assert f"| full | 1400 | {baseline:.0f} | {used:.0f} | 800 | {used - 800:.0f} |" in text

@@ -192,6 +192,7 @@ def run_method(spec: dict[str, Any]) -> dict[str, Any]:
     )
     wrap = _peft_wrap if method == "peft-lora" else None
     baseline_mb = _rss_mb()
+    cuda_before_mb = torch.cuda.memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0
     summary = run(cfg, overwrite=True, wrap=wrap, on_progress=_emit if spec["progress"] else None)
     record = {
         k: summary.get(k)
@@ -231,7 +232,11 @@ def run_method(spec: dict[str, Any]) -> dict[str, Any]:
     record["seed"] = spec["seed"]
     adapter = summary["adapter_dir"]
     record["checkpoint_bytes"] = _folder_bytes(adapter)
-    record["baseline_mem_mb"] = baseline_mb
+    # the peak is CUDA's allocated memory when the run trained on a GPU, else the process's RSS: the baseline
+    # it is measured against must be of the same kind
+    on_cuda = torch.cuda.is_available() and torch.cuda.max_memory_allocated() > 0
+    record["memory_kind"] = "cuda" if on_cuda else "rss"
+    record["baseline_mem_mb"] = cuda_before_mb if on_cuda else baseline_mb
     record["memory_estimate_mb"] = _estimate_mb(spec, train_method, record)
 
     from transformers import AutoTokenizer

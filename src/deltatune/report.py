@@ -426,16 +426,24 @@ def write(results: dict[str, Any], out: str) -> list[str]:
         '"base kept" means disabling the adapter gives the base model\'s output exactly.',
         "",
     ]
-    estimated = [r for r in _ok(results) if r.get("memory_estimate_mb") and r.get("baseline_mem_mb")]
+    estimated = [
+        r for r in _ok(results) if r.get("memory_estimate_mb") and r.get("baseline_mem_mb") is not None
+    ]
     if estimated:
+        cuda = all(r.get("memory_kind") == "cuda" for r in estimated)
+        what, baseline = (
+            ("CUDA allocated", "the CUDA memory allocated before the run")
+            if cuda
+            else ("RSS", "the process's baseline (Python, torch, transformers imported)")
+        )
         lines += [
             "Memory against `deltatune estimate` (fp32 weights, gradients and AdamW states, activations at the "
-            "padded length, no checkpointing). The measured peak is taken less the process's baseline (Python, "
-            "torch, transformers imported); what remains above the estimate is the process's own overhead "
+            f"padded length, no checkpointing). The measured peak is taken less {baseline}; what remains "
+            "above the estimate is the process's own overhead "
             "(the memory-mapped checkpoint, the tokenizer and data, allocator caches), about the same for "
             "every method, so differences between methods are what the estimate predicts:",
             "",
-            "| method | peak RSS MB | baseline MB | peak - baseline | estimate MB | overhead MB |",
+            f"| method | peak {what} MB | baseline MB | peak - baseline | estimate MB | overhead MB |",
             "|---|---|---|---|---|---|",
         ]
         for r in estimated:
