@@ -161,6 +161,15 @@ def test_noise_is_the_ratio_of_one_bound_timed_twice():
     assert bench._noise(times) is None
 
 
+def test_a_timing_sample_runs_a_quarter_second_of_steps_on_cuda_and_one_step_on_cpu():
+    assert bench.steps_per_sample("cpu", 0.01) == 1  # CPU: the cases' steps interleave one by one
+    assert bench.steps_per_sample("cuda", 0.05) == 5  # 0.25 s / 50 ms
+    assert bench.steps_per_sample("cuda", 0.3) == 1
+    assert bench.steps_per_sample("cuda", 1e-5) == 50  # capped
+    out = bench.run_train_timing(["bound-qv", "lora-qv"], "opt", "tiny", 2, "cpu", 2, 16)
+    assert out["steps_per_sample"] == 1 and all(len(t) == 2 for t in out["times"].values())
+
+
 def test_paired_ratios_ranges_and_under_bound_flag():
     times = {
         "bound-qv": [1.0, 2.0, 1.0],

@@ -416,14 +416,30 @@ def run_train_timing(
     if bounds:  # the first bound again, as its own model, last in each round: the noise of a paired ratio
         steps[bounds[0] + AGAIN] = make_step(bases, bounds[0], batch, seq, amp)[0]
     cases = list(steps)
-    for step in steps.values():  # warm-up
-        step()
+    for step in steps.values():  # warm-up (on CUDA also the GEMM heuristics' and the caching allocator's)
+        for _ in range(CUDA_WARMUP if device == "cuda" else 1):
+            step()
+    reps = steps_per_sample(device, min(_timed(step, device) for step in steps.values()))
     times: dict[str, list[float]] = {c: [] for c in cases}
     for r in range(rounds):
         for case, step in steps.items():
-            times[case].append(_timed(step, device))
+            times[case].append(_timed(lambda step=step: [step() for _ in range(reps)], device) / reps)
         print(f"  round {r + 1}/{rounds} done", file=sys.stderr, flush=True)
-    return {"times": times}
+    return {"times": times, "steps_per_sample": reps}
+
+
+CUDA_WARMUP = 3
+CUDA_SAMPLE_S = 0.25
+
+
+def steps_per_sample(device: str, step_s: float) -> int:
+    """How many steps one timing sample runs: one on CPU (a step of a 125M model is ~1 s, and a paired ratio
+    wants the cases' steps interleaved one by one); on CUDA as many as take `CUDA_SAMPLE_S`, since a single
+    step of tens of ms is timed with the jitter of launching its kernels and of the GPU's clock (one step per
+    sample gave a noise range of 0.75-1.30 on an H200)."""
+    if device != "cuda" or step_s <= 0:
+        return 1
+    return max(1, min(50, round(CUDA_SAMPLE_S / step_s)))
 
 
 AGAIN = " (again)"
@@ -715,6 +731,7 @@ def bench(
         "amp": amp,
         "quick": quick,
         "rounds": train_rounds,
+        "steps_per_sample": timing.get("steps_per_sample", 1),
         "cpu": cpu_capability(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
@@ -735,7 +752,8 @@ def bench(
     )
     lines = [
         f"deltatune bench: {arch}-{size}-shaped, batch {batch} x seq {seq}, {device} ({where}), "
-        f"{threads} threads, amp {amp}, {train_rounds} rounds",
+        f"{threads} threads, amp {amp}, {train_rounds} rounds"
+        + (f" of {result['steps_per_sample']} steps a case" if result["steps_per_sample"] > 1 else ""),
         "",
     ]
     lines += _train_table(train_rows) if train_rows else []
