@@ -12,6 +12,8 @@ about 12 minutes; requests a phase could not start in its share are skipped and 
 
     python benchmarks/serve_load.py --out serve_load.json                    # the full run (<= ~12 min)
     python benchmarks/serve_load.py --small --clients 16 --requests 2        # a quick look
+    python benchmarks/serve_load.py --clients 16 --mixes base 8 --requests 4 --long-share 0.1 --long-tokens 192
+                                    # a long tail of max_tokens: what static batching wastes, continuous doesn't
 
 Run by hand; the numbers go in the README. Traffic goes to 127.0.0.1 only.
 """
@@ -142,20 +144,29 @@ async def one(client: httpx.AsyncClient, body: dict) -> tuple[float, float, int]
 
 
 def workload(
-    clients: int, requests: int, names: list[str], words: list[str], prompt_words: int
+    clients: int,
+    requests: int,
+    names: list[str],
+    words: list[str],
+    prompt_words: int,
+    max_tokens: tuple[int, int] = (8, 64),
+    long: tuple[float, int] = (0.0, 0),
 ) -> list[list[dict]]:
-    """Each client's requests (the same for both schedulers): adapters round-robin, max_tokens in [8, 64]."""
+    """Each client's requests (the same for both schedulers): adapters round-robin, max_tokens uniform in
+    `max_tokens`, or, with probability `long[0]`, `long[1]` (a long tail)."""
     rng = random.Random(clients * 1000 + len(names))
+    tail = random.Random(clients * 1000 + len(names) + 1)  # its own stream: the other draws stay as they were
     out = []
     for c in range(clients):
         mine = []
         for i in range(requests):
             k = c * requests + i
+            n = rng.randint(*max_tokens)
             mine.append(
                 {
                     "model": names[k % len(names)],
                     "prompt": " ".join(rng.choice(words[4:]) for _ in range(prompt_words)),
-                    "max_tokens": rng.randint(8, 64),
+                    "max_tokens": long[1] if tail.random() < long[0] else n,
                     "temperature": 0,
                     "stream": True,
                     "stream_options": {"include_usage": True},
@@ -241,7 +252,15 @@ async def main_async(args) -> dict:
                 mixes = {"base": ["base"], "8": names[:8], "64": names}
                 for key in args.mixes:
                     mix, models_ = ("base" if key == "base" else f"{key} adapters"), mixes[key]
-                    plan = workload(n_clients, args.requests, models_, words, args.prompt_words)
+                    plan = workload(
+                        n_clients,
+                        args.requests,
+                        models_,
+                        words,
+                        args.prompt_words,
+                        tuple(args.max_tokens),
+                        (args.long_share, args.long_tokens),
+                    )
                     pair = {}
                     for name in ("static", "continuous"):
                         cap = min(args.time_cap, max(5.0, (budget_end - time.monotonic()) / phases_left))
@@ -289,7 +308,8 @@ async def main_async(args) -> dict:
         "clients": args.clients,
         "requests_per_client": args.requests,
         "prompt_words": args.prompt_words,
-        "max_tokens": "uniform in [8, 64]",
+        "max_tokens": f"uniform in [{args.max_tokens[0]}, {args.max_tokens[1]}]"
+        + (f"; {args.long_tokens} with probability {args.long_share}" if args.long_share else ""),
         "max_batch": args.max_batch,
         "batch_wait_ms": args.batch_wait_ms,
         "threads": args.threads,
@@ -315,6 +335,17 @@ def main() -> None:
     )
     p.add_argument("--requests", type=int, default=2, help="requests per client")
     p.add_argument("--prompt-words", type=int, default=16)
+    p.add_argument(
+        "--max-tokens", type=int, nargs=2, default=[8, 64], metavar=("LO", "HI"), help="uniform range"
+    )
+    p.add_argument(
+        "--long-share",
+        type=float,
+        default=0.0,
+        help="share of requests given --long-tokens instead (a long tail: static batching decodes every row "
+        "of a batch to its longest)",
+    )
+    p.add_argument("--long-tokens", type=int, default=256)
     p.add_argument("--max-batch", type=int, default=64)
     p.add_argument("--batch-wait-ms", type=float, default=5.0)
     p.add_argument(
