@@ -265,9 +265,18 @@ def test_sigterm_to_a_real_process_then_resume(tmp_path, bert, emails):
         text=True,
         env=env,
     )
-    metrics, deadline = out / "metrics.jsonl", time.time() + 120
-    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+    # The signal goes only once training has logged steps (its handler is installed by then): on a loaded
+    # machine the start (imports, model, tokenization) can take far longer than usual.
+    metrics, deadline = out / "metrics.jsonl", time.time() + 600
+
+    def started() -> bool:
+        return metrics.exists() and len(metrics.read_text().splitlines()) >= 3
+
+    while time.time() < deadline and proc.poll() is None and not started():
         time.sleep(0.05)
+    if not started():
+        proc.kill()
+        pytest.fail(f"training logged no steps (exit {proc.poll()}): {proc.communicate()[1][-2000:]}")
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, stderr[-2000:]
