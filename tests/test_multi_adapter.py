@@ -274,3 +274,42 @@ def test_adapter_layers_found_again_after_layers_are_added_or_removed():
     merged = copy.deepcopy(model).merge_and_unload(["b"])
     assert not any(getattr(m, "is_delta_layer", False) for m in merged.modules())
     torch.testing.assert_close(out(merged, x), with_b, atol=1e-5, rtol=0)
+
+
+def test_attach_evict_reattach_cycles_equal_fresh_loads(tmp_path):
+    """What `deltatune serve --max-loaded-adapters` does: adapters of different targets loaded, evicted (deleted)
+    and loaded again in LRU order with at most 3 in memory. The adapter layers and each adapter's parameters are
+    found from cached walks; after every swap each loaded adapter must still compute what it computes loaded alone
+    on a fresh base, and list the same parameters that a walk of the whole model finds."""
+    _many(opt).save_pretrained(tmp_path)  # a0 ... a7, each in its own folder
+    x = ids(batch=2, seq=5)
+    fresh = {}
+    for name in ADAPTERS:
+        alone = PeftModel.from_pretrained(opt(), tmp_path / name, adapter_name=name)
+        fresh[name] = out(alone, x)
+    model = PeftModel.from_pretrained(opt(), tmp_path / "a0", adapter_name="a0")
+    loaded = ["a0"]
+    order = ["a1", "a2", "a3", "a6", "a0", "a4", "a5", "a7", "a2", "a1", "a6", "a3"]
+    for name in order:
+        if name in loaded:
+            loaded.remove(name)
+        else:
+            if len(loaded) == 3:
+                model.delete_adapter(loaded.pop(0))
+            model.load_adapter(tmp_path / name, adapter_name=name)
+        loaded.append(name)
+        assert sorted(model.adapter_names) == sorted(loaded)
+        walked = {n for n, m in model.base_model.named_modules() if getattr(m, "is_delta_layer", False)}
+        assert {n for n, _ in model._delta_layers()} == walked
+        for held in loaded:
+            every = [
+                n
+                for n, _ in model.base_model.named_parameters()
+                if f".{held}." in n or n.endswith(f".{held}")
+            ]
+            assert model._adapter_param_names(held) == every
+            model.set_adapter(held)
+            torch.testing.assert_close(out(model, x), fresh[held], atol=1e-5, rtol=0)
+        mixed = model(input_ids=x, adapter_names=[loaded[0], loaded[-1]]).logits
+        torch.testing.assert_close(mixed[:1], fresh[loaded[0]][:1], atol=1e-5, rtol=0)
+        torch.testing.assert_close(mixed[1:], fresh[loaded[-1]][1:], atol=1e-5, rtol=0)

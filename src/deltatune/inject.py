@@ -7,8 +7,10 @@ module name, and `"all-linear"` is every linear layer but the output head.
 
 from __future__ import annotations
 
+import contextlib
 import re
-from collections.abc import Callable, Iterable, Sequence
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from torch import nn
 
@@ -41,10 +43,73 @@ def replacements() -> int:
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     """Put `new` at dotted path `name`, in place of what was there."""
-    global _replacements
     parent_name, _, child = name.rpartition(".")
     setattr(get_module(model, parent_name), child, new)
+    tree_changed()
+
+
+def tree_changed() -> None:
+    """Say that modules were swapped or added some other way than `replace_module` in a way that may add or remove
+    adapter layers (a `modules_to_save` copy of a module holding some): the caches of `delta_layers` are dropped."""
+    global _replacements
     _replacements += 1
+
+
+_DELTA_LAYERS: weakref.WeakKeyDictionary[nn.Module, tuple[int, list[tuple[str, nn.Module]]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def delta_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The adapter layers of `model` (`is_delta_layer`) and their names, in model order: one walk of the model,
+    cached until a module is swapped (`replace_module`, through which every method injects and removes its layers,
+    or `tree_changed`). Attaching an adapter and the mixed-batch checks on every forward look them up, and walking
+    a large model's modules (hundreds of adapters' layers among them) each time is not free."""
+    try:
+        cached = _DELTA_LAYERS.get(model)
+    except TypeError:  # a module class that isn't hashable: no cache
+        cached = None
+    if cached is None or cached[0] != _replacements:
+        found = [(n, m) for n, m in model.named_modules() if getattr(m, "is_delta_layer", False)]
+        cached = (_replacements, found)
+        with contextlib.suppress(TypeError):
+            _DELTA_LAYERS[model] = cached
+    return list(cached[1])
+
+
+def params_in(layers: Iterable[tuple[str, nn.Module]], keep: Callable[[str], bool]) -> list[str]:
+    """The full names of the parameters inside `layers` (adapter layers and their names, in model order, as
+    `delta_layers` lists them) that `keep`, named and ordered as `model.named_parameters()` would: an adapter's
+    parameters live in its layers, so the rest of the model needn't be walked to find them."""
+    names: list[str] = []
+    outer: str | None = None
+    for layer_name, layer in layers:
+        if outer is not None and layer_name.startswith(f"{outer}."):
+            continue  # inside the layer before (a modules_to_save copy of a module holding one): walked already
+        outer = layer_name
+        names += [n for n, _ in layer.named_parameters(prefix=layer_name) if keep(n)]
+    return list(dict.fromkeys(names))
+
+
+def _outside_delta_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """`model.named_modules()` without what lies inside an adapter layer, but for its `base_layer` (itself, not
+    its children): the modules `find_targets` may adapt, found without walking every loaded adapter's parts."""
+    memo: set[nn.Module] = set()
+
+    def walk(module: nn.Module, prefix: str) -> Iterator[tuple[str, nn.Module]]:
+        memo.add(module)
+        yield prefix, module
+        if prefix and getattr(module, "is_delta_layer", False):
+            base = module._modules.get("base_layer")
+            if base is not None and base not in memo:
+                memo.add(base)
+                yield f"{prefix}.base_layer", base
+            return
+        for name, child in module._modules.items():
+            if child is not None and child not in memo:
+                yield from walk(child, f"{prefix}.{name}" if prefix else name)
+
+    return walk(model, "")
 
 
 def matches(name: str, patterns: str | Sequence[str] | None) -> bool:
@@ -118,11 +183,14 @@ def find_targets(
         raise ValueError(
             f"target_modules is None; pass target_modules explicitly. Adaptable modules: {suggest(model, adaptable)}"
         )
+    # The parts of adapter layers (an adapter layer's lora_A, say) are never adapted, so they aren't walked; the
+    # base_layer of one stands for the layer.
+    modules = list(_outside_delta_layers(model))
     if isinstance(target_modules, str) and target_modules.lower() == ALL_LINEAR:
         heads = output_head_names(model)
-        candidates = [n for n, m in model.named_modules() if n and is_linear_like(m) and n not in heads]
+        candidates = [n for n, m in modules if n and is_linear_like(m) and n not in heads]
     else:
-        candidates = [n for n, _ in model.named_modules() if n and matches(n, target_modules)]
+        candidates = [n for n, _ in modules if n and matches(n, target_modules)]
     if layers_to_transform is not None:
         wanted = {layers_to_transform} if isinstance(layers_to_transform, int) else set(layers_to_transform)
         candidates = [n for n in candidates if layer_index(n, layers_pattern) in wanted]
@@ -131,8 +199,7 @@ def find_targets(
         for n in candidates
         if not matches(n, exclude_modules) and not any(re.match(rf"(^|.*\.){s}($|\..*)", n) for s in skip)
     ]
-    # Never adapt a method's own parts (an adapter layer's lora_A, say); its base_layer stands for the layer.
-    wrapped = [n for n, m in model.named_modules() if getattr(m, "is_delta_layer", False)]
+    wrapped = [n for n, m in modules if n and getattr(m, "is_delta_layer", False)]
     candidates = [
         n
         for n in candidates

@@ -194,30 +194,24 @@ class PeftModel(nn.Module):
                 inject.replace_module(self.base_model, name, layer.base_layer)
 
     def _delta_layers(self) -> list[tuple[str, nn.Module]]:
-        """The adapter layers and their names, found by a walk of the model that is cached until a module is
-        swapped (`inject.replace_module`, through which every method injects and removes its layers): the
-        mixed-batch checks run on every forward, and walking a large model's modules each time is not free."""
-        key = (inject.replacements(), id(self.base_model))
-        cached = self.__dict__.get("_delta_layers_cache")
-        if cached is None or cached[0] != key:
-            found = [
-                (n, m) for n, m in self.base_model.named_modules() if getattr(m, "is_delta_layer", False)
-            ]
-            cached = (key, found)
-            self.__dict__["_delta_layers_cache"] = cached
-        return list(cached[1])
+        """The adapter layers and their names (`inject.delta_layers`: a walk of the model cached until a module is
+        swapped; the mixed-batch checks run on every forward, and adding or removing an adapter looks them up)."""
+        return inject.delta_layers(self.base_model)
 
     def _adapter_param_names(self, adapter_name: str) -> list[str]:
         config = self.peft_config[adapter_name]
         names = registry.module_for(config.peft_type).adapter_param_names(
             self.base_model, config, adapter_name
         )
-        names += [n for n, _ in self.base_model.named_parameters() if mts.is_adapter_param(n, adapter_name)]
+        wrappers = [(n, m) for n, m in self._delta_layers() if isinstance(m, mts.ModulesToSave)]
+        names += inject.params_in(wrappers, lambda n: mts.is_adapter_param(n, adapter_name))
         return list(dict.fromkeys(names))
 
     def _mark_trainable(self) -> None:
-        for p in self.base_model.parameters():
-            p.requires_grad_(False)
+        for module in self.base_model.modules():  # `parameters()`, without its duplicate check (~30% faster)
+            for p in module._parameters.values():
+                if p is not None:
+                    p.requires_grad_(False)
         config = self.peft_config[self.active_adapter]
         if config.inference_mode:
             return
@@ -532,7 +526,7 @@ class PeftModel(nn.Module):
     def _load_tensors(self, adapter_name: str, tensors: dict[str, torch.Tensor], where: str) -> None:
         method = registry.module_for(self.peft_config[adapter_name].peft_type)
         prefix = registry.method_type(self.peft_config[adapter_name].peft_type).key_prefix
-        wrappers = [n for n, m in self.base_model.named_modules() if isinstance(m, mts.ModulesToSave)]
+        wrappers = [n for n, m in self._delta_layers() if isinstance(m, mts.ModulesToSave)]
         found = {}
         load_shared = getattr(method, "load_shared", None)
         if (

@@ -632,7 +632,8 @@ def inject_adapter(
 
 
 def layers(model: nn.Module) -> list[tuple[str, _LoraLayer]]:
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, _LoraLayer)]
+    """The LoRA layers of `model` and their names, in model order (from `inject.delta_layers`' cached walk)."""
+    return [(n, m) for n, m in inject.delta_layers(model) if isinstance(m, _LoraLayer)]
 
 
 def is_adapter_param(name: str, adapter_name: str) -> bool:
@@ -662,7 +663,7 @@ def internal_key(key: str, adapter_name: str) -> str:
 
 def adapter_param_names(model: nn.Module, config: LoraConfig, adapter_name: str) -> list[str]:
     """LoRA's parameters of `adapter_name`, plus the biases that `config.bias` trains."""
-    names = [n for n, _ in model.named_parameters() if is_adapter_param(n, adapter_name)]
+    names = inject.params_in(layers(model), lambda n: is_adapter_param(n, adapter_name))
     if config.bias == "all":
         names += [
             n

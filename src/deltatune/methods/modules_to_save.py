@@ -44,6 +44,7 @@ class ModulesToSave(nn.Module):
         self.modules_to_save[name] = copy.deepcopy(self.original_module)
         self.modules_to_save[name].requires_grad_(True)
         self.set_active(self.active_adapters or [name])
+        inject.tree_changed()  # the copy may hold adapter layers (of another adapter's target modules)
 
     def set_active(self, names: Iterable[str]) -> None:
         self.active_adapters = [n for n in names if n in self.modules_to_save][:1]
@@ -51,6 +52,7 @@ class ModulesToSave(nn.Module):
     def delete(self, name: str) -> None:
         if name in self.modules_to_save:
             del self.modules_to_save[name]
+            inject.tree_changed()
         self.active_adapters = [n for n in self.active_adapters if n != name]
 
     def merge(self, adapter_names: Iterable[str] | None = None) -> None:
