@@ -411,7 +411,8 @@ def run_train_timing(
     """Step times of every case (bounds included), interleaved step by step in this one process, so that all of
     them see the same machine noise."""
     bases = Bases(arch, size, device)
-    steps = {case: make_step(bases, case, batch, seq, amp)[0] for case in cases}
+    made = {case: make_step(bases, case, batch, seq, amp) for case in cases}
+    steps, losses = {c: m[0] for c, m in made.items()}, {c: m[2] for c, m in made.items()}
     bounds = [c for c in cases if c.startswith("bound-")]
     if bounds:  # the first bound again, as its own model, last in each round: the noise of a paired ratio
         steps[bounds[0] + AGAIN] = make_step(bases, bounds[0], batch, seq, amp)[0]
@@ -425,7 +426,7 @@ def run_train_timing(
         for case, step in steps.items():
             times[case].append(_timed(lambda step=step: [step() for _ in range(reps)], device) / reps)
         print(f"  round {r + 1}/{rounds} done", file=sys.stderr, flush=True)
-    return {"times": times, "steps_per_sample": reps}
+    return {"times": times, "steps_per_sample": reps, "loss": losses}
 
 
 CUDA_WARMUP = 3
@@ -594,10 +595,8 @@ def _train_rows(timing: dict, memory: list[dict]) -> list[dict]:
     rows = []
     for case in times:
         row = {"case": case, **mem.get(case, {})}
-        if case.startswith("bound-") or case in CASES and CASES[case].peer == "ours":
-            row.setdefault("loss", "ours")  # deltatune's default loss (chunked for causal LMs)
-        else:
-            row.setdefault("loss", "model's")
+        if "loss" not in row:  # the memory run's label, else the timing run's: chunked or standard
+            row["loss"] = timing.get("loss", {}).get(case, "-")
         row["step_s"] = statistics.median(times[case])
         if case in CASES:
             row["bound"] = CASES[case].bound
