@@ -1,9 +1,10 @@
 """What attaching and evicting one LoRA adapter costs `deltatune serve` (`--max-loaded-adapters`), in ms.
 
 Builds a random OPT-125m-shaped model (transformers' OPTConfig defaults), saves `--adapters` random LoRA adapters
-(r=8 on q_proj and v_proj, as benchmarks/serve_load.py does) and reads their files once (the serve engine reads
-them in its reader thread, not in the model thread). Then it does what the engine's model thread does when an
-adapter that isn't in memory is asked for, with at most `--loaded` adapters in memory: `delete_adapter` of the
+(r=8 on q_proj and v_proj, as benchmarks/serve_load.py does) and reads their configs and files once (the serve
+engine reads the configs when it registers the adapters, the files in its reader thread, not in the model thread;
+releases without `load_adapter(config=)` ignore it and read the config again). Then it does what the engine's
+model thread does when an adapter that isn't in memory is asked for, with at most `--loaded` adapters in memory: `delete_adapter` of the
 least recently used one (evict), `load_adapter(directory, adapter_name=..., tensors=...)` and the walk that puts
 the new layers in eval mode (attach), then `set_adapter` (a solo step). One round over the adapters warms up;
 the next `--cycles` rounds are timed. Prints the median and mean per attach, per detach and per solo
@@ -29,6 +30,7 @@ import torch
 from transformers import OPTConfig, OPTForCausalLM
 
 from deltatune import LoraConfig, get_peft_model
+from deltatune.config import load_config
 from deltatune.model import PeftModel, read_adapter_tensors
 
 
@@ -58,6 +60,7 @@ def main() -> None:
     peft.save_pretrained(folder)  # each under folder/<name>
     base = peft.unload().requires_grad_(False).eval()
     dirs = {n: os.path.join(folder, n) for n in names}
+    configs = {n: load_config(d) for n, d in dirs.items()}  # read when the server registers the adapters
     tensors = {n: read_adapter_tensors(d) for n, d in dirs.items()}
 
     peft = PeftModel.from_pretrained(base, dirs[names[0]], adapter_name=names[0], tensors=tensors[names[0]])
@@ -70,7 +73,7 @@ def main() -> None:
         times[what].append(time.perf_counter() - start)
 
     def attach(name: str) -> None:  # the engine's `_load_weights`
-        peft.load_adapter(dirs[name], adapter_name=name, tensors=tensors[name])
+        peft.load_adapter(dirs[name], adapter_name=name, config=configs[name], tensors=tensors[name])
         for module in peft.modules():
             if module.training:
                 module.train(False)

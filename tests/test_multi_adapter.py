@@ -13,6 +13,7 @@ import torch
 from tiny_models import gpt2, ids, llama, opt, out, save_with_tokenizer
 
 from deltatune import LoraConfig, PeftModel, get_peft_model
+from deltatune.config import load_config
 from deltatune.methods.lora import LoraLinear
 
 # Eight adapters of different ranks and targets; some layers are adapted by only some of them.
@@ -296,7 +297,16 @@ def test_attach_evict_reattach_cycles_equal_fresh_loads(tmp_path):
         else:
             if len(loaded) == 3:
                 model.delete_adapter(loaded.pop(0))
-            model.load_adapter(tmp_path / name, adapter_name=name)
+            if (
+                int(name[1]) % 2
+            ):  # else as the server does: with the config read when it registered the adapter
+                model.load_adapter(tmp_path / name, adapter_name=name)
+            else:
+                config = load_config(tmp_path / name)
+                config.inference_mode = False
+                model.load_adapter(tmp_path / name, adapter_name=name, config=config)
+                assert config.inference_mode is False and model.peft_config[name] is not config
+                assert model.peft_config[name].inference_mode is True
         loaded.append(name)
         assert sorted(model.adapter_names) == sorted(loaded)
         walked = {n for n, m in model.base_model.named_modules() if getattr(m, "is_delta_layer", False)}

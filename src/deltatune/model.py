@@ -504,15 +504,16 @@ class PeftModel(nn.Module):
         adapter_name: str,
         is_trainable: bool = False,
         tensors: dict[str, torch.Tensor] | None = None,
+        config: AnyConfig | None = None,
         **_: object,
     ) -> None:
-        """Load another adapter directory under `adapter_name` (the active adapter doesn't change); `tensors` as in
-        `from_pretrained`."""
+        """Load another adapter directory under `adapter_name` (the active adapter doesn't change); `config` (its
+        config, read already: a server registered it) and `tensors` as in `from_pretrained`."""
         directory = os.fspath(model_id)
         _check_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
             raise ValueError(f"an adapter named {adapter_name!r} exists already; pick another name")
-        config = load_config(directory)
+        config = copy.deepcopy(config) if config is not None else load_config(directory)
         config.inference_mode = not is_trainable
         tensors = _read_adapter(directory, config) if tensors is None else tensors
         self.add_adapter(adapter_name, config)
@@ -546,12 +547,16 @@ class PeftModel(nn.Module):
                     key = f"{w}.modules_to_save.{adapter_name}.{key[len(w) + 1 :]}"
                     break
             found[method.internal_key(key, adapter_name)] = tensor
-        params = dict(self.base_model.named_parameters())
-        expected = {
-            n: params[n].shape
+        saved = [
+            n
             for n in self._adapter_param_names(adapter_name)
             if method.saved_key(n, adapter_name) is not None
-        }
+        ]
+        # The adapter's own parameters, looked up by name; the whole model's, when the file holds others.
+        params = _parameters_at(self.base_model, saved) if found.keys() <= set(saved) else None
+        if params is None:
+            params = dict(self.base_model.named_parameters())
+        expected = {n: params[n].shape for n in saved}
         # Tensors a PEFT checkpoint may add (a targeted embedding's base weight, say) load into the base.
         extra = {k: params[k].shape for k in found if k not in expected and k in params}
         checkpoint.check_shapes({**expected, **extra}, found, where)
@@ -565,6 +570,25 @@ class PeftModel(nn.Module):
             for key, tensor in found.items():
                 params[key].copy_(tensor.to(params[key].dtype))
         method.after_load(self.base_model, adapter_name)
+
+
+def _parameters_at(model: nn.Module, names: list[str]) -> dict[str, nn.Parameter] | None:
+    """The parameters `model.named_parameters()` names `names`, found by their paths (without walking the
+    model); None when a name is not a parameter's path."""
+    out = {}
+    for name in names:
+        module = model
+        path, _, leaf = name.rpartition(".")
+        try:
+            for part in path.split(".") if path else ():
+                module = module._modules[part]
+            param = module._parameters[leaf]
+        except (KeyError, AttributeError):
+            return None
+        if param is None:
+            return None
+        out[name] = param
+    return out
 
 
 def dequantized_linear(

@@ -330,13 +330,13 @@ class Engine:
             self._reads.pop(name)[1].cancel()
 
     def _load_weights(self, entry: Entry, tensors: dict[str, torch.Tensor] | None = None) -> None:
-        config = entry.config
+        config = entry.config  # read and checked when it was registered; the tensors were checked against it
         if not methods.method_type(config.peft_type).servable:
             raise ValueError(methods.not_servable(config.peft_type))
         if self.peft is None:
             try:
                 self.peft = PeftModel.from_pretrained(
-                    self.base, entry.directory, adapter_name=entry.name, tensors=tensors
+                    self.base, entry.directory, adapter_name=entry.name, config=config, tensors=tensors
                 )
             except Exception:
                 self.base.requires_grad_(False)  # a failed load unwraps the base with gradients on
@@ -344,7 +344,9 @@ class Engine:
         else:
             before = set(self.peft.adapter_names)
             try:
-                self.peft.load_adapter(entry.directory, adapter_name=entry.name, tensors=tensors)
+                self.peft.load_adapter(
+                    entry.directory, adapter_name=entry.name, config=config, tensors=tensors
+                )
             except Exception:
                 if entry.name in self.peft.adapter_names and entry.name not in before:
                     with contextlib.suppress(Exception):
