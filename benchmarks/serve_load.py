@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -99,7 +100,7 @@ def start(base: str, adapters: str, scheduler: str, args) -> tuple[subprocess.Po
         sys.executable, "-m", "deltatune", "serve", "--base", base, "--adapters", adapters, "--base-name", "base",
         "--host", "127.0.0.1", "--port", str(port), "--scheduler", scheduler, "--max-batch", str(args.max_batch),
         "--batch-wait-ms", str(args.batch_wait_ms), "--max-loaded-adapters", str(LOADED), "--log-level", "warning",
-        "--threads", str(args.threads), "--max-tokens-cap", "64",
+        "--threads", str(args.threads), "--max-tokens-cap", str(max(args.max_tokens[1], args.long_tokens if args.long_share else 0)),
     ]  # fmt: skip
     if scheduler == "continuous" and args.adapter_slice is not None:
         cmd += ["--adapter-slice", str(args.adapter_slice)]
@@ -120,11 +121,15 @@ async def wait_ready(client: httpx.AsyncClient, proc: subprocess.Popen, timeout:
     raise RuntimeError("deltatune serve did not come up in time")
 
 
-async def one(client: httpx.AsyncClient, body: dict) -> tuple[float, float, int] | None:
-    """(latency, time to first token, completion tokens) of one streamed request; None on an error."""
+async def one(
+    client: httpx.AsyncClient, body: dict, stamps: list[float] | None = None
+) -> tuple[float, float, int] | None:
+    """(latency, time to first token, completion tokens) of one streamed request; None on an error. The arrival
+    time of each text chunk (a token) goes into `stamps`, also for a request cancelled midway."""
     t0 = time.monotonic()
     first = None
     tokens = 0
+    stamps = [] if stamps is None else stamps
     async with client.stream("POST", "/v1/completions", json=body) as r:
         if r.status_code != 200:
             await r.aread()
@@ -137,8 +142,10 @@ async def one(client: httpx.AsyncClient, body: dict) -> tuple[float, float, int]
                 return None
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
-            elif first is None and chunk["choices"] and chunk["choices"][0]["text"]:
-                first = time.monotonic() - t0
+            elif chunk["choices"] and chunk["choices"][0]["text"]:
+                stamps.append(time.monotonic())
+                if first is None:
+                    first = stamps[-1] - t0
     latency = time.monotonic() - t0
     return latency, first if first is not None else latency, tokens
 
@@ -176,26 +183,54 @@ def workload(
     return out
 
 
-async def phase(client: httpx.AsyncClient, plan: list[list[dict]], time_cap: float) -> dict:
+async def phase(client: httpx.AsyncClient, plan: list[list[dict]], time_cap: float, sustained: bool) -> dict:
     before = (await client.get("/health")).json()["stats"]
     results: list[tuple[float, float, int]] = []
     errors = 0
     start_t = time.monotonic()
     deadline = start_t + time_cap
+    # --sustained: a client that has sent all its requests goes on sending them again (fillers) until every
+    # client's have been answered, so that all clients stay active while the phase is measured; the fillers still
+    # running then are cancelled, and the tokens of theirs that arrived before count
+    finished, all_done = 0, asyncio.Event()
+    window_end = start_t
+    filler_stamps: list[float] = []
 
     async def run_client(bodies: list[dict]) -> None:
-        nonlocal errors
+        nonlocal errors, finished, window_end
         for body in bodies:
             if time.monotonic() > deadline:
-                return
+                break
             got = await one(client, body)
             if got is None:
                 errors += 1
             else:
                 results.append(got)
+        finished += 1
+        if finished == len(plan):
+            window_end = time.monotonic()
+            all_done.set()
+        i = 0
+        while sustained and not all_done.is_set():
+            stamps: list[float] = []
+            task = asyncio.ensure_future(one(client, bodies[i % len(bodies)], stamps))
+            stop = asyncio.ensure_future(all_done.wait())
+            await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
+            stop.cancel()
+            if not task.done():
+                task.cancel()  # the client hangs up: the server frees the row at its next step
+            with contextlib.suppress(asyncio.CancelledError, httpx.HTTPError):
+                await task
+            filler_stamps.extend(stamps)
+            i += 1
 
     await asyncio.gather(*(run_client(b) for b in plan))
     wall = time.monotonic() - start_t
+    window = window_end - start_t
+    extra = sum(1 for t in filler_stamps if t <= window_end)
+    if sustained:  # a static batch runs on after its clients hung up: one request more waits until it ended,
+        # so that the next phase (the other server, on the same cores) doesn't run beside it
+        await one(client, {**plan[0][0], "max_tokens": 1})
     after = (await client.get("/health")).json()["stats"]
     lat = sorted(r[0] for r in results)
     ttft = sorted(r[1] for r in results)
@@ -211,6 +246,9 @@ async def phase(client: httpx.AsyncClient, plan: list[list[dict]], time_cap: flo
         "wall_s": round(wall, 2),
         "requests_per_s": round(len(results) / wall, 3),
         "output_tokens_per_s": round(tokens / wall, 1),
+        # --sustained: every token that arrived while all clients were active, the fillers' included
+        "sustained_tokens_per_s": round((tokens + extra) / window, 1) if sustained and window > 0 else None,
+        "filler_tokens": extra if sustained else None,
         "latency_p50_s": round(statistics.median(lat), 3) if lat else None,
         "latency_p95_s": pct(lat, 0.95),
         "ttft_p50_s": round(statistics.median(ttft), 3) if ttft else None,
@@ -222,6 +260,11 @@ async def phase(client: httpx.AsyncClient, plan: list[list[dict]], time_cap: flo
             after.get("adapter_load_seconds", 0) - before.get("adapter_load_seconds", 0), 2
         ),
         "adapter_pauses": after.get("adapter_pauses", 0) - before.get("adapter_pauses", 0),
+        # continuous only: the running batch's mean size over its decoding steps (a request's first token
+        # comes from its prefill); under 16 at 16 clients when clients with short requests ran out of them
+        "rows_per_decode_step": round((tokens - len(results)) / steps, 2)
+        if not sustained and (steps := after.get("decode_steps", 0) - before.get("decode_steps", 0))
+        else None,
     }
 
 
@@ -243,7 +286,9 @@ async def main_async(args) -> dict:
                 await wait_ready(clients[name], proc, timeout=300)
             names = [f"task{i}" for i in range(N_ADAPTERS)]
             for name in servers:  # warm-up
-                await phase(clients[name], workload(2, 1, ["base"], words, args.prompt_words), args.time_cap)
+                await phase(
+                    clients[name], workload(2, 1, ["base"], words, args.prompt_words), args.time_cap, False
+                )
             # The whole run keeps to --budget: each phase may start requests for its share of what is left
             # (and at most --time-cap); requests not started by then are skipped, and counted as planned.
             phases_left = 2 * len(args.clients) * len(args.mixes)
@@ -265,15 +310,26 @@ async def main_async(args) -> dict:
                     for name in ("static", "continuous"):
                         cap = min(args.time_cap, max(5.0, (budget_end - time.monotonic()) / phases_left))
                         phases_left -= 1
-                        pair[name] = await phase(clients[name], plan, cap)
+                        pair[name] = await phase(clients[name], plan, cap, args.sustained)
                         r = pair[name]
                         r["planned"], r["time_cap_s"] = n_clients * args.requests, round(cap, 1)
                         print(
                             f"{n_clients:3d} clients, {mix:11s}, {name:10s}: {r['requests_per_s']:.2f} req/s, "
-                            f"{r['output_tokens_per_s']:.1f} tok/s, latency p50 {r['latency_p50_s']}s "
+                            f"{r['output_tokens_per_s']:.1f} tok/s"
+                            + (
+                                f" ({r['sustained_tokens_per_s']} sustained, {r['filler_tokens']} from fillers)"
+                                if args.sustained
+                                else ""
+                            )
+                            + f", latency p50 {r['latency_p50_s']}s "
                             f"p95 {r['latency_p95_s']}s, TTFT p50 {r['ttft_p50_s']}s p95 {r['ttft_p95_s']}s, "
                             f"{r['requests']}/{r['planned']} done (cap {r['time_cap_s']}s), {r['errors']} errors, "
-                            f"{r['adapter_loads']} loads ({r['adapter_load_s']}s), {r['adapter_pauses']} pauses",
+                            f"{r['adapter_loads']} loads ({r['adapter_load_s']}s), {r['adapter_pauses']} pauses"
+                            + (
+                                f", {r['rows_per_decode_step']} rows per decoding step"
+                                if r["rows_per_decode_step"]
+                                else ""
+                            ),
                             flush=True,
                         )
                     # A static batch decodes every row to its longest max_tokens. With the clients' i-th requests
@@ -283,8 +339,11 @@ async def main_async(args) -> dict:
                     rounds = list(zip(*([b["max_tokens"] for b in bodies] for bodies in plan)))
                     work = sum(len(r) * max(r) for r in rounds) / sum(sum(r) for r in rounds)
                     ratio = pair["continuous"]["output_tokens_per_s"] / pair["static"]["output_tokens_per_s"]
+                    steady = [pair[k]["sustained_tokens_per_s"] for k in ("static", "continuous")]
                     print(
-                        f"    continuous/static tokens/s {ratio:.2f}x; static's row-steps per token {work:.2f}",
+                        f"    continuous/static tokens/s {ratio:.2f}x"
+                        + (f" ({steady[1] / steady[0]:.2f}x sustained)" if all(steady) else "")
+                        + f"; static's row-steps per token {work:.2f}",
                         flush=True,
                     )
                     rows.append(
@@ -316,6 +375,7 @@ async def main_async(args) -> dict:
         "adapter_slice": args.adapter_slice,
         "time_cap_s": args.time_cap,
         "budget_s": args.budget,
+        "sustained": args.sustained,
         "torch": torch.__version__,
         "cpu_count": os.cpu_count(),
         "machine": platform.machine(),
@@ -372,6 +432,13 @@ def main() -> None:
         type=int,
         default=None,
         help="the continuous server's --adapter-slice (default: the server's own; 0: never pause an adapter)",
+    )
+    p.add_argument(
+        "--sustained",
+        action="store_true",
+        help="keep every client sending (its requests again) until all clients' requests are answered, and "
+        "report the tokens/s of that window: the throughput at C clients, without the tail in which clients "
+        "that drew short requests have run out of them",
     )
     p.add_argument("--small", action="store_true", help="a smaller model than OPT-125m, for slow machines")
     p.add_argument("--out", default="serve_load.json")
