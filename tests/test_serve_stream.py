@@ -141,6 +141,35 @@ def test_a_client_that_disconnects_frees_its_row(served):
     assert cancelled() > before
 
 
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_client_that_hangs_up_before_its_first_token_is_freed_without_an_error(served, caplog, stream):
+    """Seen in the load test: each such request logged uvicorn's 'Exception in ASGI application' traceback (a
+    CancelledError raised out of the endpoint). Now its rows are cancelled and it counts as status 499."""
+    engine, client, _ = served
+    sched = engine.scheduler
+    prefill, before = sched._prefill, engine.health()["stats"]["cancelled_rows"]
+
+    def slow(*args):  # the first token comes long after the client gave up
+        time.sleep(2.5)
+        prefill(*args)
+
+    sched._prefill = slow
+    body = {"model": "alpha", "prompt": "w1", "max_tokens": CAP, "temperature": 0, "stream": stream}
+    try:
+        with caplog.at_level("ERROR"), pytest.raises(httpx.ReadTimeout):
+            client.post("/v1/completions", json=body, timeout=0.3)
+        deadline = time.monotonic() + 15
+        while engine.health()["stats"]["cancelled_rows"] == before and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        sched._prefill = prefill
+    assert engine.health()["stats"]["cancelled_rows"] > before
+    assert engine.scheduler.running() == 0
+    assert not [r for r in caplog.records if r.levelname == "ERROR"], [r.getMessage() for r in caplog.records]
+    metrics = client.get("/metrics").text
+    assert 'status="499"' in metrics
+
+
 def test_n_choices_share_one_prefill(served, reference):  # noqa: F811
     engine, client, _ = served
     before = engine.health()["stats"]["prefills"]

@@ -524,13 +524,13 @@ class _Job:
 
     async def next(self) -> tuple[int, str, str | None] | None:
         """The next piece of text: (choice, text, finish_reason or None); None when every choice ended.
-        Raises the ApiError of a row that failed."""
+        Raises the ApiError of a row that failed, `_ClientGone` when the client hung up."""
         while self.left:
             try:
                 i, (kind, value) = await asyncio.wait_for(self.events.get(), timeout=1.0)
             except asyncio.TimeoutError:
                 if await self.request.is_disconnected():
-                    raise asyncio.CancelledError from None
+                    raise _ClientGone from None
                 continue
             text = self.texts[i]
             if text.finish is not None:
@@ -582,6 +582,9 @@ class _Job:
         except ApiError as e:
             self._count(str(e.status))
             raise
+        except _ClientGone:  # nobody reads the answer: the rows are freed, and nothing is logged as an error
+            self._count("499")
+            return Response(status_code=499)
         finally:
             self.cancel()
         self._count("200")
@@ -627,6 +630,10 @@ class _Job:
         # Errors before the first piece of text are ordinary JSON errors.
         try:
             first = await self.next()
+        except _ClientGone:
+            self.cancel()
+            self._count("499")
+            return Response(status_code=499)
         except BaseException as e:
             self.cancel()
             if isinstance(e, ApiError):
@@ -660,6 +667,8 @@ class _Job:
                     )
                 yield "data: [DONE]\n\n"
                 self._count("200")
+            except _ClientGone:
+                self._count("499")
             except ApiError as e:  # after the first chunk: an error event ends the stream
                 self._count(str(e.status))
                 yield sse(e.body())
@@ -676,6 +685,10 @@ class _Job:
         return StreamingResponse(
             events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
         )
+
+
+class _ClientGone(Exception):
+    """The client hung up before its answer was complete (the status counted for it is 499, nginx's)."""
 
 
 _ = redact  # re-exported for tests
