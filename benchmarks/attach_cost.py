@@ -32,6 +32,7 @@ from transformers import OPTConfig, OPTForCausalLM
 from deltatune import LoraConfig, get_peft_model
 from deltatune.config import load_config
 from deltatune.model import PeftModel, read_adapter_tensors
+from deltatune.serve.command import freeze_startup_objects
 
 
 def main() -> None:
@@ -43,6 +44,11 @@ def main() -> None:
     p.add_argument("--cycles", type=int, default=3, help="timed rounds over the adapters")
     p.add_argument(
         "--profile", action="store_true", help="print cProfile's top functions of the timed rounds"
+    )
+    p.add_argument(
+        "--no-gc-freeze",
+        action="store_true",
+        help="leave the start-up objects to the garbage collector (`deltatune serve` freezes them once started)",
     )
     args = p.parse_args()
     if args.adapters <= args.loaded:
@@ -64,6 +70,8 @@ def main() -> None:
     tensors = {n: read_adapter_tensors(d) for n, d in dirs.items()}
 
     peft = PeftModel.from_pretrained(base, dirs[names[0]], adapter_name=names[0], tensors=tensors[names[0]])
+    if not args.no_gc_freeze:
+        freeze_startup_objects()  # as `deltatune serve` does once its engine is up
     loaded = [names[0]]  # least recently used first
     times: dict[str, list[float]] = {"attach": [], "detach": [], "set_adapter": []}
 
@@ -102,7 +110,7 @@ def main() -> None:
     rounds(args.cycles)
     print(
         f"OPT-125m shape, LoRA r=8 q_proj/v_proj, {args.adapters} adapters, {args.loaded} loaded, torch "
-        f"{torch.__version__}, 1 thread"
+        f"{torch.__version__}, 1 thread, start-up objects {'not ' if args.no_gc_freeze else ''}frozen (gc.freeze)"
     )
     for what, v in times.items():
         print(

@@ -147,3 +147,31 @@ def test_a_negative_adapter_slice_is_refused(files, capsys):  # noqa: F811
         Engine(files["base"], files["adapters"], base_name=BASE, device="cpu", adapter_slice=-1)
     assert serve_main(["--base", files["base"], "--adapter-slice", "-1"]) == 2
     assert "--adapter-slice must be 0 (never pause) or more steps, got -1" in capsys.readouterr().err
+
+
+def test_serve_freezes_its_start_up_objects_once_the_engine_is_up(monkeypatch):
+    """`deltatune serve` hands the base model's objects to `gc.freeze` after building the engine and before
+    serving, so full collections don't walk them again (pauses on adapter attaches: benchmarks/attach_cost.py)."""
+    import gc
+
+    import uvicorn
+
+    import deltatune.serve.app as app_module
+    import deltatune.serve.engine as engine_module
+    from deltatune.serve import serve_main
+
+    seen = {}
+
+    class FakeEngine:
+        def __init__(self, *args, **kwargs):
+            seen["at_engine"] = gc.get_freeze_count()
+
+    monkeypatch.setattr(engine_module, "Engine", FakeEngine)
+    monkeypatch.setattr(app_module, "create_app", lambda engine, **kw: object())
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.setdefault("at_run", gc.get_freeze_count()))
+    gc.unfreeze()
+    try:
+        assert serve_main(["--base", "unused"]) == 0
+    finally:
+        gc.unfreeze()
+    assert seen["at_engine"] == 0 and seen["at_run"] > 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import sys
@@ -139,6 +140,7 @@ def serve_main(argv: list[str] | None = None) -> int:
         )
     except (OSError, ValueError) as e:
         return fail(str(e))
+    freeze_startup_objects()
     if args.host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
         logger.warning("listening on %s without an API key: anyone who can reach it can use it", args.host)
     app = create_app(
@@ -152,6 +154,16 @@ def serve_main(argv: list[str] | None = None) -> int:
         timeout_graceful_shutdown=args.shutdown_timeout,
     )
     return 0
+
+
+def freeze_startup_objects() -> None:
+    """Move everything alive after start-up (the base model's modules and parameters, transformers, torch) out
+    of the garbage collector's sight (`gc.freeze`), as a long-running server does once: a full collection
+    otherwise walks all of it again, a pause that fell on adapter attaches (mean 12.5 ms against a median of
+    8.5 ms in benchmarks/attach_cost.py; 8.8 ms mean with this) and on decoding steps. Frozen objects are still
+    freed when their last reference goes; only reference cycles among them would stay."""
+    gc.collect()
+    gc.freeze()
 
 
 main = serve_main
