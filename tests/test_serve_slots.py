@@ -175,3 +175,61 @@ def test_serve_freezes_its_start_up_objects_once_the_engine_is_up(monkeypatch):
     finally:
         gc.unfreeze()
     assert seen["at_engine"] == 0 and seen["at_run"] > 0
+
+
+def test_a_prefill_token_budget_admits_a_burst_over_several_steps_with_the_same_answers(
+    files,  # noqa: F811
+    reference,  # noqa: F811
+):
+    """`max_prefill_tokens`: a burst of requests arriving together is prefilled a few prompts per step (the first
+    prompt of a step whatever its length, a prompt shared by `n` rows once), while the running rows decode; every
+    answer still equals `generate` of its adapter alone."""
+    engine = Engine(files["base"], files["adapters"], base_name=BASE, device="cpu", max_prefill_tokens=5)
+    sched = engine.scheduler
+    prefill, calls = sched._prefill, []
+
+    def recorded(solo, rows):
+        calls.append(({(r.adapter, tuple(r.ids)) for r in rows}, sched._steps))
+        prefill(solo, rows)
+
+    sched._prefill = recorded
+    burst = [("alpha", "w1 w2 w3"), ("beta", "w4 w5"), ("alpha", "w6 w7 w8 w9 w10 w11"), ("beta", "w12")]
+    burst += [("alpha", "w13 w14"), ("alpha", "w13 w14")]  # the same prompt twice: one prefill, counted once
+    got: dict[int, list[int]] = {i: [] for i in range(len(burst))}
+    done = threading.Semaphore(0)
+
+    def sink_for(i):
+        def sink(event):
+            if event[0] == "token":
+                got[i].append(event[1])
+            else:
+                assert event[0] == "done", event
+                done.release()
+
+        return sink
+
+    hold = threading.Event()
+    try:
+        engine.call(lambda: hold.wait(30))  # the whole burst is queued before the scheduler looks
+        sched.submit(
+            [
+                Row("generate", a, engine.tokenizer(p)["input_ids"], 6, sink=sink_for(i))
+                for i, (a, p) in enumerate(burst)
+            ]
+        )
+        hold.set()
+        for _ in burst:
+            assert done.acquire(timeout=120), "the requests did not finish"
+    finally:
+        engine.close()
+    lengths = {(a, p): len(engine.tokenizer(p)["input_ids"]) for a, p in burst}
+    by_step = {}
+    for prompts, step in calls:
+        by_step.setdefault(step, set()).update(prompts)
+    assert len(by_step) >= 3  # not all in one step
+    for prompts in by_step.values():
+        tokens = [len(ids) for _, ids in prompts]
+        assert sum(tokens) <= 5 or len(tokens) == 1, prompts  # within the budget, or one prompt alone
+    assert sum(len(p) for p, _ in calls) == len(lengths)  # each distinct prompt prefilled once
+    for i, (adapter, prompt) in enumerate(burst):
+        assert engine.tokenizer.decode(got[i], skip_special_tokens=True) == reference(adapter, prompt, 6)

@@ -65,6 +65,13 @@ def _parser() -> argparse.ArgumentParser:
         help="continuous scheduler: when a request waits for an adapter slot and every loaded adapter is in use, "
         "the one in use longest, at least this many steps, is paused (its rows resume later); 0: never (default 16)",
     )
+    p.add_argument(
+        "--max-prefill-tokens",
+        type=int,
+        default=0,
+        help="continuous scheduler: the most prompt tokens one step prefills for new requests (a burst joins over "
+        "several steps while the running rows keep decoding); 0: no limit (default)",
+    )
     p.add_argument("--max-queue", type=int, default=1024, help="waiting rows beyond this get 503")
     p.add_argument(
         "--max-loaded-adapters",
@@ -118,6 +125,10 @@ def serve_main(argv: list[str] | None = None) -> int:
         )
     if args.prefill_chunk < 1:
         return fail(f"--prefill-chunk must be at least 1 (tokens per step), got {args.prefill_chunk}")
+    if args.max_prefill_tokens < 0:
+        return fail(
+            f"--max-prefill-tokens must be 0 (no limit) or more tokens, got {args.max_prefill_tokens}"
+        )
     if args.adapter_slice < 0:
         return fail(f"--adapter-slice must be 0 (never pause) or more steps, got {args.adapter_slice}")
     if args.threads:
@@ -137,6 +148,7 @@ def serve_main(argv: list[str] | None = None) -> int:
             max_loaded_adapters=args.max_loaded_adapters,
             prefill_chunk=args.prefill_chunk,
             adapter_slice=args.adapter_slice,
+            max_prefill_tokens=args.max_prefill_tokens,
         )
     except (OSError, ValueError) as e:
         return fail(str(e))

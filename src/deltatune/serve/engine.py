@@ -52,6 +52,9 @@ class Engine:
         adapter_slice: continuous scheduler: when a request waits for an adapter slot and every loaded adapter has
             running rows, the adapter that has had rows the longest, at least this many steps, is paused (its rows
             keep their caches and resume when it is loaded again) so the waiting one gets the slot; 0: never.
+        max_prefill_tokens: continuous scheduler: the most prompt tokens one step prefills for new rows (the first
+            prompt of a step is taken whatever its length; a prompt shared by `n` rows counts once); a burst of
+            requests then joins over several steps while the running rows go on decoding; 0: no limit.
     """
 
     def __init__(
@@ -70,14 +73,23 @@ class Engine:
         max_loaded_adapters: int = 32,
         prefill_chunk: int = 256,
         adapter_slice: int = 16,
+        max_prefill_tokens: int = 0,
     ):
         from transformers import AutoConfig, AutoTokenizer
 
         from deltatune.serve.scheduler import ContinuousScheduler, StaticScheduler
 
-        if max_batch < 1 or batch_wait_ms < 0 or max_queue < 1 or prefill_chunk < 1 or adapter_slice < 0:
+        if (
+            max_batch < 1
+            or batch_wait_ms < 0
+            or max_queue < 1
+            or prefill_chunk < 1
+            or adapter_slice < 0
+            or max_prefill_tokens < 0
+        ):
             raise ValueError(
-                "max_batch, max_queue and prefill_chunk must be >= 1, batch_wait_ms and adapter_slice >= 0"
+                "max_batch, max_queue and prefill_chunk must be >= 1, batch_wait_ms, adapter_slice and "
+                "max_prefill_tokens >= 0"
             )
         if task not in ("auto", *TASKS, *TASKS.values()):
             raise ValueError(f"task must be 'auto' or one of {list(TASKS)}, got {task!r}")
@@ -133,7 +145,11 @@ class Engine:
         )
         self.scheduler_name = "continuous" if kind is ContinuousScheduler else "static"
         extra = (
-            {"prefill_chunk": prefill_chunk, "adapter_slice": adapter_slice}
+            {
+                "prefill_chunk": prefill_chunk,
+                "adapter_slice": adapter_slice,
+                "max_prefill_tokens": max_prefill_tokens,
+            }
             if kind is ContinuousScheduler
             else {}
         )

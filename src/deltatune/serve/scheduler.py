@@ -221,11 +221,18 @@ class _Scheduler:
         """Hook: rows whose adapter was just unloaded."""
 
     def _admit(
-        self, limit: int, pinned: set[str], max_loads: int = 1 << 30, held: frozenset[str] = frozenset()
+        self,
+        limit: int,
+        pinned: set[str],
+        max_loads: int = 1 << 30,
+        held: frozenset[str] = frozenset(),
+        budget: _Budget | None = None,
     ) -> list[Row]:
         """Up to `limit` pending rows whose adapter is (now) in memory, in arrival order, loading at most
         `max_loads` adapters; rows whose adapter can't be loaded fail, rows whose adapter doesn't fit yet wait, and
-        so do rows of the adapters `held` (being freed for a row that waits)."""
+        so do rows of the adapters `held` (being freed for a row that waits). With a `budget`, the prompt tokens
+        the rows taken will prefill stay within it (the first prompt of a step is taken whatever its length);
+        once a prompt doesn't fit, no later one is taken this step (arrival order is kept)."""
         take: list[Row] = []
         keep: deque[Row] = deque()
         loads = 0
@@ -235,6 +242,10 @@ class _Scheduler:
                 row.finished = True
                 continue
             if len(take) >= limit or row.adapter in held:
+                keep.append(row)
+                continue
+            cost = budget.cost(row) if budget is not None else 0
+            if cost and not budget.fits(cost):
                 keep.append(row)
                 continue
             was_loaded = row.adapter == BASE or self.engine.registry.is_loaded(row.adapter)
@@ -255,6 +266,8 @@ class _Scheduler:
                     row.adapter, row.temperature, row.top_p, row.seed, self.engine.device
                 )
             take.append(row)
+            if cost:
+                budget.spend(row, cost)
         self.pending = keep
         return take
 
@@ -312,19 +325,57 @@ class _Chunked:
     done: int = 0
 
 
+class _Budget:
+    """The prompt tokens one scheduling step may still prefill (`max_prefill_tokens`): a burst of new requests is
+    admitted over several steps instead of stalling the running rows for one long prefill. A prompt counts once
+    however many rows share it (`n` > 1), a long one (chunked) for its first chunk, a paused row's not at all."""
+
+    def __init__(self, tokens: int, chunk: int):
+        self.left, self.chunk = tokens, chunk
+        self.started = self.closed = False
+        self.seen: set[tuple[str, tuple[int, ...]]] = set()
+
+    def cost(self, row: Row) -> int:
+        if row.paused is not None or (row.adapter, tuple(row.ids)) in self.seen:
+            return 0
+        return min(len(row.ids), self.chunk)
+
+    def fits(self, cost: int) -> bool:
+        if not self.closed and (not self.started or cost <= self.left):
+            return True
+        self.closed = True
+        return False
+
+    def spend(self, row: Row, cost: int) -> None:
+        self.seen.add((row.adapter, tuple(row.ids)))
+        self.left -= cost
+        self.started = True
+
+
 class ContinuousScheduler(_Scheduler):
     name = "continuous"
     background_loads = True
 
-    def __init__(self, engine, *, prefill_chunk: int = 256, adapter_slice: int = 16, **kwargs):
+    def __init__(
+        self,
+        engine,
+        *,
+        prefill_chunk: int = 256,
+        adapter_slice: int = 16,
+        max_prefill_tokens: int = 0,
+        **kwargs,
+    ):
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be at least 1, got {prefill_chunk}")
+        if max_prefill_tokens < 0:
+            raise ValueError(f"max_prefill_tokens must be 0 (no limit) or more, got {max_prefill_tokens}")
         if adapter_slice < 0:
             raise ValueError(f"adapter_slice must be 0 (off) or more steps, got {adapter_slice}")
         self.lanes: dict[str | None, _Lane] = {}
         self.chunked: deque[_Chunked] = deque()
         self.prefill_chunk = prefill_chunk
         self.adapter_slice = adapter_slice
+        self.max_prefill_tokens = max_prefill_tokens
         self._waiting = False  # every pending row waits for its adapter's files (the reader wakes us)
         self._steps = 0  # scheduling steps taken
         self._since: dict[str, int] = {}  # the step since which each adapter of the running rows has had rows
@@ -356,12 +407,13 @@ class ContinuousScheduler(_Scheduler):
             # files were read in the reader thread meanwhile), so a load holds neither them nor, for long, the
             # running rows.
             admitted, busy = False, bool(self.running())
+            budget = _Budget(self.max_prefill_tokens, self.prefill_chunk) if self.max_prefill_tokens else None
             for max_loads in (0, 1):
                 free = self.max_batch - self.running()
                 if free <= 0 or not self.pending:
                     break
                 by_lane: dict[str | None, list[Row]] = {}
-                for row in self._admit(free, self._pinned(), max_loads, held):
+                for row in self._admit(free, self._pinned(), max_loads, held, budget):
                     solo = row.adapter if self.engine.is_solo(row.adapter) else None
                     by_lane.setdefault(solo, []).append(row)
                     admitted = True
