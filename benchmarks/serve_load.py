@@ -104,6 +104,8 @@ def start(base: str, adapters: str, scheduler: str, args) -> tuple[subprocess.Po
     ]  # fmt: skip
     if scheduler == "continuous" and args.adapter_slice is not None:
         cmd += ["--adapter-slice", str(args.adapter_slice)]
+    if scheduler == "continuous" and args.max_prefill_tokens:
+        cmd += ["--max-prefill-tokens", str(args.max_prefill_tokens)]
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL), f"http://127.0.0.1:{port}"
 
 
@@ -376,6 +378,7 @@ async def main_async(args) -> dict:
         "time_cap_s": args.time_cap,
         "budget_s": args.budget,
         "sustained": args.sustained,
+        "max_prefill_tokens": args.max_prefill_tokens,
         "torch": torch.__version__,
         "cpu_count": os.cpu_count(),
         "machine": platform.machine(),
@@ -439,6 +442,12 @@ def main() -> None:
         help="keep every client sending (its requests again) until all clients' requests are answered, and "
         "report the tokens/s of that window: the throughput at C clients, without the tail in which clients "
         "that drew short requests have run out of them",
+    )
+    p.add_argument(
+        "--max-prefill-tokens",
+        type=int,
+        default=0,
+        help="the continuous server's --max-prefill-tokens (0: no cap)",
     )
     p.add_argument("--small", action="store_true", help="a smaller model than OPT-125m, for slow machines")
     p.add_argument("--out", default="serve_load.json")
