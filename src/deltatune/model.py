@@ -573,22 +573,12 @@ class PeftModel(nn.Module):
 
 
 def _parameters_at(model: nn.Module, names: list[str]) -> dict[str, nn.Parameter] | None:
-    """The parameters `model.named_parameters()` names `names`, found by their paths (without walking the
-    model); None when a name is not a parameter's path."""
-    out = {}
-    for name in names:
-        module = model
-        path, _, leaf = name.rpartition(".")
-        try:
-            for part in path.split(".") if path else ():
-                module = module._modules[part]
-            param = module._parameters[leaf]
-        except (KeyError, AttributeError):
-            return None
-        if param is None:
-            return None
-        out[name] = param
-    return out
+    """The parameters `model.named_parameters()` names `names`, found by their paths (`get_parameter`, without
+    walking the model); None when a name is not a parameter's path."""
+    try:
+        return {name: model.get_parameter(name) for name in names}
+    except AttributeError:
+        return None
 
 
 def dequantized_linear(
