@@ -420,7 +420,12 @@ def run_train_timing(
     for step in steps.values():  # warm-up (on CUDA also the GEMM heuristics' and the caching allocator's)
         for _ in range(CUDA_WARMUP if device == "cuda" else 1):
             step()
-    reps = steps_per_sample(device, min(_timed(step, device) for step in steps.values()))
+    # (sized from one more timed step of each case on CUDA only: on CPU a sample is one step)
+    reps = (
+        steps_per_sample(device, min(_timed(step, device) for step in steps.values()))
+        if device == "cuda"
+        else 1
+    )
     times: dict[str, list[float]] = {c: [] for c in cases}
     for r in range(rounds):
         for case, step in steps.items():
