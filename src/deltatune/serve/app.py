@@ -554,6 +554,13 @@ class _Job:
         for row in self.rows:
             row.cancelled = True
 
+    def hung_up(self) -> Response:
+        """The client went away before its answer was complete: its rows are freed, the request counts as 499,
+        and nothing is logged as an error."""
+        self.cancel()
+        self._count("499")
+        return Response(status_code=499)
+
     def usage(self) -> dict[str, int]:
         prompt_tokens = sum(len(p) for p in self.prompts) * self.n
         completion_tokens = sum(t.count for t in self.texts)
@@ -582,9 +589,8 @@ class _Job:
         except ApiError as e:
             self._count(str(e.status))
             raise
-        except _ClientGone:  # nobody reads the answer: the rows are freed, and nothing is logged as an error
-            self._count("499")
-            return Response(status_code=499)
+        except _ClientGone:
+            return self.hung_up()
         finally:
             self.cancel()
         self._count("200")
@@ -631,9 +637,7 @@ class _Job:
         try:
             first = await self.next()
         except _ClientGone:
-            self.cancel()
-            self._count("499")
-            return Response(status_code=499)
+            return self.hung_up()
         except BaseException as e:
             self.cancel()
             if isinstance(e, ApiError):
