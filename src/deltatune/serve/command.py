@@ -171,8 +171,8 @@ def serve_main(argv: list[str] | None = None) -> int:
 def freeze_startup_objects() -> None:
     """Move everything alive after start-up (the base model's modules and parameters, transformers, torch) out
     of the garbage collector's sight (`gc.freeze`), as a long-running server does once: a full collection
-    otherwise walks all of it again, a pause that fell on adapter attaches (mean 12.5 ms against a median of
-    8.5 ms in benchmarks/attach_cost.py; 8.8 ms mean with this) and on decoding steps. Frozen objects are still
+    otherwise walks all of it again, a pause that fell on adapter attaches (mean 12.6-13.0 ms against a median
+    of ~8.5 ms in benchmarks/attach_cost.py; 8.5-10.1 ms mean with this) and on decoding steps. Frozen objects are still
     freed when their last reference goes; only reference cycles among them would stay."""
     gc.collect()
     gc.freeze()
