@@ -1,0 +1,41 @@
+"""benchmarks/serve_load.py's workload: the phases it compares send the same requests."""
+
+import importlib.util
+import os
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _serve_load():
+    spec = importlib.util.spec_from_file_location(
+        "serve_load", os.path.join(ROOT, "benchmarks", "serve_load.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_adapter_mixes_send_the_same_requests_under_other_names():
+    """The base-only, 8- and 64-adapter phases draw the same prompts and max_tokens (only `model` differs), so
+    "8 adapters / base tokens/s" measures the adapters and not two different draws."""
+    load = _serve_load()
+    words = ["<s>", "<pad>", "</s>", "<unk>", *(f"t{i}" for i in range(4, 500))]
+    plans = {
+        key: load.workload(16, 2, names, words, 16, (8, 64), (0.1, 192))
+        for key, names in {
+            "base": ["base"],
+            "8": [f"task{i}" for i in range(8)],
+            "64": [f"task{i}" for i in range(64)],
+        }.items()
+    }
+    strip = {
+        k: [[{f: b[f] for f in b if f != "model"} for b in c] for c in plan] for k, plan in plans.items()
+    }
+    assert strip["base"] == strip["8"] == strip["64"]
+    assert {b["model"] for c in plans["8"] for b in c} == {f"task{i}" for i in range(8)}
+    assert {b["model"] for c in plans["base"] for b in c} == {"base"}
+    lengths = [b["max_tokens"] for c in plans["base"] for b in c]
+    assert len(set(lengths)) > 5 and all(8 <= n <= 64 or n == 192 for n in lengths)
+    # Another number of clients is another draw.
+    other = load.workload(17, 2, ["base"], words, 16)
+    assert [b["prompt"] for b in other[0]] != [b["prompt"] for b in plans["base"][0]]
