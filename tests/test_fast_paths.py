@@ -243,6 +243,28 @@ def test_fused_dora_equals_peft_dora(factory, targets, monkeypatch):
         torch.testing.assert_close(our_grads[name], their_grads[name], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize(("factory", "targets"), [(opt, ["q_proj", "fc1"]), (llama, ["q_proj", "up_proj"])])
+def test_fused_dora_with_zero_magnitudes_matches_plain_path(factory, targets, monkeypatch):
+    """The fused DoRA recovers the unscaled product from its output (`(y - b) / factor`); a row whose magnitude is
+    0 has factor 0, so it keeps the product instead: its magnitude gradient still equals the plain path's."""
+    config = dict(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False, use_dora=True)
+    x = ids(batch=2, seq=6)
+    results = []
+    for fused in (True, False):
+        model = _ours(factory, LoraConfig(**config), fused, monkeypatch)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_magnitude_vector" in name:
+                    p[::3] = 0.0
+        results.append(_step(model, x))
+    (fused_out, fused_grads), (plain_out, plain_grads) = results
+    torch.testing.assert_close(fused_out, plain_out, atol=1e-5, rtol=1e-5)
+    magnitudes = [n for n in fused_grads if "lora_magnitude_vector" in n and "q_proj" in n]
+    assert magnitudes and all(fused_grads[n][::3].abs().sum() > 0 for n in magnitudes)  # (no ReLU after q)
+    for name in fused_grads:
+        torch.testing.assert_close(fused_grads[name], plain_grads[name], atol=1e-5, rtol=1e-4)
+
+
 def test_fused_path_trains_the_bias_when_asked(monkeypatch):
     x = ids(batch=2, seq=6)
     grads = []

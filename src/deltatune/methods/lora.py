@@ -97,18 +97,28 @@ class _FusedLoraLinear(torch.autograd.Function):
         xa = x2 @ lora_a.T  # [tokens, r]
         out.addmm_(xa, lora_b.T, alpha=scale)
         ctx.dora = magnitude is not None
+        # DoRA's magnitude gradient needs the unscaled product `x Wᵀ + s x Aᵀ Bᵀ`: it is recovered in backward
+        # from the output (`(y - b) / factor`), so the scaling is done in place and no second `[tokens, out]`
+        # tensor is made or kept; only a zero magnitude (factor 0, the product lost) keeps a copy.
+        product = None
         if ctx.dora:
             with torch.no_grad():
                 norm = torch.linalg.norm(torch.addmm(w, lora_b, lora_a, alpha=scale), dim=1)
             factor = magnitude.detach() / norm
-            product, out = out, out * factor
+            if not bool((factor != 0).all()):
+                product = out.clone()
+            out.mul_(factor)
         del w  # a dequantized weight is freed here, before the next layer dequantizes its own
         if bias is not None:
             out.add_(bias)
+        result = out.view(*x.shape[:-1], out.shape[-1])
         saved = (x2, weight, lora_a, lora_b, xa)
-        ctx.save_for_backward(*saved, norm, factor, product) if ctx.dora else ctx.save_for_backward(*saved)
-        ctx.scale, ctx.source, ctx.x_shape = scale, source, x.shape
-        return out.view(*x.shape[:-1], out.shape[-1])
+        if ctx.dora:
+            ctx.save_for_backward(*saved, norm, factor, result if product is None else product, bias)
+        else:
+            ctx.save_for_backward(*saved)
+        ctx.scale, ctx.source, ctx.x_shape, ctx.from_output = scale, source, x.shape, product is None
+        return result
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -119,9 +129,16 @@ class _FusedLoraLinear(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             grad_bias = g.sum(0)
         if ctx.dora:
-            norm, factor, product = dora
+            norm, factor, kept, bias = dora
             if ctx.needs_input_grad[5]:
-                grad_m = (g * product).sum(0).div_(norm)
+                if ctx.from_output:  # sum_t g * (y - b) / factor (no `[tokens, out]` temporary for y - b)
+                    grad_m = (g * kept.reshape(g.shape)).sum(0)
+                    if bias is not None:
+                        grad_m.sub_((grad_bias if grad_bias is not None else g.sum(0)) * bias)
+                    grad_m.div_(factor)
+                else:
+                    grad_m = (g * kept).sum(0)
+                grad_m.div_(norm)
             g = g * factor
         # The rank-r products are laid out so that the wide operand is read row by row: `g B` as `g (Bᵀ)ᵀ`
         # with `Bᵀ` made contiguous (`[r, out]`, tiny), and `gᵀ xa` as `(xaᵀ g)ᵀ`. With `B` as stored
