@@ -168,7 +168,10 @@ def test_a_timing_sample_runs_a_quarter_second_of_steps_on_cuda_and_one_step_on_
     assert bench.steps_per_sample("cuda", 1e-5) == 50  # capped
     out = bench.run_train_timing(["bound-qv", "lora-qv"], "opt", "tiny", 2, "cpu", 2, 16)
     assert out["steps_per_sample"] == 1 and all(len(t) == 2 for t in out["times"].values())
-    assert out["loss"] == {"bound-qv": "chunked", "lora-qv": "chunked"}  # labelled as the memory run labels them
+    assert out["loss"] == {
+        "bound-qv": "chunked",
+        "lora-qv": "chunked",
+    }  # labelled as the memory run labels them
     bench._noise(out["times"])  # as the parent does: the bound timed twice leaves the table
     rows = bench._train_rows(out, [])
     assert [r["loss"] for r in rows] == ["chunked", "chunked"]
