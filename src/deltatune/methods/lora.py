@@ -81,7 +81,8 @@ class _FusedLoraLinear(torch.autograd.Function):
     size; recomputing it in backward cost one more pass over `x` per layer, ~4% of an all-linear step),
     instead of keeping the separate branch outputs; the LoRA product is added into the base output in
     place (`addmm_`), and the input gradient's LoRA term into `g W` in place, with no `[tokens, out]`
-    temporaries (DoRA keeps the one `[tokens, out]` product its magnitude's gradient needs).
+    temporaries (DoRA scales the output in place and saves it: its magnitude's gradient recovers the unscaled
+    product from it).
 
     `source` is a frozen quantized linear (`QuantizedLinear`) or None. With a quantized base, `weight` is
     None: the weight is dequantized inside forward, used and freed at once, and dequantized again in backward
