@@ -59,6 +59,42 @@ def test_mixed_batch_equals_each_row_alone(factory, grad):
         torch.testing.assert_close(mixed[i : i + 1], _alone(model, x[i : i + 1], name), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("factory", [opt, llama])
+def test_mixed_decoding_step_equals_each_row_alone_and_keeps_broken_adapters_to_their_rows(factory):
+    """One token per row without gradients (a decoding step) takes the flattened-stack path: every row through
+    every adapter's A in one product, its own block kept. Each row equals that row alone, also beside an adapter
+    whose A overflows to inf for every row (the other rows' blocks are zeroed, not multiplied by 0) and beside
+    an adapter with NaN weights (its layers fall back to the per-row gather)."""
+    model = _many(factory)
+    torch.manual_seed(5)
+    target = ["q_proj"]
+    model.add_adapter("huge", LoraConfig(r=2, target_modules=target, init_lora_weights=False))
+    model.add_adapter("nan", LoraConfig(r=3, target_modules=["v_proj"], init_lora_weights=False))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_A.huge" in name:
+                p.fill_(3e38)
+            if "lora_B.nan" in name:
+                p[0, 0] = float("nan")
+    model.eval()
+    names = ["a3", "__base__", "a0", "huge", "a1", "nan", "a2", "a4", "a5", "a6", "a7", "a3"]
+    x = ids(batch=len(names), seq=1)
+    layers = [m for m in model.modules() if isinstance(m, LoraLinear)]
+    with torch.no_grad():
+        mixed = model(input_ids=x, adapter_names=names).logits
+    flat = [m for m in layers if m._flat is not None and m._flat[0] is not None]
+    assert flat, "no layer took the flattened path"
+    assert all(m._flat == (None, None) for m in layers if "nan" in m.r)  # the NaN adapter's layers fell back
+    for i, name in enumerate(names):
+        if name == "huge":  # whatever its own row gets, the others must not notice it
+            continue
+        if name == "nan":
+            assert not torch.isfinite(mixed[i]).all()  # broken, and only for its own row
+            continue
+        with torch.no_grad():
+            torch.testing.assert_close(mixed[i : i + 1], _alone(model, x[i : i + 1], name), atol=1e-5, rtol=0)
+
+
 def test_mixed_generate_equals_each_row_alone():
     model = _many(opt)
     names = ["a1", "__base__", "a2", "a6"]

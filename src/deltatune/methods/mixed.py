@@ -34,6 +34,16 @@ class MixedBatch:
             )
         return self._rows[key]
 
+    def blocks(self, slots: tuple[str, ...], rank: int, device: torch.device) -> torch.Tensor:
+        """`[rows, (len(slots)+1) * rank]`, True on each row's own adapter's `rank` columns of a flattened stack
+        (slot 0, the base, for a row whose adapter is not in `slots`)."""
+        key = ("blocks", slots, rank, device)
+        if key not in self._rows:
+            rows = self.rows(slots, device)
+            own = rows[:, None] == torch.arange(len(slots) + 1, device=device)[None, :]
+            self._rows[key] = own.repeat_interleave(rank, dim=1)
+        return self._rows[key]
+
     def groups(self, known: set[str]) -> dict[str, list[int]]:
         """Row indices per adapter, for the adapters in `known` (others fall back to the base)."""
         out: dict[str, list[int]] = {}
