@@ -289,16 +289,22 @@ def test_openai_client_raises_its_own_exception_types(served, monkeypatch):
     with pytest.raises(openai.AuthenticationError):
         bad_key.completions.create(model="alpha", prompt="w1")
 
-    # A row that fails after its first token: the stream ends with an error event the client raises.
+    # A row that fails after its first token: the stream ends with an error event the client raises. Its first
+    # two tokens are not EOS (else, sampled unseeded, it could end before failing: a CI run saw "DID NOT RAISE"),
+    # and the third pick fails.
     real = scheduler_module.RowSampler
 
     class FailsLater(real):
         def pick(self, logits):
-            token = super().pick(logits)
-            if self.temperature == 1.25 and getattr(self, "_n", 0) >= 2:
+            if self.temperature != 1.25:
+                return super().pick(logits)
+            n = getattr(self, "_n", 0)
+            if n >= 2:
                 raise ApiError(422, "this row broke mid-way", "request_failed", "model")
-            self._n = getattr(self, "_n", 0) + 1
-            return token
+            self._n = n + 1
+            logits = logits.clone()
+            logits[sorted(engine.eos_ids)] = float("-inf")
+            return super().pick(logits)
 
     monkeypatch.setattr(scheduler_module, "RowSampler", FailsLater)
     stream = oai.completions.create(model="alpha", prompt="w1", max_tokens=10, temperature=1.25, stream=True)
