@@ -180,9 +180,8 @@ class _LoraLayer(nn.Module):
         self.disabled = False
         self._stack_key: tuple | None = None
         self._stack: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._flat: tuple[torch.Tensor, torch.Tensor] | None = (
-            None  # the stack as two matrices (decoding steps)
-        )
+        # the stack as two matrices, for decoding steps (`_flat_stack`)
+        self._flat: tuple[torch.Tensor, torch.Tensor] | tuple[None, None] | None = None
 
     @property
     def adapters(self) -> list[str]:
@@ -543,15 +542,16 @@ class LoraLinear(_LoraLayer):
         ):
             # A decoding step (one token per row): every row through every stacked adapter's A in one product,
             # each row's own block kept, then one product with every B: two reads of the (small) stacks instead of
-            # copying one A and one B per row (a gather that grows with the rows: ~8% of a 42-row step over 8
-            # adapters). The other blocks are zeroed, not multiplied by 0, so an overflow in a row's product with
-            # another adapter can't reach it; and only finite stacks take this path, since 0 × NaN in the B
-            # product would reach every row (a broken adapter's rows fail alone on the gather path).
+            # copying one A and one B per row (OPT-125m shape, 8 adapters on q/v, one thread: a 16-row step
+            # 1.074× -> 1.049× the base's, 42 rows 1.039× -> 1.027×). The other blocks are zeroed, not multiplied
+            # by 0, so an overflow in a row's product with another adapter can't reach it; and only finite stacks
+            # take this path, since 0 × NaN in the B product would reach every row (a broken adapter's rows fail
+            # alone on the gather path).
             flat = self._flat_stack(slots)
             if flat is not None:
                 a_flat, b_flat = flat
                 h = x3.view(len(mix), -1) @ a_flat.T  # [rows, (n+1)·r_max]
-                h.masked_fill_(~mix.blocks(slots, a_stack.shape[1], x.device), 0)
+                h.masked_fill_(mix.other_blocks(slots, a_stack.shape[1], x.device), 0)
                 result.view(len(mix), -1).addmm_(h, b_flat)
                 return result
         # index_select, not a_stack[rows]: the same gather, several times faster for a decoding step's small batch

@@ -34,14 +34,14 @@ class MixedBatch:
             )
         return self._rows[key]
 
-    def blocks(self, slots: tuple[str, ...], rank: int, device: torch.device) -> torch.Tensor:
-        """`[rows, (len(slots)+1) * rank]`, True on each row's own adapter's `rank` columns of a flattened stack
-        (slot 0, the base, for a row whose adapter is not in `slots`)."""
-        key = ("blocks", slots, rank, device)
+    def other_blocks(self, slots: tuple[str, ...], rank: int, device: torch.device) -> torch.Tensor:
+        """`[rows, (len(slots)+1) * rank]`, True on the columns of a flattened stack that are not the row's own
+        adapter's `rank` columns (its own: slot 0, the base, when its adapter is not in `slots`)."""
+        key = ("other_blocks", slots, rank, device)
         if key not in self._rows:
             rows = self.rows(slots, device)
-            own = rows[:, None] == torch.arange(len(slots) + 1, device=device)[None, :]
-            self._rows[key] = own.repeat_interleave(rank, dim=1)
+            other = rows[:, None] != torch.arange(len(slots) + 1, device=device)[None, :]
+            self._rows[key] = other.repeat_interleave(rank, dim=1)
         return self._rows[key]
 
     def groups(self, known: set[str]) -> dict[str, list[int]]:
