@@ -7,7 +7,7 @@ closed-loop client threads submitting rows directly, on serve_load's draws (the 
 both), alternating base-only and 8-adapter rounds so slow drifts of the machine hit both alike. It reports each
 round's tokens/s, decoding steps and the time in prefills and decoding steps, and the median ratio.
 
-    python benchmarks/serve_mixed.py [--clients 16] [--requests 2] [--rounds 3]
+    python benchmarks/serve_mixed.py [--clients 16] [--requests 2] [--rounds 3] [--small] [--out f.json]
 """
 
 from __future__ import annotations
@@ -38,11 +38,14 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=2, help="requests per client per round")
     parser.add_argument("--rounds", type=int, default=3, help="base-only / 8-adapter round pairs")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--small", action="store_true", help="a small random OPT (a quick check of the script)"
+    )
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="deltatune-serve-mixed-") as folder:
-        base, adapters, words = build(folder, small=False)
+        base, adapters, words = build(folder, small=args.small)
         engine = Engine(base, adapters, base_name="base", scheduler="continuous", max_loaded_adapters=8)
         sched = engine.scheduler
         spent = {"prefill": 0.0, "decode": 0.0}

@@ -1,7 +1,10 @@
-"""benchmarks/serve_load.py's workload: the phases it compares send the same requests."""
+"""The serving benchmarks: serve_load's phases send the same requests; serve_mixed runs end to end."""
 
 import importlib.util
+import json
 import os
+import subprocess
+import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -39,3 +42,20 @@ def test_adapter_mixes_send_the_same_requests_under_other_names():
     # Another number of clients is another draw.
     other = load.workload(17, 2, ["base"], words, 16)
     assert [b["prompt"] for b in other[0]] != [b["prompt"] for b in plans["base"][0]]
+
+
+def test_serve_mixed_runs_and_reports_paired_rounds(tmp_path):
+    """benchmarks/serve_mixed.py on a small model: every round sends the same tokens with and without adapters."""
+    out = tmp_path / "mixed.json"
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "serve_mixed.py"), "--small", "--clients", "4"]
+        + ["--requests", "1", "--rounds", "1", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "8 adapters / base tokens/s: median" in proc.stdout
+    (pair,) = json.loads(out.read_text())["rounds"]
+    assert pair["base"]["tokens"] == pair["8 adapters"]["tokens"] > 0
+    assert pair["ratio"] > 0
