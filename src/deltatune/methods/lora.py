@@ -272,10 +272,12 @@ class _LoraLayer(nn.Module):
             self._stack_key, self._stack, self._flat = key, (a_stack, b_stack), None
         return self._stack  # type: ignore[return-value]
 
-    def _flat_stack(self, slots: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The stack of `_stacked(slots)` as two matrices, `A [(n+1)·r_max, in]` and `B*scale [(n+1)·r_max, out]`,
-        for decoding steps; None when a stacked weight is not finite (see `_forward_mixed`)."""
-        a_stack, b_stack = self._stacked(slots)
+    def _flat_stack(
+        self, a_stack: torch.Tensor, b_stack: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The current stack (`_stacked`'s, just returned: a rebuild clears this one) as two matrices,
+        `A [(n+1)·r_max, in]` and `B*scale [(n+1)·r_max, out]`, for decoding steps; None when a stacked weight is
+        not finite (see `_forward_mixed`)."""
         if self._flat is None:
             with torch.no_grad():
                 finite = bool(torch.isfinite(a_stack).all()) and bool(torch.isfinite(b_stack).all())
@@ -532,7 +534,6 @@ class LoraLinear(_LoraLayer):
         if not slots:
             return result
         a_stack, b_stack = self._stacked(slots)
-        rows = mix.rows(slots, x.device)
         x3 = rows_view(x, len(mix)).to(a_stack.dtype)
         if (
             x3.shape[1] == 1
@@ -547,13 +548,14 @@ class LoraLinear(_LoraLayer):
             # by 0, so an overflow in a row's product with another adapter can't reach it; and only finite stacks
             # take this path, since 0 × NaN in the B product would reach every row (a broken adapter's rows fail
             # alone on the gather path).
-            flat = self._flat_stack(slots)
+            flat = self._flat_stack(a_stack, b_stack)
             if flat is not None:
                 a_flat, b_flat = flat
                 h = x3.view(len(mix), -1) @ a_flat.T  # [rows, (n+1)·r_max]
                 h.masked_fill_(mix.other_blocks(slots, a_stack.shape[1], x.device), 0)
                 result.view(len(mix), -1).addmm_(h, b_flat)
                 return result
+        rows = mix.rows(slots, x.device)
         # index_select, not a_stack[rows]: the same gather, several times faster for a decoding step's small batch
         h = torch.bmm(x3, a_stack.index_select(0, rows).transpose(1, 2))
         b_rows = b_stack.index_select(0, rows).transpose(1, 2)
