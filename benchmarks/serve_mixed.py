@@ -43,6 +43,9 @@ def main() -> None:
     )
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args()
+    for flag in ("clients", "requests", "rounds", "threads"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag} must be at least 1, got {getattr(args, flag)}")
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="deltatune-serve-mixed-") as folder:
         base, adapters, words = build(folder, small=args.small)
