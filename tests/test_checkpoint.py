@@ -58,6 +58,31 @@ def test_truncated_safetensors_gives_clear_error(tmp_path, cut):
         PeftModel.from_pretrained(opt(), tmp_path)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("-inf")])
+def test_non_finite_weights_are_refused_naming_a_tensor_and_the_model_stays_as_it_was(tmp_path, bad):
+    _saved(tmp_path, target_modules=["q_proj", "v_proj"])
+    path = tmp_path / "adapter_model.safetensors"
+    tensors = safetensors.torch.load_file(path)
+    poisoned = sorted(k for k in tensors if "v_proj.lora_B" in k)
+    for k in poisoned:
+        tensors[k][1, 2] = bad
+    safetensors.torch.save_file(tensors, path)
+    base = opt()
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    with pytest.raises(CheckpointError) as err:
+        PeftModel.from_pretrained(base, tmp_path)
+    msg = str(err.value)
+    assert f"adapter_model.safetensors holds NaN or inf values in {poisoned[0]} (and {len(poisoned) - 1} more)" in msg
+    assert "retrain it or use an earlier checkpoint" in msg
+    assert not any(isinstance(m, LoraLinear) for m in base.modules())
+    assert all(torch.equal(v, before[k]) for k, v in base.state_dict().items())
+    _saved(tmp_path / "good")
+    host = PeftModel.from_pretrained(opt(), tmp_path / "good", adapter_name="good")
+    with pytest.raises(CheckpointError, match="holds NaN or inf"):
+        host.load_adapter(tmp_path, adapter_name="bad")
+    assert "bad" not in host.peft_config
+
+
 def test_missing_weights_file(tmp_path):
     _saved(tmp_path)
     os.remove(tmp_path / "adapter_model.safetensors")

@@ -110,10 +110,30 @@ def test_a_tiny_temperature_is_greedy(server, reference):  # noqa: F811
 
 def test_a_poisoned_stream_fails_before_its_first_chunk_with_a_json_error(server):
     _, client = server
-    body = {"model": "nanny", "prompt": "w1", "max_tokens": 4, "stream": True, "temperature": 0}
+    # `huge`'s weights are finite; its scale (lora_alpha 1e999 / r) overflows, so its logits are NaN.
+    body = {"model": "huge", "prompt": "w1", "max_tokens": 4, "stream": True, "temperature": 0}
     r = _post(client, body)
     assert r.status_code == 422 and r.json()["error"]["code"] == "non_finite_logits"
-    assert "nanny" in r.json()["error"]["message"]
+    assert "huge" in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("name", ["nanny", "infy"])
+def test_an_adapter_with_non_finite_weights_is_refused_when_read_alone_or_beside_others(server, name, stream):
+    """NaN/inf weights are refused when the file is read, naming the adapter and a tensor: sent alone, a NaN
+    query row can come out of torch's CPU attention as finite text (no mask), so the outputs can't be relied on."""
+    engine, client = server
+    for _ in range(2):  # and again once it failed: the recorded error, not a second load
+        r = _post(client, {"model": name, "prompt": "w1", "max_tokens": 4, "stream": stream, "temperature": 0})
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert error["code"] == "adapter_invalid" and error["param"] == "model", error
+        assert f"'{name}'" in error["message"] and "holds NaN or inf values in " in error["message"], error
+        assert "lora_" in error["message"], error  # names a tensor
+    assert name not in engine.loaded_adapters
+    assert client.get("/health").json()["status"] == "ok"
+    r = _post(client, {"model": "alpha", "prompt": "w1", "max_tokens": 3, "temperature": 0})
+    assert r.status_code == 200, r.text
 
 
 # ---- no input gets a 500 -----------------------------------------------------------------------------------

@@ -645,7 +645,26 @@ def _read_adapter(directory: str, config: AnyConfig) -> dict[str, torch.Tensor]:
     check = getattr(registry.module_for(config.peft_type), "check_file_shapes", None)
     if check is not None:
         check(config, checkpoint.tensor_shapes(weights_file), directory)
-    return checkpoint.load_tensors(weights_file)
+    tensors = checkpoint.load_tensors(weights_file)
+    _check_finite(tensors, weights_file)
+    return tensors
+
+
+def _check_finite(tensors: dict[str, torch.Tensor], weights_file: str) -> None:
+    """Refuse an adapter whose weights hold NaN or inf: it can only give NaN outputs, and whether they show
+    depends on what it runs beside (torch's CPU attention turns a NaN query into finite output when no mask is
+    passed), so a broken file is named when it is read, not guessed at from its outputs."""
+    bad = [
+        name
+        for name, t in tensors.items()
+        if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all())
+    ]
+    if bad:
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise checkpoint.CheckpointError(
+            f"{os.path.basename(weights_file)} holds NaN or inf values in {bad[0]}{more}: the adapter is broken "
+            "(its training diverged, or the file was altered); retrain it or use an earlier checkpoint"
+        )
 
 
 def _is_auto_heads(config: AnyConfig) -> bool:
