@@ -242,6 +242,14 @@ def test_latency_rows_cover_every_variant():
     assert [r["vs_base"] for r in rows if r["case"] == "base"] == [1.0, 1.0]
 
 
+def test_no_peers_means_no_peft_rows_in_the_latency_table_either(tmp_path):
+    """The latency worker's own `--peers` default is 'peft': `--peers ''` must reach it."""
+    argv = ["--arch", "llama", "--size", "tiny", "--quick", "--seq", "8", "--no-train", "--no-memory"]
+    assert bench.main([*argv, "--peers", "", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "bench-llama-tiny-cpu.json").read_text())["latency"]
+    assert {r["case"] for r in rows} == set(bench.LATENCY_CASES) - {"peft", "peft-mixed8"}
+
+
 def test_gpu_check_without_cuda_prints_its_plan_and_exits_0():
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHON": sys.executable}
     proc = subprocess.run(
@@ -294,6 +302,40 @@ def test_a_run_of_only_cases_the_architecture_cannot_take_is_refused(capsys):
         bench.main(["--arch", "gpt2", "--size", "tiny", "--cases", "oft,peft-oft", "--no-memory"])
     assert e.value.code == 2
     assert "no case left to run on --arch gpt2: OFT adapts nn.Linear layers only" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--rounds", "0"], "--rounds must be at least 1, got 0"),
+        (["--batch", "-3"], "--batch must be at least 1, got -3"),
+        (["--threads", "0"], "--threads must be at least 1, got 0"),
+        (["--seq", "1"], "--seq must be from 2 to 2028 on --arch llama (its 2048 positions, less prompt"),
+        (["--arch", "bert", "--seq", "493"], "--seq must be from 2 to 492 on --arch bert (its 512 positions"),
+        (["--peers", "peft,vllm"], "--peers: unknown peer(s) ['vllm']; the one peer is 'peft' ('' for none)"),
+        (["--out", "{file}"], "is a file, not a folder; pick a folder that can be written"),
+        (["--out", "{file}/sub"], "pick a folder that can be written"),
+    ],
+)
+def test_bad_options_are_refused_before_any_work(argv, message, tmp_path, capsys, monkeypatch):
+    """Each ended a long run in a traceback, ran for minutes with a meaningless setting, or failed only when
+    writing the results at the end."""
+    (tmp_path / "a-file").write_text("")
+    argv = [a.replace("{file}", str(tmp_path / "a-file")) for a in argv]
+    monkeypatch.setattr(bench, "bench", lambda *a, **k: pytest.fail("the benchmark started"))
+    monkeypatch.setattr(bench, "_subprocess", lambda *a, **k: pytest.fail("a worker started"))
+    with pytest.raises(SystemExit) as e:
+        bench.main([*argv, "--size", "tiny"])
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_the_out_folder_is_made_before_any_work_and_the_longest_seq_is_accepted(tmp_path, monkeypatch):
+    seen = {}
+    monkeypatch.setattr(bench, "bench", lambda *a, **k: seen.setdefault("out", os.path.isdir(a[9])))
+    out = tmp_path / "new" / "results"
+    assert bench.main(["--size", "tiny", "--arch", "bert", "--seq", "492", "--out", str(out)]) == 0
+    assert seen == {"out": True} and os.listdir(out) == []  # the write check leaves nothing behind
 
 
 @pytest.mark.parametrize("bound", ["bound-prompt", "bound-prefix"])

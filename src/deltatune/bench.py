@@ -52,6 +52,24 @@ from deltatune.bench_options import (  # noqa: F401  (re-exported: bench.ARCHS, 
 )
 
 
+def _max_positions(arch: str) -> int:
+    """The longest sequence `build_model(arch, ...)` takes (BERT: its config's default)."""
+    return {"llama": 2048, "opt": 2048, "gpt2": 1024}.get(arch, 512)
+
+
+def _unwritable(folder: str) -> str | None:
+    """Why the results can't be written under `folder` (checked before any work), or None. Makes the folder."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        return "is a file, not a folder"
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):
+            pass
+    except OSError as e:
+        return e.strerror or type(e).__name__
+    return None
+
+
 def build_model(arch: str, size: str, seed: int = 0) -> nn.Module:
     """A model of `arch`'s shape at `size`, random init."""
     import transformers as tf
@@ -59,12 +77,12 @@ def build_model(arch: str, size: str, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     shape = ARCHS[arch]["sizes"][size]
     if arch == "llama":
-        config = tf.LlamaConfig(max_position_embeddings=2048, tie_word_embeddings=False, **shape)
+        config = tf.LlamaConfig(max_position_embeddings=_max_positions("llama"), tie_word_embeddings=False, **shape)
         return tf.LlamaForCausalLM(config)
     if arch == "opt":
-        return tf.OPTForCausalLM(tf.OPTConfig(max_position_embeddings=2048, **shape))
+        return tf.OPTForCausalLM(tf.OPTConfig(max_position_embeddings=_max_positions("opt"), **shape))
     if arch == "gpt2":
-        return tf.GPT2LMHeadModel(tf.GPT2Config(n_positions=1024, **shape))
+        return tf.GPT2LMHeadModel(tf.GPT2Config(n_positions=_max_positions("gpt2"), **shape))
     return tf.BertForSequenceClassification(tf.BertConfig(num_labels=2, **shape))
 
 
@@ -719,7 +737,8 @@ def bench(
                 "--rounds",
                 str(lat_rounds),
                 *common,
-                *(["--peers", "peft"] if "peft" in peers else []),
+                "--peers",
+                ",".join(peers),
             ]
         )
         latency_rows = got.get("rows", [got])
@@ -793,8 +812,19 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--device cuda: no CUDA device is available here")
     if args.amp == "fp16" and (args.device or ("cuda" if torch.cuda.is_available() else "cpu")) != "cuda":
         parser.error("--amp fp16 (with the grad scaler) needs --device cuda; on CPU use --amp bf16")
-    torch.set_num_threads(args.threads)
+    for flag in ("threads", "batch", "rounds", "steps"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            parser.error(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    longest = _max_positions(args.arch)
+    if not 2 <= args.seq <= longest - VIRTUAL_TOKENS:
+        parser.error(
+            f"--seq must be from 2 to {longest - VIRTUAL_TOKENS} on --arch {args.arch} (its {longest} positions, "
+            f"less prompt tuning's {VIRTUAL_TOKENS} virtual tokens), got {args.seq}"
+        )
     peers = tuple(p for p in args.peers.split(",") if p)
+    if unknown_peers := [p for p in peers if p != "peft"]:
+        parser.error(f"--peers: unknown peer(s) {unknown_peers}; the one peer is 'peft' ('' for none)")
+    torch.set_num_threads(args.threads)
     if args.worker:
         if args.worker == "memory":
             data = run_train_memory(
@@ -837,6 +867,8 @@ def main(argv: list[str] | None = None) -> int:
             import peft  # noqa: F401
         except ImportError:
             parser.error("--peers peft: peft is not installed (pip install peft), or pass --peers ''")
+    if args.out and (why := _unwritable(args.out)):
+        parser.error(f"--out {args.out}: {why}; pick a folder that can be written (it is made if missing)")
     bench(
         args.arch,
         args.size,
