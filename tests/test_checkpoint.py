@@ -72,7 +72,10 @@ def test_non_finite_weights_are_refused_naming_a_tensor_and_the_model_stays_as_i
     with pytest.raises(CheckpointError) as err:
         PeftModel.from_pretrained(base, tmp_path)
     msg = str(err.value)
-    assert f"adapter_model.safetensors holds NaN or inf values in {poisoned[0]} (and {len(poisoned) - 1} more)" in msg
+    assert (
+        f"adapter_model.safetensors holds NaN or inf values in {poisoned[0]} (and {len(poisoned) - 1} more)"
+        in msg
+    )
     assert "retrain it or use an earlier checkpoint" in msg
     assert not any(isinstance(m, LoraLinear) for m in base.modules())
     assert all(torch.equal(v, before[k]) for k, v in base.state_dict().items())

@@ -124,7 +124,9 @@ def test_an_adapter_with_non_finite_weights_is_refused_when_read_alone_or_beside
     query row can come out of torch's CPU attention as finite text (no mask), so the outputs can't be relied on."""
     engine, client = server
     for _ in range(2):  # and again once it failed: the recorded error, not a second load
-        r = _post(client, {"model": name, "prompt": "w1", "max_tokens": 4, "stream": stream, "temperature": 0})
+        r = _post(
+            client, {"model": name, "prompt": "w1", "max_tokens": 4, "stream": stream, "temperature": 0}
+        )
         assert r.status_code == 400, r.text
         error = r.json()["error"]
         assert error["code"] == "adapter_invalid" and error["param"] == "model", error

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -85,6 +86,50 @@ def test_max_loaded_adapters_below_one_is_refused_at_startup(files, capsys):  # 
     assert "--max-loaded-adapters must be at least 1" in capsys.readouterr().err
     assert serve_main(["--base", files["base"], "--prefill-chunk", "0"]) == 2
     assert "--prefill-chunk must be at least 1 (tokens per step), got 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--port", "70000"], "--port must be from 0 (any free port) to 65535, got 70000"),
+        (["--max-tokens-cap", "0"], "--max-tokens-cap must be at least 1, got 0"),
+        (["--max-body-bytes", "-1"], "--max-body-bytes must be at least 1, got -1"),
+        (["--max-batch", "0"], "--max-batch must be at least 1, got 0"),
+        (["--threads", "0"], "--threads must be at least 1, got 0"),
+        (["--batch-wait-ms", "nan"], "--batch-wait-ms must be a finite number of milliseconds >= 0, got nan"),
+        (
+            ["--shutdown-timeout", "-1"],
+            "--shutdown-timeout must be a finite number of seconds >= 0, got -1.0",
+        ),
+        (["--device", "tpu"], "--device 'tpu' is not a device: use auto, cpu, cuda or cuda:N"),
+        (["--device", "meta"], "--device meta: the server runs on cpu or cuda"),
+        (["--host", "no-such-host.invalid"], "--host 'no-such-host.invalid' can't be resolved"),
+        (["--port", "{busy}"], "is already in use: stop what listens there or pick another --port"),
+    ],
+)
+def test_bad_serve_options_end_with_one_line_before_the_model_loads(
+    files, capsys, monkeypatch, argv, message
+):  # noqa: F811
+    """Each was a traceback, a server that started with a setting that can't work, or an error from uvicorn
+    after the model had loaded."""
+    import deltatune.serve.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "Engine", lambda *a, **k: pytest.fail("the model started loading"))
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        argv = [a.replace("{busy}", str(busy.getsockname()[1])) for a in argv]
+        assert serve_main(["--base", files["base"], *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+
+
+def test_bad_engine_settings_are_each_named():
+    with pytest.raises(ValueError) as e:
+        Engine("unused", max_batch=0, batch_wait_ms=float("nan"), max_prefill_tokens=-2)
+    assert str(e.value) == (
+        "max_batch must be >= 1, got 0; max_prefill_tokens must be >= 0, got -2; batch_wait_ms must be >= 0, got nan"
+    )
 
 
 def test_empty_api_key_is_refused_at_startup(files, capsys, monkeypatch):  # noqa: F811

@@ -77,7 +77,9 @@ def build_model(arch: str, size: str, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     shape = ARCHS[arch]["sizes"][size]
     if arch == "llama":
-        config = tf.LlamaConfig(max_position_embeddings=_max_positions("llama"), tie_word_embeddings=False, **shape)
+        config = tf.LlamaConfig(
+            max_position_embeddings=_max_positions("llama"), tie_word_embeddings=False, **shape
+        )
         return tf.LlamaForCausalLM(config)
     if arch == "opt":
         return tf.OPTForCausalLM(tf.OPTConfig(max_position_embeddings=_max_positions("opt"), **shape))

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import gc
 import logging
+import math
 import os
+import socket
 import sys
 
 from deltatune.vocab import DTYPE_NAMES
@@ -131,7 +134,13 @@ def serve_main(argv: list[str] | None = None) -> int:
         )
     if args.adapter_slice < 0:
         return fail(f"--adapter-slice must be 0 (never pause) or more steps, got {args.adapter_slice}")
-    if args.threads:
+    if (why := _check_options(args)) is not None:
+        return fail(why)
+    if (why := _device_error(args.device, torch)) is not None:
+        return fail(why)
+    if (why := _cannot_listen(args.host, args.port)) is not None:  # before the model loads, not minutes after
+        return fail(why)
+    if args.threads is not None:
         torch.set_num_threads(args.threads)
     try:
         engine = Engine(
@@ -166,6 +175,66 @@ def serve_main(argv: list[str] | None = None) -> int:
         timeout_graceful_shutdown=args.shutdown_timeout,
     )
     return 0
+
+
+def _check_options(args: argparse.Namespace) -> str | None:
+    """The first numeric option out of its range, named with the value given (None when all are fine)."""
+    at_least_1 = {
+        "--max-tokens-cap": args.max_tokens_cap,
+        "--max-body-bytes": args.max_body_bytes,
+        "--max-batch": args.max_batch,
+        "--max-queue": args.max_queue,
+        "--threads": args.threads,
+    }
+    if not 0 <= args.port <= 65535:
+        return f"--port must be from 0 (any free port) to 65535, got {args.port}"
+    for flag, value in at_least_1.items():
+        if value is not None and value < 1:
+            return f"{flag} must be at least 1, got {value}"
+    for flag, value in (
+        ("--batch-wait-ms", args.batch_wait_ms),
+        ("--shutdown-timeout", args.shutdown_timeout),
+    ):
+        if not math.isfinite(value) or value < 0:
+            return f"{flag} must be a finite number of {'milliseconds' if 'ms' in flag else 'seconds'} >= 0, got {value}"
+    return None
+
+
+def _device_error(device: str, torch) -> str | None:
+    """Why `--device` can't be used here (None when it can): checked before the model loads."""
+    if device == "auto":
+        return None
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        return f"--device {device!r} is not a device: use auto, cpu, cuda or cuda:N"
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            return f"--device {device}: torch sees no CUDA device here; use --device cpu (or auto)"
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            return f"--device {device}: there are {torch.cuda.device_count()} CUDA device(s), numbered from 0"
+    elif parsed.type != "cpu":
+        return f"--device {device}: the server runs on cpu or cuda"
+    return None
+
+
+def _cannot_listen(host: str, port: int) -> str | None:
+    """Why the server couldn't listen on host:port (an unknown host, a port in use or not allowed), found by
+    binding it once now, as uvicorn will (SO_REUSEADDR), so the error comes before the model loads."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as e:
+        return f"--host {host!r} can't be resolved ({getattr(e, 'strerror', None) or e}); use an address such as 127.0.0.1 or 0.0.0.0"
+    family, kind, proto, _, address = infos[0]
+    try:
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(address)
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            return f"port {port} on {host} is already in use: stop what listens there or pick another --port"
+        return f"can't listen on {host} port {port}: {e.strerror or e}"
+    return None
 
 
 def freeze_startup_objects() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+import math
 import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -79,18 +80,19 @@ class Engine:
 
         from deltatune.serve.scheduler import ContinuousScheduler, StaticScheduler
 
-        if (
-            max_batch < 1
-            or batch_wait_ms < 0
-            or max_queue < 1
-            or prefill_chunk < 1
-            or adapter_slice < 0
-            or max_prefill_tokens < 0
-        ):
-            raise ValueError(
-                "max_batch, max_queue and prefill_chunk must be >= 1, batch_wait_ms, adapter_slice and "
-                "max_prefill_tokens >= 0"
-            )
+        limits = [
+            ("max_batch", max_batch, 1),
+            ("max_queue", max_queue, 1),
+            ("prefill_chunk", prefill_chunk, 1),
+            ("adapter_slice", adapter_slice, 0),
+            ("max_prefill_tokens", max_prefill_tokens, 0),
+            ("batch_wait_ms", batch_wait_ms, 0),
+        ]
+        bad = [
+            f"{k} must be >= {low}, got {v}" for k, v, low in limits if not (math.isfinite(v) and v >= low)
+        ]
+        if bad:
+            raise ValueError("; ".join(bad))
         if task not in ("auto", *TASKS, *TASKS.values()):
             raise ValueError(f"task must be 'auto' or one of {list(TASKS)}, got {task!r}")
         if scheduler not in SCHEDULERS:
