@@ -254,6 +254,66 @@ def test_merged_classifier_keeps_label_names_through_pipeline(tmp_path, classifi
     assert "classification adapter" in captured.err
 
 
+def test_generate_refuses_empty_prompts_too_many_tokens_and_a_base_without_tokenizer(
+    tmp_path, classifier, capsys
+):
+    base, adapter = classifier
+    for argv, message in [
+        (
+            ["--adapter", adapter, "--prompt", "w1", "--prompt", ""],
+            "the prompt '' gives no tokens with this tokenizer",
+        ),
+    ]:
+        assert cli.main(["generate", *argv]) == 2
+        assert message in capsys.readouterr().err
+    lm = tmp_path / "lm"
+    tiny_models.save_with_tokenizer(tiny_models.opt(), lm)
+    get_peft_model(tiny_models.opt(), LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(
+        tmp_path / "a"
+    )
+    argv = ["generate", "--base", str(lm), "--adapter", str(tmp_path / "a"), "--prompt", "w1 w2"]
+    limit = tiny_models.opt().config.max_position_embeddings
+    assert cli.main([*argv, "--max-new-tokens", str(limit)]) == 2  # was an IndexError from the position table
+    assert (
+        f"a prompt of 2 tokens and {limit} new tokens go beyond this model's {limit} positions: ask for at most "
+        f"{limit - 2} new tokens" in capsys.readouterr().err
+    )
+    assert cli.main([*argv, "--max-new-tokens", str(limit - 2)]) == 0
+    capsys.readouterr()
+    for name in os.listdir(lm):  # the model without its tokenizer: transformers makes an empty one silently
+        if name not in ("config.json", "model.safetensors", "generation_config.json"):
+            os.remove(lm / name)
+    assert cli.main(argv) == 2
+    assert f"{lm} has no tokenizer files (tokenizer.json" in capsys.readouterr().err
+    from deltatune.serve import Engine
+
+    with pytest.raises(ConfigError, match="has no tokenizer files"):
+        Engine(str(lm), device="cpu")
+
+
+def test_a_model_folder_without_tokenizer_files_is_refused_where_transformers_makes_an_empty_one(tmp_path):
+    from transformers import AutoTokenizer
+
+    from deltatune.vocab import load_tokenizer
+
+    folder = tiny_bert_folder(tmp_path / "bert")
+    assert (
+        load_tokenizer(folder)("w1 w2")["input_ids"]
+        == AutoTokenizer.from_pretrained(folder)("w1 w2")["input_ids"]
+    )
+    for name in os.listdir(folder):
+        if name.startswith(("tokenizer", "special_tokens", "vocab")):
+            os.remove(os.path.join(folder, name))
+    empty = AutoTokenizer.from_pretrained(folder)  # no error: every sentence becomes [CLS] [UNK] [SEP]
+    assert empty("w1 w2")["input_ids"] == empty("anything else")["input_ids"]
+    with pytest.raises(ConfigError, match="has no tokenizer files"):
+        load_tokenizer(folder)
+    from deltatune.train.run import _load_tokenizer
+
+    with pytest.raises(ConfigError, match="has no tokenizer files"):  # `deltatune train`'s
+        _load_tokenizer(argparse.Namespace(model=folder))
+
+
 def test_inspect_shows_label_names_and_points_at_a_run_folders_adapter(classifier, capsys):
     _, adapter = classifier
     assert cli.main(["inspect", adapter]) == 0

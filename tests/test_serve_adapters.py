@@ -108,8 +108,12 @@ def test_max_loaded_adapters_below_one_is_refused_at_startup(files, capsys):  # 
     ],
 )
 def test_bad_serve_options_end_with_one_line_before_the_model_loads(
-    files, capsys, monkeypatch, argv, message
-):  # noqa: F811
+    files,  # noqa: F811
+    capsys,
+    monkeypatch,
+    argv,
+    message,
+):
     """Each was a traceback, a server that started with a setting that can't work, or an error from uvicorn
     after the model had loaded."""
     import deltatune.serve.engine as engine_module

@@ -18,6 +18,7 @@ from deltatune import dtypes
 from deltatune.cli import HelpFormatter
 from deltatune.embedded import check_model, resolve_model
 from deltatune.errors import CheckpointError, ConfigError, short
+from deltatune.vocab import context_length
 
 if TYPE_CHECKING:
     import torch
@@ -350,12 +351,12 @@ def generate_main(argv: list[str]) -> int:
 def load_tokenizer(adapter: str, base_path: str) -> Any:
     """The adapter's own tokenizer when it was saved with one (deltatune train does), else the base's;
     left padding and a pad token, ready for batched generation."""
-    from transformers import AutoTokenizer
+    from deltatune.vocab import fix_pad_token
+    from deltatune.vocab import load_tokenizer as checked_tokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(
+    tokenizer = checked_tokenizer(
         adapter if os.path.isfile(os.path.join(adapter, "tokenizer_config.json")) else base_path
     )
-    from deltatune.vocab import fix_pad_token
 
     fix_pad_token(tokenizer)
     tokenizer.padding_side = "left"
@@ -375,6 +376,15 @@ def generate_texts(
     import torch
 
     batch = tokenizer(list(prompts), return_tensors="pt", padding=True)
+    _refuse_empty(prompts, batch)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    limit = context_length(getattr(base, "config", None), tokenizer)
+    longest = batch["input_ids"].shape[-1]
+    if limit is not None and longest + max_new_tokens > limit:
+        raise ConfigError(
+            f"a prompt of {longest} tokens and {max_new_tokens} new tokens go beyond this model's {limit} positions: "
+            f"ask for at most {max(limit - longest, 0)} new tokens, or shorten the prompt"
+        )
     torch.manual_seed(seed)
     sample = temperature > 0
     with torch.no_grad():
@@ -386,6 +396,16 @@ def generate_texts(
             **({"temperature": temperature} if sample else {}),
         )
     return [tokenizer.decode(ids, skip_special_tokens=True) for ids in out]
+
+
+def _refuse_empty(prompts: list[str], batch: Any) -> None:
+    """A prompt that tokenizes to nothing (an empty one, with a tokenizer that adds no start token) can't be run."""
+    empty = [p for p, n in zip(prompts, batch["attention_mask"].sum(-1).tolist()) if n == 0]
+    if empty:
+        raise ConfigError(
+            f"the prompt {short(empty[0], 60)} gives no tokens with this tokenizer (it adds no start token to "
+            "stand in): give some text"
+        )
 
 
 def _classify(model: Any, tokenizer: Any, prompts: list[str], info: dict) -> int:
@@ -402,6 +422,7 @@ def _classify(model: Any, tokenizer: Any, prompts: list[str], info: dict) -> int
     )
     tokenizer.padding_side = "right"  # BERT-like heads read the first token
     batch = tokenizer(prompts, return_tensors="pt", padding=True, truncation=True)
+    _refuse_empty(prompts, batch)
     with torch.no_grad():
         probs = model(**batch).logits.float().softmax(-1)
     id2label = getattr(model.get_base_model().config, "id2label", None) or {}

@@ -96,3 +96,35 @@ def fix_pad_token(tokenizer: Any, model: nn.Module | None = None) -> None:
     config = getattr(model, "config", None)
     if config is not None and getattr(config, "pad_token_id", None) is None:
         config.pad_token_id = tokenizer.pad_token_id
+
+
+def load_tokenizer(source: str, **kwargs: Any) -> Any:
+    """`AutoTokenizer.from_pretrained(source)`, refusing a local folder without tokenizer files: transformers then
+    builds an *empty* tokenizer of the model's type, with no error, that turns every text into unknown tokens (a
+    BERT folder gives `[CLS] [UNK] [SEP]` for any sentence, a GPT-2 one no tokens at all), so a run would train on
+    or answer nothing."""
+    import os
+
+    from transformers import AutoTokenizer
+
+    from deltatune.errors import ConfigError
+
+    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    if os.path.isdir(source) and len(tokenizer) <= len(set(tokenizer.all_special_tokens)):
+        raise ConfigError(
+            f"{source} has no tokenizer files (tokenizer.json, tokenizer_config.json, vocab.txt, ...), so "
+            "transformers made an empty tokenizer that maps every text to unknown tokens; copy the tokenizer "
+            "files of the model it came from into that folder"
+        )
+    return tokenizer
+
+
+def context_length(config: Any, tokenizer: Any = None) -> int | None:
+    """The most tokens (prompt and generated) a model takes: its position table's size, else the tokenizer's
+    `model_max_length` when that is a real limit; None when neither says."""
+    for key in ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    limit = getattr(tokenizer, "model_max_length", None)
+    return limit if isinstance(limit, int) and limit < 10**7 else None

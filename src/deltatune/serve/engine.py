@@ -26,7 +26,11 @@ from deltatune.serve.command import SCHEDULERS, TASKS  # noqa: F401  (the comman
 from deltatune.serve.errors import ApiError, redact
 from deltatune.serve.metrics import Metrics
 from deltatune.tools import load_base
-from deltatune.vocab import DTYPES  # fp32|float32, bf16|bfloat16, fp16|float16
+from deltatune.vocab import (  # DTYPES: fp32|float32, bf16|bfloat16, fp16|float16
+    DTYPES,
+    context_length,
+    load_tokenizer,
+)
 
 logger = logging.getLogger("deltatune.serve")
 
@@ -76,7 +80,7 @@ class Engine:
         adapter_slice: int = 16,
         max_prefill_tokens: int = 0,
     ):
-        from transformers import AutoConfig, AutoTokenizer
+        from transformers import AutoConfig
 
         from deltatune.serve.scheduler import ContinuousScheduler, StaticScheduler
 
@@ -113,7 +117,7 @@ class Engine:
         self.task = _decide_task(task, base_config, [c.task_type for c in configs.values()])
         self.registry.entries.clear()
         self.registry.register_all(found)
-        self.tokenizer = AutoTokenizer.from_pretrained(base)
+        self.tokenizer = load_tokenizer(base)
         self.base = _load_base(
             base, self.task, self.registry.entries, self.tokenizer, DTYPES[dtype], self.device
         )
@@ -128,7 +132,7 @@ class Engine:
         self.eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else min(self.eos_ids) if self.eos_ids else 0
-        self.context_length = _context_length(self.base.config, self.tokenizer)
+        self.context_length = context_length(self.base.config, self.tokenizer)
         self.vocab_size = getattr(self.base.config, "vocab_size", None) or len(self.tokenizer)
         params = inspect.signature(self.base.forward).parameters
         self.cache_kwarg = "cache" if "cache" in params else "past_key_values"
@@ -494,12 +498,3 @@ def _adapter_num_labels(entry: Entry) -> int | None:
 def _base_labels(config: Any) -> list[str]:
     id2label = getattr(config, "id2label", None) or {}
     return [str(id2label[k]) for k in sorted(id2label, key=int)]
-
-
-def _context_length(config: Any, tokenizer: Any) -> int | None:
-    for key in ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length"):
-        value = getattr(config, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    limit = getattr(tokenizer, "model_max_length", None)
-    return limit if isinstance(limit, int) and limit < 10**7 else None

@@ -272,10 +272,10 @@ def _keep_label_map(path: str, label_map: dict[str, int], ctx: Context, resume_d
 
 
 def _load_tokenizer(config: TrainConfig) -> Any:
-    from transformers import AutoTokenizer
+    from deltatune.vocab import load_tokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(resolve_model(config.model))
+        tokenizer = load_tokenizer(resolve_model(config.model))
     except OSError as e:
         raise ConfigError(_cannot_load(config.model, e)) from e
     if tokenizer.pad_token_id is None:
