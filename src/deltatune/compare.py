@@ -30,7 +30,7 @@ from deltatune import tracking
 from deltatune.config import ConfigError
 from deltatune.embedded import DEFAULT_MODEL, resolve_model
 from deltatune.methods import registry
-from deltatune.vocab import IGNORE_INDEX, fix_pad_token
+from deltatune.vocab import IGNORE_INDEX, fix_pad_token, load_tokenizer
 
 DEFAULT_METHODS = ("full", "top-layers", "houlsby", "pfeiffer", "lora")
 PEERS = {"peft": "peft-lora"}
@@ -59,10 +59,15 @@ def validate(args: argparse.Namespace) -> list[str]:
             errors.append(f"model folder {args.model!r} does not exist")
         elif not os.path.isfile(os.path.join(path, "config.json")):
             errors.append(f"{args.model!r} has no config.json: is it a Hugging Face model folder?")
-        elif args.task in TASKS:
-            problem = _task_fits(path, args.task)
-            if problem:
-                errors.append(problem)
+        else:
+            if args.task in TASKS:
+                problem = _task_fits(path, args.task)
+                if problem:
+                    errors.append(problem)
+            try:
+                load_tokenizer(path)
+            except (ValueError, OSError) as e:
+                errors.append(str(e))
     for label, source in (
         ("data", args.data),
         ("eval data", args.eval_data),
