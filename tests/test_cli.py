@@ -313,8 +313,12 @@ def test_a_model_folder_without_tokenizer_files_is_refused_where_transformers_ma
     with pytest.raises(ConfigError, match="has no tokenizer files"):  # `deltatune train`'s
         _load_tokenizer(argparse.Namespace(model=folder))
     out = tmp_path / "compare"
-    assert cli.main(["compare", "--model", folder, "--methods", "lora", "--steps", "1", "--out", str(out)]) == 2
-    assert not out.exists()  # refused before any work (each method's run failed with it, and compare said rc 0)
+    assert (
+        cli.main(["compare", "--model", folder, "--methods", "lora", "--steps", "1", "--out", str(out)]) == 2
+    )
+    assert (
+        not out.exists()
+    )  # refused before any work (each method's run failed with it, and compare said rc 0)
 
 
 def test_inspect_shows_label_names_and_points_at_a_run_folders_adapter(classifier, capsys):

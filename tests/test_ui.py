@@ -199,3 +199,31 @@ def test_playground_answers_equal_generate(tmp_path, capsys):
     )
     bad = client.post("/api/playground", json={"adapters": [str(tmp_path)], "prompt": "x"})
     assert bad.status_code == 400 and "is not an adapter folder" in bad.json()["error"]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--port", "70000"], "--port must be from 0 (any free port) to 65535, got 70000"),
+        (["--host", "no-such-host.invalid"], "--host 'no-such-host.invalid' can't be resolved"),
+        (["--port", "{busy}"], "is already in use: stop what listens there or pick another --port"),
+        (["--api-key", " "], "--api-key is set but empty: give a real key, or unset it to run without one"),
+    ],
+)
+def test_bad_ui_options_end_with_one_line_and_never_start_a_server(argv, message, capsys, monkeypatch):
+    """A port out of range was an OverflowError traceback, a bad host or a busy port an error from uvicorn after
+    start-up, and an empty key silently meant no key."""
+    import socket
+
+    import uvicorn
+
+    from deltatune import ui
+
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: pytest.fail("the server started"))
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        argv = [a.replace("{busy}", str(busy.getsockname()[1])) for a in argv]
+        assert ui.main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.startswith("deltatune ui: error: ") and err.count("\n") == 1, err

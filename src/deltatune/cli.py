@@ -160,5 +160,29 @@ def explain(error: BaseException) -> tuple[str | None, int]:
     return None, 1
 
 
+def listen_problem(host: str, port: int) -> str | None:
+    """Why a server (`serve`, `ui`) couldn't listen on host:port (a port outside 0-65535, an unknown host, a port
+    in use or not allowed), found by binding it once now as uvicorn will (SO_REUSEADDR), so that the error comes
+    before minutes of loading, not after. None when it can."""
+    import socket
+
+    if not 0 <= port <= 65535:
+        return f"--port must be from 0 (any free port) to 65535, got {port}"
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as e:
+        return f"--host {host!r} can't be resolved ({getattr(e, 'strerror', None) or e}); use an address such as 127.0.0.1 or 0.0.0.0"
+    family, kind, proto, _, address = infos[0]
+    try:
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(address)
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            return f"port {port} on {host} is already in use: stop what listens there or pick another --port"
+        return f"can't listen on {host} port {port}: {e.strerror or e}"
+    return None
+
+
 if __name__ == "__main__":
     sys.exit(main())

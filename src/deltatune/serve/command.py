@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import errno
 import gc
 import logging
 import math
 import os
-import socket
 import sys
 
 from deltatune.vocab import DTYPE_NAMES
@@ -17,7 +15,7 @@ from deltatune.vocab import DTYPE_NAMES
 TASKS = {"causal-lm": "CAUSAL_LM", "seq-cls": "SEQ_CLS"}
 SCHEDULERS = ("continuous", "static")
 
-from deltatune.cli import HelpFormatter  # noqa: E402
+from deltatune.cli import HelpFormatter, listen_problem  # noqa: E402
 
 logger = logging.getLogger("deltatune.serve")
 API_KEY_ENV = "DELTATUNE_API_KEY"
@@ -138,7 +136,7 @@ def serve_main(argv: list[str] | None = None) -> int:
         return fail(why)
     if (why := _device_error(args.device, torch)) is not None:
         return fail(why)
-    if (why := _cannot_listen(args.host, args.port)) is not None:  # before the model loads, not minutes after
+    if (why := listen_problem(args.host, args.port)) is not None:  # before the model loads, not minutes after
         return fail(why)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -186,8 +184,6 @@ def _check_options(args: argparse.Namespace) -> str | None:
         "--max-queue": args.max_queue,
         "--threads": args.threads,
     }
-    if not 0 <= args.port <= 65535:
-        return f"--port must be from 0 (any free port) to 65535, got {args.port}"
     for flag, value in at_least_1.items():
         if value is not None and value < 1:
             return f"{flag} must be at least 1, got {value}"
@@ -215,25 +211,6 @@ def _device_error(device: str, torch) -> str | None:
             return f"--device {device}: there are {torch.cuda.device_count()} CUDA device(s), numbered from 0"
     elif parsed.type != "cpu":
         return f"--device {device}: the server runs on cpu or cuda"
-    return None
-
-
-def _cannot_listen(host: str, port: int) -> str | None:
-    """Why the server couldn't listen on host:port (an unknown host, a port in use or not allowed), found by
-    binding it once now, as uvicorn will (SO_REUSEADDR), so the error comes before the model loads."""
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except (socket.gaierror, UnicodeError) as e:
-        return f"--host {host!r} can't be resolved ({getattr(e, 'strerror', None) or e}); use an address such as 127.0.0.1 or 0.0.0.0"
-    family, kind, proto, _, address = infos[0]
-    try:
-        with socket.socket(family, kind, proto) as sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind(address)
-    except OSError as e:
-        if e.errno == errno.EADDRINUSE:
-            return f"port {port} on {host} is already in use: stop what listens there or pick another --port"
-        return f"can't listen on {host} port {port}: {e.strerror or e}"
     return None
 
 

@@ -14,11 +14,12 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 
 API_KEY_ENV = "DELTATUNE_API_KEY"
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
-from deltatune.cli import HelpFormatter  # noqa: E402
+from deltatune.cli import HelpFormatter, listen_problem  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -46,9 +47,17 @@ def main(argv: list[str] | None = None) -> int:
 
     from deltatune.ui.app import create_app
 
-    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
-    if os.path.exists(args.runs) and not os.path.isdir(args.runs):
-        print(f"deltatune ui: --runs {args.runs!r} is a file; give a folder", flush=True)
+    api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV)
+    problem = None
+    if api_key is not None and not api_key.strip():
+        where = "--api-key" if args.api_key is not None else f"${API_KEY_ENV}"
+        problem = f"{where} is set but empty: give a real key, or unset it to run without one"
+    elif os.path.exists(args.runs) and not os.path.isdir(args.runs):
+        problem = f"--runs {args.runs!r} is a file; give a folder"
+    else:
+        problem = listen_problem(args.host, args.port)
+    if problem is not None:
+        print(f"deltatune ui: error: {problem}", file=sys.stderr, flush=True)
         return 2
     if args.host not in LOCAL_HOSTS and api_key is None:
         logger.warning("listening on %s without an API key: anyone who can reach it can use it", args.host)
