@@ -77,3 +77,23 @@ def test_command_line():
     assert proc.returncode == 0, proc.stderr
     last = proc.stdout.splitlines()[2].split()
     assert last[0] == "lora" and last[-1] == "3"
+
+
+@pytest.mark.parametrize(
+    "text, count",
+    [("7b", 7e9), ("7B", 7e9), ("125m", 125e6), ("1.5t", 1.5e12), ("350K", 350e3), ("175e9", 175e9)],
+)
+def test_params_take_the_counts_people_write(text, count):
+    from deltatune.estimate import param_count
+
+    assert param_count(text) == pytest.approx(count)
+
+
+@pytest.mark.parametrize("text", ["abc", "b", "", "7x", "7 billion"])
+def test_params_that_are_not_counts_say_how_to_write_one(text, capsys):
+    from deltatune import cli
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(["estimate", "--params", text])
+    assert e.value.code == 2
+    assert "is not a parameter count: write it as 7b, 125m, 1.3e9 or 175e9" in capsys.readouterr().err

@@ -148,13 +148,30 @@ def estimate(
     )
 
 
+_SUFFIXES = {"k": 1e3, "m": 1e6, "b": 1e9, "t": 1e12}
+
+
+def param_count(text: str) -> float:
+    """A parameter count as people write it: 175e9, 1.3e9, or with a suffix, 7b / 7B / 125m / 1.5t / 350k."""
+    value = text.strip()
+    scale = _SUFFIXES.get(value[-1:].lower(), 1.0)
+    try:
+        return float(value[:-1] if scale != 1.0 else value) * scale
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a parameter count: write it as 7b, 125m, 1.3e9 or 175e9"
+        ) from None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="deltatune estimate",
         description=__doc__.split("\n\n")[0],
         formatter_class=HelpFormatter,
     )
-    parser.add_argument("--params", type=float, required=True, help="parameter count, e.g. 1.3e9 or 175e9")
+    parser.add_argument(
+        "--params", type=param_count, required=True, help="parameter count, e.g. 7b, 125m, 1.3e9 or 175e9"
+    )
     parser.add_argument(
         "--method",
         default="all",
