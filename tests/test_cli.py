@@ -383,3 +383,23 @@ def test_train_options_may_come_between_overrides(capsys):
     assert cli.main(["train", "method=lora", "--overwrite", "learning_rate=1e-4"]) == 2
     err = capsys.readouterr().err
     assert "did you mean 'lr'" in err and "unrecognized arguments" not in err
+
+
+def test_outputs_that_cannot_be_written_are_refused_before_any_work(tmp_path, capsys):
+    """`demo --out FILE` trained, then ended in a ValueError traceback called a bug; `merge --out` under a file
+    loaded and merged both models first."""
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    with pytest.raises(SystemExit) as e:
+        cli.main(["demo", "--steps", "1", "--out", str(a_file)])
+    assert e.value.code == 2
+    assert f"--out {a_file}: is a file, not a folder; give a folder" in capsys.readouterr().err
+    argv = ["merge", "--base", "nowhere", "--adapter", "nowhere", "--out", str(a_file / "merged")]
+    assert cli.main(argv) == 2
+    assert (
+        f"can't write into {str(a_file)!r} (is a file, not a folder); pick another --out"
+        in capsys.readouterr().err
+    )
+    model = get_peft_model(tiny_models.opt(), LoraConfig(r=2, target_modules=["q_proj"]))
+    with pytest.raises(CheckpointError, match="is a file; save_pretrained needs a directory"):
+        model.save_pretrained(a_file)

@@ -50,24 +50,12 @@ from deltatune.bench_options import (  # noqa: F401  (re-exported: bench.ARCHS, 
     build_parser,
     skip_reason,
 )
+from deltatune.checkpoint import unwritable
 
 
 def _max_positions(arch: str) -> int:
     """The longest sequence `build_model(arch, ...)` takes (BERT: its config's default)."""
     return {"llama": 2048, "opt": 2048, "gpt2": 1024}.get(arch, 512)
-
-
-def _unwritable(folder: str) -> str | None:
-    """Why the results can't be written under `folder` (checked before any work), or None. Makes the folder."""
-    if os.path.exists(folder) and not os.path.isdir(folder):
-        return "is a file, not a folder"
-    try:
-        os.makedirs(folder, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):
-            pass
-    except OSError as e:
-        return e.strerror or type(e).__name__
-    return None
 
 
 def build_model(arch: str, size: str, seed: int = 0) -> nn.Module:
@@ -869,7 +857,7 @@ def main(argv: list[str] | None = None) -> int:
             import peft  # noqa: F401
         except ImportError:
             parser.error("--peers peft: peft is not installed (pip install peft), or pass --peers ''")
-    if args.out and (why := _unwritable(args.out)):
+    if args.out and (why := unwritable(args.out)):
         parser.error(f"--out {args.out}: {why}; pick a folder that can be written (it is made if missing)")
     bench(
         args.arch,

@@ -92,6 +92,20 @@ def write_adapter_config(directory: str, config_dict: dict) -> None:
     atomic_write_text(os.path.join(directory, CONFIG_NAME), json.dumps(config_dict, indent=2, sort_keys=True))
 
 
+def unwritable(folder: str) -> str | None:
+    """Why files can't be written into `folder` (checked before any work: a file there, a read-only or missing
+    place), or None. Makes the folder; leaves nothing else."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        return "is a file, not a folder"
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):
+            pass
+    except OSError as e:
+        return e.strerror or type(e).__name__
+    return None
+
+
 def save_adapter(directory: str, tensors: dict[str, torch.Tensor], config_dict: dict) -> None:
     """Write one adapter directory: weights first, then the config, each atomically."""
     os.makedirs(directory, exist_ok=True)

@@ -31,6 +31,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.steps < 1:
         parser.error(f"--steps must be at least 1, got {args.steps}")
+    if args.out is not None:
+        from deltatune.checkpoint import unwritable
+
+        if why := unwritable(args.out):
+            parser.error(f"--out {args.out}: {why}; give a folder the adapter can be saved in")
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 

@@ -453,7 +453,9 @@ class PeftModel(nn.Module):
         """
         save_directory = os.fspath(save_directory)
         if os.path.isfile(save_directory):
-            raise ValueError(f"{save_directory!r} is a file; save_pretrained needs a directory")
+            raise checkpoint.CheckpointError(
+                f"{save_directory!r} is a file; save_pretrained needs a directory"
+            )
         for name in selected_adapters or self.adapter_names:
             if name not in self.peft_config:
                 raise ValueError(f"no adapter named {name!r}; loaded adapters: {self.adapter_names}")

@@ -283,11 +283,13 @@ def merge_main(argv: list[str]) -> int:
         raise ConfigError(f"{short(args.out)} exists already; pick a new folder for --out")
     dtype = dtypes.torch_dtype(args.dtype)
     from deltatune.checkpoint import umask as checkpoint_umask
+    from deltatune.checkpoint import unwritable
 
     parent = os.path.dirname(os.path.abspath(args.out))
-    os.makedirs(parent, exist_ok=True)  # a folder that can't be made fails before the models load
-    if not os.access(parent, os.W_OK):
-        raise ConfigError(f"can't write into {short(parent)}; pick another --out")
+    if why := unwritable(
+        parent
+    ):  # made if missing; a place that can't be written fails before the models load
+        raise ConfigError(f"can't write into {short(parent)} ({why}); pick another --out")
     model, base_path, _ = _load(args.base, args.adapter, dtype)
     try:
         merged = model.merge_and_unload(dtype=dtype)
