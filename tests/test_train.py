@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import importlib.util
 import json
@@ -367,6 +368,24 @@ def test_causal_lm_masks_the_prompt_out_of_the_loss(tmp_path):
     )
     summary = run(config)
     assert summary["eval_perplexity"] > 1 and "eval_accuracy" not in summary
+
+
+@pytest.mark.parametrize("method, longest", [("lora", 64), ("prompt-tuning", 64 - 20)])
+def test_max_length_beyond_the_models_positions_is_cut_to_them(tmp_path, caplog, method, longest):
+    """Rows longer than OPT's 64-position table ended in an IndexError traceback inside the model."""
+    folder = tiny_opt_folder(tmp_path / "opt")
+    data_path = tmp_path / "long.jsonl"
+    rows = [{"text": " ".join(f"w{(i + j) % 90 + 1}" for j in range(150))} for i in range(8)]
+    data_path.write_text("\n".join(json.dumps(r) for r in rows))
+    config = make_config(
+        tmp_path / "run", folder, str(data_path), task="causal-lm", batch_size=2, max_steps=1, max_length=1000
+    )
+    config = dataclasses.replace(config, method=method, method_args={})
+    with caplog.at_level("WARNING"):
+        summary = run(config)
+    assert summary["train_loss"] > 0
+    assert f"max_length 1000 is more than {str(folder)!r} takes (64 positions" in caplog.text
+    assert f"sequences are cut at {longest} tokens" in caplog.text
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])

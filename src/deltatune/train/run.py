@@ -36,7 +36,7 @@ from deltatune.train.config import (
 )
 from deltatune.train.loop import Context, _catch_signals, _init_context, seed_everything
 from deltatune.train.lr_search import search_lr
-from deltatune.vocab import fix_pad_token
+from deltatune.vocab import context_length, fix_pad_token
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +69,7 @@ def run(
         raise ConfigError("invalid training config:\n  " + "\n  ".join(errors))
     if problem := check_model(config.model):  # a hub name: found in seconds, or said to be out of reach
         raise ConfigError(f"model: {problem}")
+    config = _fit_max_length(config)
     ctx = _init_context(config)
     config = resolve_dtypes(config, ctx.device)  # `auto` dtypes: what this machine computes fastest
     out = output_dir(config)
@@ -223,6 +224,43 @@ def _evaluated_on(config: TrainConfig, has_eval: bool, has_val: bool) -> str | N
             return f"{config.eval_fraction:.0%} of {config.data}, held out"
         return default_eval(config.data)
     return "validation split" if has_val else None
+
+
+def _fit_max_length(config: TrainConfig) -> TrainConfig:
+    """`max_length` cut to what the model's learned position table holds (less prompt or prefix tuning's
+    virtual tokens), with a warning: a longer row indexed past the table (an IndexError deep in the model).
+    Rotary-position models (Llama, Qwen, Mistral) compute any position, and are left as asked."""
+    from transformers import AutoConfig
+
+    try:
+        model_config = AutoConfig.from_pretrained(resolve_model(config.model))
+    except Exception:  # noqa: BLE001  (the model's own loading says what is wrong with it, later)
+        return config
+    if any(
+        getattr(model_config, k, None) is not None for k in ("rope_parameters", "rope_theta", "rope_scaling")
+    ):
+        return config
+    limit = context_length(model_config)
+    if limit is None:
+        return config
+    peft_config, _ = method_config(config.method, TASK_TYPES[config.task], **config.method_args)
+    virtual = getattr(peft_config, "num_virtual_tokens", None) or 0
+    longest = limit - virtual
+    if config.max_length <= longest:
+        return config
+    if longest < 1:
+        raise ConfigError(
+            f"method_args.num_virtual_tokens={virtual} leaves no room in the model's {limit} positions"
+        )
+    logger.warning(
+        "max_length %d is more than %s takes (%d positions%s): sequences are cut at %d tokens",
+        config.max_length,
+        short(config.model),
+        limit,
+        f", less {virtual} virtual tokens" if virtual else "",
+        longest,
+    )
+    return dataclasses.replace(config, max_length=longest)
 
 
 def _prepare_output(
