@@ -485,3 +485,11 @@ def test_optimizer_is_fused_adamw_with_the_default_loops_update():
         plain.step()
     for p, q in zip(params, copies):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("text", ["", "# lr: 1e-4\n", "\n\n"])
+def test_a_config_file_without_settings_is_refused_not_read_as_all_defaults(tmp_path, text):
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match="holds no settings \\(it is empty or only comments\\)"):
+        load_train_config(str(path))

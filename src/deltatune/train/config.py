@@ -190,13 +190,18 @@ def load_train_config(path: str | None = None, overrides: list[str] | None = Non
             raise ConfigError(f"config file not found: {short(path)}")
         try:
             with open(path, encoding="utf-8-sig") as f:
-                raw = _load_yaml(f.read()) or {}
+                raw = _load_yaml(f.read())
         except UnicodeDecodeError as e:
             raise ConfigError(
                 f"{path} is not UTF-8 text (byte offset {e.start}: {e.reason}); save it as UTF-8"
             ) from e
         except yaml.YAMLError as e:
             raise ConfigError(f"{path} is not valid YAML: {' '.join(str(e).split())[:400]}") from e
+        if raw is None:  # an empty file (or only comments): likely the wrong file, not "all defaults"
+            raise ConfigError(
+                f"{short(path)} holds no settings (it is empty or only comments); give the config you meant, "
+                "or leave out --config to train with the defaults"
+            )
         if not isinstance(raw, dict):
             raise ConfigError(f"{path} must hold a mapping of keys to values, not {type(raw).__name__}")
     for item in overrides or []:
