@@ -326,10 +326,9 @@ class Engine:
                 raise prepared
             self._load_weights(entry, prepared)
         except Exception as e:  # any failure is this adapter's: named, recorded, the server keeps serving
-            logger.warning("adapter %r failed to load", name, exc_info=True)
-            entry.error = redact(
-                str(e) if isinstance(e, (ValueError, OSError)) else f"{type(e).__name__}: {e}"
-            )
+            expected = isinstance(e, (ValueError, OSError))  # a bad file: its message says it all
+            entry.error = redact(str(e) if expected else f"{type(e).__name__}: {e}")
+            logger.warning("adapter %r failed to load: %s", name, entry.error, exc_info=not expected)
             self.registry.stats.failed_loads += 1
             self.metrics.adapter_events.labels(event="failed_load").inc()
             raise ApiError(
