@@ -92,6 +92,7 @@ def test_max_loaded_adapters_below_one_is_refused_at_startup(files, capsys):  # 
     "argv, message",
     [
         (["--port", "70000"], "--port must be from 0 (any free port) to 65535, got 70000"),
+        (["--max-prefill-tokens", "-1"], "--max-prefill-tokens must be at least 0 (0: no limit), got -1"),
         (["--max-tokens-cap", "0"], "--max-tokens-cap must be at least 1, got 0"),
         (["--max-body-bytes", "-1"], "--max-body-bytes must be at least 1, got -1"),
         (["--max-batch", "0"], "--max-batch must be at least 1, got 0"),

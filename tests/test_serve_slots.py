@@ -146,7 +146,7 @@ def test_a_negative_adapter_slice_is_refused(files, capsys):  # noqa: F811
     with pytest.raises(ValueError, match="adapter_slice"):
         Engine(files["base"], files["adapters"], base_name=BASE, device="cpu", adapter_slice=-1)
     assert serve_main(["--base", files["base"], "--adapter-slice", "-1"]) == 2
-    assert "--adapter-slice must be 0 (never pause) or more steps, got -1" in capsys.readouterr().err
+    assert "--adapter-slice must be at least 0 (0: never pause), got -1" in capsys.readouterr().err
 
 
 def test_serve_freezes_its_start_up_objects_once_the_engine_is_up(monkeypatch):

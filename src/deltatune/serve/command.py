@@ -120,18 +120,6 @@ def serve_main(argv: list[str] | None = None) -> int:
         return fail(f"{where} is set but empty: give a real key, or unset it to serve without one")
     if args.adapters is not None and not os.path.isdir(args.adapters):
         return fail(f"--adapters {args.adapters!r} is not a folder")
-    if args.max_loaded_adapters < 1:
-        return fail(
-            f"--max-loaded-adapters must be at least 1 (one batch needs one adapter in memory), got {args.max_loaded_adapters}"
-        )
-    if args.prefill_chunk < 1:
-        return fail(f"--prefill-chunk must be at least 1 (tokens per step), got {args.prefill_chunk}")
-    if args.max_prefill_tokens < 0:
-        return fail(
-            f"--max-prefill-tokens must be 0 (no limit) or more tokens, got {args.max_prefill_tokens}"
-        )
-    if args.adapter_slice < 0:
-        return fail(f"--adapter-slice must be 0 (never pause) or more steps, got {args.adapter_slice}")
     if (why := _check_options(args)) is not None:
         return fail(why)
     if (why := _device_error(args.device, torch)) is not None:
@@ -176,23 +164,28 @@ def serve_main(argv: list[str] | None = None) -> int:
 
 
 def _check_options(args: argparse.Namespace) -> str | None:
-    """The first numeric option out of its range, named with the value given (None when all are fine)."""
-    at_least_1 = {
-        "--max-tokens-cap": args.max_tokens_cap,
-        "--max-body-bytes": args.max_body_bytes,
-        "--max-batch": args.max_batch,
-        "--max-queue": args.max_queue,
-        "--threads": args.threads,
-    }
-    for flag, value in at_least_1.items():
-        if value is not None and value < 1:
-            return f"{flag} must be at least 1, got {value}"
-    for flag, value in (
-        ("--batch-wait-ms", args.batch_wait_ms),
-        ("--shutdown-timeout", args.shutdown_timeout),
+    """The first numeric option out of its range, named with the value given and what it means (None when all
+    are fine). The engine checks its own arguments too, for library callers; this names the flags."""
+    ranges = [  # flag, value, least, what the least means
+        ("--max-loaded-adapters", args.max_loaded_adapters, 1, " (one batch needs one adapter in memory)"),
+        ("--prefill-chunk", args.prefill_chunk, 1, " (tokens per step)"),
+        ("--max-prefill-tokens", args.max_prefill_tokens, 0, " (0: no limit)"),
+        ("--adapter-slice", args.adapter_slice, 0, " (0: never pause)"),
+        ("--max-tokens-cap", args.max_tokens_cap, 1, ""),
+        ("--max-body-bytes", args.max_body_bytes, 1, ""),
+        ("--max-batch", args.max_batch, 1, ""),
+        ("--max-queue", args.max_queue, 1, ""),
+        ("--threads", args.threads, 1, ""),
+    ]
+    for flag, value, least, meaning in ranges:
+        if value is not None and value < least:
+            return f"{flag} must be at least {least}{meaning}, got {value}"
+    for flag, value, unit in (
+        ("--batch-wait-ms", args.batch_wait_ms, "milliseconds"),
+        ("--shutdown-timeout", args.shutdown_timeout, "seconds"),
     ):
         if not math.isfinite(value) or value < 0:
-            return f"{flag} must be a finite number of {'milliseconds' if 'ms' in flag else 'seconds'} >= 0, got {value}"
+            return f"{flag} must be a finite number of {unit} >= 0, got {value}"
     return None
 
 
