@@ -404,6 +404,42 @@ async def main_async(args) -> dict:
     }
 
 
+def _bad_args(args: argparse.Namespace) -> str | None:
+    """The first setting out of range (they ended in a ZeroDivisionError, or ran a meaningless benchmark)."""
+    lo, hi = args.max_tokens
+    checks = [
+        (min(args.clients) >= 1, f"--clients must each be at least 1, got {args.clients}"),
+        (args.requests >= 1, f"--requests must be at least 1, got {args.requests}"),
+        (args.prompt_words >= 1, f"--prompt-words must be at least 1, got {args.prompt_words}"),
+        (1 <= lo <= hi, f"--max-tokens LO HI must have 1 <= LO <= HI, got {lo} {hi}"),
+        (0 <= args.long_share <= 1, f"--long-share must be from 0 to 1, got {args.long_share}"),
+        (args.long_tokens >= 1, f"--long-tokens must be at least 1, got {args.long_tokens}"),
+        (args.max_batch >= 1, f"--max-batch must be at least 1, got {args.max_batch}"),
+        (
+            0 <= args.batch_wait_ms < float("inf"),
+            f"--batch-wait-ms must be a finite number >= 0, got {args.batch_wait_ms}",
+        ),
+        (
+            0 < args.time_cap < float("inf"),
+            f"--time-cap must be a finite number of seconds > 0, got {args.time_cap}",
+        ),
+        (
+            0 < args.budget < float("inf"),
+            f"--budget must be a finite number of seconds > 0, got {args.budget}",
+        ),
+        (args.threads >= 1, f"--threads must be at least 1, got {args.threads}"),
+        (
+            args.adapter_slice is None or args.adapter_slice >= 0,
+            f"--adapter-slice must be at least 0, got {args.adapter_slice}",
+        ),
+        (
+            args.max_prefill_tokens >= 0,
+            f"--max-prefill-tokens must be at least 0, got {args.max_prefill_tokens}",
+        ),
+    ]
+    return next((why for ok, why in checks if not ok), None)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--clients", type=int, nargs="+", default=[16, 64])
@@ -470,6 +506,8 @@ def main() -> None:
     p.add_argument("--small", action="store_true", help="a smaller model than OPT-125m, for slow machines")
     p.add_argument("--out", default="serve_load.json")
     args = p.parse_args()
+    if why := _bad_args(args):
+        p.error(why)
     report = asyncio.run(main_async(args))
     with open(args.out, "w") as f:
         json.dump(report, f, indent=2)

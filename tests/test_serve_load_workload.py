@@ -59,3 +59,22 @@ def test_serve_mixed_runs_and_reports_paired_rounds(tmp_path):
     (pair,) = json.loads(out.read_text())["rounds"]
     assert pair["base"]["tokens"] == pair["8 adapters"]["tokens"] > 0
     assert pair["ratio"] > 0
+
+
+def test_serve_load_refuses_settings_out_of_range_before_building_anything():
+    """`--clients 0` and `--requests 0` ended in a ZeroDivisionError after the model was built; `--long-share 2`
+    ran a benchmark whose every request was long."""
+    for argv, message in [
+        (["--clients", "16", "0"], "--clients must each be at least 1, got [16, 0]"),
+        (["--requests", "0"], "--requests must be at least 1, got 0"),
+        (["--long-share", "2"], "--long-share must be from 0 to 1, got 2.0"),
+        (["--max-tokens", "9", "8"], "--max-tokens LO HI must have 1 <= LO <= HI, got 9 8"),
+    ]:
+        proc = subprocess.run(
+            [sys.executable, os.path.join(ROOT, "benchmarks", "serve_load.py"), *argv],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+        assert "serving" not in proc.stderr  # no server started
