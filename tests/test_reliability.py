@@ -180,6 +180,15 @@ EXTRA_FIELDS = [
     "logprobs",
     "echo",
     "max_completion_tokens",
+    "frequency_penalty",
+    "presence_penalty",
+    "logit_bias",
+    "best_of",
+    "suffix",
+    "tools",
+    "tool_choice",
+    "response_format",
+    "functions",
 ]
 
 

@@ -338,6 +338,56 @@ def test_chat_completions_use_the_chat_template(causal, reference):
     assert r.json()["choices"][0]["message"]["content"] == message["content"]
 
 
+UNSUPPORTED = [  # (endpoint, field, a value that would change the answer)
+    ("completions", "frequency_penalty", 1.0),
+    ("completions", "presence_penalty", -0.5),
+    ("completions", "logit_bias", {"5": 100}),
+    ("completions", "best_of", 3),
+    ("completions", "suffix", "w9"),
+    ("completions", "echo", True),
+    ("completions", "logprobs", 2),
+    ("chat/completions", "frequency_penalty", 0.3),
+    ("chat/completions", "logprobs", True),
+    ("chat/completions", "tools", [{"type": "function", "function": {"name": "f"}}]),
+    ("chat/completions", "tool_choice", "required"),
+    ("chat/completions", "response_format", {"type": "json_object"}),
+]
+
+
+def test_openai_fields_this_server_does_not_do_are_refused_by_name_and_their_defaults_accepted(
+    causal, reference
+):
+    """They were ignored: a request with frequency_penalty=1 or a logit_bias got an answer made without them."""
+    _, client = causal
+    chat = {"messages": [{"role": "user", "content": "w2 w3"}]}
+    for endpoint, field, value in UNSUPPORTED:
+        body = {
+            "model": "beta",
+            "max_tokens": 4,
+            field: value,
+            **(chat if "chat" in endpoint else {"prompt": "w1"}),
+        }
+        r = client.post(f"/v1/{endpoint}", json=body)
+        assert r.status_code == 400, (field, r.text)
+        error = r.json()["error"]
+        assert error["code"] == "unsupported" and error["param"] == field, error
+        assert error["message"].startswith(f"{field} is not supported by this server: leave it out"), error
+    defaults = {"frequency_penalty": 0, "presence_penalty": 0.0, "logit_bias": {}, "best_of": 1, "suffix": ""}
+    answer = _complete(client, "beta", "w4 w5", 6, temperature=0, **defaults)["choices"][0]["text"]
+    assert answer == reference("beta", "w4 w5", 6)
+    r = client.post(
+        "/v1/chat/completions",
+        json={
+            "model": "beta",
+            "max_tokens": 4,
+            **chat,
+            "tool_choice": "none",
+            "response_format": {"type": "text"},
+        },
+    )
+    assert r.status_code == 200, r.text
+
+
 def test_models_and_health(causal):
     engine, client = causal
     models = client.get("/v1/models").json()

@@ -69,12 +69,36 @@ class _Sampling(_Body):
     n: int | None = Field(None, ge=1, le=16)
     stream: bool | None = None
     stream_options: StreamOptions | None = None
+    # OpenAI's, read so that a value that would change the answer is refused (not silently ignored); their
+    # defaults (0, {}, ...), which clients such as LangChain send on every request, are accepted.
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    logit_bias: dict[Text, float] | None = None
+
+    def unsupported(self) -> list[tuple[str, bool]]:
+        """(field, whether this request sets it to something this server doesn't do)."""
+        return [
+            ("frequency_penalty", self.frequency_penalty not in (None, 0)),
+            ("presence_penalty", self.presence_penalty not in (None, 0)),
+            ("logit_bias", bool(self.logit_bias)),
+        ]
 
 
 class CompletionRequest(_Sampling):
     prompt: Text | list[Text] | list[StrictInt] | list[list[StrictInt]]
     echo: bool | None = None
     logprobs: int | None = None
+    best_of: int | None = Field(None, ge=1, le=16)
+    suffix: Text | None = None
+
+    def unsupported(self) -> list[tuple[str, bool]]:
+        return [
+            *super().unsupported(),
+            ("echo", bool(self.echo)),
+            ("logprobs", bool(self.logprobs)),
+            ("best_of", self.best_of not in (None, 1, self.n or 1)),  # best_of == n picks nothing
+            ("suffix", bool(self.suffix)),
+        ]
 
 
 class ContentPart(_Body):
@@ -95,6 +119,34 @@ class ChatMessage(_Body):
 class ChatRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    response_format: dict[str, Any] | None = None
+    functions: list[Any] | None = None
+
+    def unsupported(self) -> list[tuple[str, bool]]:
+        return [
+            *super().unsupported(),
+            ("logprobs", bool(self.logprobs)),
+            ("tools", bool(self.tools)),
+            ("tool_choice", self.tool_choice not in (None, "none", "auto")),
+            ("response_format", self.response_format not in (None, {"type": "text"})),
+            ("functions", bool(self.functions)),
+        ]
+
+
+def _refuse_unsupported(req: _Sampling) -> None:
+    """A 400 naming the first field set to something this server doesn't do, instead of ignoring it."""
+    for field, used in req.unsupported():
+        if used:
+            raise ApiError(
+                400,
+                f"{field} is not supported by this server: leave it out (or at its default) and send the request "
+                "again",
+                "unsupported",
+                field,
+            )
 
 
 class ClassifyRequest(_Body):
@@ -289,8 +341,7 @@ def create_app(
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
         _require_task(engine, "CAUSAL_LM", "/v1/completions")
-        if req.echo or req.logprobs:
-            raise ApiError(400, "echo and logprobs are not supported", "unsupported", "echo")
+        _refuse_unsupported(req)
         adapter = engine.resolve(req.model)
         prompts = _prompt_ids(engine, req.prompt)
         job = _Job(engine, adapter, prompts, req, req.max_tokens, max_tokens_cap, "completions", request)
@@ -299,6 +350,7 @@ def create_app(
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatRequest, request: Request):
         _require_task(engine, "CAUSAL_LM", "/v1/chat/completions")
+        _refuse_unsupported(req)
         adapter = engine.resolve(req.model)
         prompts = [_chat_ids(engine, req.messages)]
         limit = req.max_completion_tokens or req.max_tokens
