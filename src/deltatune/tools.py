@@ -286,9 +286,8 @@ def merge_main(argv: list[str]) -> int:
     from deltatune.checkpoint import unwritable
 
     parent = os.path.dirname(os.path.abspath(args.out))
-    if why := unwritable(
-        parent
-    ):  # made if missing; a place that can't be written fails before the models load
+    # Made if missing; a place that can't be written fails before the models load.
+    if why := unwritable(parent):
         raise ConfigError(f"can't write into {short(parent)} ({why}); pick another --out")
     model, base_path, _ = _load(args.base, args.adapter, dtype)
     try:
