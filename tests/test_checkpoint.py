@@ -59,7 +59,7 @@ def test_truncated_safetensors_gives_clear_error(tmp_path, cut):
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("-inf")])
-def test_non_finite_weights_are_refused_naming_a_tensor_and_the_model_stays_as_it_was(tmp_path, bad):
+def test_non_finite_weights_are_refused_naming_a_tensor_and_the_model_stays_as_it_was(tmp_path, bad, capsys):
     _saved(tmp_path, target_modules=["q_proj", "v_proj"])
     path = tmp_path / "adapter_model.safetensors"
     tensors = safetensors.torch.load_file(path)
@@ -79,7 +79,16 @@ def test_non_finite_weights_are_refused_naming_a_tensor_and_the_model_stays_as_i
     assert "retrain it or use an earlier checkpoint" in msg
     assert not any(isinstance(m, LoraLinear) for m in base.modules())
     assert all(torch.equal(v, before[k]) for k, v in base.state_dict().items())
+    from deltatune import cli
+
+    capsys.readouterr()
+    assert cli.main(["inspect", str(tmp_path)]) == 1  # `inspect` says so on a line of its own
+    assert f"weights      BROKEN: adapter_model.safetensors holds NaN or inf values in {poisoned[0]}" in (
+        capsys.readouterr().out
+    )
     _saved(tmp_path / "good")
+    assert cli.main(["inspect", str(tmp_path / "good")]) == 0
+    assert "weights      all finite" in capsys.readouterr().out
     host = PeftModel.from_pretrained(opt(), tmp_path / "good", adapter_name="good")
     with pytest.raises(CheckpointError, match="holds NaN or inf"):
         host.load_adapter(tmp_path, adapter_name="bad")

@@ -23,6 +23,10 @@ class CheckpointError(DeltatuneError, ValueError):
     """An adapter file is missing, corrupt, or doesn't fit the model; the message says which and why."""
 
 
+class NonFiniteWeightsError(CheckpointError):
+    """An adapter file's weights hold NaN or inf: it fits, but can only give NaN outputs."""
+
+
 class TrainingError(DeltatuneError, RuntimeError):
     """Training can't go on (a NaN loss, a checkpoint that doesn't fit); the message says what to do."""
 

@@ -18,7 +18,7 @@ from torch import nn
 
 from deltatune import checkpoint, inject
 from deltatune.config import AnyConfig, load_config
-from deltatune.errors import short
+from deltatune.errors import NonFiniteWeightsError, short
 from deltatune.methods import modules_to_save as mts
 from deltatune.methods import registry
 from deltatune.methods.mixed import BASE, MIXED, MixedBatch
@@ -648,11 +648,11 @@ def _read_adapter(directory: str, config: AnyConfig) -> dict[str, torch.Tensor]:
     if check is not None:
         check(config, checkpoint.tensor_shapes(weights_file), directory)
     tensors = checkpoint.load_tensors(weights_file)
-    _check_finite(tensors, weights_file)
+    check_finite(tensors, weights_file)
     return tensors
 
 
-def _check_finite(tensors: dict[str, torch.Tensor], weights_file: str) -> None:
+def check_finite(tensors: dict[str, torch.Tensor], weights_file: str) -> None:
     """Refuse an adapter whose weights hold NaN or inf: it can only give NaN outputs, and whether they show
     depends on what it runs beside (torch's CPU attention turns a NaN query into finite output when no mask is
     passed), so a broken file is named when it is read, not guessed at from its outputs."""
@@ -663,7 +663,7 @@ def _check_finite(tensors: dict[str, torch.Tensor], weights_file: str) -> None:
     ]
     if bad:
         more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
-        raise checkpoint.CheckpointError(
+        raise NonFiniteWeightsError(
             f"{os.path.basename(weights_file)} holds NaN or inf values in {bad[0]}{more}: the adapter is broken "
             "(its training diverged, or the file was altered); retrain it or use an earlier checkpoint"
         )

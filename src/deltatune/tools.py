@@ -200,7 +200,7 @@ def inspect_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="deltatune inspect",
         description="Show an adapter (method, base, ranks, modules, size, labels); with --base, check that it "
-        "fits a base model (nothing is loaded: shapes only).",
+        "fits a base model (shapes only: no model is loaded), and that its weights are finite.",
         formatter_class=HelpFormatter,
     )
     parser.add_argument("adapter", help="adapter folder (for a training run: <output_dir>/adapter)")
@@ -209,13 +209,23 @@ def inspect_main(argv: list[str]) -> int:
     )
     parser.add_argument("--json", action="store_true", help="print the summary as JSON instead of text")
     args = parser.parse_args(argv)
-    from deltatune.model import PeftModel
+    from deltatune import checkpoint
+    from deltatune.errors import NonFiniteWeightsError
+    from deltatune.model import PeftModel, check_finite
 
     info = _adapter_summary(args.adapter)
+    weights_file = checkpoint.adapter_weights_file(adapter_dir(args.adapter))
+    try:
+        check_finite(checkpoint.load_tensors(weights_file), weights_file)
+        info["weights_problem"] = ""
+    except NonFiniteWeightsError as e:
+        info["weights_problem"] = str(e)
     if args.base:
         base = load_base(resolve_model(args.base), info["task_type"], info["num_labels"], meta=True)
         try:
             PeftModel.from_pretrained(base, adapter_dir(args.adapter))
+            info["compatible"], info["problems"] = True, ""
+        except NonFiniteWeightsError:  # the shapes fit; the weights are reported on their own line
             info["compatible"], info["problems"] = True, ""
         except CheckpointError as e:
             info["compatible"], info["problems"] = False, str(e)
@@ -242,12 +252,15 @@ def inspect_main(argv: list[str]) -> int:
             f"file {info['file_bytes'] / 1024:.1f} KiB"
         )
         print("config       " + json.dumps(info["config"], sort_keys=True))
+        print(
+            f"weights      {'BROKEN: ' + info['weights_problem'] if info['weights_problem'] else 'all finite'}"
+        )
         if args.base:
             verdict = "fits" if info["compatible"] else "does NOT fit"
             print(f"base         {args.base}: {verdict}")
             if info["problems"]:
                 print(info["problems"])
-    return 0 if info.get("compatible", True) else 1
+    return 0 if info.get("compatible", True) and not info["weights_problem"] else 1
 
 
 def _load(base_path: str | None, adapter: str, dtype: torch.dtype) -> tuple[PeftModel, str, dict]:
