@@ -160,6 +160,16 @@ def explain(error: BaseException) -> tuple[str | None, int]:
     return None, 1
 
 
+def api_key_from(flag_value: str | None, env_name: str) -> tuple[str | None, str | None]:
+    """A server's API key, from `--api-key` or else the environment, and the problem with it (set but empty,
+    which would otherwise mean "no key"), for `serve` and `ui` alike."""
+    key = flag_value if flag_value is not None else os.environ.get(env_name)
+    if key is not None and not key.strip():
+        where = "--api-key" if flag_value is not None else f"${env_name}"
+        return None, f"{where} is set but empty: give a real key, or unset it to run without one"
+    return key, None
+
+
 def listen_problem(host: str, port: int) -> str | None:
     """Why a server (`serve`, `ui`) couldn't listen on host:port (a port outside 0-65535, an unknown host, a port
     in use or not allowed), found by binding it once now as uvicorn will (SO_REUSEADDR), so that the error comes

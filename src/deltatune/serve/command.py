@@ -15,7 +15,7 @@ from deltatune.vocab import DTYPE_NAMES
 TASKS = {"causal-lm": "CAUSAL_LM", "seq-cls": "SEQ_CLS"}
 SCHEDULERS = ("continuous", "static")
 
-from deltatune.cli import HelpFormatter, listen_problem  # noqa: E402
+from deltatune.cli import HelpFormatter, api_key_from, listen_problem  # noqa: E402
 
 logger = logging.getLogger("deltatune.serve")
 API_KEY_ENV = "DELTATUNE_API_KEY"
@@ -114,10 +114,9 @@ def serve_main(argv: list[str] | None = None) -> int:
         print(f"deltatune serve: error: {message}", file=sys.stderr)
         return 2
 
-    api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV)
-    if api_key is not None and not api_key.strip():
-        where = "--api-key" if args.api_key is not None else f"${API_KEY_ENV}"
-        return fail(f"{where} is set but empty: give a real key, or unset it to serve without one")
+    api_key, problem = api_key_from(args.api_key, API_KEY_ENV)
+    if problem is not None:
+        return fail(problem)
     if args.adapters is not None and not os.path.isdir(args.adapters):
         return fail(f"--adapters {args.adapters!r} is not a folder")
     if (why := _check_options(args)) is not None:

@@ -19,7 +19,7 @@ import sys
 API_KEY_ENV = "DELTATUNE_API_KEY"
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
-from deltatune.cli import HelpFormatter, listen_problem  # noqa: E402
+from deltatune.cli import HelpFormatter, api_key_from, listen_problem  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -47,15 +47,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from deltatune.ui.app import create_app
 
-    api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV)
-    problem = None
-    if api_key is not None and not api_key.strip():
-        where = "--api-key" if args.api_key is not None else f"${API_KEY_ENV}"
-        problem = f"{where} is set but empty: give a real key, or unset it to run without one"
-    elif os.path.exists(args.runs) and not os.path.isdir(args.runs):
+    api_key, problem = api_key_from(args.api_key, API_KEY_ENV)
+    if problem is None and os.path.exists(args.runs) and not os.path.isdir(args.runs):
         problem = f"--runs {args.runs!r} is a file; give a folder"
-    else:
-        problem = listen_problem(args.host, args.port)
+    problem = problem or listen_problem(args.host, args.port)
     if problem is not None:
         print(f"deltatune ui: error: {problem}", file=sys.stderr, flush=True)
         return 2
