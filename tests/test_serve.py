@@ -339,14 +339,10 @@ def test_chat_completions_use_the_chat_template(causal, reference):
 
 
 UNSUPPORTED = [  # (endpoint, field, a value that would change the answer)
-    ("completions", "frequency_penalty", 1.0),
-    ("completions", "presence_penalty", -0.5),
-    ("completions", "logit_bias", {"5": 100}),
     ("completions", "best_of", 3),
     ("completions", "suffix", "w9"),
     ("completions", "echo", True),
     ("completions", "logprobs", 2),
-    ("chat/completions", "frequency_penalty", 0.3),
     ("chat/completions", "logprobs", True),
     ("chat/completions", "tools", [{"type": "function", "function": {"name": "f"}}]),
     ("chat/completions", "tool_choice", "required"),
@@ -357,7 +353,7 @@ UNSUPPORTED = [  # (endpoint, field, a value that would change the answer)
 def test_openai_fields_this_server_does_not_do_are_refused_by_name_and_their_defaults_accepted(
     causal, reference
 ):
-    """They were ignored: a request with frequency_penalty=1 or a logit_bias got an answer made without them."""
+    """They were ignored: a request with best_of=3 or tools got an answer made without them."""
     _, client = causal
     chat = {"messages": [{"role": "user", "content": "w2 w3"}]}
     for endpoint, field, value in UNSUPPORTED:
@@ -386,6 +382,64 @@ def test_openai_fields_this_server_does_not_do_are_refused_by_name_and_their_def
         },
     )
     assert r.status_code == 200, r.text
+
+
+def _penalized_greedy(files, adapter: str, prompt: list[int], max_tokens: int, freq, pres, bias) -> list[int]:
+    """An independent greedy loop over the adapter's own model: full forward each step, then OpenAI's formula
+    (logit + bias - count * frequency_penalty - (count > 0) * presence_penalty) over the tokens generated."""
+    model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(files["base"]).eval(), os.path.join(files["adapters"], adapter)
+    )
+    ids, out = list(prompt), []
+    with torch.inference_mode():
+        for _ in range(max_tokens):
+            logits = model(input_ids=torch.tensor([ids])).logits[0, -1].clone()
+            for token, value in bias.items():
+                logits[token] += value
+            for token in set(out):
+                logits[token] -= out.count(token) * freq + pres
+            token = int(logits.argmax())
+            if token == EOS:
+                break
+            out.append(token)
+            ids.append(token)
+    return out
+
+
+@pytest.mark.parametrize("server", ["causal", "static"])
+def test_penalties_and_logit_bias_follow_openais_formula_in_both_schedulers(server, files, request):
+    engine, client = request.getfixturevalue(server)
+    prompt = [5, 9, 14]
+    cases = [
+        (1.5, 0.0, {}),
+        (0.0, 2.0, {}),
+        (0.7, 0.4, {"30": 4.0, "31": -100}),
+        (-1.0, 0.0, {}),  # negative penalties favour repeats
+    ]
+    for freq, pres, bias in cases:
+        body = {"model": "beta", "prompt": prompt, "max_tokens": 10, "temperature": 0}
+        body |= {"frequency_penalty": freq, "presence_penalty": pres, "logit_bias": bias}
+        got = client.post("/v1/completions", json=body)
+        assert got.status_code == 200, got.text
+        expected = _penalized_greedy(
+            files, "beta", prompt, 10, freq, pres, {int(k): v for k, v in bias.items()}
+        )
+        assert got.json()["choices"][0]["text"] == engine.tokenizer.decode(expected, skip_special_tokens=True)
+    plain = _complete(client, "beta", prompt, 10, temperature=0)["choices"][0]["text"]
+    assert (
+        plain
+        != client.post(
+            "/v1/completions",
+            json={**body, "frequency_penalty": 2.0, "logit_bias": {}, "presence_penalty": 0},
+        ).json()["choices"][0]["text"]
+    )  # the penalty changes this answer: the cases above are not all the plain one
+    forced = _complete(client, "beta", "w1", 5, temperature=0.9, seed=3, logit_bias={"40": 100})
+    assert forced["choices"][0]["text"] == " ".join([engine.tokenizer.decode([40])] * 5)  # even when sampling
+    for bias in ({"-1": 1}, {"999999": 1}, {"x": 1}, {"7": 101}):
+        r = client.post(
+            "/v1/completions", json={"model": "beta", "prompt": "w1", "max_tokens": 2, "logit_bias": bias}
+        )
+        assert r.status_code == 400 and r.json()["error"]["param"] == "logit_bias", r.text
 
 
 def test_models_and_health(causal):

@@ -69,19 +69,15 @@ class _Sampling(_Body):
     n: int | None = Field(None, ge=1, le=16)
     stream: bool | None = None
     stream_options: StreamOptions | None = None
-    # OpenAI's, read so that a value that would change the answer is refused (not silently ignored); their
-    # defaults (0, {}, ...), which clients such as LangChain send on every request, are accepted.
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     logit_bias: dict[Text, float] | None = None
 
     def unsupported(self) -> list[tuple[str, bool]]:
-        """(field, whether this request sets it to something this server doesn't do)."""
-        return [
-            ("frequency_penalty", self.frequency_penalty not in (None, 0)),
-            ("presence_penalty", self.presence_penalty not in (None, 0)),
-            ("logit_bias", bool(self.logit_bias)),
-        ]
+        """(field, whether this request sets it to something this server doesn't do): OpenAI's fields are read
+        so that such a value is refused, not silently ignored; their defaults (which clients such as LangChain
+        send on every request) are accepted."""
+        return []
 
 
 class CompletionRequest(_Sampling):
@@ -531,6 +527,25 @@ class _Text:
         return out
 
 
+def _adjustments(engine, req: _Sampling) -> tuple[float, float, dict[int, float]] | None:
+    """The request's penalties and logit bias for its rows' samplers (None when it sets none); a logit bias
+    must name token ids of this model's vocabulary with values from -100 to 100, as OpenAI's."""
+    bias: dict[int, float] = {}
+    for key, value in (req.logit_bias or {}).items():
+        token = int(key) if key.isascii() and key.isdigit() and len(key) < 10 else -1
+        if not 0 <= token < engine.vocab_size or not -100 <= value <= 100:
+            raise ApiError(
+                400,
+                f"logit_bias maps token ids (0 to {engine.vocab_size - 1}, as strings) to values from -100 to 100; "
+                f"got {key[:20]!r}: {value}",
+                "invalid_value",
+                "logit_bias",
+            )
+        bias[token] = float(value)
+    frequency, presence = req.frequency_penalty or 0.0, req.presence_penalty or 0.0
+    return (frequency, presence, bias) if frequency or presence or bias else None
+
+
 class _Job:
     """One completion request: its rows, their text, and the JSON or SSE answer."""
 
@@ -549,12 +564,15 @@ class _Job:
         n = req.n or 1
         temperature = 1.0 if req.temperature is None else req.temperature
         top_p = 1.0 if req.top_p is None else req.top_p
+        adjust = _adjustments(engine, req)
         rows = []
         for ids in prompts:
             _check_length(engine, len(ids), max_tokens, "max_tokens")
             for j in range(n):
                 seed = None if req.seed is None else (req.seed + j) % 2**63
-                rows.append(Row("generate", adapter, ids, max_tokens, temperature, top_p, seed))
+                rows.append(
+                    Row("generate", adapter, ids, max_tokens, temperature, top_p, seed, adjust=adjust)
+                )
         if len(rows) > MAX_ROWS_PER_REQUEST:
             raise ApiError(400, f"prompts x n must be at most {MAX_ROWS_PER_REQUEST}", "invalid_value", "n")
         self.engine, self.adapter, self.req, self.endpoint, self.request = (

@@ -30,10 +30,22 @@ def non_finite(adapter: str) -> ApiError:
 
 
 class RowSampler:
-    """One row's sampling settings and generator; `pick(logits)` is its next token."""
+    """One row's sampling settings and generator; `pick(logits)` is its next token.
+
+    OpenAI's `logit_bias` (token id -> a value added to its logit), `frequency_penalty` and `presence_penalty`
+    (subtracted from the logit of each token this row has generated: `count * frequency + presence`, as OpenAI
+    documents them) are applied to a copy of the row's logits before the choice, greedy or sampled."""
 
     def __init__(
-        self, adapter: str, temperature: float, top_p: float, seed: int | None, device: torch.device
+        self,
+        adapter: str,
+        temperature: float,
+        top_p: float,
+        seed: int | None,
+        device: torch.device,
+        frequency_penalty: float = 0.0,
+        presence_penalty: float = 0.0,
+        logit_bias: dict[int, float] | None = None,
     ):
         self.adapter = adapter
         self.temperature = float(temperature)
@@ -42,6 +54,26 @@ class RowSampler:
         self.seed = seed if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
         self.device = device
         self._generator: torch.Generator | None = None
+        self.frequency_penalty = float(frequency_penalty)
+        self.presence_penalty = float(presence_penalty)
+        self.logit_bias = dict(logit_bias or {})
+        self.penalized = bool(self.frequency_penalty or self.presence_penalty)
+        self.adjusts = self.penalized or bool(self.logit_bias)  # its logits change before the choice
+        self.counts: dict[int, int] = {}  # the tokens it generated, when penalized
+
+    def adjusted(self, logits: torch.Tensor) -> torch.Tensor:
+        """This row's logits `[vocab]` after its logit bias and penalties (a copy; `logits` as it was)."""
+        out = logits.clone()
+        if self.logit_bias:
+            ids = torch.tensor(list(self.logit_bias), device=out.device)
+            out.index_add_(
+                0, ids, torch.tensor(list(self.logit_bias.values()), dtype=out.dtype, device=out.device)
+            )
+        if self.penalized and self.counts:
+            ids = torch.tensor(list(self.counts), device=out.device)
+            counts = torch.tensor(list(self.counts.values()), dtype=out.dtype, device=out.device)
+            out.index_add_(0, ids, -(counts * self.frequency_penalty + self.presence_penalty))
+        return out
 
     def check(self, logits: torch.Tensor) -> None:
         """Raise this row's error when its logits are unusable (NaN, +inf, or nothing finite to pick)."""
@@ -53,8 +85,16 @@ class RowSampler:
             raise non_finite(self.adapter)
 
     def pick(self, logits: torch.Tensor) -> int:
-        """The next token from one row's logits `[vocab]`."""
+        """The next token from one row's logits `[vocab]` (counted, when this row is penalized)."""
         self.check(logits)
+        if self.adjusts:
+            logits = self.adjusted(logits)
+        token = self._choose(logits)
+        if self.penalized:
+            self.counts[token] = self.counts.get(token, 0) + 1
+        return token
+
+    def _choose(self, logits: torch.Tensor) -> int:
         if self.greedy:
             return int(logits.argmax())
         probs = (logits.double() / self.temperature).softmax(-1)
@@ -80,7 +120,7 @@ def pick_rows(samplers: list[RowSampler], logits: torch.Tensor) -> list[int | Ba
     for i, sampler in enumerate(samplers):
         if bad[i]:
             out.append(non_finite(sampler.adapter))
-        elif sampler.greedy:
+        elif sampler.greedy and not sampler.adjusts:
             out.append(greedy[i])
         else:
             try:

@@ -62,6 +62,8 @@ class Row:
     top_p: float = 1.0
     seed: int | None = None
     token_type_ids: list[int] | None = None
+    # (frequency_penalty, presence_penalty, logit_bias {token id: bias}), when the request sets any
+    adjust: tuple[float, float, dict[int, float]] | None = None
     sink: Callable[[tuple], None] | None = None
     cancelled: bool = False
     arrived: float = field(default_factory=time.monotonic)
@@ -263,7 +265,7 @@ class _Scheduler:
             pinned.add(row.adapter)
             if row.sampler is None:  # (a paused row keeps its own, its generator where it was)
                 row.sampler = RowSampler(
-                    row.adapter, row.temperature, row.top_p, row.seed, self.engine.device
+                    row.adapter, row.temperature, row.top_p, row.seed, self.engine.device, *(row.adjust or ())
                 )
             take.append(row)
             if cost:
