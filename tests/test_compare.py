@@ -142,6 +142,13 @@ def test_compare_causal_lm_with_peer_and_a_failing_method(tmp_path):
         (["--data", "missing.jsonl"], "not found"),
         (["--task", "causal-lm", "--model", "DISTILBERT"], "can't do task 'causal-lm'; try --task seq-cls"),
         (["--steps", "0"], "--steps must be positive"),
+        (["--methods", ","], "--methods names no method; give one or more of full, top-layers"),
+        (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+        (["--max-length", "0"], "--max-length must be at least 1, got 0"),
+        (["--latency-reps", "0"], "--latency-reps must be at least 1, got 0"),
+        (["--eval-fraction", "2"], "--eval-fraction must be in [0, 1), got 2.0"),
+        (["--price-per-hour", "-1"], "--price-per-hour must be a positive number, got -1.0"),
+        (["--epochs", "inf"], "--epochs must be a positive number, got inf"),
     ],
 )
 def test_bad_input_fails_before_anything_runs(tmp_path, capsys, argv, message):
@@ -157,6 +164,17 @@ def test_bad_input_fails_before_anything_runs(tmp_path, capsys, argv, message):
     assert compare.main([*argv, "--out", str(tmp_path / "out")]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_an_out_that_cannot_be_written_is_refused_before_anything_runs(tmp_path, capsys):
+    """Each of these ran every method first (minutes), then failed writing the results."""
+    model = save_with_tokenizer(bert_cls(), tmp_path / "bert")
+    (tmp_path / "a-file").write_text("")
+    assert compare.main(["--model", model, "--steps", "1", "--out", str(tmp_path / "a-file")]) == 2
+    assert (
+        "a-file: is a file, not a folder; pick a folder the results can be written in"
+        in capsys.readouterr().err
+    )
 
 
 def test_memory_estimate_against_the_measured_peak_on_the_default_model(tmp_path):

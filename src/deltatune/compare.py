@@ -45,6 +45,8 @@ def validate(args: argparse.Namespace) -> list[str]:
     from deltatune.data import check_source
 
     errors = []
+    if not args.methods:
+        errors.append(f"--methods names no method; give one or more of {', '.join(registry.names())}")
     for method in args.methods:
         if method not in registry.METHODS and method not in PEERS.values():
             try:
@@ -78,8 +80,19 @@ def validate(args: argparse.Namespace) -> list[str]:
             errors.append(f"{label}: {problem}")
     if args.steps is not None and args.steps <= 0:
         errors.append(f"--steps must be positive, got {args.steps}")
-    if args.epochs is not None and args.epochs <= 0:
-        errors.append(f"--epochs must be positive, got {args.epochs}")
+    if args.epochs is not None and not 0 < args.epochs < float("inf"):
+        errors.append(f"--epochs must be a positive number, got {args.epochs}")
+    for flag, value in (
+        ("--batch-size", args.batch_size),
+        ("--max-length", args.max_length),
+        ("--latency-reps", args.latency_reps),
+    ):
+        if value < 1:
+            errors.append(f"{flag} must be at least 1, got {value}")
+    if not 0 <= args.eval_fraction < 1:
+        errors.append(f"--eval-fraction must be in [0, 1), got {args.eval_fraction}")
+    if args.price_per_hour is not None and not 0 < args.price_per_hour < float("inf"):
+        errors.append(f"--price-per-hour must be a positive number, got {args.price_per_hour}")
     for method in args.lr:
         if method not in args.methods:
             errors.append(f"--lr names {method!r}, which is not among --methods")
@@ -100,6 +113,10 @@ def validate(args: argparse.Namespace) -> list[str]:
             import peft  # noqa: F401
         except ImportError:
             errors.append("--peers peft: peft is not installed (pip install peft)")
+    from deltatune.checkpoint import unwritable
+
+    if not errors and not getattr(args, "worker", None) and (why := unwritable(args.out)):
+        errors.append(f"--out {args.out}: {why}; pick a folder the results can be written in")
     return errors
 
 
