@@ -60,15 +60,17 @@ class RowSampler:
         self.penalized = bool(self.frequency_penalty or self.presence_penalty)
         self.adjusts = self.penalized or bool(self.logit_bias)  # its logits change before the choice
         self.counts: dict[int, int] = {}  # the tokens it generated, when penalized
+        self._bias: tuple[torch.Tensor, torch.Tensor] | None = None  # (ids, values), made at the first pick
 
     def adjusted(self, logits: torch.Tensor) -> torch.Tensor:
         """This row's logits `[vocab]` after its logit bias and penalties (a copy; `logits` as it was)."""
         out = logits.clone()
         if self.logit_bias:
-            ids = torch.tensor(list(self.logit_bias), device=out.device)
-            out.index_add_(
-                0, ids, torch.tensor(list(self.logit_bias.values()), dtype=out.dtype, device=out.device)
-            )
+            if self._bias is None or self._bias[1].dtype != out.dtype:  # the same at every step: made once
+                ids = torch.tensor(list(self.logit_bias), device=out.device)
+                values = torch.tensor(list(self.logit_bias.values()), dtype=out.dtype, device=out.device)
+                self._bias = (ids, values)
+            out.index_add_(0, *self._bias)
         if self.penalized and self.counts:
             ids = torch.tensor(list(self.counts), device=out.device)
             counts = torch.tensor(list(self.counts.values()), dtype=out.dtype, device=out.device)
