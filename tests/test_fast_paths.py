@@ -265,6 +265,54 @@ def test_fused_dora_with_zero_magnitudes_matches_plain_path(factory, targets, mo
         torch.testing.assert_close(fused_grads[name], plain_grads[name], atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("rows_cancel", [0, 3])
+def test_dora_row_norms_by_expansion_equal_the_direct_norms(rows_cancel):
+    """The fused DoRA's norms come from `||W_i||²`, `A Wᵀ` and `A Aᵀ` (no `[out, in]` sum); against the norm of
+    the sum made by hand, in float64. Rows where `W + sBA` nearly cancels fall back to the direct norm."""
+    g = torch.Generator().manual_seed(0)
+    out_f, in_f, r, scale = 48, 40, 4, 2.0
+    w = torch.randn(out_f, in_f, generator=g) * 0.05
+    a = torch.randn(r, in_f, generator=g) * 0.1
+    b = torch.randn(out_f, r, generator=g) * 0.01
+    if rows_cancel:  # W_i = -s (BA)_i + a little: its norm ~1e-3 of ||W_i||, below what the sums resolve well
+        b[:rows_cancel] = torch.randn(rows_cancel, r, generator=g)
+        w[:rows_cancel] = -scale * (b[:rows_cancel] @ a) + 1e-3 * torch.randn(rows_cancel, in_f, generator=g)
+    direct = torch.linalg.norm(torch.addmm(w, b, a, alpha=scale), dim=1)  # what the plain path computes
+    weight_sq = torch.linalg.vector_norm(w, dim=1).square()
+    norms = lora_method._dora_row_norms(w, a, b, scale, a @ w.T, weight_sq)
+    if rows_cancel:  # the expansion's sums would lose the rows' norms: the layer's norms are the direct ones
+        assert torch.equal(norms, direct)
+    else:
+        expected = torch.linalg.norm(w.double() + scale * b.double() @ a.double(), dim=1)
+        torch.testing.assert_close(norms.double(), expected, atol=0, rtol=1e-6)
+        assert not torch.equal(norms, direct)  # (computed the other way)
+    assert torch.equal(lora_method._dora_row_norms(w, a, b, scale, None, None), direct)
+
+
+def test_fused_dora_sees_a_changed_base_weight(monkeypatch):
+    """The fused DoRA keeps the frozen weight's row norms between steps; an in-place change of the base weight
+    (a merge, a reload) must be seen: after one, the fused output still equals the plain path's."""
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "fc1"], use_dora=True)
+    x = ids(batch=2, seq=6)
+    models = {fused: _ours(opt, config, fused, monkeypatch) for fused in (True, False)}
+    outs = {}
+    for change in (False, True):
+        for fused, model in models.items():
+            monkeypatch.setattr(lora_method, "FUSED", fused)
+            if change:
+                with torch.no_grad():
+                    for name, p in model.named_parameters():
+                        if name.endswith("base_layer.weight"):
+                            p.mul_(1.5)
+            outs[fused] = _step(model, x)
+        torch.testing.assert_close(outs[True][0], outs[False][0], atol=1e-5, rtol=1e-5)
+        for name in outs[True][1]:
+            torch.testing.assert_close(outs[True][1][name], outs[False][1][name], atol=1e-5, rtol=1e-4)
+        if not change:
+            before = outs[True][0]
+    assert not torch.allclose(before, outs[True][0])
+
+
 def test_fused_path_trains_the_bias_when_asked(monkeypatch):
     x = ids(batch=2, seq=6)
     grads = []

@@ -84,6 +84,13 @@ class _FusedLoraLinear(torch.autograd.Function):
     temporaries (DoRA scales the output in place and saves it: its magnitude's gradient recovers the unscaled
     product from it).
 
+    DoRA's row norms `||W + s B A||` are, on the CPU, not computed from the `[out, in]` sum (which wrote and
+    read a weight-sized tensor per layer: ~3% of a Llama-125m all-linear step) but expanded:
+    `||W_i||² + 2s B_i·(A W_iᵀ) + s² B_i (A Aᵀ) B_iᵀ`, with `||W_i||²` of the frozen weight passed in (cached by
+    the layer) and `A Wᵀ` taken from the base matmul itself, whose input gets A's r rows appended
+    (`[x; A] Wᵀ`: r more rows in a GEMM of `tokens` rows). Where the sum cancels (a row of `W + sBA` under
+    1/10 of `W`'s in norm) the norms are computed directly, as on other devices.
+
     `source` is a frozen quantized linear (`QuantizedLinear`) or None. With a quantized base, `weight` is
     None: the weight is dequantized inside forward, used and freed at once, and dequantized again in backward
     only if the input needs a gradient, so at most one layer's full-precision weight is alive at any time
@@ -91,13 +98,18 @@ class _FusedLoraLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, magnitude, scale: float, source):
+    def forward(ctx, x, weight, bias, lora_a, lora_b, magnitude, scale: float, source, weight_sq):
         x2 = x.reshape(-1, x.shape[-1])
         w = source.dequantize() if source is not None else weight
-        out = F.linear(x2, w)
+        ctx.dora = magnitude is not None
+        expand = ctx.dora and x2.device.type == "cpu"
+        if expand:  # DoRA's `A Wᵀ` from the same GEMM (see above); `out`: a contiguous view of its first rows
+            both = F.linear(torch.cat([x2, lora_a]), w)
+            out, a_w = both[: x2.shape[0]], both[x2.shape[0] :]
+        else:
+            out = F.linear(x2, w)
         xa = x2 @ lora_a.T  # [tokens, r]
         out.addmm_(xa, lora_b.T, alpha=scale)
-        ctx.dora = magnitude is not None
         # DoRA's magnitude gradient needs the unscaled product `x Wᵀ + s x Aᵀ Bᵀ`. On the CPU it is recovered in
         # backward from the output (`(y - b) / factor`), so the scaling is done in place and no second
         # `[tokens, out]` tensor is made or kept. The product itself is kept when a magnitude is 0 (factor 0: the
@@ -105,7 +117,7 @@ class _FusedLoraLinear(torch.autograd.Function):
         product = None
         if ctx.dora:
             with torch.no_grad():
-                norm = torch.linalg.norm(torch.addmm(w, lora_b, lora_a, alpha=scale), dim=1)
+                norm = _dora_row_norms(w, lora_a, lora_b, scale, a_w if expand else None, weight_sq)
             factor = magnitude.detach() / norm
             if out.device.type == "cpu" and bool((factor != 0).all()):
                 out.mul_(factor)
@@ -157,7 +169,24 @@ class _FusedLoraLinear(torch.autograd.Function):
             grad_a = g_b.T @ x2
         if ctx.needs_input_grad[4]:
             grad_b = (xa.T @ g).mul_(scale).T
-        return grad_x, None, grad_bias, grad_a, grad_b, grad_m, None, None
+        return grad_x, None, grad_bias, grad_a, grad_b, grad_m, None, None, None
+
+
+def _dora_row_norms(w, lora_a, lora_b, scale: float, a_w, weight_sq) -> torch.Tensor:
+    """`||W + s B A||` per output row. Given `a_w = A Wᵀ` (`[r, out]`), by the expansion
+    `||W_i||² + s B_i·(2 (A Wᵀ)ᵀ_i + s (A Aᵀ) B_iᵀ)`, in fp32 and without an `[out, in]` temporary (`weight_sq`, the
+    `||W_i||²`, is computed here when not given); directly when `a_w` is None or where the expansion cancels."""
+    if a_w is not None:
+        a, b = lora_a.float(), lora_b.float()
+        if weight_sq is None:
+            weight_sq = torch.linalg.vector_norm(w, dim=1, dtype=torch.float32).square_()
+        # 2 (A Wᵀ)ᵀ + s B (A Aᵀ): [out, r]; then sum_k B_ik * that_ik
+        inner = torch.addmm(a_w.T.float(), b, a @ a.T, beta=2, alpha=scale)
+        sq = torch.linalg.vecdot(b, inner, dim=1).mul_(scale).add_(weight_sq)
+        # under (1/10)² of ||W_i||², fp32 rounding of the two sums would show in the norm: compute it directly
+        if not bool((sq < weight_sq * 0.01).any()):
+            return sq.sqrt_().to(w.dtype)
+    return torch.linalg.norm(torch.addmm(w, lora_b, lora_a, alpha=scale), dim=1)
 
 
 class _LoraLayer(nn.Module):
@@ -508,9 +537,26 @@ class LoraLinear(_LoraLayer):
             del w
             out.addmm_(x2 @ a.T, b.T, alpha=scale)
             return out.view(*x.shape[:-1], out.shape[-1])
+        weight_sq = None
+        if magnitude is not None and not quantized and x.device.type == "cpu":
+            weight_sq = self._weight_sq_norms(weight)
+        source = base if quantized else None
         return _FusedLoraLinear.apply(
-            x, None if quantized else weight, bias, a, b, magnitude, scale, base if quantized else None
+            x, None if quantized else weight, bias, a, b, magnitude, scale, source, weight_sq
         )
+
+    def _weight_sq_norms(self, weight: torch.Tensor) -> torch.Tensor:
+        """`||W_i||²` per output row of the frozen float weight (`[out, in]`), fp32, for the fused DoRA's norms;
+        kept while the weight's storage and version stay the same (an in-place change, a merge, a reload or a
+        move makes them again; a change through `weight.data`, which autograd's version counter doesn't see, is
+        not seen here either: change a weight under `torch.no_grad()`)."""
+        key = (weight.data_ptr(), weight._version, weight.dtype, weight.device)
+        cached = self.__dict__.get("_weight_sq")
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                cached = (key, torch.linalg.vector_norm(weight, dim=1, dtype=torch.float32).square_())
+            self.__dict__["_weight_sq"] = cached
+        return cached[1]
 
     def _dora_delta(
         self, x: torch.Tensor, base_result: torch.Tensor, name: str, dropped: bool
