@@ -214,8 +214,10 @@ def test_fused_path_matches_plain_path_dora_and_quantized(factory, targets, quan
 @pytest.mark.parametrize(
     ("factory", "targets"), [(opt, ["q_proj", "v_proj", "fc1"]), (gpt2, ["c_attn"]), (llama, "all-linear")]
 )
-def test_fused_dora_equals_peft_dora(factory, targets, monkeypatch):
+@pytest.mark.parametrize("by_expansion", [True, False])
+def test_fused_dora_equals_peft_dora(factory, targets, by_expansion, monkeypatch):
     peft = pytest.importorskip("peft")
+    monkeypatch.setattr(lora_method, "DORA_NORMS_BY_EXPANSION", by_expansion)
     config = dict(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False, use_dora=True)
     x = ids(batch=2, seq=6)
     calls = _count_fused(monkeypatch)

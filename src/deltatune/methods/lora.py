@@ -69,6 +69,9 @@ DEFAULT_TARGETS: dict[str, list[str]] = {
 # The fused LoRA linear (below) can be turned off, e.g. to compare against the plain path:
 # `deltatune.methods.lora.FUSED = False` or DELTATUNE_FUSED_LORA=0.
 FUSED = os.environ.get("DELTATUNE_FUSED_LORA", "1") != "0"
+# DoRA's row norms by expansion on the CPU (see `_FusedLoraLinear`); False computes them from `W + sBA` directly,
+# as other devices do (`benchmarks/dora_norms.py` times both)
+DORA_NORMS_BY_EXPANSION = True
 # quantized bases the fused path dequantizes itself (bitsandbytes' LLM.int8 matmul is not a dequantize + matmul)
 _FUSED_QUANT = {("nf4", "bitsandbytes"), ("int8", "torch")}
 
@@ -102,7 +105,7 @@ class _FusedLoraLinear(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])
         w = source.dequantize() if source is not None else weight
         ctx.dora = magnitude is not None
-        expand = ctx.dora and x2.device.type == "cpu"
+        expand = ctx.dora and x2.device.type == "cpu" and DORA_NORMS_BY_EXPANSION
         if expand:  # DoRA's `A Wᵀ` from the same GEMM (see above); `out`: a contiguous view of its first rows
             both = F.linear(torch.cat([x2, lora_a]), w)
             out, a_w = both[: x2.shape[0]], both[x2.shape[0] :]
