@@ -326,3 +326,13 @@ def test_bad_config_fails_before_any_model(kwargs, message):
 def test_adapter_name_with_path_is_refused():
     with pytest.raises(ValueError, match="invalid adapter name"):
         get_peft_model(opt(), LoraConfig(r=2), adapter_name="../x")
+
+
+def test_a_plain_string_target_that_names_modules_says_to_pass_a_list():
+    # a string is a full-match regex (PEFT's rule), so "q_proj" matches no full name; the error says how to
+    # match by name, and the list form then works
+    with pytest.raises(ValueError, match=r"full-match regex .* target_modules=\['q_proj'\]\)"):
+        get_peft_model(opt(), LoraConfig(r=2, target_modules="q_proj"))
+    with pytest.raises(ValueError, match=r"matched no module to adapt\. Adaptable"):  # no hint: no such name
+        get_peft_model(opt(), LoraConfig(r=2, target_modules="query"))
+    assert get_peft_model(opt(), LoraConfig(r=2, target_modules=["q_proj"])).adapter_names == ["default"]

@@ -424,3 +424,28 @@ def test_more_hostile_train_settings_are_config_errors(override, message):
 
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
         load_train_config(None, [override])
+
+
+def test_first_hour_mistakes_with_the_wrapped_model_get_clear_errors(tmp_path):
+    # a typo in a method name names the PeftModel (not only its base) and suggests the right name
+    model = get_peft_model(tiny_models.opt(), LoraConfig(r=2))
+    with pytest.raises(AttributeError) as e:
+        model.print_trainable_params()
+    assert str(e.value) == (
+        "'PeftModel' object has no attribute 'print_trainable_params', nor has its base model (OPTForCausalLM); "
+        "did you mean 'print_trainable_parameters'?"
+    )
+    assert not hasattr(model, "merge_and_unlaod") and hasattr(model, "config")  # passthrough still works
+    model.save_pretrained(tmp_path / "a")
+    # a path where the loaded base model goes
+    with pytest.raises(TypeError, match=r"must be a loaded torch.nn.Module, got str 'opt'; load it first"):
+        PeftModel.from_pretrained("opt", tmp_path / "a")
+    # the base that get_peft_model changed in place, given again: names the cause and the two ways out
+    base = tiny_models.opt()
+    get_peft_model(base, LoraConfig(r=2))
+    with pytest.raises(
+        ValueError, match=r"holds an adapter named 'default' already .* change the model .* in place"
+    ):
+        PeftModel.from_pretrained(base, tmp_path / "a")
+    with pytest.raises(ValueError, match=r"load a saved one with load_adapter"):
+        PeftModel.from_pretrained(model, tmp_path / "a")

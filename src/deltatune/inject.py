@@ -215,8 +215,14 @@ def find_targets(
             f"be adapted. Adaptable modules: {suggest(model, adaptable)}"
         )
     if not candidates:
+        hint = ""
+        if isinstance(target_modules, str) and any(matches(n, [target_modules]) for n, _ in modules if n):
+            hint = (
+                f" (a string is a full-match regex over the whole module name, PEFT's rule: for the modules "
+                f"named {target_modules!r} pass a list, target_modules=[{target_modules!r}])"
+            )
         raise ValueError(
-            f"target_modules={target_modules!r} matched no module to {what}. "
+            f"target_modules={target_modules!r} matched no module to {what}{hint}. "
             f"Adaptable modules in this model: {suggest(model, adaptable)}"
         )
     return candidates

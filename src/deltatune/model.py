@@ -49,7 +49,23 @@ class PeftModel(nn.Module):
     def __init__(self, model: nn.Module, peft_config: AnyConfig, adapter_name: str = DEFAULT_ADAPTER):
         super().__init__()
         if isinstance(model, PeftModel):
-            raise ValueError("this model is already wrapped; use add_adapter() to add another adapter")
+            raise ValueError(
+                "this model is already wrapped; add another adapter to it with add_adapter(name, config), or "
+                "load a saved one with load_adapter(path, adapter_name=...)"
+            )
+        if not isinstance(model, nn.Module):
+            raise TypeError(
+                f"the base model must be a loaded torch.nn.Module, got {type(model).__name__} {short(model, 80)}; "
+                "load it first, e.g. AutoModelForCausalLM.from_pretrained(path)"
+            )
+        held = [n for n, m in inject.delta_layers(model) if adapter_name in getattr(m, "adapters", ())]
+        if held:
+            raise ValueError(
+                f"this model holds an adapter named {adapter_name!r} already (in {held[0]!r}): get_peft_model "
+                "and PeftModel.from_pretrained change the model they are given in place. Load a fresh base "
+                "model, or add the adapter to the PeftModel that wraps this one with load_adapter(path, "
+                "adapter_name=...) or add_adapter(name, config)"
+            )
         self.base_model = model
         self.peft_config: dict[str, AnyConfig] = {}
         self.active_adapter: str = adapter_name
@@ -63,7 +79,12 @@ class PeftModel(nn.Module):
         except AttributeError:
             if name == "base_model":
                 raise
+        try:
             return getattr(self.base_model, name)
+        except AttributeError as e:
+            if getattr(e, "name", None) not in (None, name):
+                raise  # an AttributeError from inside one of the base model's own properties
+            raise _MissingAttribute(self, name) from None
 
     def get_base_model(self) -> nn.Module:
         """The underlying model (with the adapter layers still in it)."""
@@ -597,6 +618,27 @@ def dequantized_linear(
         if bias is not None:
             linear.bias.copy_(bias.to(dtype))
     return linear
+
+
+class _MissingAttribute(AttributeError):
+    """Neither the `PeftModel` nor its base model has the attribute: says so for both and suggests the closest
+    name. The message is made only when shown, so `hasattr()` (which transformers calls often) stays cheap."""
+
+    def __init__(self, model: PeftModel, name: str):
+        super().__init__(name)
+        self.name = name  # set, so Python doesn't add a "Did you mean" of its own from the base model
+        self._model = model
+
+    def __str__(self) -> str:
+        import difflib
+
+        base = self._model.base_model
+        known = {n for n in set(dir(self._model)) | set(dir(base)) if not n.startswith("_")}
+        close = difflib.get_close_matches(self.name, sorted(known), n=1, cutoff=0.7)
+        return (
+            f"'PeftModel' object has no attribute {self.name!r}, nor has its base model "
+            f"({type(base).__name__})" + (f"; did you mean {close[0]!r}?" if close else "")
+        )
 
 
 ADAPTER_NAME_RULE = (
