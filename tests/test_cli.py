@@ -403,3 +403,21 @@ def test_outputs_that_cannot_be_written_are_refused_before_any_work(tmp_path, ca
     model = get_peft_model(tiny_models.opt(), LoraConfig(r=2, target_modules=["q_proj"]))
     with pytest.raises(CheckpointError, match="is a file; save_pretrained needs a directory"):
         model.save_pretrained(a_file)
+
+
+def test_train_options_spelt_like_compare_s_and_a_run_folder_as_config_say_what_was_meant(tmp_path, capsys):
+    """`deltatune train --max-steps 3` (compare's style) ended in argparse's bare "unrecognized arguments";
+    `--config runs/mine` (the run folder, not its train_config.yaml) named no file to use."""
+    for argv, meant in (
+        (["--max-steps", "3"], "max_steps=3"),
+        (["--max-steps=3", "lr=1e-3"], "max_steps=3"),
+        (["--epochs"], "epochs=..."),
+    ):
+        with pytest.raises(SystemExit) as e:
+            cli.main(["train", *argv])
+        assert e.value.code == 2
+        assert f"; train settings are key=value overrides: {meant}" in capsys.readouterr().err
+    (tmp_path / "train_config.yaml").write_text("method: lora\n")
+    assert cli.main(["train", "--config", str(tmp_path), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert f"is a folder; give a YAML file (a run's settings: '{tmp_path}/train_config.yaml')" in err

@@ -140,3 +140,19 @@ def test_streaming_settings_are_validated():
         config_from_dict({"streaming": True, "group_by_length": True, "eval_fraction": 0.1})
     for message in ("set max_steps", "eval_fraction can't hold rows", "group_by_length needs", "set labels"):
         assert message in str(e.value)
+
+
+def test_a_stream_without_eval_data_says_why_nothing_is_evaluated(tmp_path):
+    """A streamed run without eval_data warned "no eval data and val_fraction=0" though val_fraction was left at
+    its default: a stream can't be split, which the warning now says, with what to do."""
+    from deltatune.train import config_from_dict
+    from deltatune.train.config import needs_validation, why_no_evaluation
+
+    shards = write_shards(tmp_path / "shards")
+    stream = config_from_dict({"task": "causal-lm", "data": shards, "streaming": True, "max_steps": 2})
+    assert stream.val_fraction > 0 and not needs_validation(stream, has_eval=False)
+    assert why_no_evaluation(stream) == (
+        "no eval data, and streamed data can't be split for a validation set; give eval_data to evaluate"
+    )
+    off = config_from_dict({"task": "causal-lm", "data": shards, "val_fraction": 0})
+    assert why_no_evaluation(off) == "no eval data and val_fraction=0"

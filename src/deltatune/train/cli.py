@@ -35,7 +35,10 @@ def parser() -> argparse.ArgumentParser:
 
 def train_main(argv: list[str]) -> int:
     """`deltatune train --config FILE [key=value ...] [--resume | --overwrite]`."""
-    args = parser().parse_intermixed_args(argv)  # options may come between key=value overrides
+    p = parser()
+    args, unknown = p.parse_known_intermixed_args(argv)  # options may come between key=value overrides
+    if unknown:
+        p.error(_unknown_options(unknown, argv))
     from deltatune.errors import DeltatuneError
 
     try:
@@ -56,6 +59,19 @@ def train_main(argv: list[str]) -> int:
 
 
 main = train_main
+
+
+def _unknown_options(unknown: list[str], argv: list[str]) -> str:
+    """argparse's message, and for an option like `--max-steps 3` (as `compare` takes them) the override meant."""
+    message = f"unrecognized arguments: {' '.join(unknown)}"
+    option = next((a for a in unknown if a.startswith("--") and len(a) > 2), None)
+    if option is None:
+        return message
+    name, _, value = option[2:].partition("=")
+    at = argv.index(option) + 1
+    if not value and at < len(argv) and not argv[at].startswith("-") and "=" not in argv[at]:
+        value = argv[at]
+    return f"{message}; train settings are key=value overrides: {name.replace('-', '_')}={value or '...'}"
 
 
 def _print_summary(summary: dict[str, Any]) -> None:

@@ -185,7 +185,9 @@ def load_train_config(path: str | None = None, overrides: list[str] | None = Non
     raw: dict[str, Any] = {}
     if path is not None:
         if os.path.isdir(path):
-            raise ConfigError(f"--config {short(path)} is a folder; give a YAML file (see configs/)")
+            inside = os.path.join(path, "train_config.yaml")
+            meant = f" (a run's settings: {short(inside)})" if os.path.isfile(inside) else ""
+            raise ConfigError(f"--config {short(path)} is a folder; give a YAML file{meant} (see configs/)")
         if not os.path.isfile(path):
             raise ConfigError(f"config file not found: {short(path)}")
         try:
@@ -556,6 +558,15 @@ def needs_validation(config: TrainConfig, has_eval: bool) -> bool:
     if not config.val_fraction or (config.streaming and not automatic):
         return False  # a streamed set can't be split; validate() refuses automatic choices on one
     return automatic or not has_eval
+
+
+def why_no_evaluation(config: TrainConfig) -> str:
+    """Why a run without eval data evaluates nothing (`needs_validation` said no)."""
+    if config.streaming and config.val_fraction:
+        return (
+            "no eval data, and streamed data can't be split for a validation set; give eval_data to evaluate"
+        )
+    return "no eval data and val_fraction=0"
 
 
 def output_dir(config: TrainConfig) -> str:

@@ -33,6 +33,7 @@ from deltatune.train.config import (
     output_dir,
     resolve_dtypes,
     validate,
+    why_no_evaluation,
 )
 from deltatune.train.loop import Context, _catch_signals, _init_context, seed_everything
 from deltatune.train.lr_search import search_lr
@@ -107,7 +108,7 @@ def run(
             if ctx.main:
                 logger.info("%s", split.describe())
         elif not data.eval and ctx.main:
-            logger.warning("no evaluation: no eval data and val_fraction=0")
+            logger.warning("no evaluation: %s", why_no_evaluation(config))
         peft_model = build_model(config, data.label_map, tokenizer, ctx.device, wrap=wrap)
         model = _distribute(peft_model, config, ctx)
         lr_search = None
