@@ -320,6 +320,18 @@ def test_missing_field_names_the_line_and_field(tmp_path, tok):
         load_datasets(path, tok, task="seq-cls")
 
 
+def test_text_without_labels_for_classification_also_points_at_causal_lm(tmp_path, tok):
+    """`deltatune train --config configs/lora.yaml data=corpus/` (the README's corpus command without
+    task=causal-lm) trains a classifier, so the missing label says how to train a language model instead."""
+    path = write(tmp_path / "d.jsonl", [{"text": "w1 w2"}, {"text": "w3"}], "jsonl")
+    with pytest.raises(DataError) as e:
+        load_datasets(path, tok, task="seq-cls")
+    assert str(e.value).endswith(
+        "line 1: no field 'label' (it has 'text'); map another column with fields.<role>=<column>, or set "
+        "task=causal-lm to train a language model on unlabelled text"
+    )
+
+
 def test_eval_label_never_seen_in_training(tmp_path, tok):
     train = write(tmp_path / "t.jsonl", RECORDS, "jsonl")
     held = write(

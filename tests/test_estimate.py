@@ -97,3 +97,17 @@ def test_params_that_are_not_counts_say_how_to_write_one(text, capsys):
         cli.main(["estimate", "--params", text])
     assert e.value.code == 2
     assert "is not a parameter count: write it as 7b, 125m, 1.3e9 or 175e9" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text", ["7", "175", "1.3"])
+def test_a_bare_small_number_is_refused_with_the_unit_it_lacks(text, capsys):
+    """`--params 7` meant 7b, and printed a table of 0.0 GB for a 7-parameter model."""
+    from deltatune import cli
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(["estimate", "--params", text])
+    assert e.value.code == 2
+    assert (
+        f"'{text}' is {text} parameters, too few for a transformer; write the count with its unit, e.g. {text}b"
+        in (capsys.readouterr().err)
+    )

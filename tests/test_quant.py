@@ -280,6 +280,11 @@ def test_unknown_quantize_and_backend_are_refused():
         quantize_model(get_peft_model(opt(), LoraConfig(r=2)).base_model, "int8")
     with pytest.raises(ValueError, match="no linear layer to quantize"):
         quantize_model(nn.Sequential(nn.ReLU()), "int8")
+    quantized = quantize_model(opt(), "int8")  # a second call (a notebook cell run again) says what happened
+    with pytest.raises(
+        ValueError, match=r"^this model is quantized already \(12 int8 layers\); quantize_model is"
+    ):
+        quantize_model(quantized, "nf4")
 
 
 def test_int8_bitsandbytes_is_cuda_only():

@@ -156,11 +156,18 @@ def param_count(text: str) -> float:
     value = text.strip()
     scale = _SUFFIXES.get(value[-1:].lower(), 1.0)
     try:
-        return float(value[:-1] if scale != 1.0 else value) * scale
+        count = float(value[:-1] if scale != 1.0 else value) * scale
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"{text!r} is not a parameter count: write it as 7b, 125m, 1.3e9 or 175e9"
         ) from None
+    # `--params 7` meant 7b: no transformer has so few parameters, so say so rather than print a table of zeros
+    if scale == 1.0 and 0 < count < 1000:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is {value} parameters, too few for a transformer; write the count with its unit, "
+            f"e.g. {value}b for {value} billion or {value}m for {value} million (or {value}e9)"
+        )
+    return count
 
 
 def main(argv: list[str] | None = None) -> int:

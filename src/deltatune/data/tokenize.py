@@ -16,12 +16,13 @@ logger = logging.getLogger(__name__)
 
 
 # ---- tokenizing ---------------------------------------------------------------------------------------
-def _field(row: Row, name: str, types: tuple[type, ...] = (str,)) -> Any:
+def _field(row: Row, name: str, types: tuple[type, ...] = (str,), label: bool = False) -> Any:
     where, record = row
     if name not in record:
         raise DataError(
             f"{where}: no field {name!r} (it has {', '.join(map(repr, record)) or 'no fields'}); "
             f"map another column with fields.<role>=<column>"
+            + (", or set task=causal-lm to train a language model on unlabelled text" if label else "")
         )
     value = record[name]
     if not isinstance(value, types) or isinstance(value, bool):
@@ -43,7 +44,9 @@ def _label_name(value: Any) -> str:
 
 def build_label_map(rows: list[Row], field: str, declared: list[str | int] | None = None) -> dict[str, int]:
     """Label name -> class id for the rows' `field` (see `label_map_of`)."""
-    return label_map_of(((r[0], _label_name(_field(r, field, (str, int)))) for r in rows), declared)
+    return label_map_of(
+        ((r[0], _label_name(_field(r, field, (str, int), label=True))) for r in rows), declared
+    )
 
 
 def label_map_of(
@@ -104,7 +107,7 @@ def encode_classification(
     examples = []
     for row in rows:
         text = _field(row, fields.text)
-        value = _field(row, fields.label, (str, int))
+        value = _field(row, fields.label, (str, int), label=True)
         label = _label_name(value)
         if label not in label_map:
             raise DataError(
@@ -222,7 +225,7 @@ def normalize(row: Row, fmt: str, fields: Fields) -> dict[str, str]:
     out = {"_where": row[0]}
     if fmt == "classification":
         out["text"] = _field(row, fields.text)
-        out["label"] = _label_name(_field(row, fields.label, (str, int)))
+        out["label"] = _label_name(_field(row, fields.label, (str, int), label=True))
     elif fmt == "text":
         out["text"] = _field(row, fields.text)
     elif fmt == "prompt-completion":

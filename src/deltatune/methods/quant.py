@@ -180,6 +180,13 @@ def quantize_model(
         and not inject.matches(name, skip)
     ]
     if not targets:
+        done = quantized_layers(model)
+        if done:
+            kinds = sorted({m.quantize for _, m in done})
+            raise ValueError(
+                f"this model is quantized already ({len(done)} {'/'.join(kinds)} layers); quantize_model is "
+                "called once, on the full-precision base"
+            )
         raise ValueError(
             f"no linear layer to quantize in this model (output heads {sorted(heads)}, skip={skip})"
         )
