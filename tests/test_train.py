@@ -98,6 +98,7 @@ def test_overrides_with_dotted_keys_and_yaml_floats(tmp_path):
         (["fields.txt=body"], "unknown key 'fields.txt' (did you mean 'fields.text'?)"),
         (["batch_size=abc"], "batch_size: expected int, got str 'abc'"),
         (["max_steps=1.5"], "max_steps: expected int, got float 1.5"),
+        (["lr=abc"], "\n  lr: expected float, got str 'abc', or 'abc' is not one of 'auto'"),
         (["schedule=cos"], "schedule: 'cos' is not one of 'linear', 'cosine', 'constant'"),
         (["method=lorra"], "method: unknown 'lorra' (did you mean 'lora'?)"),
         (["method_args.rank=4"], "unknown LoraConfig key 'rank'"),

@@ -364,7 +364,7 @@ def _coerce(value: Any, hint: Any, key: str, errors: list[str]) -> Any:
             if not trial:
                 return coerced
             tries.append(trial[0])
-        errors.append(" or ".join(tries))
+        errors.append(f"{key}: " + ", or ".join(t.removeprefix(f"{key}: ") for t in tries))  # the key once
         return value
     if origin is Literal:
         if value not in args:
