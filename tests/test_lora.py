@@ -336,3 +336,15 @@ def test_a_plain_string_target_that_names_modules_says_to_pass_a_list():
     with pytest.raises(ValueError, match=r"matched no module to adapt\. Adaptable"):  # no hint: no such name
         get_peft_model(opt(), LoraConfig(r=2, target_modules="query"))
     assert get_peft_model(opt(), LoraConfig(r=2, target_modules=["q_proj"])).adapter_names == ["default"]
+
+
+def test_the_modules_suggested_leave_out_the_parts_of_adapters_already_there():
+    """Loading another architecture's adapter next to one listed 'base_layer' and the first adapter's name
+    (its lora_A/lora_B entries) among the model's adaptable modules."""
+    model = get_peft_model(opt(), LoraConfig(r=2, target_modules=["q_proj"]), adapter_name="spam")
+    with pytest.raises(ValueError) as e:
+        model.add_adapter("cls", LoraConfig(r=2, target_modules=["query"]))
+    assert (
+        "suffixes ['embed_positions', 'embed_tokens', 'fc1', 'fc2', 'k_proj', 'lm_head', 'out_proj', 'q_proj', "
+        "'v_proj']; e.g. ['model.decoder.embed_tokens'" in str(e.value)
+    )

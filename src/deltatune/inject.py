@@ -230,7 +230,10 @@ def find_targets(
 
 def suggest(model: nn.Module, adaptable: Callable[[nn.Module], bool]) -> str:
     """A short list of the model's adaptable module names (suffixes, then a few full names)."""
-    names = [n for n, m in model.named_modules() if n and adaptable(m)]
+    # not the parts of adapter layers already in the model (their lora_A.<name>, say): a wrapped layer is listed
+    # by its own name
+    names = [n.removesuffix(".base_layer") for n, m in _outside_delta_layers(model) if n and adaptable(m)]
+    names = list(dict.fromkeys(names))
     suffixes = sorted({n.rsplit(".", 1)[-1] for n in names})
     return f"suffixes {suffixes}; e.g. {names[:4]}" if names else "none found"
 
