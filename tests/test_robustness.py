@@ -449,3 +449,32 @@ def test_first_hour_mistakes_with_the_wrapped_model_get_clear_errors(tmp_path):
         PeftModel.from_pretrained(base, tmp_path / "a")
     with pytest.raises(ValueError, match=r"load a saved one with load_adapter"):
         PeftModel.from_pretrained(model, tmp_path / "a")
+
+
+def test_another_architecture_s_adapter_is_a_checkpoint_that_does_not_fit(tmp_path, capsys):
+    """`deltatune merge/generate/inspect --base <a Llama> --adapter <a BERT adapter>` ended in "unexpected
+    ValueError; this is a bug in deltatune" with a traceback: the adapter's targets match no module there."""
+    bert = get_peft_model(tiny_models.bert_cls(), LoraConfig(r=2, target_modules=["query", "value"]))
+    bert.save_pretrained(tmp_path / "bert-adapter")
+    with pytest.raises(
+        CheckpointError, match=r"does not fit this model \(was it trained on another architecture"
+    ):
+        PeftModel.from_pretrained(tiny_models.llama(), tmp_path / "bert-adapter")
+    wrapped = get_peft_model(tiny_models.llama(), LoraConfig(r=2))
+    with pytest.raises(CheckpointError, match=r"target_modules=\['query', 'value'\] matched no module"):
+        wrapped.load_adapter(tmp_path / "bert-adapter", adapter_name="bert")
+    assert wrapped.adapter_names == ["default"]
+    llama = tiny_models.save_with_tokenizer(tiny_models.llama(), tmp_path / "llama")
+    capsys.readouterr()
+    argv = [
+        "merge",
+        "--base",
+        llama,
+        "--adapter",
+        str(tmp_path / "bert-adapter"),
+        "--out",
+        str(tmp_path / "m"),
+    ]
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "\ndeltatune merge: error: the adapter in" in f"\n{err}" and "Traceback" not in err

@@ -162,6 +162,10 @@ def output_head_names(model: nn.Module) -> set[str]:
     return heads
 
 
+class NoTargetsError(ValueError):
+    """`target_modules` matched no module of the model."""
+
+
 def find_targets(
     model: nn.Module,
     target_modules: str | Sequence[str] | None,
@@ -221,7 +225,7 @@ def find_targets(
                 f" (a string is a full-match regex over the whole module name, PEFT's rule: for the modules "
                 f"named {target_modules!r} pass a list, target_modules=[{target_modules!r}])"
             )
-        raise ValueError(
+        raise NoTargetsError(
             f"target_modules={target_modules!r} matched no module to {what}{hint}. "
             f"Adaptable modules in this model: {suggest(model, adaptable)}"
         )

@@ -18,7 +18,7 @@ from torch import nn
 
 from deltatune import checkpoint, inject
 from deltatune.config import AnyConfig, load_config
-from deltatune.errors import NonFiniteWeightsError, short
+from deltatune.errors import CheckpointError, NonFiniteWeightsError, short
 from deltatune.methods import modules_to_save as mts
 from deltatune.methods import registry
 from deltatune.methods.mixed import BASE, MIXED, MixedBatch
@@ -510,7 +510,8 @@ class PeftModel(nn.Module):
         config = copy.deepcopy(config) if config is not None else load_config(directory)
         config.inference_mode = not is_trainable
         tensors = _read_adapter(directory, config) if tensors is None else tensors
-        peft = cls(model, config, adapter_name)
+        with _fits(directory):
+            peft = cls(model, config, adapter_name)
         try:
             peft._load_tensors(adapter_name, tensors, directory)
         except Exception:
@@ -539,7 +540,8 @@ class PeftModel(nn.Module):
         config = copy.deepcopy(config) if config is not None else load_config(directory)
         config.inference_mode = not is_trainable
         tensors = _read_adapter(directory, config) if tensors is None else tensors
-        self.add_adapter(adapter_name, config)
+        with _fits(directory):
+            self.add_adapter(adapter_name, config)
         try:
             self._load_tensors(adapter_name, tensors, directory)
         except Exception:
@@ -618,6 +620,18 @@ def dequantized_linear(
         if bias is not None:
             linear.bias.copy_(bias.to(dtype))
     return linear
+
+
+@contextlib.contextmanager
+def _fits(directory: str) -> Iterator[None]:
+    """A saved adapter whose targets match no module of the model (another architecture's) is a checkpoint that
+    doesn't fit, said as one, not a bare ValueError from target matching."""
+    try:
+        yield
+    except inject.NoTargetsError as e:
+        raise CheckpointError(
+            f"the adapter in {directory} does not fit this model (was it trained on another architecture?): {e}"
+        ) from None
 
 
 class _MissingAttribute(AttributeError):
