@@ -101,7 +101,7 @@ def test_api_runs_metrics_and_paths(runs_dir):
     assert "https://" not in client.get("/static/app.js").text  # nothing is fetched from the internet
 
 
-def test_api_key_like_serve(runs_dir, monkeypatch):
+def test_api_key_like_serve(runs_dir, monkeypatch, capsys):
     client = TestClient(create_app(str(runs_dir), api_key="s3cret"))
     assert client.get("/api/runs").status_code == 401
     assert client.get("/api/runs", headers={"Authorization": "Bearer wrong"}).status_code == 401
@@ -123,6 +123,10 @@ def test_api_key_like_serve(runs_dir, monkeypatch):
     monkeypatch.setattr("uvicorn.run", lambda app, **kw: seen.update(app=app, **kw))
     assert ui.main(["--runs", str(runs_dir)]) == 0
     assert seen["host"] == "127.0.0.1" and TestClient(seen["app"]).get("/api/runs").status_code == 401
+    assert capsys.readouterr().out == f"deltatune ui: http://127.0.0.1:7860/  (runs: {runs_dir})\n"
+    # a mistyped --runs showed an empty board without a word
+    assert ui.main(["--runs", str(runs_dir / "typo")]) == 0
+    assert f"(runs: {runs_dir / 'typo'}: a new folder, so no runs to show yet;" in capsys.readouterr().out
 
 
 def test_form_errors_are_the_cli_messages(runs_dir, tmp_path, capsys):

@@ -56,8 +56,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.host not in LOCAL_HOSTS and api_key is None:
         logger.warning("listening on %s without an API key: anyone who can reach it can use it", args.host)
+    where = os.path.abspath(args.runs)
+    if not os.path.isdir(args.runs):  # a mistyped --runs would show an empty board and say nothing
+        where += ": a new folder, so no runs to show yet; runs launched from the board are written there"
     app = create_app(args.runs, api_key=api_key)
-    print(f"deltatune ui: http://{args.host}:{args.port}/  (runs: {os.path.abspath(args.runs)})", flush=True)
+    print(f"deltatune ui: http://{args.host}:{args.port}/  (runs: {where})", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
 
