@@ -15,6 +15,8 @@ import argparse
 import json
 import tempfile
 
+from _args import unwritable_out
+
 GRID = {
     "full": [2e-5, 5e-5, 1e-4],
     "top-layers": [1e-4, 3e-4, 1e-3],
@@ -36,10 +38,17 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--out", default="lr_sweep.json")
     args = parser.parse_args()
+    methods = args.methods.split(",")
+    if unknown := [m for m in methods if m not in GRID]:
+        parser.error(f"--methods: unknown {', '.join(map(repr, unknown))}; choose from {', '.join(GRID)}")
+    if args.steps < 1:
+        parser.error(f"--steps must be at least 1, got {args.steps}")
+    if why := unwritable_out(args.out):
+        parser.error(why)
     from deltatune.train import config_from_dict, run
 
     results = []
-    for method in args.methods.split(","):
+    for method in methods:
         for lr in GRID[method]:
             with tempfile.TemporaryDirectory() as out:
                 cfg = config_from_dict(
