@@ -51,8 +51,14 @@ def main() -> None:
         help="leave the start-up objects to the garbage collector (`deltatune serve` freezes them once started)",
     )
     args = p.parse_args()
+    if args.loaded < 2:  # the least recently used adapter is deleted before the next is attached
+        p.error(
+            f"--loaded must be at least 2 (the only adapter in memory can't be evicted), got {args.loaded}"
+        )
     if args.adapters <= args.loaded:
         p.error("--adapters must be more than --loaded, or nothing is ever evicted")
+    if args.cycles < 1:
+        p.error(f"--cycles must be at least 1, got {args.cycles}")
     torch.set_num_threads(1)
 
     folder = tempfile.mkdtemp(prefix="attach_cost_")
