@@ -33,7 +33,10 @@ import sys
 import time
 import warnings
 
+from _args import unwritable_out
+
 CASES = {"lora": None, "qlora-nf4": "nf4", "qlora-int8": "int8"}
+MAX_SEQ = 2048  # max_position_embeddings of the model below
 
 
 def _opt_125m():
@@ -47,7 +50,7 @@ def _opt_125m():
         ffn_dim=3072,
         num_attention_heads=12,
         vocab_size=50272,
-        max_position_embeddings=2048,
+        max_position_embeddings=MAX_SEQ,
         word_embed_proj_dim=768,
     )
     return OPTForCausalLM(config)
@@ -154,6 +157,21 @@ def _static(tokens: int) -> dict:
     }
 
 
+def _bad_args(args: argparse.Namespace) -> str | None:
+    """The first setting out of range: each failed in a child process after the model was built and
+    quantized (`--rounds 0` after all of it), and `--out` was tried only at the end."""
+    for flag in ("steps", "batch", "threads", "rounds"):
+        if getattr(args, flag) < 1:
+            return f"--{flag} must be at least 1, got {getattr(args, flag)}"
+    if not 2 <= args.seq <= MAX_SEQ:
+        return (
+            f"--seq must be from 2 (a next-token loss) to {MAX_SEQ} (the model's positions), got {args.seq}"
+        )
+    if not (args.case or args.static):
+        return unwritable_out(args.out)
+    return None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -164,9 +182,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=1, help="repeat the training cases, alternating them")
     parser.add_argument("--out", default="quant_memory.json")
-    parser.add_argument("--case", help=argparse.SUPPRESS)
+    parser.add_argument("--case", choices=list(CASES), help=argparse.SUPPRESS)
     parser.add_argument("--static", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if why := _bad_args(args):
+        parser.error(why)
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)
     if args.case:
