@@ -26,6 +26,8 @@ import sys
 import time
 import warnings
 
+from _args import unwritable_out
+
 CASES = ["fp32", "nf4-torchao", "nf4-bitsandbytes", "int8-torch", "int8-torchao", "int8-bitsandbytes"]
 HIDDEN, FFN, BLOCKS = 768, 3072, 12
 
@@ -179,6 +181,20 @@ def _case(name: str, tokens: int, steps: int, threads: int) -> dict:
     }
 
 
+def _bad_args(args: argparse.Namespace) -> str | None:
+    """The first setting out of range: an unknown case failed in its child and the others ran on; `--cases ''`
+    ran every case in a child per case; `--steps 0` or `--threads 0` failed in each child after quantizing, and
+    `--rounds 0` wrote an empty table; `--out` was tried only at the end."""
+    if unknown := [c for c in args.cases.split(",") if c not in CASES]:
+        return f"--cases: unknown {', '.join(map(repr, unknown))}; choose from {', '.join(CASES)}"
+    for flag in ("rounds", "steps", "threads"):
+        if getattr(args, flag) < 1:
+            return f"--{flag} must be at least 1, got {getattr(args, flag)}"
+    if args.tokens < 2:
+        return f"--tokens must be at least 2 (the timed steps run 2 rows of --tokens / 2), got {args.tokens}"
+    return None if args.one else unwritable_out(args.out)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -189,8 +205,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="quant_backends.json")
-    parser.add_argument("--one", help=argparse.SUPPRESS)
+    parser.add_argument("--one", choices=CASES, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if why := _bad_args(args):
+        parser.error(why)
     if args.one:
         print(json.dumps(_case(args.one, args.tokens, args.steps, args.threads)))
         return
