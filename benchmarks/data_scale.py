@@ -32,6 +32,8 @@ import sys
 import tempfile
 import time
 
+from _args import comma_ints, unwritable_folder, unwritable_out
+
 VOCAB_WORDS = 2000
 
 
@@ -199,6 +201,45 @@ def throughput(
     return results
 
 
+def _row_counts(text: str) -> list[int] | None:
+    """`--rows 1e4,100000` -> [10000, 100000] (0s dropped: `--rows 0` skips the memory test); None if a count
+    isn't a finite number >= 0."""
+    try:
+        counts = [float(x) for x in text.split(",") if x]
+    except ValueError:
+        return None
+    if not all(0 <= n < math.inf for n in counts):
+        return None
+    return [int(n) for n in counts if int(n) > 0]
+
+
+def _bad_args(args: argparse.Namespace) -> str | None:
+    """The first other setting out of range. Each ended in a traceback (`--max-len 0`: a ZeroDivisionError) or
+    a failed training run, the throughput ones only after the memory runs, and `--out` after everything."""
+    from deltatune.methods import registry
+
+    for flag in ("steps", "batch", "layers"):
+        if getattr(args, flag) < 1:
+            return f"--{flag} must be at least 1, got {getattr(args, flag)}"
+    if args.throughput_rows < 0:
+        return f"--throughput-rows must be 0 (skip) or more, got {args.throughput_rows}"
+    if args.max_len < 17:
+        return (
+            f"--max-len must be at least 17 (the examples are 16 to --max-len - 1 words), got {args.max_len}"
+        )
+    if args.hidden < 8 or args.hidden % 8:
+        return f"--hidden must be a positive multiple of 8 (4 attention heads of an even size), got {args.hidden}"
+    if args.method not in registry.names():
+        return f"--method: unknown {args.method!r}; choose from {', '.join(registry.names())}"
+    if not 0 < args.lr <= 10:
+        return f"--lr must be a positive number, at most 10 (as `deltatune train` takes), got {args.lr}"
+    if comma_ints(args.seeds) is None:
+        return f"--seeds must be comma-separated whole numbers, got {args.seeds!r}"
+    if args.work and (why := unwritable_folder(args.work, "--work")):
+        return why
+    return unwritable_out(args.out) if args.out else None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
@@ -222,12 +263,16 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="also write the results here (JSON)")
     parser.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
     args = parser.parse_args()
+    sizes = _row_counts(args.rows)
+    if sizes is None:
+        parser.error(f"--rows must be comma-separated row counts, each 0 (skip) or more, got {args.rows!r}")
+    if why := _bad_args(args):
+        parser.error(why)
     work = args.work or tempfile.mkdtemp(prefix="deltatune-data-scale-")
     model = make_model(
         os.path.join(work, "model"), hidden=args.hidden, layers=args.layers, max_len=args.max_len
     )
     results = {"command": " ".join(sys.argv), "cpus": os.cpu_count()}
-    sizes = [n for n in (int(float(x)) for x in args.rows.split(",") if x) if n > 0]  # --rows 0: none
     if sizes:
         results["memory"] = memory(work, model, sizes, args.steps)
         base = results["memory"][0]
@@ -242,7 +287,7 @@ def main() -> None:
             )
     if args.throughput_rows:
         results["throughput"] = []
-        for seed in (int(x) for x in args.seeds.split(",")):
+        for seed in comma_ints(args.seeds):
             rows = throughput(
                 work, model, args.throughput_rows, args.max_len, args.batch, args.method, args.lr, seed
             )
