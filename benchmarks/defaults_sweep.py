@@ -27,6 +27,8 @@ import subprocess
 import sys
 import time
 
+from _args import comma_ints, unwritable_folder
+
 # name -> (method, method_args, other train settings), each one change against the method's default
 VARIANTS: dict[str, tuple[str, dict, dict]] = {
     "full": ("full", {}, {}),
@@ -143,15 +145,22 @@ def main() -> int:
     parser.add_argument("--only", default=None, help=f"comma-separated, from {', '.join(VARIANTS)}")
     parser.add_argument("--out", default="fortunes-dev/sweep")
     args = parser.parse_args()
-    names = args.only.split(",") if args.only else list(VARIANTS)
+    names = args.only.split(",") if args.only is not None else list(VARIANTS)
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
-        parser.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
-    for path in (args.data, args.eval_data):
+        parser.error(
+            f"--only: unknown variant(s) {', '.join(map(repr, unknown))}; choose from {', '.join(VARIANTS)}"
+        )
+    seeds = comma_ints(args.seeds)
+    if seeds is None:
+        parser.error(f"--seeds must be comma-separated whole numbers, got {args.seeds!r}")
+    for flag, path in (("--data", args.data), ("--eval-data", args.eval_data)):
+        if os.path.isdir(path):
+            parser.error(f"{flag} {path} is a folder; give a JSONL file")
         if not os.path.isfile(path):
             parser.error(f"{path} is missing: run `python benchmarks/dev_compare.py --build-only` first")
-    os.makedirs(args.out, exist_ok=True)
-    seeds = [int(s) for s in args.seeds.split(",")]
+    if why := unwritable_folder(args.out, "--out"):
+        parser.error(why)
     rows = [run_one(name, seed, args) for seed in seeds for name in names]
     with open(os.path.join(args.out, "sweep.json"), "w") as f:
         json.dump({"data": args.data, "eval_data": args.eval_data, "seeds": seeds, "runs": rows}, f, indent=2)
