@@ -23,6 +23,8 @@ import os
 import random
 import sys
 
+from _args import unwritable_folder
+
 FORTUNES = "/usr/share/games/fortunes"
 DEV_TOPICS = ("education", "food", "law", "sports")
 HELD_OUT_TOPICS = ("computers", "politics", "science", "work")
@@ -106,18 +108,29 @@ def merge(out: str, runs: list[str]) -> dict:
 
 def main() -> int:
     argv = sys.argv[1:]
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     if argv[:1] == ["--merge"]:
+        if len(argv) < 3:
+            parser.error(
+                "--merge OUT RUN1 [RUN2 ...]: give the output folder and at least one compare run folder"
+            )
+        for run in argv[2:]:
+            if not os.path.isfile(os.path.join(run, "results.json")):
+                parser.error(f"--merge: {run} has no results.json (not a `deltatune compare` output folder)")
+        if why := unwritable_folder(argv[1], "--merge"):
+            parser.error(why)
         merge(argv[1], argv[2:])
         return 0
     rest = argv[argv.index("--") + 1 :] if "--" in argv else []
     argv = argv[: argv.index("--")] if "--" in argv else argv
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--held-out", action="store_true", help="the held-out topics instead of the dev ones")
     parser.add_argument("--build-only", action="store_true", help="write the data, run nothing")
     parser.add_argument("--folder", default=None, help="default fortunes-dev or fortunes-held-out")
     args = parser.parse_args(argv)
     topics = HELD_OUT_TOPICS if args.held_out else DEV_TOPICS
     folder = args.folder or ("fortunes-held-out" if args.held_out else "fortunes-dev")
+    if why := unwritable_folder(folder, "--folder"):
+        parser.error(why)
     train, test = build(topics, folder)
     if args.build_only:
         return 0
