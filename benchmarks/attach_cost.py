@@ -19,9 +19,11 @@ Single-threaded (torch.set_num_threads(1)); run by hand, the numbers go in the R
 from __future__ import annotations
 
 import argparse
+import atexit
 import cProfile
 import os
 import pstats
+import shutil
 import statistics
 import tempfile
 import time
@@ -62,6 +64,7 @@ def main() -> None:
     torch.set_num_threads(1)
 
     folder = tempfile.mkdtemp(prefix="attach_cost_")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)  # the adapters written for the run
     torch.manual_seed(0)
     model = OPTForCausalLM(OPTConfig()).eval()
     lora = dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False)

@@ -23,10 +23,12 @@ train ...`), its peak RSS and times taken from its `summary.json` (`peak_mem_mb`
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import math
 import os
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -268,7 +270,10 @@ def main() -> None:
         parser.error(f"--rows must be comma-separated row counts, each 0 (skip) or more, got {args.rows!r}")
     if why := _bad_args(args):
         parser.error(why)
-    work = args.work or tempfile.mkdtemp(prefix="deltatune-data-scale-")
+    work = args.work
+    if work is None:  # a scratch folder of our own (models, corpora, caches, runs: removed at exit)
+        work = tempfile.mkdtemp(prefix="deltatune-data-scale-")
+        atexit.register(shutil.rmtree, work, ignore_errors=True)
     model = make_model(
         os.path.join(work, "model"), hidden=args.hidden, layers=args.layers, max_len=args.max_len
     )
