@@ -7,6 +7,7 @@ import glob
 import importlib.util
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -494,3 +495,14 @@ def test_a_config_file_without_settings_is_refused_not_read_as_all_defaults(tmp_
     path.write_text(text)
     with pytest.raises(ConfigError, match="holds no settings \\(it is empty or only comments\\)"):
         load_train_config(str(path))
+
+
+def test_an_nf4_base_without_bitsandbytes_is_a_config_error_before_any_model_loads(monkeypatch, tmp_path):
+    """`deltatune train --config configs/qlora-nf4.yaml` without bitsandbytes loaded the data and the model, then
+    ended in "unexpected ImportError; this is a bug in deltatune" with a traceback."""
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as if not installed
+    message = "the NF4 base needs bitsandbytes, which is not installed; install it with: pip install 'deltatune[quant]'"
+    for overrides, key in ((["method=qlora-nf4"], "method qlora-nf4"), (["quantize=nf4"], "quantize: nf4")):
+        with pytest.raises(ConfigError, match=re.escape(f"{key}: {message}")):
+            load_train_config(None, overrides)
+    load_train_config(None, ["method=qlora-int8"])  # needs nothing more
