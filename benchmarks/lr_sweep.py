@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 
 from _args import unwritable_out
@@ -66,6 +67,9 @@ def main() -> None:
                     }
                 )
                 summary = run(cfg)
+            # SIGTERM or Ctrl-C: the trainer saved, stopped the run and returned (with no eval metrics)
+            if summary["status"] != "completed":
+                sys.exit(f"lr_sweep: the {method} run at lr {lr:g} was {summary['status']}; nothing written")
             row = {
                 "method": method,
                 "lr": lr,
