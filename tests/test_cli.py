@@ -76,6 +76,7 @@ def _parsers() -> dict[str, argparse.ArgumentParser]:
 
     original = argparse.ArgumentParser.parse_args
     intermixed = argparse.ArgumentParser.parse_intermixed_args
+    known_intermixed = argparse.ArgumentParser.parse_known_intermixed_args
 
     def capture(self, *args, **kwargs):
         found[self.prog.split()[-1]] = self
@@ -83,6 +84,7 @@ def _parsers() -> dict[str, argparse.ArgumentParser]:
 
     argparse.ArgumentParser.parse_args = capture
     argparse.ArgumentParser.parse_intermixed_args = capture
+    argparse.ArgumentParser.parse_known_intermixed_args = capture
     try:
         for name in cli.COMMANDS:
             if name in HEAVY:
@@ -93,6 +95,7 @@ def _parsers() -> dict[str, argparse.ArgumentParser]:
     finally:
         argparse.ArgumentParser.parse_args = original
         argparse.ArgumentParser.parse_intermixed_args = intermixed
+        argparse.ArgumentParser.parse_known_intermixed_args = known_intermixed
     return found
 
 
