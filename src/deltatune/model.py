@@ -646,8 +646,9 @@ class _MissingAttribute(AttributeError):
     def __str__(self) -> str:
         import difflib
 
-        base = self._model.base_model
-        known = {n for n in set(dir(self._model)) | set(dir(base)) if not n.startswith("_")}
+        base = self._model.__dict__.get("_modules", {}).get("base_model")  # none while a copy is being built
+        known = set(dir(type(self._model))) | set(vars(self._model)) | set(dir(base))
+        known = {n for n in known if not n.startswith("_")}
         close = difflib.get_close_matches(self.name, sorted(known), n=1, cutoff=0.7)
         return (
             f"'PeftModel' object has no attribute {self.name!r}, nor has its base model "
