@@ -478,3 +478,20 @@ def test_another_architecture_s_adapter_is_a_checkpoint_that_does_not_fit(tmp_pa
     assert cli.main(argv) == 1
     err = capsys.readouterr().err
     assert "\ndeltatune merge: error: the adapter in" in f"\n{err}" and "Traceback" not in err
+
+
+def test_the_missing_attribute_error_copies_and_pickles_without_the_model():
+    """The error a misspelt attribute raises held the model to make its message when shown; copying or pickling it
+    (a worker process sends its error back pickled) failed with a TypeError from its constructor."""
+    import copy
+    import pickle
+
+    model = get_peft_model(tiny_models.opt(), LoraConfig(r=2))
+    with pytest.raises(AttributeError) as e:
+        model.print_trainable_params()
+    message = str(e.value)
+    data = pickle.dumps(e.value)
+    assert len(data) < 1000  # the message and name, not the model (68 kB for this tiny one, before)
+    for again in (pickle.loads(data), copy.copy(e.value), copy.deepcopy(e.value)):
+        assert isinstance(again, AttributeError) and str(again) == message
+        assert again.name == "print_trainable_params"

@@ -643,6 +643,11 @@ class _MissingAttribute(AttributeError):
         self.name = name  # set, so Python doesn't add a "Did you mean" of its own from the base model
         self._model = model
 
+    def __reduce__(self):
+        # copied or pickled (a worker process sends its error back pickled) as a plain AttributeError with the
+        # message: never the model it holds, and no call of this constructor, which takes the model
+        return AttributeError, (str(self),), {"name": self.name}
+
     def __str__(self) -> str:
         import difflib
 
