@@ -495,3 +495,31 @@ def test_the_missing_attribute_error_copies_and_pickles_without_the_model():
     for again in (pickle.loads(data), copy.copy(e.value), copy.deepcopy(e.value)):
         assert isinstance(again, AttributeError) and str(again) == message
         assert again.name == "print_trainable_params"
+
+
+def test_a_property_that_fails_inside_is_not_said_to_be_missing():
+    """A property whose own code reads a missing attribute raises an AttributeError, and Python then asks
+    `__getattr__` for the property's name: the message said neither model had it and suggested that very name."""
+
+    class Base(type(tiny_models.opt())):
+        @property
+        def broken(self):
+            return self.not_there
+
+    class Wrapper(PeftModel):
+        @property
+        def also_broken(self):
+            return self.not_there_either
+
+    base = tiny_models.opt()
+    base.__class__ = Base
+    model = Wrapper(base, LoraConfig(r=2))
+    for name, owner in (("broken", "Base"), ("also_broken", "Wrapper")):
+        with pytest.raises(AttributeError) as e:
+            getattr(model, name)
+        assert str(e.value) == (
+            f"{owner}.{name} raised an AttributeError while it was read: an attribute its own code reads is "
+            f"missing (Python then looks {name!r} up as a missing attribute, which hides that first error)"
+        )
+    with pytest.raises(AttributeError, match=r"nor has its base model \(Base\); did you mean 'broken'\?$"):
+        model.brokn()

@@ -636,7 +636,8 @@ def _fits(directory: str) -> Iterator[None]:
 
 class _MissingAttribute(AttributeError):
     """Neither the `PeftModel` nor its base model has the attribute: says so for both and suggests the closest
-    name. The message is made only when shown, so `hasattr()` (which transformers calls often) stays cheap."""
+    name (or names the property of either that failed inside). The message is made only when shown, so `hasattr()`
+    (which transformers calls often) stays cheap."""
 
     def __init__(self, model: PeftModel, name: str):
         super().__init__(name)
@@ -652,6 +653,13 @@ class _MissingAttribute(AttributeError):
         import difflib
 
         base = self._model.__dict__.get("_modules", {}).get("base_model")  # none while a copy is being built
+        for owner in (type(self._model), type(base) if base is not None else None):
+            if owner is not None and self.name in dir(owner):  # there, so a property that failed inside
+                return (
+                    f"{owner.__name__}.{self.name} raised an AttributeError while it was read: an attribute its "
+                    f"own code reads is missing (Python then looks {self.name!r} up as a missing attribute, "
+                    "which hides that first error)"
+                )
         known = set(dir(type(self._model))) | set(vars(self._model)) | set(dir(base))
         known = {n for n in known if not n.startswith("_")}
         close = difflib.get_close_matches(self.name, sorted(known), n=1, cutoff=0.7)
