@@ -424,3 +424,24 @@ def test_train_options_spelt_like_compare_s_and_a_run_folder_as_config_say_what_
     assert cli.main(["train", "--config", str(tmp_path), "--resume"]) == 2
     err = capsys.readouterr().err
     assert f"is a folder; give a YAML file (a run's settings: '{tmp_path}/train_config.yaml')" in err
+
+
+def test_an_unknown_train_option_is_said_to_be_a_setting_only_when_it_names_one(capsys):
+    """`--learning-rate 1e-3` (transformers' name) was said to mean learning_rate=1e-3, itself an unknown key, and
+    `--verbose` verbose=..., a setting train doesn't have: the override is named by the key it would set."""
+    for argv, said in (
+        (["--learning-rate", "1e-3"], "--learning-rate; train settings are key=value overrides: lr=1e-3"),
+        (["--Num-Train-Epochs=2"], "--Num-Train-Epochs=2; train settings are key=value overrides: epochs=2"),
+        (
+            ["--fields.text", "body"],
+            "--fields.text; train settings are key=value overrides: fields.text=body",
+        ),
+        (
+            ["--verbose"],
+            "--verbose; train settings are key=value overrides, and none is named 'verbose' (see configs/)",
+        ),
+    ):
+        with pytest.raises(SystemExit) as e:
+            cli.main(["train", *argv])
+        assert e.value.code == 2
+        assert capsys.readouterr().err.endswith(f"deltatune train: error: unrecognized arguments: {said}\n")

@@ -67,11 +67,20 @@ def _unknown_options(unknown: list[str], argv: list[str]) -> str:
     option = next((a for a in unknown if a.startswith("--") and len(a) > 2), None)
     if option is None:
         return message
+    import dataclasses
+
+    from deltatune.train.config import KEY_ALIASES, TrainConfig
+
     name, _, value = option[2:].partition("=")
+    key = name.replace("-", "_")
+    key = KEY_ALIASES.get(key.lower(), key)  # --learning-rate (transformers' name): lr
+    settings = {f.name for f in dataclasses.fields(TrainConfig)}
+    if key.split(".")[0] not in settings:  # --verbose: no such setting
+        return f"{message}; train settings are key=value overrides, and none is named {key!r} (see configs/)"
     at = argv.index(option) + 1
     if not value and at < len(argv) and not argv[at].startswith("-") and "=" not in argv[at]:
         value = argv[at]
-    return f"{message}; train settings are key=value overrides: {name.replace('-', '_')}={value or '...'}"
+    return f"{message}; train settings are key=value overrides: {key}={value or '...'}"
 
 
 def _print_summary(summary: dict[str, Any]) -> None:
