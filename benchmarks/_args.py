@@ -12,6 +12,9 @@ def unwritable_out(path: str, flag: str = "--out") -> str | None:
 
     if os.path.isdir(path):
         return f"{flag} {path} is a folder; give the name of a file to write"
+    # an existing file is written in place (`open(path, "w")`), whatever its folder takes: /dev/null too
+    if os.path.exists(path) and os.access(path, os.W_OK):
+        return None
     folder = os.path.dirname(path) or "."
     if why := unwritable(folder):
         return f"{flag} {path}: can't write into {folder} ({why}); pick a folder that can be written"

@@ -113,3 +113,21 @@ def test_benchmark_refuses_before_any_work(script, argv, message, tmp_path, monk
     assert exit_.value.code == 2, err
     assert message.format(**names) in err and "Traceback" not in err
     assert len(err.strip().splitlines()[-1]) < 400  # one line of error after the usage
+
+
+def test_an_existing_file_that_can_be_written_is_a_good_out_in_a_folder_that_takes_no_new_file(
+    tmp_path, monkeypatch
+):
+    """`--out /dev/null` (results not kept), run as an ordinary user: /dev takes no new file, so the check of its
+    folder refused it, though the scripts write --out in place (`open(path, "w")`), which works there."""
+    monkeypatch.syspath_prepend(BENCHMARKS)
+    import _args
+
+    from deltatune import checkpoint
+
+    monkeypatch.setattr(checkpoint, "unwritable", lambda folder: "Permission denied")  # /dev, to a user
+    assert _args.unwritable_out(os.devnull) is None
+    new = str(tmp_path / "new.json")
+    assert _args.unwritable_out(new) == (
+        f"--out {new}: can't write into {tmp_path} (Permission denied); pick a folder that can be written"
+    )
