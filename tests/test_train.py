@@ -501,7 +501,10 @@ def test_an_nf4_base_without_bitsandbytes_is_a_config_error_before_any_model_loa
     """`deltatune train --config configs/qlora-nf4.yaml` without bitsandbytes loaded the data and the model, then
     ended in "unexpected ImportError; this is a bug in deltatune" with a traceback."""
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as if not installed
-    message = "the NF4 base needs bitsandbytes, which is not installed; install it with: pip install 'deltatune[quant]'"
+    message = (
+        "the NF4 base needs bitsandbytes, which is not installed; install it with: pip install "
+        "'bitsandbytes>=0.46' (or pip install 'deltatune[quant]'); or use qlora-int8"
+    )
     for overrides, key in ((["method=qlora-nf4"], "method qlora-nf4"), (["quantize=nf4"], "quantize: nf4")):
         with pytest.raises(ConfigError, match=re.escape(f"{key}: {message}")):
             load_train_config(None, overrides)

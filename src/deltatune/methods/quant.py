@@ -33,7 +33,7 @@ NF4_BLOCK = 64
 LLM_INT8_THRESHOLD = 6.0  # bitsandbytes' and transformers' default outlier threshold for LLM.int8
 
 # bitsandbytes runs on CPU from 0.46 on (0.45 and older: CUDA only)
-_INSTALL = "pip install 'bitsandbytes>=0.46' (or pip install 'deltatune[quant]')"
+INSTALL_HINT = "pip install 'bitsandbytes>=0.46' (or pip install 'deltatune[quant]')"
 
 
 class QuantizedLinear(nn.Module):
@@ -221,7 +221,7 @@ def check_backend(quantize: str, backend: str, device: torch.device | str) -> No
             _bnb()
         except ImportError as e:
             raise ImportError(
-                f"quantize={quantize!r} with backend 'bitsandbytes' needs the bitsandbytes package: {_INSTALL}; "
+                f"quantize={quantize!r} with backend 'bitsandbytes' needs the bitsandbytes package: {INSTALL_HINT}; "
                 f"or use {other}"
             ) from e
     error = _smoke_test(quantize, backend, device.type, device.index)
@@ -231,7 +231,7 @@ def check_backend(quantize: str, backend: str, device: torch.device | str) -> No
         raise RuntimeError(f"backend {backend!r} can't run quantize={quantize!r} on {device}: {error}")
     raise RuntimeError(
         f"bitsandbytes {_bnb().__version__} can't run quantize={quantize!r} on {device} ({error}). Install a "
-        f"build that supports this device: {_INSTALL}; or run on a CUDA device; or use {other}"
+        f"build that supports this device: {INSTALL_HINT}; or run on a CUDA device; or use {other}"
     )
 
 

@@ -413,10 +413,12 @@ def validate(config: TrainConfig) -> list[str]:
                 f"quantize={quantize!r} needs deltatune.methods.quant, which this install does not have"
             )
         elif quantize == "nf4" and importlib.util.find_spec("bitsandbytes") is None:  # before any model loads
+            from deltatune.methods.quant import INSTALL_HINT
+
             errors.append(
                 f"{'method ' + config.method if config.quantize is None else 'quantize: nf4'}: the NF4 base needs "
-                "bitsandbytes, which is not installed; install it with: pip install 'deltatune[quant]' (or use "
-                "qlora-int8, whose int8 base needs nothing more)"
+                f"bitsandbytes, which is not installed; install it with: {INSTALL_HINT}; or use qlora-int8, "
+                "whose int8 base needs nothing more"
             )
     if problem := check_model(config.model, hub=False):  # a folder; a hub name is looked for by `run`
         errors.append(f"model: {problem}")
