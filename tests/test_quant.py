@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 from tiny_models import bert_cls, gpt2, ids, opt, out
 from torch import nn
 
-from deltatune import LoraConfig, PeftModel, get_peft_model
+from deltatune import LoraConfig, PeftModel, cli, get_peft_model
+from deltatune.errors import BackendError, MissingBackendError
 from deltatune.methods import quant
 from deltatune.methods.quant import QuantizedLinear, quantize_model
 
@@ -288,8 +289,9 @@ def test_unknown_quantize_and_backend_are_refused():
 
 
 def test_int8_bitsandbytes_is_cuda_only():
-    with pytest.raises(RuntimeError, match="CUDA only.*use backend='torch'"):
+    with pytest.raises(BackendError, match="CUDA only.*use backend='torch'") as caught:
         quant.check_backend("int8", "bitsandbytes", "cpu")
+    assert cli.explain(caught.value) == (str(caught.value), 1)  # one line on the command line, not "a bug"
 
 
 @pytest.fixture
@@ -306,10 +308,11 @@ def test_missing_bitsandbytes_says_what_to_install(monkeypatch, fresh_backend_ch
     model = opt()
     before = copy.deepcopy(model.state_dict())
     with pytest.raises(
-        ImportError,
+        MissingBackendError,  # an ImportError too, and a one-line error on the command line
         match=r"pip install 'bitsandbytes>=0.46' \(or pip install 'deltatune\[quant\]'\); or use quantize='int8'",
-    ):
+    ) as caught:
         quantize_model(model, "nf4")
+    assert isinstance(caught.value, ImportError) and cli.explain(caught.value) == (str(caught.value), 1)
     assert not quant.quantized_layers(model)  # nothing was swapped, and nothing silently stays in fp32
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     quantize_model(model, "int8")  # the default int8 backend needs nothing more
@@ -324,9 +327,10 @@ def test_bitsandbytes_that_cannot_run_here_says_what_to_use(monkeypatch, fresh_b
 
     monkeypatch.setattr(bnb.functional, "quantize_4bit", broken)
     with pytest.raises(
-        RuntimeError, match=r"can't run quantize='nf4' on cpu \(RuntimeError: no kernel.*use quantize='int8'"
-    ):
+        BackendError, match=r"can't run quantize='nf4' on cpu \(RuntimeError: no kernel.*use quantize='int8'"
+    ) as caught:
         quantize_model(opt(), "nf4")
+    assert cli.explain(caught.value) == (str(caught.value), 1)
 
 
 @gpu

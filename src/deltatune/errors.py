@@ -27,6 +27,15 @@ class NonFiniteWeightsError(CheckpointError):
     """An adapter file's weights hold NaN or inf: it fits, but can only give NaN outputs."""
 
 
+class BackendError(DeltatuneError, RuntimeError):
+    """A quantization backend can't run here (its build doesn't support the device, or the device is wrong for
+    it); the message says what to install or use instead."""
+
+
+class MissingBackendError(BackendError, ImportError):
+    """A quantization backend's package is not installed; the message says what to install."""
+
+
 class TrainingError(DeltatuneError, RuntimeError):
     """Training can't go on (a NaN loss, a checkpoint that doesn't fit); the message says what to do."""
 

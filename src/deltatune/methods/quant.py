@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deltatune import inject
+from deltatune.errors import BackendError, MissingBackendError
 
 QUANTIZE_TYPES = ("nf4", "int8")
 BACKENDS: dict[str, tuple[str, ...]] = {"nf4": ("bitsandbytes",), "int8": ("torch", "bitsandbytes")}
@@ -207,7 +208,7 @@ def check_backend(quantize: str, backend: str, device: torch.device | str) -> No
     a tiny layer fails to quantize and run."""
     device = torch.device(device)
     if (quantize, backend) == ("int8", "bitsandbytes") and device.type != "cuda":
-        raise RuntimeError(
+        raise BackendError(
             f"quantize='int8' with backend 'bitsandbytes' (LLM.int8) runs on CUDA only, not on {device}; "
             "use backend='torch' (the default for int8), which runs anywhere"
         )
@@ -220,7 +221,7 @@ def check_backend(quantize: str, backend: str, device: torch.device | str) -> No
         try:
             _bnb()
         except ImportError as e:
-            raise ImportError(
+            raise MissingBackendError(
                 f"quantize={quantize!r} with backend 'bitsandbytes' needs the bitsandbytes package: {INSTALL_HINT}; "
                 f"or use {other}"
             ) from e
@@ -228,8 +229,8 @@ def check_backend(quantize: str, backend: str, device: torch.device | str) -> No
     if error is None:
         return
     if backend != "bitsandbytes":
-        raise RuntimeError(f"backend {backend!r} can't run quantize={quantize!r} on {device}: {error}")
-    raise RuntimeError(
+        raise BackendError(f"backend {backend!r} can't run quantize={quantize!r} on {device}: {error}")
+    raise BackendError(
         f"bitsandbytes {_bnb().__version__} can't run quantize={quantize!r} on {device} ({error}). Install a "
         f"build that supports this device: {INSTALL_HINT}; or run on a CUDA device; or use {other}"
     )

@@ -357,10 +357,7 @@ def build_model(
     if quantize:
         from deltatune.methods.quant import quantize_model
 
-        try:
-            quantize_model(model, quantize, compute_dtype=DTYPES[config.base_dtype])
-        except ImportError as e:  # the backend's package: the message says what to install
-            raise ConfigError(str(e)) from e
+        quantize_model(model, quantize, compute_dtype=DTYPES[config.base_dtype])  # a BackendError is one line
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
