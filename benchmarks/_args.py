@@ -31,6 +31,14 @@ def unwritable_folder(path: str, flag: str) -> str | None:
     return None
 
 
+def below_one(args, flags: tuple[str, ...]) -> str | None:
+    """The first of `flags` (argparse dests) whose value is under 1, as an error message, or None."""
+    for flag in flags:
+        if getattr(args, flag) < 1:
+            return f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}"
+    return None
+
+
 def comma_ints(text: str) -> list[int] | None:
     """`0,1,2` -> [0, 1, 2]; None if `text` is empty or any part isn't a whole number."""
     try:

@@ -34,7 +34,7 @@ import sys
 import tempfile
 import time
 
-from _args import comma_ints, unwritable_folder, unwritable_out
+from _args import below_one, comma_ints, unwritable_folder, unwritable_out
 
 VOCAB_WORDS = 2000
 
@@ -220,9 +220,8 @@ def _bad_args(args: argparse.Namespace) -> str | None:
     a failed training run, the throughput ones only after the memory runs, and `--out` after everything."""
     from deltatune.methods import registry
 
-    for flag in ("steps", "batch", "layers"):
-        if getattr(args, flag) < 1:
-            return f"--{flag} must be at least 1, got {getattr(args, flag)}"
+    if why := below_one(args, ("steps", "batch", "layers")):
+        return why
     if args.throughput_rows < 0:
         return f"--throughput-rows must be 0 (skip) or more, got {args.throughput_rows}"
     if args.max_len < 17:

@@ -21,9 +21,11 @@ import time
 
 import torch
 
-import deltatune.methods.lora as lora_method
-from deltatune.bench import ARCHS, Bases, make_step
-from deltatune.checkpoint import unwritable
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _args import below_one, unwritable_out  # noqa: E402
+
+import deltatune.methods.lora as lora_method  # noqa: E402
+from deltatune.bench import ARCHS, Bases, make_step  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,15 +43,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.size not in ARCHS[args.arch]["sizes"]:
         parser.error(f"--size {args.size!r}: {args.arch} has {', '.join(ARCHS[args.arch]['sizes'])}")
-    for flag in ("rounds", "batch", "seq", "threads"):
-        if getattr(args, flag) < 1:
-            parser.error(f"--{flag} must be at least 1, got {getattr(args, flag)}")
-    if args.out:
-        folder = os.path.dirname(os.path.abspath(args.out))
-        if os.path.isdir(args.out):
-            parser.error(f"--out {args.out} is a folder; give a file name for the JSON")
-        if why := unwritable(folder):
-            parser.error(f"--out {args.out}: can't write into {folder} ({why})")
+    if why := below_one(args, ("rounds", "batch", "seq", "threads")) or (
+        args.out and unwritable_out(args.out)
+    ):
+        parser.error(why)
     torch.set_num_threads(args.threads)
 
     bases = Bases(args.arch, args.size, "cpu")

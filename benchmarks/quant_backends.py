@@ -26,7 +26,7 @@ import sys
 import time
 import warnings
 
-from _args import unwritable_out
+from _args import below_one, unwritable_out
 
 CASES = ["fp32", "nf4-torchao", "nf4-bitsandbytes", "int8-torch", "int8-torchao", "int8-bitsandbytes"]
 HIDDEN, FFN, BLOCKS = 768, 3072, 12
@@ -187,9 +187,8 @@ def _bad_args(args: argparse.Namespace) -> str | None:
     `--rounds 0` wrote an empty table; `--out` was tried only at the end."""
     if unknown := [c for c in args.cases.split(",") if c not in CASES]:
         return f"--cases: unknown {', '.join(map(repr, unknown))}; choose from {', '.join(CASES)}"
-    for flag in ("rounds", "steps", "threads"):
-        if getattr(args, flag) < 1:
-            return f"--{flag} must be at least 1, got {getattr(args, flag)}"
+    if why := below_one(args, ("rounds", "steps", "threads")):
+        return why
     if args.tokens < 2:
         return f"--tokens must be at least 2 (the timed steps run 2 rows of --tokens / 2), got {args.tokens}"
     return None if args.one else unwritable_out(args.out)

@@ -33,7 +33,7 @@ import sys
 import time
 import warnings
 
-from _args import unwritable_out
+from _args import below_one, unwritable_out
 
 CASES = {"lora": None, "qlora-nf4": "nf4", "qlora-int8": "int8"}
 MAX_SEQ = 2048  # max_position_embeddings of the model below
@@ -160,9 +160,8 @@ def _static(tokens: int) -> dict:
 def _bad_args(args: argparse.Namespace) -> str | None:
     """The first setting out of range: each failed in a child process after the model was built and
     quantized (`--rounds 0` after all of it), and `--out` was tried only at the end."""
-    for flag in ("steps", "batch", "threads", "rounds"):
-        if getattr(args, flag) < 1:
-            return f"--{flag} must be at least 1, got {getattr(args, flag)}"
+    if why := below_one(args, ("steps", "batch", "threads", "rounds")):
+        return why
     if not 2 <= args.seq <= MAX_SEQ:
         return (
             f"--seq must be from 2 (a next-token loss) to {MAX_SEQ} (the model's positions), got {args.seq}"

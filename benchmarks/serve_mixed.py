@@ -24,7 +24,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _args import unwritable_out  # noqa: E402
+from _args import below_one, unwritable_out  # noqa: E402
 from serve_load import build, workload  # noqa: E402
 
 from deltatune.serve.engine import Engine  # noqa: E402
@@ -44,9 +44,8 @@ def main() -> None:
     )
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args()
-    for flag in ("clients", "requests", "rounds", "threads"):
-        if getattr(args, flag) < 1:
-            parser.error(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    if why := below_one(args, ("clients", "requests", "rounds", "threads")):
+        parser.error(why)
     if args.out and (why := unwritable_out(args.out)):  # not only after the rounds
         parser.error(why)
     torch.set_num_threads(args.threads)
