@@ -500,10 +500,12 @@ def run_latency(
 
     ours = many(_shared(base))
     merged = get_peft_model(copy.deepcopy(base), LoraConfig(**lora)).merge_and_unload().eval()
+    dora = get_peft_model(_shared(base), LoraConfig(**lora, use_dora=True)).eval()
     variants = {
         "base": lambda x: base(input_ids=x),
         "lora": lambda x: ours(input_ids=x),
         "lora-merged": lambda x: merged(input_ids=x),
+        "dora": lambda x: dora(input_ids=x),  # unmerged
         "mixed8": lambda x: ours(input_ids=x, adapter_names=[names[i % 8] for i in range(x.shape[0])]),
     }
     for style in ("houlsby", "pfeiffer"):
@@ -520,6 +522,8 @@ def run_latency(
         variants["peft-mixed8"] = lambda x: theirs(
             input_ids=x, adapter_names=[names[i % 8] for i in range(x.shape[0])]
         )
+        their_dora = peft.get_peft_model(_shared(base), peft.LoraConfig(**lora, use_dora=True)).eval()
+        variants["peft-dora"] = lambda x: their_dora(input_ids=x)
     results = []
     with torch.no_grad():
         for batch, seq in shapes:

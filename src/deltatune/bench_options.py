@@ -193,7 +193,9 @@ DEFAULT_CASES = (
 VIRTUAL_TOKENS = 20
 LORA = {"r": 8, "lora_alpha": 16}
 TOP_LAYERS = 2
-LATENCY_CASES = ("base", "lora", "lora-merged", "houlsby", "pfeiffer", "mixed8", "peft", "peft-mixed8")
+LATENCY_CASES = (
+    "base", "lora", "lora-merged", "dora", "houlsby", "pfeiffer", "mixed8", "peft", "peft-mixed8", "peft-dora"
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
