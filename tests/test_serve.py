@@ -501,7 +501,14 @@ def test_dora_adapters_run_in_their_own_call_beside_a_mixed_batch(causal, files,
         engine.batch_wait = 0.005
     for (model, prompt, max_tokens), reply in zip(jobs, replies):
         assert reply["choices"][0]["text"] == reference(model, prompt, max_tokens), model
+    # the DoRA lane's layers keep `m / ||W + sBA||` between decoding steps (the weights were attached outside
+    # `torch.inference_mode()`, so they have version counters), rather than recomputing it at every step
+    from deltatune.methods import lora as lora_method
+
+    layers = [layer for _, layer in lora_method.layers(engine.peft) if "delta" in layer.r]
+    assert layers and all("delta" in layer.__dict__.get("_dora_factors", {}) for layer in layers)
     assert client.delete("/v1/adapters/delta").status_code == 200
+    assert not any("delta" in layer.__dict__.get("_dora_factors", {}) for layer in layers)  # freed with it
 
 
 def test_rows_that_together_would_overrun_the_context_run_in_separate_calls(static, reference):
