@@ -326,8 +326,8 @@ def create_app(
 
     @app.post("/v1/adapters")
     async def load_adapter(req: AdapterRequest):
-        await run_in_threadpool(engine.load, req.name, req.path)
-        return {"id": req.name, "object": "model", "parent": engine.base_name, "loaded": True}
+        loaded = await run_in_threadpool(engine.load, req.name, req.path)
+        return {"id": req.name, "object": "model", "parent": engine.base_name, "loaded": loaded}
 
     @app.delete("/v1/adapters/{name}")
     async def unload_adapter(name: str):

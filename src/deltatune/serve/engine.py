@@ -219,9 +219,11 @@ class Engine:
         """Run `fn()` on the model thread, between two steps."""
         return self.scheduler.command(fn)
 
-    def load(self, name: str, path: str | None = None) -> None:
-        """Register the adapter at `path` (under the adapters folder; default: `name`) as `name` and load it.
-        Blocking: call it from a worker thread."""
+    def load(self, name: str, path: str | None = None) -> bool:
+        """Register the adapter at `path` (under the adapters folder; default: `name`) as `name` and load it;
+        False when it is registered but not loaded, because every slot holds an adapter that running rows use
+        (it loads on first use, as an adapter registered at startup does). Blocking: call it from a worker
+        thread."""
         check_adapter_name(name, "name")
         if name == self.base_name:
             raise ApiError(409, f"{name!r} is the base model's name", "name_taken", "name")
@@ -246,14 +248,15 @@ class Engine:
         except Exception as e:
             tensors = e
 
-        def load_now() -> None:
+        def load_now() -> bool:
+            # Never evict the adapter of a running row: it would fail as if it had been unloaded.
             try:
-                self.ensure_loaded(name, pinned=set(), prepared=tensors)
+                return self.ensure_loaded(name, pinned=self.scheduler.pinned(), prepared=tensors)
             except ApiError:
                 self.registry.unregister(name)
                 raise
 
-        self.call(load_now).result()
+        return self.call(load_now).result()
 
     def unload(self, name: str) -> None:
         """Unregister an adapter and free its weights; its running and queued rows get 404. Blocking."""
@@ -312,32 +315,39 @@ class Engine:
             return False
         if read is not None and not read[1].done():
             return False
+        if read is not None and read[1].exception() is not None:
+            del self._reads[name]
+            prepared = read[1].exception()
+        if isinstance(prepared, BaseException):  # its files can't be read: it fails, whether a slot is free or not
+            raise self._load_failed(entry, prepared)
         victims = self.registry.victims(pinned)
         if victims is None:
             return False
         if read is not None:
             del self._reads[name]
-            prepared = read[1].exception() or read[1].result()
+            prepared = read[1].result()
         for victim in victims:
             self._drop(victim, evicted=True)
         start = time.monotonic()
         try:
-            if isinstance(prepared, BaseException):
-                raise prepared
             self._load_weights(entry, prepared)
         except Exception as e:  # any failure is this adapter's: named, recorded, the server keeps serving
-            expected = isinstance(e, (ValueError, OSError))  # a bad file: its message says it all
-            entry.error = redact(str(e) if expected else f"{type(e).__name__}: {e}")
-            logger.warning("adapter %r failed to load: %s", name, entry.error, exc_info=not expected)
-            self.registry.stats.failed_loads += 1
-            self.metrics.adapter_events.labels(event="failed_load").inc()
-            raise ApiError(
-                400, f"the adapter {name!r} could not be loaded: {entry.error}", "adapter_invalid", "model"
-            ) from e
+            raise self._load_failed(entry, e) from e
         self.registry.mark_loaded(name, time.monotonic() - start)
         self.metrics.adapter_events.labels(event="load").inc()
         self.metrics.loaded_adapters.set(len(self.registry.loaded))
         return True
+
+    def _load_failed(self, entry: Entry, e: BaseException) -> ApiError:
+        """Record why an adapter's weights failed to load (its requests get this until it is registered again)."""
+        expected = isinstance(e, (ValueError, OSError))  # a bad file: its message says it all
+        entry.error = redact(str(e) if expected else f"{type(e).__name__}: {e}")
+        logger.warning("adapter %r failed to load: %s", entry.name, entry.error, exc_info=not expected)
+        self.registry.stats.failed_loads += 1
+        self.metrics.adapter_events.labels(event="failed_load").inc()
+        return ApiError(
+            400, f"the adapter {entry.name!r} could not be loaded: {entry.error}", "adapter_invalid", "model"
+        )
 
     def read_ready(self, name: str) -> bool:
         """Whether `name` is not in memory and its files were read in the reader thread (it can attach now)."""

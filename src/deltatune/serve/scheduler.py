@@ -222,6 +222,10 @@ class _Scheduler:
     def _after_command(self) -> None:
         """Hook: rows whose adapter was just unloaded."""
 
+    def pinned(self) -> set[str]:
+        """Adapters that must stay in memory now (model thread): none between two static batches."""
+        return set()
+
     def _admit(
         self,
         limit: int,
@@ -415,7 +419,7 @@ class ContinuousScheduler(_Scheduler):
                 if free <= 0 or not self.pending:
                     break
                 by_lane: dict[str | None, list[Row]] = {}
-                for row in self._admit(free, self._pinned(), max_loads, held, budget):
+                for row in self._admit(free, self.pinned(), max_loads, held, budget):
                     solo = row.adapter if self.engine.is_solo(row.adapter) else None
                     by_lane.setdefault(solo, []).append(row)
                     admitted = True
@@ -445,7 +449,7 @@ class ContinuousScheduler(_Scheduler):
     def _after_command(self) -> None:
         self._reap()
 
-    def _pinned(self) -> set[str]:
+    def pinned(self) -> set[str]:
         """Adapters that can't be evicted now: those of the running rows and of the long prompts being prefilled."""
         return {row.adapter for lane in self.lanes.values() for row in lane.rows} | {
             job.adapter for job in self.chunked
@@ -465,7 +469,7 @@ class ContinuousScheduler(_Scheduler):
         if not self.adapter_slice or not self.pending:
             return frozenset()
         registry = self.engine.registry
-        pinned = self._pinned()
+        pinned = self.pinned()
         if registry.victims(pinned) is not None:  # a slot is free, or held by an adapter no row uses
             return frozenset()
         if sum(row.paused is not None for row in self.pending) >= self.max_batch:
