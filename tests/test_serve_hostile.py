@@ -31,11 +31,12 @@ def one_slot(files):  # noqa: F811
     server.stop()
 
 
-def _requests(metrics: str, adapter: str, status: str) -> float:
+def _requests(metrics: str, endpoint: str, adapter: str, status: str) -> float:
+    """`deltatune_requests_total` for one endpoint, adapter and status in a /metrics text."""
+    labels = f'{{adapter="{adapter}",endpoint="{endpoint}",status="{status}"}}'
     for line in metrics.splitlines():
-        if line.startswith("deltatune_requests_total{") and f'adapter="{adapter}"' in line:
-            if f'status="{status}"' in line:
-                return float(line.rsplit(" ", 1)[1])
+        if line.startswith("deltatune_requests_total" + labels):
+            return float(line.rsplit(" ", 1)[1])
     return 0.0
 
 
@@ -63,3 +64,115 @@ def test_registering_an_adapter_never_evicts_one_whose_rows_are_running(one_slot
     )
     assert r.status_code == 200 and r.json()["choices"][0]["text"] == reference("beta", "w4 w5", 6)
     assert client.delete("/v1/adapters/alpha_two").status_code == 200
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage() + ("\n" + str(record.exc_info[1]) if record.exc_info else ""))
+
+
+def test_requests_cancelled_by_a_shutdown_that_ran_out_of_time_get_a_json_503_and_log_no_traceback(
+    files,  # noqa: F811
+):
+    """When the graceful shutdown timed out, uvicorn cancelled the requests still running: each logged 'Exception in
+    ASGI application' with a CancelledError traceback, and a client whose answer hadn't started got uvicorn's
+    plain-text 'Internal Server Error' 500 instead of an OpenAI-style error."""
+    engine = Engine(files["base"], files["adapters"], base_name=BASE, device="cpu", max_batch=1)
+    restore = _slow_steps(engine, 0.2)  # the rows can't finish within the shutdown's 0.5 s
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    config = uvicorn.Config(create_app(engine, max_tokens_cap=CAP), log_level="info", timeout_graceful_shutdown=0.5)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    records = _Records()
+    logging.getLogger("uvicorn.error").addHandler(records)
+    replies: dict[str, object] = {}
+
+    def ask(key: str, stream: bool) -> None:
+        body = {"model": "alpha", "prompt": "w1 w2", "max_tokens": CAP, "temperature": 0, "stream": stream}
+        try:
+            with httpx.Client(timeout=30, trust_env=False) as client:
+                with client.stream("POST", f"{url}/v1/completions", json=body) as r:
+                    lines = []
+                    with_error = None
+                    try:
+                        lines = list(r.iter_lines())
+                    except httpx.HTTPError as e:  # a stream cut short
+                        with_error = type(e).__name__
+                    replies[key] = (r.status_code, r.headers.get("content-type", ""), lines, with_error)
+        except httpx.HTTPError as e:
+            replies[key] = e
+
+    try:
+        thread.start()
+        deadline = time.monotonic() + 30
+        while not server.started:
+            assert time.monotonic() < deadline and thread.is_alive()
+            time.sleep(0.02)
+        askers = [
+            threading.Thread(target=ask, args=("running", True)),  # takes the one row of the batch
+            threading.Thread(target=ask, args=("queued", False)),
+            threading.Thread(target=ask, args=("queued stream", True)),
+        ]
+        askers[0].start()
+        while engine.scheduler.running() == 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        for asker in askers[1:]:
+            asker.start()
+        while engine.scheduler.queued() < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        server.should_exit = True
+        for asker in askers:
+            asker.join(timeout=30)
+        thread.join(timeout=30)
+    finally:
+        restore()
+        logging.getLogger("uvicorn.error").removeHandler(records)
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()
+    assert not [m for m in records.messages if "Exception in ASGI application" in m], records.messages
+    for key in ("queued", "queued stream"):
+        status, content_type, lines, _ = replies[key]
+        assert status == 503 and content_type == "application/json", replies[key]
+        assert '"code":"shutting_down"' in "".join(lines), replies[key]
+    status, content_type, lines, cut = replies["running"]
+    assert status == 200 and content_type.startswith("text/event-stream")
+    assert cut is not None and "data: [DONE]" not in lines  # cut short, never passed off as a whole answer
+    assert _requests(engine.metrics.render().decode(), "completions", "alpha", "503") == 2
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_a_client_that_hangs_up_mid_stream_is_counted_as_499(one_slot, chat):
+    """A stream whose client went away after its first chunks freed its row but was counted nowhere in
+    `deltatune_requests_total` (neither 200 nor 499), although the README says it counts as 499."""
+    engine, client = one_slot
+    endpoint = "chat" if chat else "completions"
+    before = client.get("/metrics").text
+    cancelled = engine.health()["stats"]["cancelled_rows"]
+    restore = _slow_steps(engine, 0.1)
+    try:
+        body = {"model": "beta", "max_tokens": CAP, "temperature": 0, "stream": True}
+        if chat:
+            path, body = "/v1/chat/completions", {**body, "messages": [{"role": "user", "content": "w1"}]}
+        else:
+            path, body = "/v1/completions", {**body, "prompt": "w1"}
+        with client.stream("POST", path, json=body) as r:
+            seen = [line for _, line in zip(range(3), (x for x in r.iter_lines() if x.startswith("data: ")))]
+        assert len(seen) == 3
+        deadline = time.monotonic() + 15
+        while engine.health()["stats"]["cancelled_rows"] == cancelled and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        restore()
+    after = client.get("/metrics").text
+    counted = [_requests(after, endpoint, "beta", s) - _requests(before, endpoint, "beta", s) for s in ("200", "499")]
+    assert engine.scheduler.running() == 0
+    assert counted == [0, 1], (endpoint, counted)

@@ -29,7 +29,7 @@ from starlette.exceptions import HTTPException
 
 from deltatune.methods.mixed import BASE
 from deltatune.serve.engine import Engine
-from deltatune.serve.errors import ApiError, redact
+from deltatune.serve.errors import ApiError, redact, shutting_down
 from deltatune.serve.scheduler import Row
 
 logger = logging.getLogger("deltatune.serve")
@@ -214,6 +214,17 @@ class _Guard:
 
         try:
             await self.app(scope, replay, watch)
+        except asyncio.CancelledError:
+            # The server cancelled this request: a graceful shutdown that ran out of time (`--shutdown-timeout`).
+            # Its rows were freed on the way out. Not a bug, so no traceback: a 503 when nothing was sent yet, else
+            # the answer stays cut short (no `[DONE]`), which the client sees as a broken stream.
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+            logger.warning("%s %s cancelled by the server's shutdown", scope.get("method"), scope.get("path"))
+            if not started:
+                with contextlib.suppress(Exception):
+                    await shutting_down().response()(scope, receive, send)
         except Exception as e:
             logger.error(
                 "unhandled error on %s %s\n%s", scope.get("method"), scope.get("path"), traceback.format_exc()
@@ -661,6 +672,9 @@ class _Job:
             raise
         except _ClientGone:
             return self.hung_up()
+        except asyncio.CancelledError:  # the server's shutdown ran out of time (the guard answers 503)
+            self._count("503")
+            raise
         finally:
             self.cancel()
         self._count("200")
@@ -712,11 +726,14 @@ class _Job:
             self.cancel()
             if isinstance(e, ApiError):
                 self._count(str(e.status))
+            elif isinstance(e, asyncio.CancelledError):  # the server's shutdown ran out of time
+                self._count("503")
             raise
         include_usage = bool(self.req.stream_options and self.req.stream_options.include_usage)
 
         async def events() -> AsyncIterator[str]:
             started = [False] * len(self.rows)
+            counted = False
 
             def sse(obj: dict) -> str:
                 return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
@@ -739,14 +756,19 @@ class _Job:
                             "usage": self.usage(),
                         }
                     )
-                yield "data: [DONE]\n\n"
+                counted = True
                 self._count("200")
+                yield "data: [DONE]\n\n"
             except _ClientGone:
+                counted = True
                 self._count("499")
             except ApiError as e:  # after the first chunk: an error event ends the stream
+                counted = True
                 self._count(str(e.status))
                 yield sse(e.body())
             except Exception as e:  # a bug: logged here, the client gets an error event, not a cut stream
+                counted = True
+                self._count("500")
                 logger.exception("a stream failed")
                 yield sse(
                     ApiError(
@@ -754,6 +776,10 @@ class _Job:
                     ).body()
                 )
             finally:
+                # A client that hangs up mid-stream ends this generator from outside (a cancellation, or its
+                # closing): it counts as 499 too.
+                if not counted:
+                    self._count("499")
                 self.cancel()
 
         return StreamingResponse(
