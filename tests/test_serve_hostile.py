@@ -176,3 +176,18 @@ def test_a_client_that_hangs_up_mid_stream_is_counted_as_499(one_slot, chat):
     counted = [_requests(after, endpoint, "beta", s) - _requests(before, endpoint, "beta", s) for s in ("200", "499")]
     assert engine.scheduler.running() == 0
     assert counted == [0, 1], (endpoint, counted)
+
+
+def test_a_method_a_route_does_not_take_is_a_405_naming_the_allowed_ones(one_slot):
+    """The 405 dropped Starlette's `Allow` header (HTTP requires it on a 405) and had no error code."""
+    _, client = one_slot
+    for method, path, allowed in (
+        ("GET", "/v1/completions", "POST"),
+        ("PUT", "/v1/chat/completions", "POST"),
+        ("POST", "/health", "GET"),
+        ("DELETE", "/v1/models", "GET"),
+    ):
+        r = client.request(method, path)
+        assert r.status_code == 405, (method, path, r.text)
+        assert r.headers.get("allow") == allowed, (method, path, dict(r.headers))
+        assert r.json()["error"]["code"] == "method_not_allowed"

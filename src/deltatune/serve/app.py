@@ -297,9 +297,8 @@ def create_app(
 
     @app.exception_handler(HTTPException)
     async def _http(_request, e: HTTPException):
-        return ApiError(
-            e.status_code, str(e.detail), "not_found" if e.status_code == 404 else None
-        ).response()
+        code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
+        return ApiError(e.status_code, str(e.detail), code, headers=e.headers).response()  # 405: its Allow
 
     @app.get("/health")
     async def health():

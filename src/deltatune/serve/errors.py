@@ -43,9 +43,11 @@ class ApiError(Exception):
         code: str | None = None,
         param: str | None = None,
         type_: str = "invalid_request_error",
+        headers: dict[str, str] | None = None,
     ):
         super().__init__(message)
         self.status, self.message, self.code, self.param, self.type = status, message, code, param, type_
+        self.headers = headers
 
     def body(self) -> dict:
         return {
@@ -58,7 +60,7 @@ class ApiError(Exception):
         }
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
 def overloaded() -> ApiError:
