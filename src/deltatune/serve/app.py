@@ -642,7 +642,7 @@ class _Job:
         return Response(status_code=499)
 
     def usage(self) -> dict[str, int]:
-        prompt_tokens = sum(len(p) for p in self.prompts) * self.n
+        prompt_tokens = sum(len(p) for p in self.prompts)  # once per prompt, whatever n (as OpenAI, vLLM)
         completion_tokens = sum(t.count for t in self.texts)
         return {
             "prompt_tokens": prompt_tokens,
