@@ -13,7 +13,7 @@ import time
 import httpx
 import pytest
 import uvicorn
-from test_serve import BASE, CAP, KEY, _client, _Server, files, reference  # noqa: F401  (fixtures)
+from test_serve import BASE, CAP, KEY, _client, _Server, classifier, files, reference  # noqa: F401  (fixtures)
 from test_serve_stream import _slow_steps, _sse
 
 from deltatune.serve import Engine, create_app
@@ -191,3 +191,20 @@ def test_a_method_a_route_does_not_take_is_a_405_naming_the_allowed_ones(one_slo
         assert r.status_code == 405, (method, path, r.text)
         assert r.headers.get("allow") == allowed, (method, path, dict(r.headers))
         assert r.json()["error"]["code"] == "method_not_allowed"
+
+
+def test_a_text_to_classify_that_tokenizes_to_nothing_is_a_400_naming_it(classifier, caplog):  # noqa: F811
+    """An input with no tokens ('' or blanks, with a tokenizer that adds no special tokens) ran the model on an
+    empty row: alone it failed with a 422 quoting torch's reshape error and logged a traceback; beside other texts it
+    got a made-up label from an all-padding row."""
+    _, client = classifier
+    for texts, index in (("", 0), ([" "], 0), (["w1", ""], 1)):
+        with caplog.at_level("ERROR", logger="deltatune.serve"):
+            r = client.post("/v1/classify", json={"model": "sentiment", "input": texts})
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert error["param"] == "input" and error["code"] == "invalid_value"
+        assert f"input[{index}]" in error["message"] and "no tokens" in error["message"]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    r = client.post("/v1/classify", json={"model": "sentiment", "input": ["w1", "w2 w3"]})
+    assert r.status_code == 200 and len(r.json()["data"]) == 2

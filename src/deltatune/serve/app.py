@@ -375,6 +375,10 @@ def create_app(
         enc = engine.tokenizer(texts)
         rows = []
         for i, ids in enumerate(enc["input_ids"]):
+            if not ids:  # (a tokenizer that adds no special tokens, and a text of blanks)
+                raise ApiError(
+                    400, f"input[{i}] has no tokens: send text to classify", "invalid_value", "input"
+                )
             _check_length(engine, len(ids), 0, "input")
             types = enc["token_type_ids"][i] if "token_type_ids" in enc else None
             rows.append(Row("classify", adapter, ids, token_type_ids=types))
