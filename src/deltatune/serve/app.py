@@ -91,7 +91,7 @@ class CompletionRequest(_Sampling):
         return [
             *super().unsupported(),
             ("echo", bool(self.echo)),
-            ("logprobs", bool(self.logprobs)),
+            ("logprobs", self.logprobs is not None),  # 0 asks for the sampled token's logprob; null is off
             ("best_of", self.best_of not in (None, 1, self.n or 1)),  # best_of == n picks nothing
             ("suffix", bool(self.suffix)),
         ]
