@@ -11,6 +11,7 @@ import threading
 import time
 
 import httpx
+import openai
 import pytest
 import uvicorn
 from test_serve import BASE, CAP, KEY, _client, _Server, classifier, files, reference  # noqa: F401  (fixtures)
@@ -208,3 +209,20 @@ def test_a_text_to_classify_that_tokenizes_to_nothing_is_a_400_naming_it(classif
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
     r = client.post("/v1/classify", json={"model": "sentiment", "input": ["w1", "w2 w3"]})
     assert r.status_code == 200 and len(r.json()["data"]) == 2
+
+
+def test_one_model_can_be_retrieved_as_openais_client_does(one_slot):
+    """`client.models.retrieve(name)` (GET /v1/models/{model}) was a 404 for every model, the base included."""
+    engine, client = one_slot
+    oai = openai.OpenAI(
+        base_url=f"{str(client.base_url).rstrip('/')}/v1", api_key=KEY, max_retries=0, http_client=httpx.Client(trust_env=False)
+    )
+    listed = {m.id: m for m in oai.models.list()}
+    for name in (BASE, "alpha", "beta"):
+        model = oai.models.retrieve(name)
+        assert model == listed[name] and model.id == name
+    assert oai.models.retrieve("beta").model_extra["parent"] == BASE
+    with pytest.raises(openai.NotFoundError):
+        oai.models.retrieve("nope")
+    r = client.get("/v1/models/..")
+    assert r.status_code in (400, 404) and r.json()["error"]["code"] in ("invalid_model_name", "not_found")

@@ -308,31 +308,30 @@ def create_app(
     async def prometheus():
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    def card(name: str, created: int, loaded: set[str]) -> dict[str, Any]:
+        """One model as OpenAI lists it: the base, or an adapter (with its `parent`)."""
+        if name == engine.base_name:
+            return {"id": name, "object": "model", "created": created, "owned_by": "deltatune", "loaded": True}
+        return {
+            "id": name,
+            "object": "model",
+            "created": created,
+            "owned_by": "deltatune",
+            "parent": engine.base_name,
+            "loaded": name in loaded,
+        }
+
     @app.get("/v1/models")
     async def models():
-        created = int(time.time())
-        data = [
-            {
-                "id": engine.base_name,
-                "object": "model",
-                "created": created,
-                "owned_by": "deltatune",
-                "loaded": True,
-            }
-        ]
-        loaded = set(engine.loaded_adapters)
-        data += [
-            {
-                "id": n,
-                "object": "model",
-                "created": created,
-                "owned_by": "deltatune",
-                "parent": engine.base_name,
-                "loaded": n in loaded,
-            }
-            for n in engine.adapter_names
-        ]
-        return {"object": "list", "data": data}
+        created, loaded = int(time.time()), set(engine.loaded_adapters)
+        names = [engine.base_name, *engine.adapter_names]
+        return {"object": "list", "data": [card(n, created, loaded) for n in names]}
+
+    @app.get("/v1/models/{model:path}")
+    async def model(model: str):  # OpenAI's "retrieve model" (`client.models.retrieve`)
+        if model != engine.base_name:
+            engine.resolve(model)  # 400 for a bad name or a failed adapter, 404 for an unknown one
+        return card(model, int(time.time()), set(engine.loaded_adapters))
 
     @app.post("/v1/adapters")
     async def load_adapter(req: AdapterRequest):
