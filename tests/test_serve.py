@@ -344,7 +344,7 @@ UNSUPPORTED = [  # (endpoint, field, a value that would change the answer)
     ("completions", "suffix", "w9"),
     ("completions", "echo", True),
     ("completions", "logprobs", 2),
-    ("completions", "logprobs", 0),  # the sampled token's own logprob (OpenAI's legacy API, vLLM); null is off
+    ("completions", "logprobs", 0),  # the sampled token's logprob (OpenAI's legacy API, vLLM); null: off
     ("chat/completions", "logprobs", True),
     ("chat/completions", "tools", [{"type": "function", "function": {"name": "f"}}]),
     ("chat/completions", "tool_choice", "required"),

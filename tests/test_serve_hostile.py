@@ -4,7 +4,6 @@ time, and HTTP methods a route doesn't take. Each test here failed before the fi
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import socket
 import threading
@@ -73,7 +72,9 @@ class _Records(logging.Handler):
         self.messages: list[str] = []
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage() + ("\n" + str(record.exc_info[1]) if record.exc_info else ""))
+        self.messages.append(
+            record.getMessage() + ("\n" + str(record.exc_info[1]) if record.exc_info else "")
+        )
 
 
 def test_requests_cancelled_by_a_shutdown_that_ran_out_of_time_get_a_json_503_and_log_no_traceback(
@@ -87,7 +88,9 @@ def test_requests_cancelled_by_a_shutdown_that_ran_out_of_time_get_a_json_503_an
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    config = uvicorn.Config(create_app(engine, max_tokens_cap=CAP), log_level="info", timeout_graceful_shutdown=0.5)
+    config = uvicorn.Config(
+        create_app(engine, max_tokens_cap=CAP), log_level="info", timeout_graceful_shutdown=0.5
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     records = _Records()
@@ -97,15 +100,16 @@ def test_requests_cancelled_by_a_shutdown_that_ran_out_of_time_get_a_json_503_an
     def ask(key: str, stream: bool) -> None:
         body = {"model": "alpha", "prompt": "w1 w2", "max_tokens": CAP, "temperature": 0, "stream": stream}
         try:
-            with httpx.Client(timeout=30, trust_env=False) as client:
-                with client.stream("POST", f"{url}/v1/completions", json=body) as r:
-                    lines = []
-                    with_error = None
-                    try:
-                        lines = list(r.iter_lines())
-                    except httpx.HTTPError as e:  # a stream cut short
-                        with_error = type(e).__name__
-                    replies[key] = (r.status_code, r.headers.get("content-type", ""), lines, with_error)
+            with (
+                httpx.Client(timeout=30, trust_env=False) as client,
+                client.stream("POST", f"{url}/v1/completions", json=body) as r,
+            ):
+                lines, cut = [], None
+                try:
+                    lines = list(r.iter_lines())
+                except httpx.HTTPError as e:  # a stream cut short
+                    cut = type(e).__name__
+                replies[key] = (r.status_code, r.headers.get("content-type", ""), lines, cut)
         except httpx.HTTPError as e:
             replies[key] = e
 
@@ -174,7 +178,9 @@ def test_a_client_that_hangs_up_mid_stream_is_counted_as_499(one_slot, chat):
     finally:
         restore()
     after = client.get("/metrics").text
-    counted = [_requests(after, endpoint, "beta", s) - _requests(before, endpoint, "beta", s) for s in ("200", "499")]
+    counted = [
+        _requests(after, endpoint, "beta", s) - _requests(before, endpoint, "beta", s) for s in ("200", "499")
+    ]
     assert engine.scheduler.running() == 0
     assert counted == [0, 1], (endpoint, counted)
 
@@ -215,7 +221,10 @@ def test_one_model_can_be_retrieved_as_openais_client_does(one_slot):
     """`client.models.retrieve(name)` (GET /v1/models/{model}) was a 404 for every model, the base included."""
     engine, client = one_slot
     oai = openai.OpenAI(
-        base_url=f"{str(client.base_url).rstrip('/')}/v1", api_key=KEY, max_retries=0, http_client=httpx.Client(trust_env=False)
+        base_url=f"{str(client.base_url).rstrip('/')}/v1",
+        api_key=KEY,
+        max_retries=0,
+        http_client=httpx.Client(trust_env=False),
     )
     listed = {m.id: m for m in oai.models.list()}
     for name in (BASE, "alpha", "beta"):

@@ -311,7 +311,13 @@ def create_app(
     def card(name: str, created: int, loaded: set[str]) -> dict[str, Any]:
         """One model as OpenAI lists it: the base, or an adapter (with its `parent`)."""
         if name == engine.base_name:
-            return {"id": name, "object": "model", "created": created, "owned_by": "deltatune", "loaded": True}
+            return {
+                "id": name,
+                "object": "model",
+                "created": created,
+                "owned_by": "deltatune",
+                "loaded": True,
+            }
         return {
             "id": name,
             "object": "model",

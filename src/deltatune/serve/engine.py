@@ -318,7 +318,7 @@ class Engine:
         if read is not None and read[1].exception() is not None:
             del self._reads[name]
             prepared = read[1].exception()
-        if isinstance(prepared, BaseException):  # its files can't be read: it fails, whether a slot is free or not
+        if isinstance(prepared, BaseException):  # unreadable files: it fails, whether a slot is free or not
             raise self._load_failed(entry, prepared)
         victims = self.registry.victims(pinned)
         if victims is None:
