@@ -168,6 +168,27 @@ def test_load_several_saved_adapters(tmp_path):
         torch.testing.assert_close(out(model, x), out(source, x), atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("second", ["weight", "q_proj", "0", "layers", "lora_A", "self_attn"])
+def test_adapter_named_like_part_of_a_parameter_path(tmp_path, second):
+    """An adapter's parameters are found by the name right after a LoRA holder: an adapter called `weight` or
+    `q_proj` beside another must neither take the other's parameters nor be refused as not fitting the model."""
+    source = get_peft_model(opt(), ADAPTERS["a1"], adapter_name="first")
+    source.add_adapter(second, ADAPTERS["a3"])
+    from deltatune.methods import lora as lora_method
+
+    names = lora_method.adapter_param_names(source.base_model, ADAPTERS["a3"], second)
+    assert names and all(f".{second}." in f".{n}." and ".first." not in n for n in names)
+    assert len(names) == sum(".first." not in n and "lora_" in n for n, _ in source.base_model.named_parameters())
+    source.save_pretrained(tmp_path)
+    model = PeftModel.from_pretrained(opt(), tmp_path / "first", adapter_name="first")
+    model.load_adapter(tmp_path / second, adapter_name=second)
+    x = ids()
+    for name in ("first", second):
+        source.set_adapter(name)
+        model.set_adapter(name)
+        torch.testing.assert_close(out(model, x), out(source, x), atol=1e-6, rtol=0)
+
+
 # ---- bad input ------------------------------------------------------------------------------------
 
 

@@ -792,13 +792,16 @@ def layers(model: nn.Module) -> list[tuple[str, _LoraLayer]]:
     return [(n, m) for n, m in inject.delta_layers(model) if isinstance(m, _LoraLayer)]
 
 
-def is_adapter_param(name: str, adapter_name: str) -> bool:
-    """Whether a parameter name (relative to the model) belongs to LoRA adapter `adapter_name`."""
-    return PREFIX in name and (f".{adapter_name}." in name or name.endswith(f".{adapter_name}"))
-
-
 # PEFT's saved names drop the adapter name: `q_proj.lora_A.default.weight` <-> `q_proj.lora_A.weight`.
 _HOLDERS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+
+
+def is_adapter_param(name: str, adapter_name: str) -> bool:
+    """Whether a parameter name (relative to the model) belongs to LoRA adapter `adapter_name`: the name right
+    after a LoRA holder (`...lora_A.<adapter>.weight`, `...lora_magnitude_vector.<adapter>`), not anywhere in the
+    path, so that an adapter named `weight`, `q_proj` or `0` is not taken for every adapter's parameters."""
+    padded = f".{name}."
+    return any(f".{holder}.{adapter_name}." in padded for holder in _HOLDERS)
 
 
 def saved_key(name: str, adapter_name: str) -> str:
