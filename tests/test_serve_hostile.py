@@ -235,3 +235,54 @@ def test_one_model_can_be_retrieved_as_openais_client_does(one_slot):
         oai.models.retrieve("nope")
     r = client.get("/v1/models/..")
     assert r.status_code in (400, 404) and r.json()["error"]["code"] in ("invalid_model_name", "not_found")
+
+
+def test_a_row_queued_before_its_adapter_is_deleted_never_runs_on_one_registered_again_under_its_name(
+    one_slot,
+    reference,  # noqa: F811
+):
+    """DELETE then POST of the same name: a row that was queued for the old adapter before the delete must fail
+    (404), not run on the new weights, even when the new adapter is registered and loaded before the next step."""
+    engine, client = one_slot
+    assert client.post("/v1/adapters", json={"name": "swap", "path": "alpha"}).status_code == 200
+    first, second = threading.Event(), threading.Event()
+    replies: dict[str, httpx.Response] = {}
+
+    def send(key, method, url, **kw):
+        replies[key] = client.request(method, url, **kw)
+
+    body = {"model": "swap", "prompt": "w1 w2", "max_tokens": 5, "temperature": 0}
+    threads = []
+    try:
+        engine.call(lambda: first.wait(30))  # the model thread is busy: what follows queues behind it
+        for key, method, url, kw in (
+            ("row", "POST", "/v1/completions", {"json": body}),
+            ("delete", "DELETE", "/v1/adapters/swap", {}),
+        ):
+            threads.append(threading.Thread(target=send, args=(key, method, url), kwargs=kw))
+            threads[-1].start()
+            time.sleep(0.3)  # (in this order)
+        engine.call(lambda: second.wait(30))  # after the delete: holds the step that would admit the row
+        first.set()
+        threads[1].join(10)
+        assert replies["delete"].status_code == 200
+        threads.append(
+            threading.Thread(
+                target=send,
+                args=("add", "POST", "/v1/adapters"),
+                kwargs={"json": {"name": "swap", "path": "beta"}},
+            )
+        )
+        threads[-1].start()
+        time.sleep(0.3)  # registered; its load queues behind the held step
+    finally:
+        first.set()
+        second.set()
+        for t in threads:
+            t.join(30)
+    assert replies["add"].status_code == 200, replies["add"].text
+    assert replies["row"].status_code == 404, replies["row"].text
+    assert "the adapter 'swap' was unloaded" in replies["row"].json()["error"]["message"]
+    r = client.post("/v1/completions", json=body)  # a request sent after the add gets the new weights
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == reference("beta", "w1 w2", 5)
+    assert client.delete("/v1/adapters/swap").status_code == 200

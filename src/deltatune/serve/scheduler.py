@@ -222,6 +222,18 @@ class _Scheduler:
     def _after_command(self) -> None:
         """Hook: rows whose adapter was just unloaded."""
 
+    def fail_queued(self, adapter: str) -> None:
+        """Fail the queued rows of an adapter that was just unloaded (model thread), paused ones too: none of them
+        may run on an adapter registered again under the same name before the next step (a paused row would go on
+        from its cached keys and values with the new weights)."""
+        keep: deque[Row] = deque()
+        for row in self.pending:
+            if row.adapter == adapter:
+                row.fail(ApiError(404, f"the adapter {adapter!r} was unloaded", "model_not_found", "model"))
+            else:
+                keep.append(row)
+        self.pending = keep
+
     def pinned(self) -> set[str]:
         """Adapters that must stay in memory now (model thread): none between two static batches."""
         return set()
