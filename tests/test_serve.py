@@ -339,6 +339,25 @@ def test_chat_completions_use_the_chat_template(causal, reference):
     assert r.json()["choices"][0]["message"]["content"] == message["content"]
 
 
+def test_chat_without_max_tokens_answers_up_to_the_context_within_the_cap(causal, reference):
+    """OpenAI's chat (and vLLM) answer up to the end of the context when `max_tokens` is unset; completions keep
+    the legacy default of 16. A chat reply cut at 16 tokens was what a new user got."""
+    _, client = causal
+    body = {"model": "beta", "messages": [{"role": "user", "content": "w2 w3"}], "temperature": 0}
+    r = client.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"] == reference("beta", "user w2 w3 assistant", CAP)
+    long = " ".join(["w4"] * 50)  # 64 positions: fewer than CAP are left after this prompt
+    r = client.post("/v1/chat/completions", json={**body, "messages": [{"role": "user", "content": long}]})
+    assert r.status_code == 200, r.text
+    usage = r.json()["usage"]
+    assert usage["prompt_tokens"] + CAP > 64
+    want = reference("beta", f"user {long} assistant", 64 - usage["prompt_tokens"])
+    assert r.json()["choices"][0]["message"]["content"] == want
+    r = client.post("/v1/completions", json={"model": "beta", "prompt": "w2 w3", "temperature": 0})
+    assert r.json()["choices"][0]["text"] == reference("beta", "w2 w3", 16)
+
+
 UNSUPPORTED = [  # (endpoint, field, a value that would change the answer)
     ("completions", "best_of", 3),
     ("completions", "suffix", "w9"),

@@ -569,8 +569,11 @@ class _Job:
     """One completion request: its rows, their text, and the JSON or SSE answer."""
 
     def __init__(self, engine, adapter, prompts, req: _Sampling, max_tokens, cap, endpoint, request: Request):
-        max_tokens = 16 if max_tokens is None else max_tokens
-        if max_tokens > cap:
+        # unset: 16 for completions (OpenAI's legacy default); for chat, as OpenAI and vLLM do, the rest of the
+        # context, here within --max-tokens-cap (a chat reply cut at 16 tokens surprised every new user)
+        if max_tokens is None and endpoint != "chat":
+            max_tokens = 16
+        if max_tokens is not None and max_tokens > cap:
             raise ApiError(
                 400,
                 f"max_tokens is {max_tokens}; this server allows at most {cap}",
@@ -586,12 +589,14 @@ class _Job:
         adjust = _adjustments(engine, req)
         rows = []
         for ids in prompts:
-            _check_length(engine, len(ids), max_tokens, "max_tokens")
+            limit = max_tokens
+            if limit is None:
+                room = cap if engine.context_length is None else min(cap, engine.context_length - len(ids))
+                limit = max(room, 1)  # (a prompt that fills the context gets the length error)
+            _check_length(engine, len(ids), limit, "max_tokens" if max_tokens is not None else "messages")
             for j in range(n):
                 seed = None if req.seed is None else (req.seed + j) % 2**63
-                rows.append(
-                    Row("generate", adapter, ids, max_tokens, temperature, top_p, seed, adjust=adjust)
-                )
+                rows.append(Row("generate", adapter, ids, limit, temperature, top_p, seed, adjust=adjust))
         if len(rows) > MAX_ROWS_PER_REQUEST:
             raise ApiError(400, f"prompts x n must be at most {MAX_ROWS_PER_REQUEST}", "invalid_value", "n")
         self.engine, self.adapter, self.req, self.endpoint, self.request = (
