@@ -286,3 +286,27 @@ def test_a_row_queued_before_its_adapter_is_deleted_never_runs_on_one_registered
     r = client.post("/v1/completions", json=body)  # a request sent after the add gets the new weights
     assert r.status_code == 200 and r.json()["choices"][0]["text"] == reference("beta", "w1 w2", 5)
     assert client.delete("/v1/adapters/swap").status_code == 200
+
+
+def test_a_body_that_is_not_utf8_is_a_400_invalid_json(one_slot):
+    _, client = one_slot
+    r = client.post(
+        "/v1/completions",
+        content=b'{"model": "alpha", "prompt": "\xff\xfe"}',
+        headers={"Content-Type": "application/json"},
+    )
+    assert r.status_code == 400
+    error = r.json()["error"]
+    assert error["code"] == "invalid_json" and "UTF-8" in error["message"]
+
+
+def test_a_request_refused_because_the_queue_is_full_is_counted(one_slot):
+    engine, client = one_slot
+    before = _requests(client.get("/metrics").text, "completions", "alpha", "503")
+    engine.scheduler.max_queue, saved = 0, engine.scheduler.max_queue
+    try:
+        r = client.post("/v1/completions", json={"model": "alpha", "prompt": "w1", "max_tokens": 2})
+    finally:
+        engine.scheduler.max_queue = saved
+    assert r.status_code == 503 and r.json()["error"]["code"] == "overloaded"
+    assert _requests(client.get("/metrics").text, "completions", "alpha", "503") == before + 1

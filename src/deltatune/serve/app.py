@@ -298,7 +298,10 @@ def create_app(
     @app.exception_handler(HTTPException)
     async def _http(_request, e: HTTPException):
         code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
-        return ApiError(e.status_code, str(e.detail), code, headers=e.headers).response()  # 405: its Allow
+        detail = str(e.detail)
+        if e.status_code == 400 and detail == "There was an error parsing the body":  # (FastAPI's words)
+            code, detail = "invalid_json", "the request body could not be parsed: send JSON encoded as UTF-8"
+        return ApiError(e.status_code, detail, code, headers=e.headers).response()  # 405: its Allow
 
     @app.get("/health")
     async def health():
@@ -674,7 +677,11 @@ class _Job:
             metrics.tokens.labels(label, "completion").inc(usage["completion_tokens"])
 
     async def respond(self, chat: bool):
-        self.engine.scheduler.submit(self.rows)
+        try:
+            self.engine.scheduler.submit(self.rows)
+        except ApiError as e:  # the queue is full (503) or the server is stopping: counted like any answer
+            self._count(str(e.status))
+            raise
         if self.req.stream:
             return await self._stream(chat)
         try:
