@@ -178,7 +178,9 @@ def test_adapter_named_like_part_of_a_parameter_path(tmp_path, second):
 
     names = lora_method.adapter_param_names(source.base_model, ADAPTERS["a3"], second)
     assert names and all(f".{second}." in f".{n}." and ".first." not in n for n in names)
-    assert len(names) == sum(".first." not in n and "lora_" in n for n, _ in source.base_model.named_parameters())
+    assert len(names) == sum(
+        ".first." not in n and "lora_" in n for n, _ in source.base_model.named_parameters()
+    )
     source.save_pretrained(tmp_path)
     model = PeftModel.from_pretrained(opt(), tmp_path / "first", adapter_name="first")
     model.load_adapter(tmp_path / second, adapter_name=second)

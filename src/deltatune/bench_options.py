@@ -194,7 +194,16 @@ VIRTUAL_TOKENS = 20
 LORA = {"r": 8, "lora_alpha": 16}
 TOP_LAYERS = 2
 LATENCY_CASES = (
-    "base", "lora", "lora-merged", "dora", "houlsby", "pfeiffer", "mixed8", "peft", "peft-mixed8", "peft-dora"
+    "base",
+    "lora",
+    "lora-merged",
+    "dora",
+    "houlsby",
+    "pfeiffer",
+    "mixed8",
+    "peft",
+    "peft-mixed8",
+    "peft-dora",
 )
 
 

@@ -250,7 +250,13 @@ class _LoraLayer(nn.Module):
             d = getattr(self, holder, None)
             if d is not None and name in d:
                 del d[name]
-        for d in (self.r, self.lora_alpha, self.scaling, self.use_dora, self.__dict__.get("_dora_factors", {})):
+        for d in (
+            self.r,
+            self.lora_alpha,
+            self.scaling,
+            self.use_dora,
+            self.__dict__.get("_dora_factors", {}),
+        ):
             d.pop(name, None)
         self.active_adapters = [n for n in self.active_adapters if n != name]
 
@@ -587,7 +593,9 @@ class LoraLinear(_LoraLayer):
         ]
         if any(t.is_inference() for t in tensors):
             with torch.no_grad():
-                return self.lora_magnitude_vector[name].float() / self._weight_norm(self.base_weight().float(), name)
+                return self.lora_magnitude_vector[name].float() / self._weight_norm(
+                    self.base_weight().float(), name
+                )
         key = (self.scaling[name], *((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors))
         cache = self.__dict__.setdefault("_dora_factors", {})
         hit = cache.get(name)

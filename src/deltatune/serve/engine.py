@@ -270,7 +270,9 @@ class Engine:
                 raise ApiError(404, f"no adapter named {name!r} is loaded", "model_not_found", "name")
             if self.registry.is_loaded(name):
                 self._drop(name, evicted=False)
-            self.scheduler.fail_queued(name)  # (its running rows fail at the step's reaping, `_after_command`)
+            self.scheduler.fail_queued(
+                name
+            )  # (its running rows fail at the step's reaping, `_after_command`)
 
         self.call(unload_now).result()
 
