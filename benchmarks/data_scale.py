@@ -34,7 +34,8 @@ import sys
 import tempfile
 import time
 
-from _args import below_one, comma_ints, unwritable_folder, unwritable_out
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # python -P / PYTHONSAFEPATH leave it out
+from _args import below_one, comma_ints, unwritable_folder, unwritable_out  # noqa: E402
 
 VOCAB_WORDS = 2000
 

@@ -27,7 +27,8 @@ import subprocess
 import sys
 import time
 
-from _args import comma_ints, unwritable_folder
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # python -P / PYTHONSAFEPATH leave it out
+from _args import comma_ints, unwritable_folder  # noqa: E402
 
 # name -> (method, method_args, other train settings), each one change against the method's default
 VARIANTS: dict[str, tuple[str, dict, dict]] = {

@@ -23,7 +23,8 @@ import os
 import random
 import sys
 
-from _args import unwritable_folder
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # python -P / PYTHONSAFEPATH leave it out
+from _args import unwritable_folder  # noqa: E402
 
 FORTUNES = "/usr/share/games/fortunes"
 DEV_TOPICS = ("education", "food", "law", "sports")

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 
-from _args import unwritable_out
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # python -P / PYTHONSAFEPATH leave it out
+from _args import unwritable_out  # noqa: E402
 
 GRID = {
     "full": [2e-5, 5e-5, 1e-4],

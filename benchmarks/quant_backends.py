@@ -26,7 +26,8 @@ import sys
 import time
 import warnings
 
-from _args import below_one, unwritable_out
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # python -P / PYTHONSAFEPATH leave it out
+from _args import below_one, unwritable_out  # noqa: E402
 
 CASES = ["fp32", "nf4-torchao", "nf4-bitsandbytes", "int8-torch", "int8-torchao", "int8-bitsandbytes"]
 HIDDEN, FFN, BLOCKS = 768, 3072, 12

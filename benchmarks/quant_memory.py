@@ -33,7 +33,8 @@ import sys
 import time
 import warnings
 
-from _args import below_one, unwritable_out
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # python -P / PYTHONSAFEPATH leave it out
+from _args import below_one, unwritable_out  # noqa: E402
 
 CASES = {"lora": None, "qlora-nf4": "nf4", "qlora-int8": "int8"}
 MAX_SEQ = 2048  # max_position_embeddings of the model below

@@ -134,3 +134,26 @@ def test_an_existing_file_that_can_be_written_is_a_good_out_in_a_folder_that_tak
     assert _args.unwritable_out(new) == (
         f"--out {new}: can't write into {tmp_path} (Permission denied); pick a folder that can be written"
     )
+
+
+@pytest.mark.parametrize(
+    "script",
+    sorted(
+        name[:-3]
+        for name in os.listdir(BENCHMARKS)
+        if name.endswith(".py") and "from _args import" in open(os.path.join(BENCHMARKS, name)).read()
+    ),
+)
+def test_scripts_find_their_helpers_under_safe_path(script, tmp_path):
+    """`python -P` (or PYTHONSAFEPATH=1) leaves the script's folder off sys.path: `from _args import` failed."""
+    import subprocess
+
+    proc = subprocess.run(
+        [sys.executable, "-P", os.path.join(BENCHMARKS, f"{script}.py"), "--help"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "usage:" in proc.stdout
