@@ -149,6 +149,12 @@ def test_compare_causal_lm_with_peer_and_a_failing_method(tmp_path):
         (["--eval-fraction", "2"], "--eval-fraction must be in [0, 1), got 2.0"),
         (["--price-per-hour", "-1"], "--price-per-hour must be a positive number, got -1.0"),
         (["--epochs", "inf"], "--epochs must be a positive number, got inf"),
+        (["--seed", "-1"], "--seed must be an integer from 0 to 4294967295 (2**32 - 1), got -1"),
+        (
+            ["--seed", str(2**32)],
+            "--seed must be an integer from 0 to 4294967295 (2**32 - 1), got 4294967296",
+        ),
+        (["--seed", str(2**32 - 1), "--seeds", "2"], "less --seeds - 1 (1), got 4294967295"),
     ],
 )
 def test_bad_input_fails_before_anything_runs(tmp_path, capsys, argv, message):

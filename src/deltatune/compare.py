@@ -101,6 +101,14 @@ def validate(args: argparse.Namespace) -> list[str]:
         errors.append(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
     if args.seeds < 1:
         errors.append(f"--seeds must be at least 1, got {args.seeds}")
+    from deltatune.train.config import MAX_SEED
+
+    if not 0 <= args.seed <= MAX_SEED - max(args.seeds - 1, 0):
+        errors.append(
+            f"--seed must be an integer from 0 to {MAX_SEED} (2**32 - 1)"
+            + (f" less --seeds - 1 ({args.seeds - 1})" if args.seeds > 1 else "")
+            + f", got {args.seed}"
+        )
     if args.patience < 1:
         errors.append(f"--patience must be at least 1, got {args.patience}")
     needs_split = args.early_stopping or any(v == "auto" for v in args.lr.values())

@@ -24,6 +24,7 @@ from deltatune.embedded import DEFAULT_MODEL, check_model
 from deltatune.errors import ConfigError, short
 from deltatune.methods import registry
 
+MAX_SEED = 2**32 - 1  # NumPy's legacy seeding (and so the data order) takes 0 .. 2**32 - 1
 TASK_TYPES = {"seq-cls": "SEQ_CLS", "causal-lm": "CAUSAL_LM"}
 DTYPES = {name: dtypes.torch_dtype(name) for name in dtypes.NAMES}  # the spellings train configs use
 RUN_FILES = (
@@ -442,6 +443,8 @@ def validate(config: TrainConfig) -> list[str]:
     errors += [
         f"{k}: must not be negative, got {getattr(config, k)}" for k in non_negative if getattr(config, k) < 0
     ]
+    if not 0 <= config.seed <= MAX_SEED:
+        errors.append(f"seed: must be an integer from 0 to {MAX_SEED} (2**32 - 1), got {short(config.seed)}")
     if config.max_steps is not None and config.max_steps < 1:
         errors.append(
             f"max_steps: must be at least 1, got {config.max_steps}; leave it unset (null) to train for `epochs`"
