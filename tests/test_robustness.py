@@ -24,6 +24,7 @@ from deltatune import LoraConfig, PeftModel, checkpoint, cli, get_peft_model
 from deltatune.config import BottleneckConfig, ConfigError, load_config
 from deltatune.errors import CheckpointError, short
 from deltatune.model import ADAPTER_NAME_RULE, check_adapter_name
+from deltatune.train.config import load_train_config
 
 SRC = os.path.join(os.path.dirname(__file__), "..", "src")
 MODULE_ATTRIBUTES = [
@@ -214,6 +215,27 @@ def test_yaml_alias_bomb_is_refused_in_a_short_message(tmp_path, capsys):
         "deltatune train: error: YAML aliases (*a) are not allowed in a train config (line 2)"
     )
     assert len(err) < 400 and "Traceback" not in err
+
+
+def test_a_key_given_twice_is_refused_naming_the_key_and_lines(tmp_path, capsys):
+    """YAML keeps the last of two equal keys without a word: `lr: 1e-3 ... lr: 1e-2` trained at 1e-2."""
+    path = tmp_path / "twice.yaml"
+    path.write_text("lr: 1e-3\nmethod: lora\nlr: 1e-2\n")
+    assert cli.main(["train", "--config", str(path)]) == 2
+    line = _one_line_error(capsys.readouterr().err)
+    assert line == (
+        f"deltatune train: error: {path}: key 'lr' is given twice (line 1 and line 3); YAML would keep only "
+        "the last: give each key once"
+    )
+    path.write_text("method_args:\n  r: 4\n  lora_alpha: 8\n  r: 8\n")  # in a section too
+    with pytest.raises(ConfigError, match=r"key 'r' is given twice \(line 2 and line 4\)"):
+        load_train_config(str(path))
+    with pytest.raises(ConfigError, match=r"^override 'method_args=\{r: 1, r: 2\}': key 'r' is given twice"):
+        load_train_config(None, ["method_args={r: 1, r: 2}"])
+    path.write_text(
+        "method_args:\n  r: 4\n  lora_alpha: 8\nlr: 1e-3\n"
+    )  # the same key in two sections is fine
+    assert load_train_config(str(path)).method_args == {"r": 4, "lora_alpha": 8}
 
 
 def test_short_quotes_are_bounded_in_size_and_time():

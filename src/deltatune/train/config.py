@@ -198,6 +198,8 @@ def load_train_config(path: str | None = None, overrides: list[str] | None = Non
             raise ConfigError(
                 f"{path} is not UTF-8 text (byte offset {e.start}: {e.reason}); save it as UTF-8"
             ) from e
+        except _DuplicateKey as e:
+            raise ConfigError(f"{path}: {e}") from e
         except yaml.YAMLError as e:
             raise ConfigError(f"{path} is not valid YAML: {' '.join(str(e).split())[:400]}") from e
         if raw is None:  # an empty file (or only comments): likely the wrong file, not "all defaults"
@@ -219,6 +221,8 @@ def load_train_config(path: str | None = None, overrides: list[str] | None = Non
                 raise ConfigError(f"override {short(item)}: {short(part)} is not a section")
         try:
             target[leaf] = _load_yaml(value) if value.strip() else None
+        except _DuplicateKey as e:
+            raise ConfigError(f"override {short(item)}: {e}") from e
         except yaml.YAMLError as e:
             raise ConfigError(
                 f"override {short(item)}: the value is not valid YAML ({' '.join(str(e).split())[:200]})"
@@ -226,12 +230,37 @@ def load_train_config(path: str | None = None, overrides: list[str] | None = Non
     return config_from_dict(raw)
 
 
-_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when built with it: ~20x faster
+class _DuplicateKey(ConfigError):
+    """A mapping gives a key twice; the caller says where (the file or the override)."""
+
+
+class _Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]  # libyaml: ~20x faster
+    """A safe loader that refuses a key given twice in one mapping (YAML keeps the last one, silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                first = seen.get(key)
+            except TypeError:  # an unhashable key: construct_mapping refuses it with its own message
+                continue
+            if first is not None:
+                raise _DuplicateKey(
+                    f"key {short(key, 60)} is given twice (line {first}{'' if first == line else f' and line {line}'}); "
+                    "YAML would keep only "
+                    "the last: give each key once"
+                )
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
 
 
 def _load_yaml(text: str) -> Any:
-    """Safe YAML without anchors and aliases: a config has no need of them, and a few hundred bytes of nested
-    aliases can stand for billions of values."""
+    """Safe YAML without anchors and aliases (a config has no need of them, and a few hundred bytes of nested
+    aliases can stand for billions of values) and without a key given twice in a mapping."""
     for event in yaml.parse(text, Loader=_Loader):
         if isinstance(event, yaml.AliasEvent):
             raise ConfigError(
