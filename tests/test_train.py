@@ -11,6 +11,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -495,6 +496,21 @@ def test_a_config_file_without_settings_is_refused_not_read_as_all_defaults(tmp_
     path.write_text(text)
     with pytest.raises(ConfigError, match="holds no settings \\(it is empty or only comments\\)"):
         load_train_config(str(path))
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/zero"), reason="needs /dev/null and /dev/zero")
+def test_a_config_that_is_not_a_regular_file_is_read_or_refused_in_one_line(tmp_path):
+    """`--config /dev/null` said 'config file not found'; a pipe (`--config <(...)`) is read; /dev/zero is cut."""
+    with pytest.raises(ConfigError, match="^'/dev/null' holds no settings"):
+        load_train_config("/dev/null")
+    with pytest.raises(ConfigError, match="^'/dev/zero' is not a regular file and gave more than"):
+        load_train_config("/dev/zero")
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=lambda: fifo.write_text("lr: 0.003\n"), daemon=True)
+    writer.start()
+    assert load_train_config(str(fifo)).lr == 0.003
+    writer.join()
 
 
 def test_an_nf4_base_without_bitsandbytes_is_a_config_error_before_any_model_loads(monkeypatch, tmp_path):

@@ -24,6 +24,7 @@ from deltatune.embedded import DEFAULT_MODEL, check_model
 from deltatune.errors import ConfigError, short
 from deltatune.methods import registry
 
+_MAX_PIPED_CONFIG = 1 << 20  # what is read from a config that isn't a regular file (a pipe, a device)
 MAX_SEED = 2**32 - 1  # NumPy's legacy seeding (and so the data order) takes 0 .. 2**32 - 1
 TASK_TYPES = {"seq-cls": "SEQ_CLS", "causal-lm": "CAUSAL_LM"}
 DTYPES = {name: dtypes.torch_dtype(name) for name in dtypes.NAMES}  # the spellings train configs use
@@ -189,11 +190,18 @@ def load_train_config(path: str | None = None, overrides: list[str] | None = Non
             inside = os.path.join(path, "train_config.yaml")
             meant = f" (a run's settings: {short(inside)})" if os.path.isfile(inside) else ""
             raise ConfigError(f"--config {short(path)} is a folder; give a YAML file{meant} (see configs/)")
-        if not os.path.isfile(path):
+        if not os.path.exists(path):
             raise ConfigError(f"config file not found: {short(path)}")
         try:
             with open(path, encoding="utf-8-sig") as f:
-                raw = _load_yaml(f.read())
+                # Not only regular files: `--config <(...)` is a pipe, /dev/null empty; /dev/zero never ends.
+                text = f.read() if os.path.isfile(path) else f.read(_MAX_PIPED_CONFIG + 1)
+            if len(text) > _MAX_PIPED_CONFIG:
+                raise ConfigError(
+                    f"{short(path)} is not a regular file and gave more than {_MAX_PIPED_CONFIG} characters: "
+                    "not a config; give a YAML file"
+                )
+            raw = _load_yaml(text)
         except UnicodeDecodeError as e:
             raise ConfigError(
                 f"{path} is not UTF-8 text (byte offset {e.start}: {e.reason}); save it as UTF-8"
