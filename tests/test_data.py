@@ -207,6 +207,31 @@ def test_text_examples_learn_every_token_and_end_with_eos(tmp_path, tok):
     assert data.train[0]["input_ids"] == data.train[0]["labels"] == tok("w1 w2")["input_ids"] + [2]
 
 
+def test_empty_causal_texts_are_left_out_and_counted_from_the_cache_too(tmp_path, tok, caplog, monkeypatch):
+    """An empty text was kept as an example of only EOS: a loss over nothing (NaN when a batch held only such
+    rows) and a model taught to end at once."""
+    from deltatune.data import encode_causal
+
+    monkeypatch.setenv("DELTATUNE_DATA_CACHE", str(tmp_path / "cache"))
+    records = [{"text": "w1 w2"}, {"text": ""}, {"text": "  \n "}, {"text": "w3"}]
+    path = write(tmp_path / "d.jsonl", records, "jsonl")
+    for cached in (False, True):
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            data = load_datasets(path, tok, task="causal-lm")
+        assert data.cached is cached
+        assert [e["input_ids"] for e in data.train] == [
+            tok("w1 w2")["input_ids"] + [tok.eos_token_id],
+            tok("w3")["input_ids"] + [tok.eos_token_id],
+        ]
+        assert "2 train example(s) were empty or had nothing to learn" in caplog.text
+    rows = [(f"d.jsonl line {i + 1}", r) for i, r in enumerate(records)]
+    assert len(encode_causal(rows, tok, Fields(), 32, "text")) == 2
+    empty = write(tmp_path / "e.jsonl", [{"text": ""}, {"text": " "}], "jsonl")
+    with pytest.raises(DataError, match="no example is left to train on after tokenizing: 2 were empty"):
+        load_datasets(empty, tok, task="causal-lm")
+
+
 def test_messages_use_the_chat_template_and_learn_only_assistant_turns(tmp_path, tok):
     tok.chat_template = "{% for m in messages %}{{ m.role }} {{ m.content }} {% endfor %}{% if add_generation_prompt %}assistant {% endif %}"
     for word in ("user", "assistant", "system"):

@@ -34,7 +34,7 @@ from deltatune.errors import DataError
 
 logger = logging.getLogger(__name__)
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3  # 3: empty causal-LM texts (and one-token examples) are left out
 """Bumped when what is cached changes meaning, so that old folders are never read."""
 
 
@@ -417,15 +417,11 @@ def _build(
             meta["files"][split] = []
         for stream in streams:
             os.unlink(stream)
-        if meta["dropped"][split]:
-            logger.warning(
-                "%d %s example(s) had nothing to learn within max_length=%d tokens; skipped",
-                meta["dropped"][split],
-                split,
-                max_length,
-            )
     if not meta["rows"]["train"]:
-        raise DataError(f"{data}: no example is left to train on after tokenizing (see the warnings above)")
+        raise DataError(
+            f"{data}: no example is left to train on after tokenizing: {meta['dropped']['train']} were empty "
+            f"or had nothing to learn within max_length={max_length} tokens"
+        )
     for name in os.listdir(tmp):
         if name.startswith("rows-"):
             os.unlink(os.path.join(tmp, name))  # the untokenized rows: not needed any more
@@ -483,6 +479,14 @@ def _load(folder: str, settings: dict[str, Any]) -> Datasets | None:
         logger.warning("the data cache %s is incomplete or damaged (%s); building it again", folder, e)
         shutil.rmtree(folder, ignore_errors=True)
         return None
+    for split, count in meta.get("dropped", {}).items():  # said on every run, from the cache too
+        if count:
+            logger.warning(
+                "%d %s example(s) were empty or had nothing to learn within max_length=%d tokens; skipped",
+                count,
+                split,
+                settings["max_length"],
+            )
     return Datasets(splits["train"], splits["eval"], meta["label_map"], meta["format"], True, folder)
 
 

@@ -153,15 +153,24 @@ def encode_causal(
         else:
             ids, labels = _encode_messages(row, tokenizer, fields)
         ids, labels = ids[:max_length], labels[:max_length]
-        if all(label == IGNORE_INDEX for label in labels):
+        if (fmt == "text" and not _field(row, fields.text).strip()) or not learnable(labels):
             dropped += 1
             continue
         examples.append({"input_ids": ids, "labels": labels})
     if dropped:
         logger.warning(
-            "%d example(s) had nothing to learn within max_length=%d tokens; skipped", dropped, max_length
+            "%d example(s) were empty or had nothing to learn within max_length=%d tokens; skipped",
+            dropped,
+            max_length,
         )
     return examples
+
+
+def learnable(labels: list[int]) -> bool:
+    """Whether a causal-LM example trains anything: a label past the first token (the first is never
+    predicted: each label is predicted from the tokens before it), so an empty text (only its BOS/EOS)
+    or a prompt that fills `max_length` is left out rather than giving a loss over nothing."""
+    return any(label != IGNORE_INDEX for label in labels[1:])
 
 
 def _encode_messages(row: Row, tokenizer: Any, fields: Fields) -> tuple[list[int], list[int]]:
@@ -262,7 +271,8 @@ def encode_batch(
     locate: Callable[[int], str] | None = None,
 ) -> dict[str, list]:
     """Tokenize a batch of normalized rows (columns as `normalize` makes them) into `input_ids`, `labels`
-    and `length`; causal-LM rows with nothing to learn within `max_length` are left out. Rows are named by
+    and `length`; causal-LM rows that are empty (a text of only whitespace) or have nothing to learn within
+    `max_length` are left out. Rows are named by
     their `_where` column, or by `locate(_row)` when a message needs it."""
     if "_where" in batch:
         wheres = batch["_where"]
@@ -275,8 +285,8 @@ def encode_batch(
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     pairs = []
     if fmt == "text":
-        for ids in _tokenize(tokenizer, batch["text"], wheres):
-            pairs.append((ids + eos, ids + eos))
+        for text, ids in zip(batch["text"], _tokenize(tokenizer, batch["text"], wheres)):
+            pairs.append((ids + eos, ids + eos) if text.strip() else ([], []))  # empty: left out below
     elif fmt == "prompt-completion":
         prompts = _tokenize(tokenizer, batch["prompt"], wheres)
         completions = _tokenize(tokenizer, batch["completion"], wheres, add_special_tokens=False)
@@ -289,8 +299,8 @@ def encode_batch(
     out: dict[str, list] = {"input_ids": [], "labels": [], "length": []}
     for ids, labels in pairs:
         ids, labels = ids[:max_length], labels[:max_length]
-        if all(label == IGNORE_INDEX for label in labels):
-            continue  # nothing to learn (counted by the caller)
+        if not learnable(labels):
+            continue  # empty, or nothing to learn (counted by the caller)
         out["input_ids"].append(ids)
         out["labels"].append(labels)
         out["length"].append(len(ids))
