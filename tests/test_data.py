@@ -113,6 +113,30 @@ def test_integer_labels_that_are_not_0_to_k_minus_1_are_refused_naming_the_line(
         load_datasets(gap, tok, task="seq-cls")
 
 
+@pytest.mark.parametrize("kind", ["jsonl", "csv"])
+def test_odd_digit_strings_and_mixed_integer_and_text_labels_are_refused_naming_the_lines(
+    tmp_path, tok, kind
+):
+    """'²' passes str.isdigit() and then int() failed with a ValueError traceback; 0, 1 and 'spam' together
+    were silently numbered as sorted names."""
+    line = 1 if kind == "jsonl" else 2  # the CSV header is line 1
+    for odd in ("\u00b2", "\u0663"):  # superscript two, Arabic-Indic three
+        records = [{"text": "w1", "label": odd}, {"text": "w2", "label": "1"}, {"text": "w3", "label": "0"}]
+        with pytest.raises(DataError) as e:
+            load_datasets(write(tmp_path / f"d.{kind}", records, kind), tok, task="seq-cls")
+        assert str(e.value).startswith(
+            f"{tmp_path / f'd.{kind}'} line {line}: label {odd!r} is text, but {tmp_path / f'd.{kind}'} line "
+            f"{line + 1} has the integer label 1; give every example the same kind of label"
+        )
+    records = [{"text": "w1", "label": 0}, {"text": "w2", "label": "spam"}, {"text": "w3", "label": 1}]
+    with pytest.raises(
+        DataError, match=rf"m.{kind} line {line + 1}: label 'spam' is text, but .* line {line} has"
+    ):
+        load_datasets(write(tmp_path / f"m.{kind}", records, kind), tok, task="seq-cls")
+    long = [{"text": "w1", "label": "9" * 5000}, {"text": "w2", "label": "8" * 5000}]  # names, not ids
+    assert len(load_datasets(write(tmp_path / f"l.{kind}", long, kind), tok, task="seq-cls").label_map) == 2
+
+
 def test_declared_labels_fix_the_ids_and_refuse_anything_else(tmp_path, tok):
     records = [{"text": "w1", "label": 2}, {"text": "w2", "label": 0}]
     path = write(tmp_path / "d.jsonl", records, "jsonl")
@@ -330,6 +354,33 @@ def test_unreadable_json_line_is_named(tmp_path):
     path.write_text('{"text": "w1", "label": "a"}\n\n{"text": oops}\n')
     with pytest.raises(DataError, match=r"d.jsonl line 3: not valid JSON"):
         read_rows(str(path))
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        (
+            '{"text": "w1", "label": ' + "9" * 5000 + "}",
+            "line 2: not usable JSON (Exceeds the limit (4300 digits)",
+        ),
+        ('{"text": ' + "[" * 100_000 + "]" * 100_000 + "}", "line 2: not usable JSON (it nests too deeply)"),
+        (
+            '{"text": "w1\\ud800", "label": "a"}',
+            "line 2: a \\u escape stands for half of a UTF-16 surrogate pair",
+        ),
+    ],
+)
+def test_json_that_parses_badly_or_not_into_text_is_named(tmp_path, tok, line, message):
+    """Each was a traceback: a ValueError from json, a RecursionError, a UnicodeEncodeError from Arrow."""
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"text": "w0", "label": "b"}\n' + line + "\n")
+    with pytest.raises(DataError) as e:
+        load_datasets(str(path), tok, task="seq-cls")
+    assert str(e.value).startswith(f"{path} {message}")
+    listed = tmp_path / "d.json"
+    listed.write_text("[" + '{"text": "w0", "label": "b"}, ' + line + "]")
+    with pytest.raises(DataError, match=f"^{listed}: "):
+        load_datasets(str(listed), tok, task="seq-cls")
 
 
 def test_csv_row_with_wrong_column_count_is_named(tmp_path):

@@ -155,13 +155,34 @@ def _read_jsonl(path: str, fields: Fields, offset: int = 0, number: int = 0) -> 
     for n, line, after in _lines(path, offset, number):
         if not line.strip():
             continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path} line {n}: not valid JSON ({e.msg} at column {e.colno})") from e
+        record = _parse_json(line, f"{path} line {n}")
         if not isinstance(record, dict):
             raise DataError(f"{path} line {n}: expected a JSON object, got {type(record).__name__}")
         yield f"{path} line {n}", record, (after, n)
+
+
+def _parse_json(text: str, where: str) -> Any:
+    """`json.loads(text)`, every way it fails (bad syntax, an integer of thousands of digits, nesting too
+    deep, a `\\ud800` escape that is no character) a `DataError` naming `where`."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from e
+    except ValueError as e:  # Python refuses integers of more than 4300 digits
+        raise DataError(f"{where}: not usable JSON ({str(e).split(';')[0]})") from e
+    except RecursionError as e:
+        raise DataError(f"{where}: not usable JSON (it nests too deeply)") from e
+    if (
+        "\\u" in text
+    ):  # an escaped lone surrogate parses, but is no character: Arrow and tokenizers fail on it
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise DataError(
+                f"{where}: a \\u escape stands for half of a UTF-16 surrogate pair ({e.object[e.start]!r}), "
+                "which is not a character; fix the line"
+            ) from e
+    return value
 
 
 def _read_json(path: str, fields: Fields, offset: int = 0, number: int = 0) -> Iterator:
@@ -172,6 +193,10 @@ def _read_json(path: str, fields: Fields, offset: int = 0, number: int = 0) -> I
     except json.JSONDecodeError:
         yield from _read_jsonl(path, fields, offset, number)  # a JSON-lines file named .json
         return
+    except (ValueError, RecursionError):
+        data = _parse_json(text, path)  # raises, naming the file
+    if "\\u" in text:
+        _parse_json(text, path)  # a lone surrogate anywhere
     if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
         raise DataError(f"{path}: expected a JSON list of objects (or one object per line)")
     for i in range(offset, len(data)):

@@ -33,8 +33,10 @@ def _field(row: Row, name: str, types: tuple[type, ...] = (str,), label: bool = 
 
 
 def _is_int_label(value: Any) -> bool:
+    """An integer, or a string of ASCII digits (as CSV gives integers); not '²' or '٣' (str.isdigit says yes,
+    `int` fails or reads another script), nor a number too long to be a class id (`int` refuses 4300 digits)."""
     return (isinstance(value, int) and not isinstance(value, bool)) or (
-        isinstance(value, str) and value.isdigit()
+        isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 18
     )
 
 
@@ -77,7 +79,15 @@ def label_map_of(
     if len(first) < 2:
         ((name, where),) = first.items()
         raise DataError(f"{where}: every example has the label {_show(name)}; a classifier needs two or more")
-    if all(_is_int_label(name) for name in first):
+    numbers = [name for name in first if _is_int_label(name)]
+    if numbers and len(numbers) < len(first):  # 0, 1 and "spam": class ids, or names sorted? Neither is safe
+        text = next(name for name in first if not _is_int_label(name))
+        raise DataError(
+            f"{first[text]}: label {_short(text)} is text, but {first[numbers[0]]} has the integer label "
+            f"{numbers[0]}; give every example the same kind of label, or declare the label set in the config "
+            "(labels: [...], class i is the i-th entry)"
+        )
+    if numbers:
         ids = sorted(int(name) for name in first)
         k = len(ids)
         if ids != list(range(k)):
