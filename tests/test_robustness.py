@@ -440,6 +440,10 @@ def test_more_hostile_adapter_files(saved_adapter):
         ("epochs=.nan", "epochs: must be a finite number, got nan"),
         ("output_dir=/dev/null", "output_dir: '/dev/null' is a file, not a folder"),
         ("model=[[1]]", "model: expected str, got list [[1]]"),
+        (
+            "output_dir=/dev/null/run",
+            "output_dir: '/dev/null/run' can't be created: '/dev/null' is a file, not a",
+        ),
         ("seed=-1", "seed: must be an integer from 0 to 4294967295 (2**32 - 1), got -1"),
         (f"seed={2**32}", "seed: must be an integer from 0 to 4294967295 (2**32 - 1), got 4294967296"),
         (f"seed={10**20}", "seed: must be an integer from 0 to 4294967295"),
@@ -450,6 +454,34 @@ def test_more_hostile_train_settings_are_config_errors(override, message):
 
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_train_config(None, [override])
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")
+def test_an_output_dir_that_cannot_be_made_is_a_config_error_before_the_model_loads(
+    tmp_path, capsys, monkeypatch, bert_folder, data_file
+):
+    """A folder under a file, or in a place nothing can be made in (/proc; a read-only mount): it was an
+    OSError's strerror ('Not a directory: ...', exit 1) without saying it was output_dir."""
+    import importlib
+
+    run_module = importlib.import_module("deltatune.train.run")  # (deltatune.train.run is also the function)
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was built before output_dir was checked")
+
+    monkeypatch.setattr(run_module, "build_model", no_model)
+    code, err = _train(capsys, *_options(tmp_path / "data.jsonl" / "run", bert_folder, data_file))
+    assert code == 2 and "Traceback" not in err
+    assert (
+        f"  output_dir: '{tmp_path / 'data.jsonl' / 'run'}' can't be created: '{tmp_path / 'data.jsonl'}' is a file"
+        in err
+    )
+    code, err = _train(capsys, *_options("/proc/deltatune-no-such-run", bert_folder, data_file))
+    assert code == 2
+    assert _one_line_error(err) == (
+        "deltatune train: error: output_dir '/proc/deltatune-no-such-run' can't be written in: No such file or "
+        "directory; set another output_dir"
+    )
 
 
 def test_first_hour_mistakes_with_the_wrapped_model_get_clear_errors(tmp_path):

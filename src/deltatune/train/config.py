@@ -500,6 +500,8 @@ def validate(config: TrainConfig) -> list[str]:
     out = output_dir(config)
     if os.path.exists(out) and not os.path.isdir(out):
         errors.append(f"output_dir: {short(out)} is a file, not a folder; set another output_dir")
+    elif problem := _uncreatable(out):
+        errors.append(f"output_dir: {short(out)} can't be created: {problem}; set another output_dir")
     if not 0 <= config.val_fraction < 1:
         errors.append(f"val_fraction: must be in [0, 1), got {config.val_fraction}")
     automatic = [
@@ -563,6 +565,22 @@ def validate(config: TrainConfig) -> list[str]:
             f"{config.base_dtype} base: set precision=bf16 (or fp16 on CUDA)"
         )
     return errors
+
+
+def _uncreatable(folder: str) -> str | None:
+    """Why `folder` (not there yet) can't be made, as far as can be told without making it: the nearest
+    existing folder above it is a file, or can't be written in; None otherwise (`run` makes it, and says
+    what went wrong if that fails anyway)."""
+    if os.path.exists(folder):
+        return None
+    above = os.path.dirname(os.path.abspath(folder))
+    while not os.path.exists(above) and os.path.dirname(above) != above:
+        above = os.path.dirname(above)
+    if not os.path.isdir(above):
+        return f"{short(above)} is a file, not a folder"
+    if not os.access(above, os.W_OK | os.X_OK):
+        return f"{short(above)} can't be written in"
+    return None
 
 
 def _check_labels(config: TrainConfig) -> list[str]:

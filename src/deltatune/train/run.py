@@ -288,7 +288,8 @@ def _prepare_output(
             for name in found:
                 path = os.path.join(out, name)
                 shutil.rmtree(path) if os.path.isdir(path) else os.unlink(path)
-        os.makedirs(out, exist_ok=True)
+        if why := checkpoint.unwritable(out):  # a read-only place, /proc, a file on the way: before any work
+            raise ConfigError(f"output_dir {out!r} can't be written in: {why}; set another output_dir")
         text = yaml.safe_dump(
             dataclasses.asdict(dataclasses.replace(config, output_dir=out)), sort_keys=False
         )
