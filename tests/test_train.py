@@ -184,6 +184,29 @@ def test_output_folder_holding_a_run_is_refused_unless_overwrite_or_resume(tmp_p
         run(make_config(tmp_path / "saved", bert, str(relabelled), max_steps=2, save_every=1), resume=True)
 
 
+def test_a_refused_resume_keeps_the_run_s_settings_and_a_rank_change_names_both_ranks(tmp_path, bert, emails):
+    """--resume with another rank was a RuntimeError traceback from load_state_dict, and every refused
+    --resume (other rank, batch size, labels) had already replaced train_config.yaml with its own settings."""
+    out = tmp_path / "run"
+    run(make_config(out, bert, emails, max_steps=2, save_every=1))
+    saved = (out / "train_config.yaml").read_text()
+    other_rank = make_config(
+        out, bert, emails, max_steps=3, save_every=1, method_args={"r": 4, "lora_alpha": 4}
+    )
+    with pytest.raises(TrainingError) as e:
+        run(other_rank, resume=True)
+    assert str(e.value).startswith(f"{out / 'checkpoints' / 'step-2'} was saved with LoRA rank 2 (")
+    assert "but this run's config has rank 4: resume with the rank the run was started with" in str(e.value)
+    assert (out / "train_config.yaml").read_text() == saved
+    with pytest.raises(TrainingError, match="was written with batch_size=4; this run has batch_size=2"):
+        run(make_config(out, bert, emails, max_steps=3, save_every=1, batch_size=2), resume=True)
+    assert (out / "train_config.yaml").read_text() == saved
+    assert run(make_config(out, bert, emails, max_steps=3, save_every=1), resume=True)["steps"] == 3
+    assert (
+        load_train_config(str(out / "train_config.yaml")).max_steps == 3
+    )  # an accepted resume: its settings
+
+
 class SignalAtForward:
     """Calls `action` on the k-th training-mode forward of the whole model (a global hook)."""
 

@@ -348,6 +348,28 @@ def latest_checkpoint(out: str) -> str | None:
     return found[-1] if found else None
 
 
+def _check_shapes(directory: str, weights: dict[str, torch.Tensor], model: nn.Module) -> None:
+    """A checkpoint's tensors have the shapes of the model's trainable parameters; for LoRA the message names
+    both ranks (the usual cause: `method_args.r` changed between the run and its --resume)."""
+    for name, param in model.named_parameters():
+        key = name.removeprefix("module.")
+        saved = weights.get(key)
+        if saved is None or tuple(saved.shape) == tuple(param.shape):
+            continue
+        if saved.dim() == param.dim() == 2 and (".lora_A." in key or ".lora_B." in key):
+            axis = 0 if ".lora_A." in key else 1
+            raise TrainingError(
+                f"{directory} was saved with LoRA rank {saved.shape[axis]} ({key}), but this run's config has "
+                f"rank {param.shape[axis]}: resume with the rank the run was started with (method_args.r, "
+                "rank_pattern), or start a new run in another output_dir"
+            )
+        raise TrainingError(
+            f"{directory}: {key} has the shape {list(saved.shape)} there, {list(param.shape)} in this run's "
+            "model: resume with the settings the run was started with (method, method_args), or start a new "
+            "run in another output_dir"
+        )
+
+
 def load_checkpoint(
     directory: str, model: nn.Module, optimizer: Any, scheduler: Any, scaler: Any, ctx: Any, state: dict
 ) -> dict:
@@ -376,6 +398,7 @@ def load_checkpoint(
             f"({len(set(weights) - names)} unexpected, {len(names - set(weights))} missing): "
             "was it saved with another method or model?"
         )
+    _check_shapes(directory, weights, model)
     options = StateDictOptions(full_state_dict=True, strict=False)
     set_model_state_dict(model, weights, options=options)
     training = torch.load(os.path.join(directory, "training_state.pt"), map_location="cpu", weights_only=True)

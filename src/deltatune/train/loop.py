@@ -125,6 +125,7 @@ def train(
     val: list[dict[str, Any]] | None = None,
     on_progress: Callable[[dict[str, Any]], None] | None = None,
     schedule_steps: int | None = None,
+    on_resumed: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """Train `model` (ready: its trainable parameters have `requires_grad`) and return the summary.
 
@@ -138,7 +139,8 @@ def train(
     weights returned. `on_progress(event)` is called after every step (`{"event": "step", "step", "total",
     "loss", "epoch"}`) and every validation (`{"event": "val", "step", "val_loss", ...}`).
     `schedule_steps`: the length the lr schedule decays over, when not the run's own (the trials of
-    `lr: auto` are the first steps of the real run, schedule included).
+    `lr: auto` are the first steps of the real run, schedule included). `on_resumed()` is called once the
+    checkpoint in `resume_dir` has been loaded into the model.
 
     Raises:
         TrainingError: the loss became NaN or infinite (nothing is saved; earlier checkpoints stay intact).
@@ -184,6 +186,8 @@ def train(
     if resume_dir:
         state = checkpoint.load_checkpoint(resume_dir, model, optimizer, scheduler, scaler, ctx, state)
         logger.info("resumed from %s at step %d", resume_dir, state["step"])
+        if on_resumed is not None:
+            on_resumed()
     trackers = None
     if ctx.main and cfg.report_to:
         trackers = tracking.make_trackers(

@@ -156,6 +156,8 @@ def run(
                 resume_dir=resume_dir,
                 val=val,
                 on_progress=on_progress,
+                # a refused --resume (other labels, method, rank, batch) leaves the run's settings as they were
+                on_resumed=(lambda: _write_run_config(out, config)) if ctx.main else None,
             )
         summary["lr_chosen_by"] = "auto" if lr_search else ("given" if config.lr is not None else "default")
         if lr_search is not None:
@@ -290,12 +292,15 @@ def _prepare_output(
                 shutil.rmtree(path) if os.path.isdir(path) else os.unlink(path)
         if why := checkpoint.unwritable(out):  # a read-only place, /proc, a file on the way: before any work
             raise ConfigError(f"output_dir {out!r} can't be written in: {why}; set another output_dir")
-        text = yaml.safe_dump(
-            dataclasses.asdict(dataclasses.replace(config, output_dir=out)), sort_keys=False
-        )
-        checkpoint.atomic_write_text(os.path.join(out, "train_config.yaml"), text)
+        if not resume:  # a resumed run's settings are written once its checkpoint has been taken (loop.train)
+            _write_run_config(out, config)
     ctx.barrier()
     return resume_dir
+
+
+def _write_run_config(out: str, config: TrainConfig) -> None:
+    text = yaml.safe_dump(dataclasses.asdict(dataclasses.replace(config, output_dir=out)), sort_keys=False)
+    checkpoint.atomic_write_text(os.path.join(out, "train_config.yaml"), text)
 
 
 def _keep_label_map(path: str, label_map: dict[str, int], ctx: Context, resume_dir: str | None) -> None:
