@@ -256,6 +256,45 @@ def test_resume_after_sigterm_ends_with_the_same_weights(tmp_path, bert, emails)
     assert steps == list(range(1, 10)) + [9]  # no step logged twice; the final eval at the end
 
 
+def test_sigterm_while_the_model_loads_exits_143_and_leaves_no_run_behind(
+    tmp_path, bert, emails, monkeypatch, capsys
+):
+    """SIGTERM before the loop's handler (loading the model, tokenizing) killed the process by the default
+    action, leaving train_config.yaml and label_map.json: the rerun was refused as 'already holds a run'."""
+    import importlib
+
+    from deltatune import cli
+
+    run_module = importlib.import_module("deltatune.train.run")
+    real = run_module.build_model
+
+    def build_then_sigterm(*args, **kwargs):
+        model = real(*args, **kwargs)
+        assert (tmp_path / "run" / "train_config.yaml").exists()  # the run's files were made by now
+        os.kill(os.getpid(), signal.SIGTERM)
+        return model
+
+    monkeypatch.setattr(run_module, "build_model", build_then_sigterm)
+    # Without run's own handler the signal lands here (and the test fails) instead of killing pytest.
+    before = signal.signal(signal.SIGTERM, lambda *_: None)
+    try:
+        argv = [
+            f"model={bert}",
+            f"data={emails}",
+            f"output_dir={tmp_path / 'run'}",
+            "max_steps=1",
+            "progress=false",
+        ]
+        assert cli.main(["train", *argv]) == 128 + signal.SIGTERM
+    finally:
+        placeholder = signal.signal(signal.SIGTERM, before)
+    assert "stopped by SIGTERM before training began" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+    assert placeholder.__name__ == "<lambda>"  # run's handler was undone
+    monkeypatch.setattr(run_module, "build_model", real)
+    assert cli.main(["train", *argv]) == 0  # the rerun needs no --overwrite
+
+
 def test_nan_loss_stops_and_keeps_the_last_checkpoint_loadable(tmp_path, bert, emails):
     config = make_config(tmp_path / "run", bert, emails, max_steps=8, save_every=2)
 

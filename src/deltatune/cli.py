@@ -100,9 +100,10 @@ def main(argv: list[str] | None = None) -> int:
         module = importlib.import_module(COMMANDS[command][0])
         entry = getattr(module, f"{command}_main", None) or module.main
         return int(entry(rest) or 0)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # Ctrl-C; or SIGTERM before a run's training began (train.loop.Terminated)
+        signum = getattr(e, "signum", 2)  # SIGINT
+        print("interrupted" if signum == 2 else f"stopped by {e}", file=sys.stderr)
+        return 128 + signum
     except Exception as e:
         return report(command, e)
 

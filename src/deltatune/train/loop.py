@@ -75,6 +75,33 @@ def _init_context(config: TrainConfig) -> Context:
     return Context(rank=rank, world=world, device=device)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM before training started (loading the model or the data): the run stops at once, its files go
+    as a failed run's do, and the command exits with 128 + the signal's number."""
+
+    def __init__(self, signum: int = signal.SIGTERM):
+        super().__init__(f"{signal.Signals(signum).name} before training began")
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _terminate_raises() -> Iterator[None]:
+    """While this is open, SIGTERM raises `Terminated` (before the loop there is no step to finish and no
+    checkpoint to save; the default action killed the process with the run's files half-made)."""
+
+    def handler(signum: int, _frame: Any) -> None:
+        raise Terminated(signum)
+
+    if threading.current_thread() is not threading.main_thread():  # signals can only be caught there
+        yield
+        return
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
 @contextlib.contextmanager
 def _catch_signals(ctx: Context) -> Iterator[None]:
     """First SIGINT/SIGTERM: stop after this step and save; a second SIGINT aborts at once."""

@@ -35,7 +35,7 @@ from deltatune.train.config import (
     validate,
     why_no_evaluation,
 )
-from deltatune.train.loop import Context, _catch_signals, _init_context, seed_everything
+from deltatune.train.loop import Context, _catch_signals, _init_context, _terminate_raises, seed_everything
 from deltatune.train.lr_search import search_lr
 from deltatune.vocab import context_length, fix_pad_token
 
@@ -76,7 +76,9 @@ def run(
     out = output_dir(config)
     created = not os.path.exists(out)
     owned = False  # whether the files in `out` are this run's (so a failure may remove them)
+    loading = contextlib.ExitStack()  # until the loop's own handler: SIGTERM stops the run where it is
     try:
+        loading.enter_context(_terminate_raises())
         resume_dir = _prepare_output(out, config, ctx, resume=resume, overwrite=overwrite)
         owned = not resume
         for name in (config.precision, config.base_dtype):
@@ -112,6 +114,7 @@ def run(
         peft_model = build_model(config, data.label_map, tokenizer, ctx.device, wrap=wrap)
         model = _distribute(peft_model, config, ctx)
         lr_search = None
+        loading.close()
         with _catch_signals(ctx):
             if config.lr == "auto" and not resume_dir:
                 lr_search = search_lr(
@@ -190,6 +193,7 @@ def run(
             checkpoint.atomic_write_text(os.path.join(out, "summary.json"), json.dumps(summary, indent=2))
         return summary
     except BaseException as e:
+        loading.close()
         loop.close_trackers("interrupted" if isinstance(e, KeyboardInterrupt) else "failed")
         if owned and ctx.main:
             _remove_failed_run(out, created)
