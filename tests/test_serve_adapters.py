@@ -220,6 +220,62 @@ def test_bad_names_configs_and_links_are_skipped_at_startup_and_refused_at_runti
     assert _complete(client, "alias2", "w1", 4) == _complete(client, "good", "w1", 4)
 
 
+def test_a_bom_config_loads_and_absurd_numbers_and_pickled_weights_are_refused(
+    files,  # noqa: F811
+    tmp_path,
+    serve,
+    capsys,
+):
+    """A config saved with a byte-order mark (a Windows editor) was 'not valid JSON'; lora_alpha Infinity or
+    1e300 merged into inf weights; an r written as 31 digits passed the type check; a .bin holding code was
+    refused in a dozen lines of torch's advice to load it with weights_only=False."""
+    import pickle
+
+    from deltatune import cli
+
+    root = tmp_path / "odd"
+    alpha = os.path.join(files["adapters"], "alpha")
+    with open(os.path.join(alpha, "adapter_config.json")) as f:
+        config = json.load(f)
+    _bad_config(root / "bom", alpha, b"\xef\xbb\xbf" + json.dumps(config).encode())
+    _bad_config(root / "alpha_inf", alpha, json.dumps({**config, "lora_alpha": float("inf")}).encode())
+    _bad_config(root / "alpha_huge", alpha, json.dumps({**config, "lora_alpha": 1e300}).encode())
+    _bad_config(root / "r_digits", alpha, json.dumps({**config, "r": 10**30}).encode())
+
+    class Code:
+        def __reduce__(self):
+            return (os.system, ("echo ran > " + str(tmp_path / "ran"),))
+
+    shutil.copytree(alpha, root / "pickled")
+    os.unlink(root / "pickled" / "adapter_model.safetensors")
+    (root / "pickled" / "adapter_model.bin").write_bytes(pickle.dumps(Code()))
+    engine, client = serve(str(root))
+    failed = client.get("/health").json()["failed_adapters"]
+    assert "bom" in engine.adapter_names and _complete(client, "bom", "w1", 4)
+    r = client.post("/v1/completions", json={"model": "pickled", "prompt": "w1"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "adapter_invalid"
+    assert (
+        "adapter_model.bin is not a plain te" in r.json()["error"]["message"] and str(tmp_path) not in r.text
+    )
+    assert "field 'lora_alpha' must be a finite number, got inf" in failed["alpha_inf"]
+    assert "field 'lora_alpha' is 1e+300, beyond any sensible value" in failed["alpha_huge"]
+    assert "field 'r' is 1000000000000000000000000000000, larger than any integer" in failed["r_digits"]
+    pickled = root / "pickled"
+    for argv in (
+        ["inspect", str(pickled)],
+        ["merge", "--adapter", str(pickled), "--out", str(tmp_path / "m")],
+    ):
+        capsys.readouterr()
+        assert cli.main(argv) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "weights_only=False" not in err, err
+        assert err.startswith(
+            f"deltatune {argv[0]}: error: {pickled / 'adapter_model.bin'} is not a plain tensor file"
+        )
+        assert "never runs code in it: save the adapter as adapter_model.safetensors" in err
+    assert not (tmp_path / "ran").exists() and not (tmp_path / "m").exists()
+
+
 def test_rows_whose_adapter_is_in_memory_do_not_wait_for_another_adapter_s_load(files, serve):  # noqa: F811
     engine, client = serve(files["adapters"])
     _complete(client, "alpha", "w1", 2)  # alpha is in memory, beta is not

@@ -13,6 +13,7 @@ import random
 import re
 import shutil
 import tempfile
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -125,10 +126,18 @@ def load_tensors(path: str) -> dict[str, torch.Tensor]:
                 f"{path} is corrupt or truncated ({e}); save the adapter again or restore the file"
             ) from e
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's note on the pickle protocol is noise beside our message
+            warnings.simplefilter("ignore")
+            data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # weights_only refuses arbitrary objects with an UnpicklingError, among others
+        # torch's message runs over many lines and advises weights_only=False (running the file's code):
+        # only its reason is kept ("Unsupported operand 149", "Unsupported global: GLOBAL posix.system").
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        reason = next((ln for ln in lines if ln.startswith("Unsupported")), lines[0] if lines else "")
         raise CheckpointError(
-            f"{path} could not be read as a plain tensor file ({type(e).__name__}: {e})"
+            f"{path} is not a plain tensor file ({type(e).__name__}: {reason[:200]}); deltatune reads "
+            f"a .bin adapter only as plain tensors and never runs code in it: save the adapter as "
+            f"{WEIGHTS_NAME} (safetensors) from a copy you trust"
         ) from e
     if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
         raise CheckpointError(f"{path} does not hold a dict of tensors")

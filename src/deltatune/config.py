@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import json
 import logging
+import math
 import os
 import re
 import types
@@ -105,6 +106,31 @@ def _type_ok(value: Any, hint: Any) -> bool:
     return True  # Any, or a type this checker doesn't know
 
 
+MAX_CONFIG_FLOAT = (
+    1e6  # no float of any method's config means anything beyond this (alpha, dropout, eps, ...)
+)
+MAX_CONFIG_INT = 2**63 - 1  # what a tensor index or a seed can hold
+
+
+def _absurd_number(value: Any) -> str | None:
+    """Why a number in a config (or in its lists and mappings) can't be meant: NaN or infinity (JSON as Python
+    writes it), a float beyond `MAX_CONFIG_FLOAT`, an integer beyond int64 (`r: 1e30` written as digits)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return f"must be a finite number, got {value}"
+        if abs(value) > MAX_CONFIG_FLOAT:
+            return f"is {value:g}, beyond any sensible value (at most {MAX_CONFIG_FLOAT:g} in size)"
+    if isinstance(value, int) and abs(value) > MAX_CONFIG_INT:
+        return f"is {short(value, 60)}, larger than any integer a tensor can hold (2**63 - 1)"
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else ()
+    for item in items:
+        if problem := _absurd_number(item):
+            return problem
+    return None
+
+
 def _type_words(hint: Any, plural: bool = False) -> str:
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
@@ -180,6 +206,8 @@ class _BaseConfig:
                 raise ConfigError(
                     f"field {short(key)} must be {_type_words(hints[key])}, got {type(value).__name__} {short(value)}"
                 )
+            elif problem := _absurd_number(value):
+                raise ConfigError(f"field {short(key)} {problem}")
         return cls(**data)
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
@@ -275,8 +303,8 @@ class LoraConfig(_BaseConfig):
         _check(
             isinstance(self.lora_alpha, (int, float))
             and not isinstance(self.lora_alpha, bool)
-            and self.lora_alpha > 0,
-            f"lora_alpha must be a positive number, got {short(self.lora_alpha)}",
+            and 0 < self.lora_alpha <= MAX_CONFIG_FLOAT,
+            f"lora_alpha must be a positive number of at most {MAX_CONFIG_FLOAT:g}, got {short(self.lora_alpha)}",
         )
         _check(
             isinstance(self.lora_dropout, (int, float)) and 0 <= self.lora_dropout < 1,
@@ -318,8 +346,8 @@ class LoraConfig(_BaseConfig):
             )
         for key, value in self.alpha_pattern.items():
             _check(
-                isinstance(value, (int, float)) and value > 0,
-                f"alpha_pattern[{short(key)}] must be positive, got {short(value)}",
+                isinstance(value, (int, float)) and 0 < value <= MAX_CONFIG_FLOAT,
+                f"alpha_pattern[{short(key)}] must be positive and at most {MAX_CONFIG_FLOAT:g}, got {short(value)}",
             )
 
     def to_dict(self) -> dict[str, Any]:
@@ -757,7 +785,7 @@ def load_config(directory: str | os.PathLike) -> _BaseConfig:
             f"no {CONFIG_NAME} in {os.fspath(directory)!r}: is this an adapter directory?"
         )
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark (Windows editors) is skipped
             data = json.load(f)
     except UnicodeDecodeError as e:
         raise ConfigError(

@@ -259,7 +259,7 @@ def _check_config_file(directory: str) -> None:
     try:
         with open(path, "rb") as f:
             raw = f.read(1 << 20)
-        data = json.loads(raw.decode("utf-8"))
+        data = json.loads(raw.decode("utf-8-sig"))  # -sig: a byte-order mark is skipped, as load_config does
     except UnicodeDecodeError as e:
         raise ValueError(f"{CONFIG_NAME} is not UTF-8 text ({e.reason} at byte {e.start})") from None
     except json.JSONDecodeError as e:
