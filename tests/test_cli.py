@@ -231,6 +231,26 @@ def classifier(tmp_path):
     return base, str(adapter)
 
 
+def test_an_empty_out_is_refused_in_one_line_before_anything_loads(tmp_path, classifier, capsys, monkeypatch):
+    """`merge --out ''` loaded both models, made its temp folder in the working folder's parent and failed
+    renaming it to '' ('No such file or directory: /tmp/.merge-...'); compare and demo said the same."""
+    base, adapter = classifier
+    monkeypatch.chdir(tmp_path)
+    for out in ("", "  "):
+        assert cli.main(["merge", "--adapter", adapter, "--out", out]) == 2
+        err = capsys.readouterr().err
+        assert (
+            err
+            == f"deltatune merge: error: --out {out!r} names no folder; give the folder to write the merged model in\n"
+        )
+    with pytest.raises(SystemExit) as e:  # demo's argparse error
+        cli.main(["demo", "--steps", "1", "--out", ""])
+    assert e.value.code == 2 and "--out : names no folder (it is empty)" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["base", "run"] and not any(
+        n.startswith(".merge-") for n in os.listdir(tmp_path.parent)
+    )
+
+
 def test_merged_classifier_keeps_label_names_through_pipeline(tmp_path, classifier, umask_022, capsys):
     from transformers import pipeline
 

@@ -96,6 +96,8 @@ def write_adapter_config(directory: str, config_dict: dict) -> None:
 def unwritable(folder: str) -> str | None:
     """Why files can't be written into `folder` (checked before any work: a file there, a read-only or missing
     place), or None. Makes the folder; leaves nothing else."""
+    if not str(folder).strip():
+        return "names no folder (it is empty)"
     if os.path.exists(folder) and not os.path.isdir(folder):
         return "is a file, not a folder"
     try:

@@ -292,6 +292,10 @@ def merge_main(argv: list[str]) -> int:
         "--dtype", type=dtypes.argument, default="fp32", help=f"dtype of the merged model: {dtypes.HELP}"
     )
     args = parser.parse_args(argv)
+    if not args.out.strip():  # '' is the working folder's parent's temp folder renamed to nothing
+        raise ConfigError(
+            f"--out {short(args.out)} names no folder; give the folder to write the merged model in"
+        )
     if os.path.exists(args.out):
         raise ConfigError(f"{short(args.out)} exists already; pick a new folder for --out")
     dtype = dtypes.torch_dtype(args.dtype)
