@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 
 import pytest
@@ -181,6 +182,43 @@ def test_an_out_that_cannot_be_written_is_refused_before_anything_runs(tmp_path,
         "a-file: is a file, not a folder; pick a folder the results can be written in"
         in capsys.readouterr().err
     )
+
+
+def test_results_kept_and_one_line_when_the_report_cannot_be_written(tmp_path, capsys, monkeypatch):
+    """A report.md (or plot) that is a folder, a full disk: an OSError naming report.md.tmp, with the temp file
+    left behind; now one line saying the results are safe in results.json."""
+    from deltatune import cli
+
+    model = save_with_tokenizer(bert_cls(num_labels=2), tmp_path / "bert")
+    data = _data(tmp_path / "train.jsonl", 24)
+    monkeypatch.setattr(
+        compare, "_run_worker", lambda spec, progress: {"status": "failed", "error": "skipped"}
+    )
+    out = tmp_path / "out"
+    (out / "report.md").mkdir(parents=True)
+    argv = [
+        "compare",
+        "--model",
+        model,
+        "--data",
+        data,
+        "--methods",
+        "lora",
+        "--steps",
+        "1",
+        "--out",
+        str(out),
+    ]
+    assert cli.main([*argv, "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    (line,) = [ln for ln in err.splitlines() if ln.startswith("deltatune compare: error: ")]
+    assert line.startswith(
+        f"deltatune compare: error: the results are in {out / 'results.json'}, but the report and plots could "
+        "not be written (IsADirectoryError"
+    )
+    assert json.loads((out / "results.json").read_text())["methods"][0]["status"] == "failed"
+    assert not [n for n in os.listdir(out) if n.endswith(".tmp")]
 
 
 def test_memory_estimate_against_the_measured_peak_on_the_default_model(tmp_path):

@@ -756,13 +756,25 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
         "total_runtime_s": time.perf_counter() - start,
         "methods": records,
     }
-    from deltatune import report
+    from deltatune import checkpoint, report
+    from deltatune.errors import DeltatuneError
 
-    tmp = os.path.join(args.out, "results.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(results, f, indent=2)
-    os.replace(tmp, os.path.join(args.out, "results.json"))
-    report.write(results, args.out)
+    results_path = os.path.join(args.out, "results.json")
+    try:
+        checkpoint.atomic_write_text(results_path, json.dumps(results, indent=2))
+    except OSError as e:
+        raise DeltatuneError(
+            f"every method ran, but {results_path} could not be written ({checkpoint.write_failure(e, args.out)}); "
+            f"each method's run folder in {args.out} holds its summary.json"
+        ) from e
+    try:
+        report.write(results, args.out)
+    except OSError as e:  # a report.md or a plot that is a folder, a full disk, ...
+        raise DeltatuneError(
+            f"the results are in {results_path}, but the report and plots could not be written "
+            f"({checkpoint.write_failure(e, args.out)}); fix that, then make them from results.json with "
+            "deltatune.report.write(results, out) without running the methods again"
+        ) from e
     report.print_table(results)
     console.print(
         f"\ntotal {results['total_runtime_s'] / 60:.1f} min; results: {os.path.join(args.out, 'results.json')}, "

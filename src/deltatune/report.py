@@ -454,10 +454,9 @@ def write(results: dict[str, Any], out: str) -> list[str]:
             )
         lines.append("")
     lines += [f"![{name}]({name})" for name in plots]
-    path = os.path.join(out, "report.md")
-    with open(path + ".tmp", "w") as f:
-        f.write("\n".join(lines) + "\n")
-    os.replace(path + ".tmp", path)
+    from deltatune.checkpoint import atomic_write_text
+
+    atomic_write_text(os.path.join(out, "report.md"), "\n".join(lines) + "\n")  # no .tmp left on a failure
     return plots
 
 
