@@ -111,3 +111,32 @@ def test_a_bare_small_number_is_refused_with_the_unit_it_lacks(text, capsys):
         f"'{text}' is {text} parameters, too few for a transformer; write the count with its unit, e.g. {text}b"
         in (capsys.readouterr().err)
     )
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["--r", "1000000000"],
+            "--r 1000000000 is larger than the hidden size 4224: a LoRA update's rank is at most",
+        ),
+        (["--method", "all", "--r", str(10**23)], f"--r {10**23} is larger than the hidden size 4224"),
+        (["--params", "1e30"], "--params 1e+30 is beyond any model"),
+        (["--hidden", "7", "--heads", "3"], "--heads 3 doesn't divide the hidden size 7"),
+        (["--batch", "0"], "--batch must be a positive number, got 0"),
+        (["--batch", "-4"], "--batch must be a positive number, got -4"),
+    ],
+)
+def test_absurd_sizes_are_refused_in_one_line(argv, message, capsys):
+    """A rank of a billion (or of 23 digits) printed a table of 1e+28 parameters; --params 1e30 a table too."""
+    from deltatune import cli
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(
+            ["estimate", "--params", "7b", *(["--method", "lora"] if "--method" not in argv else []), *argv]
+        )
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"deltatune estimate: error: {message}" in err and "Traceback" not in err
+    with pytest.raises(SystemExit):  # and --method full, which has no rank, still checks the rest
+        cli.main(["estimate", "--params", "1e30", "--method", "full"])
+    assert "beyond any model" in capsys.readouterr().err

@@ -63,6 +63,15 @@ class Estimate:
     gpu_mem_gb: float
 
 
+MAX_PARAMS = 1e15  # a thousand times the largest models: a typo (1e30) beyond it
+
+
+def _uses_rank(method: str) -> bool:
+    """Whether `--r` changes a method's estimate (LoRA and its kin), found from its formula."""
+    shape = Shape.from_params(7e9)
+    return trainable_params(shape, method, r=8) != trainable_params(shape, method, r=16)
+
+
 def trainable_params(
     shape: Shape,
     method: str,
@@ -225,6 +234,19 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--heads must be a positive number, got {args.heads}")
     if args.num_layers < 0:
         parser.error(f"--num-layers must not be negative, got {args.num_layers}")
+    if args.params > MAX_PARAMS:
+        parser.error(
+            f"--params {args.params:.3g} is beyond any model (the largest have about 2e12); give e.g. 7b"
+        )
+    shape = Shape.from_params(args.params, args.hidden, args.layers, args.heads)
+    if shape.hidden % shape.heads:
+        parser.error(f"--heads {shape.heads} doesn't divide the hidden size {shape.hidden}")
+    ranked = [m for m in (registry.names() if args.method == "all" else [args.method]) if _uses_rank(m)]
+    if ranked and args.r > shape.hidden:
+        parser.error(
+            f"--r {args.r} is larger than the hidden size {shape.hidden}: a LoRA update's rank is at most the "
+            "smaller side of the matrix it adapts"
+        )
     methods = registry.names() if args.method == "all" else [args.method]
     rows = []
     for method in methods:
