@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+import pathlib
 import sys
 
 import pytest
@@ -141,7 +142,7 @@ def test_an_existing_file_that_can_be_written_is_a_good_out_in_a_folder_that_tak
     sorted(
         name[:-3]
         for name in os.listdir(BENCHMARKS)
-        if name.endswith(".py") and "from _args import" in open(os.path.join(BENCHMARKS, name)).read()
+        if name.endswith(".py") and "from _args import" in pathlib.Path(BENCHMARKS, name).read_text()
     ),
 )
 def test_scripts_find_their_helpers_under_safe_path(script, tmp_path):

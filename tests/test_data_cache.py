@@ -97,8 +97,13 @@ def test_a_damaged_or_half_written_cache_is_rebuilt_never_read(tmp_path, data, c
     abandoned = tmp_path / "cache" / "0123.tmp-999999999-abcd"
     abandoned.mkdir()
     (abandoned / "train.arrow").write_bytes(b"half")
+    # names that only look like a process id are no live process: '²' passes str.isdigit, int() refuses it;
+    # a 40-digit id overflowed os.kill
+    strays = [tmp_path / "cache" / f"0123.tmp-{pid}-abcd" for pid in ("²", "9" * 40)]
+    for stray in strays:
+        stray.mkdir()
     load(data, tok, tmp_path, max_length=5)
-    assert not abandoned.exists()
+    assert not abandoned.exists() and not any(stray.exists() for stray in strays)
 
 
 def test_tokenizing_in_processes_gives_the_same_examples(tmp_path, data):

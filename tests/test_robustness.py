@@ -447,6 +447,12 @@ def test_more_hostile_adapter_files(saved_adapter):
         ("seed=-1", "seed: must be an integer from 0 to 4294967295 (2**32 - 1), got -1"),
         (f"seed={2**32}", "seed: must be an integer from 0 to 4294967295 (2**32 - 1), got 4294967296"),
         (f"seed={10**20}", "seed: must be an integer from 0 to 4294967295"),
+        (
+            "output_dir=",
+            "override 'output_dir=': the value is empty; give a folder",
+        ),  # output_dir=$OUT, OUT unset
+        ("output_dir=' '", "output_dir: ' ' names no folder"),
+        ("output_dir=''", "output_dir: '' names no folder"),
     ],
 )
 def test_more_hostile_train_settings_are_config_errors(override, message):

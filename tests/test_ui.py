@@ -231,3 +231,11 @@ def test_bad_ui_options_end_with_one_line_and_never_start_a_server(argv, message
         assert ui.main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and err.startswith("deltatune ui: error: ") and err.count("\n") == 1, err
+
+
+def test_checkpoint_folders_with_non_ascii_digits_are_not_checkpoints(runs_dir):
+    """'step-²' passes str.isdigit but int() refuses it: the run list failed for the whole folder."""
+    for name in ("step-2", "step-²", "step-١٠", "step-10"):
+        os.makedirs(runs_dir / "good" / "checkpoints" / name)
+    found = {r["path"]: r for r in runs.scan(str(runs_dir))}
+    assert found["good"]["checkpoints"] == ["step-2", "step-10"]

@@ -496,7 +496,8 @@ def _remove_abandoned(root: str) -> None:
         _, sep, rest = name.partition(".tmp-")
         if not sep:
             continue
-        pid = int(rest.split("-")[0]) if rest.split("-")[0].isdigit() else -1
+        digits = rest.split("-")[0]  # ASCII, and short enough for os.kill (a stray name is no process)
+        pid = int(digits) if digits.isascii() and digits.isdigit() and len(digits) <= 9 else -1
         try:
             os.kill(pid, 0)
             alive = pid > 0

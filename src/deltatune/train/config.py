@@ -227,6 +227,12 @@ def load_train_config(path: str | None = None, overrides: list[str] | None = Non
             target = target.setdefault(part, {})
             if not isinstance(target, dict):
                 raise ConfigError(f"override {short(item)}: {short(part)} is not a section")
+        if not parents and leaf in ("output_dir", "output", "out", "outdir") and not value.strip():
+            # `output_dir=$OUT` with OUT unset: the run would go silently to runs/<method>
+            raise ConfigError(
+                f"override {short(item)}: the value is empty; give a folder, or leave output_dir out for the "
+                "default runs/<method>"
+            )
         try:
             target[leaf] = _load_yaml(value) if value.strip() else None
         except _DuplicateKey as e:
@@ -498,7 +504,12 @@ def validate(config: TrainConfig) -> list[str]:
         if not math.isfinite(getattr(config, key)):
             errors.append(f"{key}: must be a finite number, got {getattr(config, key)}")
     out = output_dir(config)
-    if os.path.exists(out) and not os.path.isdir(out):
+    if isinstance(config.output_dir, str) and not config.output_dir.strip():
+        errors.append(
+            f"output_dir: {config.output_dir!r} names no folder; give one, or leave output_dir out for the "
+            "default runs/<method>"
+        )
+    elif os.path.exists(out) and not os.path.isdir(out):
         errors.append(f"output_dir: {short(out)} is a file, not a folder; set another output_dir")
     elif problem := _uncreatable(out):
         errors.append(f"output_dir: {short(out)} can't be created: {problem}; set another output_dir")

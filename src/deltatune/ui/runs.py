@@ -118,7 +118,8 @@ def _checkpoints(path: str) -> list[str]:
     root = os.path.join(path, "checkpoints")
     if not os.path.isdir(root):
         return []
-    found = [n for n in os.listdir(root) if n.startswith("step-") and n[5:].isdigit()]
+    # ASCII digits only: '²' and '٣' pass str.isdigit, and int() fails on the first or reads another script
+    found = [n for n in os.listdir(root) if n.startswith("step-") and n[5:].isascii() and n[5:].isdigit()]
     return sorted(found, key=lambda n: int(n[5:]))
 
 
