@@ -85,6 +85,18 @@ def test_a_bad_row_in_a_stream_names_its_shard_and_line(tmp_path):
         batches(StreamBatcher(stream, batch_size=4), {}, 10)
 
 
+def test_a_stream_leaves_out_empty_rows_and_says_how_many(tmp_path, caplog):
+    """As the cached data does: empty texts (an EOS-only example, a loss over nothing) are left out, counted."""
+    path = tmp_path / "t.jsonl"
+    path.write_text("\n".join(json.dumps({"text": t}) for t in ["w1 w2", "", "w3", "   ", "w4 w5"]) + "\n")
+    stream = open_stream(str(path), tiny_tokenizer(), task="causal-lm", max_length=16)
+    with caplog.at_level("WARNING", logger="deltatune.data.streaming"):
+        got = batches(StreamBatcher(stream, batch_size=1), {}, 6)  # two passes of the three real rows
+    want = [tiny_tokenizer()(t)["input_ids"] for t in ["w1 w2", "w3", "w4 w5"]]
+    assert [b[0]["input_ids"][0][: len(w)] for b, w in zip(got, want * 2, strict=True)] == want * 2
+    assert caplog.text.count("2 example(s) of") == 1 and "were empty or had nothing to learn" in caplog.text
+
+
 def test_streaming_classification_needs_declared_labels(tmp_path):
     path = tmp_path / "c.jsonl"
     path.write_text('{"text": "w1", "label": "a"}\n{"text": "w2", "label": "c"}\n')

@@ -11,6 +11,7 @@ Classification needs its label set up front (`labels:` in the config), since the
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +27,7 @@ from deltatune.data.tokenize import causal_format, encode_batch, label_map_of, n
 from deltatune.errors import DataError
 
 STREAM_MODES = ("padded", "packed", "padding_free")
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -112,6 +114,8 @@ class StreamBatcher:
             raise ValueError(f"streaming batches are one of {STREAM_MODES}, not {mode!r}")
         self.data, self.mode, self.batch_size = data, mode, batch_size
         self.rank, self.world, self.pad_token_id = rank, world, pad_token_id
+        self.skipped = 0  # examples left out in the pass being read (empty, or nothing to learn)
+        self._told = False
 
     def __len__(self) -> int:
         return 0  # not known without reading the whole stream
@@ -132,8 +136,10 @@ class StreamBatcher:
                 max_length=d.max_length,
                 label_map=d.label_map,
             )
-            if encoded["input_ids"]:  # else nothing to learn within max_length: skipped
+            if encoded["input_ids"]:
                 yield {"input_ids": encoded["input_ids"][0], "labels": encoded["labels"][0]}, list(position)
+            else:  # empty, or nothing to learn within max_length: left out, counted
+                self.skipped += 1
 
     def _units(self, start: list[int] | None) -> Iterator[tuple[Any, list[int]]]:
         """Examples, or for `packed` rows of examples (filled in stream order until the next one doesn't fit),
@@ -158,7 +164,8 @@ class StreamBatcher:
         epoch, start, index = state.get("epoch", 0), state.get("stream"), state.get("batch", 0)
         group = self.batch_size * self.world  # a global batch: every rank reads all of it, takes its share
         while True:
-            units, seen = [], 0
+            units, seen, whole = [], 0, start is None
+            self.skipped = 0
             for unit, position in self._units(start):
                 units.append(unit)
                 if len(units) == group:
@@ -166,6 +173,14 @@ class StreamBatcher:
                     yield *self._collate(units), {"epoch": epoch, "batch": index, "stream": position}
                     units = []
                 seen += 1
+            if whole and self.skipped and not self._told and self.rank == 0:  # once, after a whole pass
+                self._told = True
+                logger.warning(
+                    "%d example(s) of %s were empty or had nothing to learn within max_length=%d tokens; skipped",
+                    self.skipped,
+                    self.data.source,
+                    self.data.max_length,
+                )
             if units:  # the epoch's short last batch: after it, the next epoch starts
                 yield *self._collate(units), {"epoch": epoch + 1, "batch": 0, "stream": None}
             elif seen == 0 and start is None:
