@@ -1,6 +1,6 @@
 """One bad request never hurts another (issue 12), against the real server over HTTP on 127.0.0.1.
 
-Poisoned rows (a temperature of 1e-300, an adapter whose weights are NaN, one whose lora_alpha overflows to inf)
+Poisoned rows (a temperature of 1e-300, an adapter whose weights are NaN, one whose finite weights overflow to inf)
 run concurrently with good greedy requests; each poisoned one fails alone with a 4xx naming its adapter, and
 every good one gets exactly its answer alone. A bounded sweep of hostile values over every field of every
 endpoint gets no 500, and the keep-alive connection survives every error. Bounded in count and time.
@@ -24,8 +24,9 @@ from deltatune.serve import Engine, create_app
 
 @pytest.fixture(scope="module")
 def poisoned(files):  # noqa: F811
-    """The tiny base with alpha/beta plus three poisoned adapters: NaN weights, lora_alpha 1e999, and inf
-    weights in one layer only."""
+    """The tiny base with alpha/beta plus three poisoned adapters: NaN weights, finite weights of 1e30 (whose
+    products overflow to inf: refused only when its logits come out non-finite), and inf weights in one layer
+    only. (A lora_alpha of 1e999 is refused when the config is read: test_serve_adapters.)"""
     adapters = files["root"] / "poisoned"
     for name in ("alpha", "beta"):
         shutil.copytree(os.path.join(files["adapters"], name), adapters / name)
@@ -33,12 +34,8 @@ def poisoned(files):  # noqa: F811
         shutil.copytree(os.path.join(files["adapters"], "alpha"), adapters / name)
     weights = adapters / "nanny" / "adapter_model.safetensors"
     save_file({k: torch.full_like(v, float("nan")) for k, v in load_file(weights).items()}, weights)
-    config_path = adapters / "huge" / "adapter_config.json"
-    text = config_path.read_text()
-    config = json.loads(text)
-    config_path.write_text(
-        text.replace(f'"lora_alpha": {json.dumps(config["lora_alpha"])}', '"lora_alpha": 1e999')
-    )
+    weights = adapters / "huge" / "adapter_model.safetensors"
+    save_file({k: torch.full_like(v, 1e30) for k, v in load_file(weights).items()}, weights)
     weights = adapters / "infy" / "adapter_model.safetensors"
     tensors = load_file(weights)
     first = sorted(tensors)[0]
@@ -110,7 +107,7 @@ def test_a_tiny_temperature_is_greedy(server, reference):  # noqa: F811
 
 def test_a_poisoned_stream_fails_before_its_first_chunk_with_a_json_error(server):
     _, client = server
-    # `huge`'s weights are finite; its scale (lora_alpha 1e999 / r) overflows, so its logits are NaN.
+    # `huge`'s weights are finite (1e30); their products overflow, so its logits are NaN.
     body = {"model": "huge", "prompt": "w1", "max_tokens": 4, "stream": True, "temperature": 0}
     r = _post(client, body)
     assert r.status_code == 422 and r.json()["error"]["code"] == "non_finite_logits"
