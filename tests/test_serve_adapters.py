@@ -129,6 +129,60 @@ def test_bad_serve_options_end_with_one_line_before_the_model_loads(
     assert message in err and err.count("\n") == 1, err
 
 
+def _engine_args(monkeypatch) -> dict:
+    """Run `serve_main` up to the engine: what it hands `Engine`, with uvicorn never started."""
+    import uvicorn
+
+    import deltatune.serve.app as app_module
+    import deltatune.serve.engine as engine_module
+
+    seen: dict = {}
+
+    def fake_engine(base, adapters, **kwargs):
+        seen.update(base=base, adapters=adapters, **kwargs)
+
+    monkeypatch.setattr(engine_module, "Engine", fake_engine)
+    monkeypatch.setattr(app_module, "create_app", lambda engine, **kw: object())
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: None)
+    monkeypatch.setattr("deltatune.serve.command.freeze_startup_objects", lambda: None)
+    return seen
+
+
+def test_serve_finds_the_base_as_the_other_commands_do(monkeypatch, capsys):
+    """`--base embedded:minilm` (what a run on the default records as its base) ended in 'Repo id must use
+    alphanumeric chars', as did a folder that doesn't exist; `--dtype` was the only dtype option spelled
+    float32 by default and refused `FP32`."""
+    from deltatune.embedded import minilm_path
+
+    seen = _engine_args(monkeypatch)
+    assert serve_main(["--base", "embedded:minilm", "--dtype", "BF16"]) == 0
+    assert seen["base"] == minilm_path()
+    assert seen["base_name"] == "embedded:minilm" and seen["dtype"] == "bf16"
+    seen.clear()
+    assert serve_main(["--base", "embedded:minilm", "--base-name", "mini"]) == 0
+    assert seen["base_name"] == "mini" and seen["dtype"] == "fp32"
+
+
+@pytest.mark.parametrize(
+    "base, message",
+    [
+        ("no-such-model", "--base: folder not found: "),
+        ("empty", "--base: '{tmp}/empty' has no config.json; is it a Hugging Face model folder?"),
+        ("a-file", "--base: '{tmp}/a-file' is a file; give the model's folder"),
+    ],
+)
+def test_a_base_that_cant_load_is_one_line_before_anything_loads(
+    monkeypatch, capsys, tmp_path, base, message
+):
+    seen = _engine_args(monkeypatch)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "a-file").write_text("{}")
+    assert serve_main(["--base", str(tmp_path / base)]) == 2
+    err = capsys.readouterr().err
+    assert seen == {} and err.startswith("deltatune serve: error: ") and err.count("\n") == 1, err
+    assert message.replace("{tmp}", str(tmp_path)) in err, err
+
+
 def test_bad_engine_settings_are_each_named():
     with pytest.raises(ValueError) as e:
         Engine("unused", max_batch=0, batch_wait_ms=float("nan"), max_prefill_tokens=-2)

@@ -149,7 +149,7 @@ def test_a_negative_adapter_slice_is_refused(files, capsys):  # noqa: F811
     assert "--adapter-slice must be at least 0 (0: never pause), got -1" in capsys.readouterr().err
 
 
-def test_serve_freezes_its_start_up_objects_once_the_engine_is_up(monkeypatch):
+def test_serve_freezes_its_start_up_objects_once_the_engine_is_up(monkeypatch, tmp_path):
     """`deltatune serve` hands the base model's objects to `gc.freeze` after building the engine and before
     serving, so full collections don't walk them again (pauses on adapter attaches: benchmarks/attach_cost.py)."""
     import gc
@@ -171,7 +171,8 @@ def test_serve_freezes_its_start_up_objects_once_the_engine_is_up(monkeypatch):
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.setdefault("at_run", gc.get_freeze_count()))
     gc.unfreeze()
     try:
-        assert serve_main(["--base", "unused"]) == 0
+        (tmp_path / "config.json").write_text("{}")  # a base folder serve's check accepts (never loaded)
+        assert serve_main(["--base", str(tmp_path)]) == 0
     finally:
         gc.unfreeze()
     assert seen["at_engine"] == 0 and seen["at_run"] > 0

@@ -9,7 +9,7 @@ import math
 import os
 import sys
 
-from deltatune.vocab import DTYPE_NAMES
+from deltatune import dtypes
 
 # Kept here, not in the engine, so that `deltatune serve --help` imports neither torch nor the model code.
 TASKS = {"causal-lm": "CAUSAL_LM", "seq-cls": "SEQ_CLS"}
@@ -27,7 +27,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="deltatune serve",
         description="Serve one base model and many adapters over an OpenAI-compatible HTTP API.",
     )
-    p.add_argument("--base", required=True, help="base model folder (or hub name)")
+    p.add_argument("--base", required=True, help="base model folder, hub name or embedded:minilm")
     p.add_argument(
         "--adapters",
         help="folder whose sub-folders are adapters, each served by its folder name (or one adapter folder)",
@@ -88,7 +88,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
     p.add_argument(
-        "--dtype", choices=list(DTYPE_NAMES), default="float32", help="dtype the base model is loaded in"
+        "--dtype",
+        type=dtypes.argument,
+        default="fp32",
+        help=f"dtype the base model is loaded in: {dtypes.HELP}",
     )
     p.add_argument("--threads", type=int, help="CPU threads for the model (default: torch's choice)")
     p.add_argument(
@@ -125,13 +128,20 @@ def serve_main(argv: list[str] | None = None) -> int:
         return fail(why)
     if (why := listen_problem(args.host, args.port)) is not None:  # before the model loads, not minutes after
         return fail(why)
+    # The base as every other command finds it: `embedded:minilm`, a folder (missing: said at once), or a hub
+    # name (the hub unreachable: said in seconds, not after transformers' retries).
+    from deltatune.embedded import check_model, resolve_model
+
+    if (why := check_model(args.base)) is not None:
+        return fail(f"--base: {why}")
+    base_name = args.base_name or os.path.basename(os.path.normpath(args.base))
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     try:
         engine = Engine(
-            args.base,
+            resolve_model(args.base),
             args.adapters,
-            base_name=args.base_name,
+            base_name=base_name,
             task=args.task,
             max_batch=args.max_batch,
             batch_wait_ms=args.batch_wait_ms,
