@@ -465,3 +465,25 @@ def test_an_unknown_train_option_is_said_to_be_a_setting_only_when_it_names_one(
             cli.main(["train", *argv])
         assert e.value.code == 2
         assert capsys.readouterr().err.endswith(f"deltatune train: error: unrecognized arguments: {said}\n")
+
+
+def test_demo_removes_its_temp_adapter_and_keeps_one_given_out(tmp_path, monkeypatch, capsys):
+    """Without `--out` the demo left a `deltatune-demo-*` folder in /tmp on every run, though the README and its
+    help say `--out` is what keeps the adapter."""
+    import tempfile
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    assert cli.main(["demo", "--steps", "1"]) == 0
+    out = capsys.readouterr().out
+    assert (
+        "3. saved the adapter to a temp folder (" in out
+        and "removed at the end; --out FOLDER keeps it" in out
+    )
+    assert "5. merged into the base" in out
+    assert os.listdir(scratch) == []
+    kept = tmp_path / "kept"
+    assert cli.main(["demo", "--steps", "1", "--out", str(kept)]) == 0
+    assert f"3. saved the adapter to {kept}: " in capsys.readouterr().out
+    assert sorted(os.listdir(kept)) == ["adapter_config.json", "adapter_model.safetensors"]

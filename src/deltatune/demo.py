@@ -27,7 +27,9 @@ def main(argv: list[str] | None = None) -> int:
         prog="deltatune demo", description=__doc__, formatter_class=HelpFormatter
     )
     parser.add_argument("--steps", type=int, default=30, help="training steps")
-    parser.add_argument("--out", default=None, help="where to save the adapter (default: a temp folder)")
+    parser.add_argument(
+        "--out", default=None, help="where to keep the adapter (default: a temp folder, removed at the end)"
+    )
     args = parser.parse_args(argv)
     if args.steps < 1:
         parser.error(f"--steps must be at least 1, got {args.steps}")
@@ -39,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from deltatune import LoraConfig, PeftModel, get_peft_model
+    from deltatune import LoraConfig, get_peft_model
 
     torch.manual_seed(0)
     path = minilm_path()
@@ -72,14 +74,28 @@ def main(argv: list[str] | None = None) -> int:
     model.eval()
     with torch.no_grad():
         logits = model(**batch).logits
-    out = args.out or tempfile.mkdtemp(prefix="deltatune-demo-")
+    if args.out is not None:
+        _save_reload_merge(model, batch, labels, logits, path, args.out, kept=True)
+    else:
+        with tempfile.TemporaryDirectory(prefix="deltatune-demo-") as out:
+            _save_reload_merge(model, batch, labels, logits, path, out, kept=False)
+    return 0
+
+
+def _save_reload_merge(model, batch, labels, logits, path: str, out: str, *, kept: bool) -> None:
+    """Steps 3-5: save the adapter to `out`, reload it onto a fresh base, merge it; each compared to `logits`."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from deltatune import PeftModel
+
     model.save_pretrained(out)
     size = sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out))
+    where = out if kept else f"a temp folder ({out}, removed at the end; --out FOLDER keeps it)"
     print(
-        f"3. saved the adapter to {out} ({size / 1024:.0f} KiB; the base model is "
-        f"{os.path.getsize(os.path.join(path, 'model.safetensors')) / 2**20:.0f} MiB)"
+        f"3. saved the adapter to {where}: {size / 1024:.0f} KiB; the base model is "
+        f"{os.path.getsize(os.path.join(path, 'model.safetensors')) / 2**20:.0f} MiB"
     )
-
     reloaded = PeftModel.from_pretrained(
         AutoModelForSequenceClassification.from_pretrained(path, num_labels=2), out
     )
@@ -96,4 +112,3 @@ def main(argv: list[str] | None = None) -> int:
     )
     accuracy = (merged_logits.argmax(-1) == labels).float().mean().item()
     print(f"   training-set accuracy of the merged model: {accuracy:.0%}")
-    return 0
