@@ -270,6 +270,22 @@ def _fit_max_length(config: TrainConfig) -> TrainConfig:
     return dataclasses.replace(config, max_length=longest)
 
 
+def _finished(out: str) -> str:
+    """For the 'nothing to resume' error: that the run in `out` already ended, as its summary.json says."""
+    try:
+        with open(os.path.join(out, "summary.json"), encoding="utf-8") as f:
+            summary = json.load(f)
+        status, steps = summary["status"], summary.get("steps")
+    except (OSError, ValueError, TypeError, KeyError):
+        return ""
+    if status != "completed":
+        return ""
+    return (
+        f"; the run there completed ({steps} steps, summary.json): its adapter is in "
+        f"{os.path.join(out, 'adapter')!r}; to train more, start a new run (save_every keeps checkpoints)"
+    )
+
+
 def _prepare_output(
     out: str, config: TrainConfig, ctx: Context, *, resume: bool, overwrite: bool
 ) -> str | None:
@@ -282,6 +298,7 @@ def _prepare_output(
         if resume_dir is None:
             raise TrainingError(
                 f"nothing to resume: no complete checkpoint in {os.path.join(out, 'checkpoints')!r}"
+                + _finished(out)
             )
     elif found and not overwrite:
         raise ConfigError(
