@@ -227,6 +227,7 @@ def test_one_model_can_be_retrieved_as_openais_client_does(one_slot):
         http_client=httpx.Client(trust_env=False),
     )
     listed = {m.id: m for m in oai.models.list()}
+    time.sleep(1.05)  # `created` was the time of each request: a second later the two differed
     for name in (BASE, "alpha", "beta"):
         model = oai.models.retrieve(name)
         assert model == listed[name] and model.id == name

@@ -311,8 +311,12 @@ def create_app(
     async def prometheus():
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    def card(name: str, created: int, loaded: set[str]) -> dict[str, Any]:
-        """One model as OpenAI lists it: the base, or an adapter (with its `parent`)."""
+    registered: dict[str, int] = {}  # a model's `created`: when this server first listed it, then the same
+
+    def card(name: str, now: int, loaded: set[str]) -> dict[str, Any]:
+        """One model as OpenAI lists it: the base, or an adapter (with its `parent`). `created` is stable: a
+        listing and a retrieval of the same model agree (it was the time of each request)."""
+        created = registered.setdefault(name, now)
         if name == engine.base_name:
             return {
                 "id": name,
@@ -345,11 +349,13 @@ def create_app(
     @app.post("/v1/adapters")
     async def load_adapter(req: AdapterRequest):
         loaded = await run_in_threadpool(engine.load, req.name, req.path)
+        registered[req.name] = int(time.time())  # registered (again) now
         return {"id": req.name, "object": "model", "parent": engine.base_name, "loaded": loaded}
 
     @app.delete("/v1/adapters/{name}")
     async def unload_adapter(name: str):
         await run_in_threadpool(engine.unload, name)
+        registered.pop(name, None)
         return {"id": name, "object": "model", "deleted": True}
 
     @app.post("/v1/completions")
