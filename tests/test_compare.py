@@ -225,7 +225,7 @@ def test_memory_estimate_against_the_measured_peak_on_the_default_model(tmp_path
     """`deltatune estimate`'s formula against the peak RSS that `compare` measures on the embedded MiniLM: the
     estimate is a floor under the measured peak (the process adds its own overhead: the memory-mapped checkpoint,
     tokenizer, allocator), and the difference between full fine-tuning and LoRA (gradients, AdamW states and the
-    activations below the first adapted layer) is predicted within the RSS's run-to-run noise (see below)."""
+    activations below the first adapted layer) is predicted within 30%."""
     out = tmp_path / "out"
     assert (
         compare.main(
@@ -253,8 +253,7 @@ def test_memory_estimate_against_the_measured_peak_on_the_default_model(tmp_path
         assert r["memory_estimate_mb"] < used[r["method"]] < r["memory_estimate_mb"] + 500
     full, lora = results["methods"]
     predicted = full["memory_estimate_mb"] - lora["memory_estimate_mb"]
-    # A process's peak RSS moves by up to ~130 MB from run to run on an AMX Xeon (LoRA's here: 401 MB in two runs,
-    # 534 MB in a third), a third of the ~330 MB difference: 0.78-1.35 seen. An estimate without AdamW's two
-    # states (86 of its 259 MB left) would give 0.26-0.45 on those runs.
-    assert 0.6 < predicted / (used["full"] - used["lora"]) < 1.5, (predicted, used)
+    # 0.78 here run alone; in the full suite it was 1.35-1.53 while the peaks were ru_maxrss, which included the
+    # test session's own size (see test_train's test of peak_memory_mb)
+    assert 0.7 < predicted / (used["full"] - used["lora"]) < 1.3, (predicted, used)
     assert "overhead MB" in (out / "report.md").read_text()

@@ -587,3 +587,22 @@ def test_an_nf4_base_without_bitsandbytes_is_a_config_error_before_any_model_loa
         with pytest.raises(ConfigError, match=re.escape(f"{key}: {message}")):
             load_train_config(None, overrides)
     load_train_config(None, ["method=qlora-int8"])  # needs nothing more
+
+
+def test_a_runs_peak_memory_is_its_own_not_the_process_that_started_it():
+    """`compare` starts one process per method: their peak was `ru_maxrss`, which on Linux keeps the starting
+    process's peak across exec, so started from a test session (or a notebook) every method's 'peak' was at
+    least that process's size (LoRA's came out at 534-628 MB in the full suite, 401 MB alone)."""
+    import subprocess
+    import sys
+
+    ballast = bytearray(1536 * 2**20)
+    ballast[::4096] = b"\1" * len(range(0, len(ballast), 4096))  # touched: resident
+    code = "import torch; from deltatune.train.loop import peak_memory_mb; print(peak_memory_mb(torch.device('cpu')))"
+    child = float(
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    )
+    del ballast
+    assert 20 < child < 1024, (
+        child
+    )  # torch and deltatune imported: a few hundred MB, not the parent's 1.5 GB+

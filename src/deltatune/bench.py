@@ -27,7 +27,6 @@ import ctypes
 import gc
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -369,14 +368,9 @@ def _reset_peak(device: str) -> bool:
 def _peak_mb(device: str) -> float:
     if device == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    from deltatune.train.loop import peak_rss_mb
+
+    return peak_rss_mb()
 
 
 def _timed(step, device: str) -> float:

@@ -606,7 +606,22 @@ def peak_memory_mb(device: torch.device) -> float:
     """Peak memory of this process: allocated CUDA memory on GPU, peak RSS on CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    return peak_rss_mb()
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set size: VmHWM, its own since it started (or since writing 5 to
+    /proc/self/clear_refs). Not `ru_maxrss` where VmHWM can be read: on Linux exec keeps the larger of the two
+    processes' peaks, so a run started by a large process (a notebook, a test session: `compare` starts one
+    process per method) reported that process's size as its own peak."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 _OPEN: list[_Metrics] = []  # runs whose trackers are open: `close_trackers` ends them if the run crashes
