@@ -241,13 +241,13 @@ def main(argv: list[str] | None = None) -> int:
     shape = Shape.from_params(args.params, args.hidden, args.layers, args.heads)
     if shape.hidden % shape.heads:
         parser.error(f"--heads {shape.heads} doesn't divide the hidden size {shape.hidden}")
-    ranked = [m for m in (registry.names() if args.method == "all" else [args.method]) if _uses_rank(m)]
+    methods = registry.names() if args.method == "all" else [args.method]
+    ranked = [m for m in methods if _uses_rank(m)]
     if ranked and args.r > shape.hidden:
         parser.error(
             f"--r {args.r} is larger than the hidden size {shape.hidden}: a LoRA update's rank is at most the "
             "smaller side of the matrix it adapts"
         )
-    methods = registry.names() if args.method == "all" else [args.method]
     rows = []
     for method in methods:
         # With every method listed, a quantized base applies to those that can train on one (and don't set
@@ -281,7 +281,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps([asdict(r) for r in rows], indent=2))
         return 0
-    shape = Shape.from_params(args.params, args.hidden, args.layers, args.heads)
     print(
         f"{args.params:.3g} parameters (hidden {shape.hidden}, {shape.layers} blocks, {shape.heads} heads); "
         f"{args.precision}-bit training, batch {args.batch} x {args.seq} tokens, "

@@ -172,17 +172,20 @@ def _parse_json(text: str, where: str) -> Any:
         raise DataError(f"{where}: not usable JSON ({str(e).split(';')[0]})") from e
     except RecursionError as e:
         raise DataError(f"{where}: not usable JSON (it nests too deeply)") from e
-    if (
-        "\\u" in text
-    ):  # an escaped lone surrogate parses, but is no character: Arrow and tokenizers fail on it
-        try:
-            json.dumps(value, ensure_ascii=False).encode("utf-8")
-        except UnicodeEncodeError as e:
-            raise DataError(
-                f"{where}: a \\u escape stands for half of a UTF-16 surrogate pair ({e.object[e.start]!r}), "
-                "which is not a character; fix the line"
-            ) from e
+    if "\\u" in text:
+        _refuse_lone_surrogates(value, where)
     return value
+
+
+def _refuse_lone_surrogates(value: Any, where: str) -> None:
+    """An escaped lone surrogate (`\\ud800`) parses, but is no character: Arrow and tokenizers fail on it."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise DataError(
+            f"{where}: a \\u escape stands for half of a UTF-16 surrogate pair ({e.object[e.start]!r}), "
+            "which is not a character; fix the line"
+        ) from e
 
 
 def _read_json(path: str, fields: Fields, offset: int = 0, number: int = 0) -> Iterator:
@@ -196,7 +199,7 @@ def _read_json(path: str, fields: Fields, offset: int = 0, number: int = 0) -> I
     except (ValueError, RecursionError):
         data = _parse_json(text, path)  # raises, naming the file
     if "\\u" in text:
-        _parse_json(text, path)  # a lone surrogate anywhere
+        _refuse_lone_surrogates(data, path)  # anywhere in the file (it is parsed once)
     if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
         raise DataError(f"{path}: expected a JSON list of objects (or one object per line)")
     for i in range(offset, len(data)):
