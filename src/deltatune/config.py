@@ -106,9 +106,8 @@ def _type_ok(value: Any, hint: Any) -> bool:
     return True  # Any, or a type this checker doesn't know
 
 
-MAX_CONFIG_FLOAT = (
-    1e6  # no float of any method's config means anything beyond this (alpha, dropout, eps, ...)
-)
+# No float of any method's config means anything beyond this (alpha, dropout, eps, ...).
+MAX_CONFIG_FLOAT = 1e6
 MAX_CONFIG_INT = 2**63 - 1  # what a tensor index or a seed can hold
 
 
