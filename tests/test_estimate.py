@@ -118,9 +118,9 @@ def test_a_bare_small_number_is_refused_with_the_unit_it_lacks(text, capsys):
     [
         (
             ["--r", "1000000000"],
-            "--r 1000000000 is larger than the hidden size 4224: a LoRA update's rank is at most",
+            "--r 1000000000 is larger than the hidden size 4096: a LoRA update's rank is at most",
         ),
-        (["--method", "all", "--r", str(10**23)], f"--r {10**23} is larger than the hidden size 4224"),
+        (["--method", "all", "--r", str(10**23)], f"--r {10**23} is larger than the hidden size 4096"),
         (["--params", "1e30"], "--params 1e+30 is beyond any model"),
         (["--hidden", "7", "--heads", "3"], "--heads 3 doesn't divide the hidden size 7"),
         (["--batch", "0"], "--batch must be a positive number, got 0"),
@@ -140,3 +140,109 @@ def test_absurd_sizes_are_refused_in_one_line(argv, message, capsys):
     with pytest.raises(SystemExit):  # and --method full, which has no rank, still checks the rest
         cli.main(["estimate", "--params", "1e30", "--method", "full"])
     assert "beyond any model" in capsys.readouterr().err
+
+
+# Each released model's parameter count as published: GGUF `general.parameter_count` / PyTorch's count of the
+# weights, or the Hugging Face API's `safetensors.total` (Llama-2-70B: it adds 5,120 saved rotary buffers).
+PUBLISHED_COUNTS = {
+    "Llama-2-7B": 6_738_415_616,
+    "Llama-2-13B": 13_015_864_320,
+    "Llama-2-70B": 68_976_653_312,
+    "Llama-3-8B": 8_030_261_248,
+    "Llama-3.2-1B": 1_235_814_400,
+    "Llama-3.2-3B": 3_212_749_824,
+    "Mistral-7B-v0.1": 7_241_732_096,
+    "Qwen2.5-0.5B": 494_032_768,
+    "Qwen2.5-1.5B": 1_543_714_304,
+    "Qwen2.5-3B": 3_085_938_688,
+    "Qwen2.5-7B": 7_615_616_512,
+    "Qwen2.5-14B": 14_770_033_664,
+    "Qwen2.5-32B": 32_763_876_352,
+    "Qwen2.5-72B": 72_706_203_648,
+}
+
+
+def test_each_released_shape_counts_the_parameters_its_model_has():
+    """A wrong number in the table (a hidden size, a kv-head count, a vocabulary) moves the count off."""
+    from deltatune.estimate import PUBLISHED
+
+    assert [m.name for m in PUBLISHED] == list(PUBLISHED_COUNTS)
+    for model in PUBLISHED:
+        assert model.params == pytest.approx(PUBLISHED_COUNTS[model.name], rel=1e-6), model.name
+        assert model.hidden % model.heads == 0 and model.heads % model.kv_heads == 0, model.name
+
+
+@pytest.mark.parametrize(
+    ("text", "name", "hidden", "layers", "heads"),
+    [
+        ("7b", "Llama-2-7B", 4096, 32, 32),
+        ("13b", "Llama-2-13B", 5120, 40, 40),
+        ("70b", "Llama-2-70B", 8192, 80, 64),
+        ("8b", "Llama-3-8B", 4096, 32, 32),
+        ("1b", "Llama-3.2-1B", 2048, 16, 32),
+        ("3b", "Llama-3.2-3B", 3072, 28, 24),
+        ("0.5b", "Qwen2.5-0.5B", 896, 24, 14),
+        ("1.5B", "Qwen2.5-1.5B", 1536, 28, 12),
+        ("14b", "Qwen2.5-14B", 5120, 48, 40),
+        ("32b", "Qwen2.5-32B", 5120, 64, 40),
+        ("72b", "Qwen2.5-72B", 8192, 80, 64),
+        ("7000m", "Llama-2-7B", 4096, 32, 32),
+        ("7.24b", "Mistral-7B-v0.1", 4096, 32, 32),  # no size of that name: the nearest count
+        ("7.6b", "Qwen2.5-7B", 3584, 28, 28),
+        ("6.9b", "Llama-2-7B", 4096, 32, 32),
+        ("1.3e9", "Llama-3.2-1B", 2048, 16, 32),
+        ("11.4b", "Llama-2-13B", 5120, 40, 40),  # 13.02e9 is 14.2% above
+    ],
+)
+def test_a_size_takes_the_shape_of_the_released_model_of_that_size(text, name, hidden, layers, heads):
+    """`--params 7b` assumed hidden 4224, 33 blocks, 33 heads, which no model has."""
+    from deltatune.estimate import Shape, param_count
+
+    shape = Shape.from_params(param_count(text))
+    assert (shape.published.name, shape.hidden, shape.layers, shape.heads) == (name, hidden, layers, heads)
+    assert shape.params == param_count(text)  # the count stays the one given
+
+
+@pytest.mark.parametrize(
+    ("params", "hidden", "layers", "heads"),
+    [(175e9, 12288, 96, 96), (125e6, 1152, 9, 9), (20e9, 6016, 47, 47), (11.2e9, 4864, 38, 38)],
+)
+def test_a_size_no_released_model_is_near_keeps_the_aspect_ratio(params, hidden, layers, heads):
+    """The shapes from before the table; 11.2e9: Llama-2-13B's 13.02e9 is 16% above it, Llama-3-8B's 8.03e9
+    further below."""
+    from deltatune.estimate import Shape
+
+    shape = Shape.from_params(params)
+    assert (shape.published, shape.hidden, shape.layers, shape.heads) == (None, hidden, layers, heads)
+
+
+def test_a_shape_flag_turns_the_released_shapes_off():
+    from deltatune.estimate import Shape
+
+    assert Shape.from_params(7e9, heads=64) == Shape(7e9, 4224, 33, 64)
+    assert Shape.from_params(7e9, layers=8) == Shape(7e9, 4224, 8, 33)
+    assert Shape.from_params(7e9, hidden=2048) == Shape(7e9, 2048, 16, 16)
+    assert estimate(7e9, "lora", hidden=64, layers=2, heads=4).trainable == 2 * 2 * 8 * 2 * 64
+
+
+def test_the_estimate_and_its_header_use_the_released_shape(capsys):
+    from deltatune import cli
+
+    assert estimate(7e9, "lora").trainable == 32 * 2 * 8 * 2 * 4096  # Llama-2-7B's 32 blocks of 4096
+    per_block = 2048 * 4096 * (34 + 5 * 32 * 2048 / 4096)
+    assert estimate(7e9, "full").activations_gb == pytest.approx((32 * 2 * 2048 * 4096 + per_block) / 1e9)
+    assert cli.main(["estimate", "--params", "7b", "--method", "lora"]) == 0
+    header = capsys.readouterr().out.splitlines()[0]
+    assert header.startswith(
+        "7e+09 parameters (the shape of Llama-2-7B, which has 6.74e+09: hidden 4096, 32 blocks, 32 heads); "
+    )
+    assert cli.main(["estimate", "--params", "175e9", "--method", "lora"]) == 0
+    assert capsys.readouterr().out.startswith("1.75e+11 parameters (hidden 12288, 96 blocks, 96 heads); ")
+
+
+def test_the_rank_check_applies_to_the_methods_whose_count_the_rank_changes():
+    from deltatune.estimate import _uses_rank
+    from deltatune.methods import registry
+
+    ranked = {m for m in registry.names() if _uses_rank(m)}
+    assert ranked == {"lora", "dora", "lora-plus", "qlora-nf4", "qlora-int8"}

@@ -11,6 +11,10 @@ size that means. Every term is stated, so the number can be checked by hand:
   with gradient checkpointing only each block's input (`2*s*b*h`) plus one block's worth are kept. Only
   blocks that gradients pass through count (top-layer fine-tuning stops at its first trained block).
 
+The shape (hidden size, blocks, heads) comes from `--hidden/--layers/--heads`, or when none is given from the
+released model `--params` names (7b: Llama-2-7B; 8b: Llama-3-8B; 0.5b: Qwen2.5-0.5B; ...) or whose parameter
+count is within 15% of it, or else from a GPT-3-like aspect ratio.
+
 With the article's assumptions (16-bit weights, gradients and Adam states; checkpointing; batch 1 at
 GPT-3's 2048-token context) GPT-3 175B needs ~1.4 TB for full fine-tuning (~18 A100-80GB) and ~183 GB
 with LoRA on an 8-bit base (~3 of them).
@@ -30,20 +34,83 @@ BASE_BYTES = {"16": 2.0, "32": 4.0, "int8": 1.0, "nf4": 0.5 + 1 / 64 + 4 / (64 *
 GB = 1e9
 
 
+@dataclass(frozen=True)
+class Published:
+    """A released model's shape, as its `config.json` gives it (all are Llama-like: RoPE, a gated MLP, RMSNorm)."""
+
+    name: str
+    nominal: float  # the size its name says: 7e9 for Llama-2-7B
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    intermediate: int
+    vocab: int
+    tied: bool = False  # the output layer is the embedding matrix
+    qkv_bias: bool = False
+
+    @property
+    def params(self) -> int:
+        """Its parameter count from the shape: the embeddings (and the output layer, unless tied); per block q and o
+        (h x h), k and v (h x kv_heads*head_dim, with their biases where it has them), the gated MLP's three
+        matrices and two norms; the final norm."""
+        h, kv = self.hidden, self.kv_heads * (self.hidden // self.heads)
+        attention = 2 * h * h + 2 * h * kv + (h + 2 * kv if self.qkv_bias else 0)
+        block = attention + 3 * h * self.intermediate + 2 * h
+        return self.vocab * h * (1 if self.tied else 2) + self.layers * block + h
+
+
+# The published configs (huggingface.co/<org>/<name>/blob/main/config.json). For a size several share, the first
+# listed is the one `--params <size>` means: 7b is Llama-2-7B, 3b Llama-3.2-3B.
+PUBLISHED = (
+    Published("Llama-2-7B", 7e9, 4096, 32, 32, 32, 11008, 32000),
+    Published("Llama-2-13B", 13e9, 5120, 40, 40, 40, 13824, 32000),
+    Published("Llama-2-70B", 70e9, 8192, 80, 64, 8, 28672, 32000),
+    Published("Llama-3-8B", 8e9, 4096, 32, 32, 8, 14336, 128256),
+    Published("Llama-3.2-1B", 1e9, 2048, 16, 32, 8, 8192, 128256, tied=True),
+    Published("Llama-3.2-3B", 3e9, 3072, 28, 24, 8, 8192, 128256, tied=True),
+    Published("Mistral-7B-v0.1", 7e9, 4096, 32, 32, 8, 14336, 32000),
+    Published("Qwen2.5-0.5B", 0.5e9, 896, 24, 14, 2, 4864, 151936, tied=True, qkv_bias=True),
+    Published("Qwen2.5-1.5B", 1.5e9, 1536, 28, 12, 2, 8960, 151936, tied=True, qkv_bias=True),
+    Published("Qwen2.5-3B", 3e9, 2048, 36, 16, 2, 11008, 151936, tied=True, qkv_bias=True),
+    Published("Qwen2.5-7B", 7e9, 3584, 28, 28, 4, 18944, 152064, qkv_bias=True),
+    Published("Qwen2.5-14B", 14e9, 5120, 48, 40, 8, 13824, 152064, qkv_bias=True),
+    Published("Qwen2.5-32B", 32e9, 5120, 64, 40, 8, 27648, 152064, qkv_bias=True),
+    Published("Qwen2.5-72B", 72e9, 8192, 80, 64, 8, 29568, 152064, qkv_bias=True),
+)
+MATCH_TOLERANCE = 0.15  # a released model's count within 15% of --params lends its shape
+
+
+def published_model(params: float) -> Published | None:
+    """The released model a parameter count names: the first whose size it is (7e9: Llama-2-7B), else the one
+    whose count is nearest, if within `MATCH_TOLERANCE` of it; None when none is."""
+    if not params > 0:
+        return None
+    for model in PUBLISHED:
+        if math.isclose(params, model.nominal, rel_tol=1e-9):
+            return model
+    nearest = min(PUBLISHED, key=lambda m: abs(math.log(m.params / params)))
+    return nearest if abs(nearest.params - params) <= MATCH_TOLERANCE * params else None
+
+
 @dataclass
 class Shape:
-    """A transformer's size; when only the parameter count is known, a GPT-3-like aspect ratio is assumed
-    (params ~ 12*L*h^2 with L = h/128 and h/128 heads)."""
+    """A transformer's size. When only the parameter count is known it is the shape of the released model that
+    count names (`published_model`), or else a GPT-3-like aspect ratio (params ~ 12*L*h^2 with L = h/128 and
+    h/128 heads); a hidden size, block count or head count given turns the released shapes off."""
 
     params: float
     hidden: int
     layers: int
     heads: int
+    published: Published | None = None  # the released model whose shape this is
 
     @classmethod
     def from_params(
         cls, params: float, hidden: int | None = None, layers: int | None = None, heads: int | None = None
     ) -> Shape:
+        if hidden is None and layers is None and heads is None and (model := published_model(params)):
+            return cls(params, model.hidden, model.layers, model.heads, model)
         h = hidden or int(round((params * 128 / 12) ** (1 / 3) / 128) * 128) or 128
         n_layers = layers or max(1, h // 128)
         return cls(params, h, n_layers, heads or max(1, h // 128))
@@ -179,6 +246,12 @@ def param_count(text: str) -> float:
     return count
 
 
+def _shape_source(shape: Shape) -> str:
+    """Whose shape the estimate assumed, for the header ("" for a shape given or from the aspect ratio)."""
+    model = shape.published
+    return f"the shape of {model.name}, which has {model.params:.3g}: " if model else ""
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="deltatune estimate",
@@ -186,7 +259,12 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=HelpFormatter,
     )
     parser.add_argument(
-        "--params", type=param_count, required=True, help="parameter count, e.g. 7b, 125m, 1.3e9 or 175e9"
+        "--params",
+        type=param_count,
+        required=True,
+        help="parameter count, e.g. 7b, 125m, 1.3e9 or 175e9. Unless --hidden, --layers or --heads is given, the "
+        "shape is that of the released model of that size (7b: Llama-2-7B, 8b: Llama-3-8B, 0.5b: Qwen2.5-0.5B, ...) "
+        "or with a count within 15%% of it, else a GPT-3-like one",
     )
     parser.add_argument(
         "--method",
@@ -211,9 +289,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq", type=int, default=2048, help="tokens per sequence")
     parser.add_argument("--no-checkpointing", action="store_true", help="keep every activation")
     parser.add_argument("--gpu-mem", type=float, default=80.0, help="GB per GPU (80: A100-80GB)")
-    parser.add_argument("--hidden", type=int, default=None, help="hidden size (default: from --params)")
-    parser.add_argument("--layers", type=int, default=None, help="blocks (default: from --params)")
-    parser.add_argument("--heads", type=int, default=None, help="attention heads (default: from --params)")
+    parser.add_argument(
+        "--hidden",
+        type=int,
+        default=None,
+        help="hidden size (default: see --params)",
+    )
+    parser.add_argument(
+        "--layers",
+        type=int,
+        default=None,
+        help="blocks (default: see --params)",
+    )
+    parser.add_argument(
+        "--heads",
+        type=int,
+        default=None,
+        help="attention heads (default: see --params)",
+    )
     parser.add_argument("--json", action="store_true", help="print the estimates as JSON")
     args = parser.parse_args(argv)
     for name in (
@@ -282,7 +375,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps([asdict(r) for r in rows], indent=2))
         return 0
     print(
-        f"{args.params:.3g} parameters (hidden {shape.hidden}, {shape.layers} blocks, {shape.heads} heads); "
+        f"{args.params:.3g} parameters ({_shape_source(shape)}hidden {shape.hidden}, {shape.layers} blocks, "
+        f"{shape.heads} heads); "
         f"{args.precision}-bit training, batch {args.batch} x {args.seq} tokens, "
         f"{'no ' if args.no_checkpointing else ''}gradient checkpointing"
         f"{', base ' + args.quantize + ' for LoRA/adapters' if args.quantize else ''}"
