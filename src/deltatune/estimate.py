@@ -289,24 +289,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq", type=int, default=2048, help="tokens per sequence")
     parser.add_argument("--no-checkpointing", action="store_true", help="keep every activation")
     parser.add_argument("--gpu-mem", type=float, default=80.0, help="GB per GPU (80: A100-80GB)")
-    parser.add_argument(
-        "--hidden",
-        type=int,
-        default=None,
-        help="hidden size (default: see --params)",
-    )
-    parser.add_argument(
-        "--layers",
-        type=int,
-        default=None,
-        help="blocks (default: see --params)",
-    )
-    parser.add_argument(
-        "--heads",
-        type=int,
-        default=None,
-        help="attention heads (default: see --params)",
-    )
+    parser.add_argument("--hidden", type=int, default=None, help="hidden size (default: see --params)")
+    parser.add_argument("--layers", type=int, default=None, help="blocks (default: see --params)")
+    parser.add_argument("--heads", type=int, default=None, help="attention heads (default: see --params)")
     parser.add_argument("--json", action="store_true", help="print the estimates as JSON")
     args = parser.parse_args(argv)
     for name in (
