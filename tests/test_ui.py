@@ -122,7 +122,10 @@ def test_api_key_like_serve(runs_dir, monkeypatch, capsys):
     monkeypatch.setenv("DELTATUNE_API_KEY", "from-env")
     monkeypatch.setattr("uvicorn.run", lambda app, **kw: seen.update(app=app, **kw))
     assert ui.main(["--runs", str(runs_dir)]) == 0
-    assert seen["host"] == "127.0.0.1" and TestClient(seen["app"]).get("/api/runs").status_code == 401
+    assert (
+        seen["host"] == "127.0.0.1"
+        and TestClient(seen["app"], base_url="http://127.0.0.1:7860").get("/api/runs").status_code == 401
+    )
     assert capsys.readouterr().out == f"deltatune ui: http://127.0.0.1:7860/  (runs: {runs_dir})\n"
     # a mistyped --runs showed an empty board without a word
     assert ui.main(["--runs", str(runs_dir / "typo")]) == 0
@@ -239,3 +242,43 @@ def test_checkpoint_folders_with_non_ascii_digits_are_not_checkpoints(runs_dir):
         os.makedirs(runs_dir / "good" / "checkpoints" / name)
     found = {r["path"]: r for r in runs.scan(str(runs_dir))}
     assert found["good"]["checkpoints"] == ["step-2", "step-10"]
+
+
+def test_other_sites_pages_cant_launch_jobs_or_rebind_the_board(runs_dir, monkeypatch):
+    """The board launches jobs from POST /api/jobs and had no check of where a request came from: any web page
+    the user opened could POST a `text/plain` body there (no CORS preflight, and `request.json()` doesn't look
+    at the content type), and a page whose name was made to resolve to 127.0.0.1 could read every run."""
+    from deltatune import ui
+
+    seen = {}
+    monkeypatch.setattr("uvicorn.run", lambda app, **kw: seen.update(app=app, **kw))
+    assert ui.main(["--runs", str(runs_dir), "--port", "0"]) == 0
+    started = []
+    monkeypatch.setattr(seen["app"].state.jobs, "start", lambda *a: started.append(a))
+    client = TestClient(seen["app"], base_url="http://127.0.0.1:7860")
+    body = '{"kind": "train", "model": "m", "data": "d.jsonl"}'
+    for headers in (
+        {"Origin": "https://evil.example", "Content-Type": "text/plain"},
+        {"Origin": "null"},
+        {"Origin": "http://127.0.0.1:3000"},  # another local port is another origin
+        {"Sec-Fetch-Site": "cross-site"},
+    ):
+        r = client.post("/api/jobs", content=body, headers=headers)
+        assert r.status_code == 403 and "another site's page was refused" in r.json()["error"], headers
+    assert client.post("/api/jobs/nope/stop", headers={"Origin": "https://evil.example"}).status_code == 403
+    assert started == []
+    # the board's own page (same origin, as a browser sends it) and clients that send no Origin still work
+    ok = client.post("/api/jobs", content="[]", headers={"Origin": "http://127.0.0.1:7860"})
+    assert ok.status_code == 400 and ok.json()["error"] == "the request body must be a JSON object"
+    assert client.post("/api/jobs/nope/stop").status_code == 404
+    # DNS rebinding: the Host header names the attacker's domain; the local names pass, with or without port
+    rebound = client.get("/api/runs", headers={"Host": "evil.example:7860"})
+    assert rebound.status_code == 403 and "is not this board's address" in rebound.json()["error"]
+    for host in ("127.0.0.1:7860", "localhost:7860", "LOCALHOST", "[::1]:7860"):
+        assert client.get("/api/runs", headers={"Host": host}).status_code == 200, host
+    # listening on another address (behind a name the user chose) checks no Host; cross-site POSTs still fail
+    assert ui.main(["--runs", str(runs_dir), "--host", "0.0.0.0", "--port", "0"]) == 0
+    client = TestClient(seen["app"], base_url="http://board.lan:7860")
+    assert client.get("/api/runs").status_code == 200
+    r = client.post("/api/jobs", content=body, headers={"Origin": "https://evil.example"})
+    assert r.status_code == 403

@@ -46,6 +46,7 @@ def board(tmp_path_factory):
     import uvicorn
 
     from deltatune.train import config_from_dict, run
+    from deltatune.ui import LOCAL_HOSTS
     from deltatune.ui.app import create_app
 
     root = tmp_path_factory.mktemp("board")
@@ -89,7 +90,7 @@ def board(tmp_path_factory):
             }
         )
     )
-    app = create_app(paths["runs"])
+    app = create_app(paths["runs"], allowed_hosts=LOCAL_HOSTS)  # the guard `deltatune ui` runs with
     port = _free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)

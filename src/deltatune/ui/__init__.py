@@ -41,6 +41,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _loopback(host: str) -> bool:
+    import ipaddress
+
+    try:
+        return host in LOCAL_HOSTS or ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     import uvicorn
@@ -59,7 +68,10 @@ def main(argv: list[str] | None = None) -> int:
     where = os.path.abspath(args.runs)
     if not os.path.isdir(args.runs):  # a mistyped --runs would show an empty board and say nothing
         where += ": a new folder, so no runs to show yet; runs launched from the board are written there"
-    app = create_app(args.runs, api_key=api_key)
+    # bound to this machine only: refuse a Host header naming anything else (DNS rebinding, see app.py)
+    app = create_app(
+        args.runs, api_key=api_key, allowed_hosts=(*LOCAL_HOSTS, args.host) if _loopback(args.host) else None
+    )
     print(f"deltatune ui: http://{args.host}:{args.port}/  (runs: {where})", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0

@@ -64,6 +64,59 @@ class _KeyGuard:
         return hmac.compare_digest(given, self.key)
 
 
+def _host_name(netloc: str) -> str:
+    """The host of a `Host` header or an origin's `host[:port]`, lower-case, IPv6 without brackets."""
+    netloc = netloc.strip().lower()
+    if netloc.startswith("["):
+        return netloc[1 : netloc.find("]")] if "]" in netloc else netloc
+    return netloc.rpartition(":")[0] if netloc.count(":") == 1 else netloc
+
+
+class _BrowserGuard:
+    """ASGI middleware against other web pages the user's browser opens. The board launches jobs, so:
+
+    - *cross-site requests*: a request that changes something (any method but GET/HEAD/OPTIONS) whose `Origin`
+      is not this board's own (its host:port against the `Host` header; `null` never is), or that the browser marks
+      `Sec-Fetch-Site: cross-site`, gets 403: a page elsewhere could otherwise POST a form or a `text/plain`
+      body, which needs no CORS preflight, to `/api/jobs`;
+    - *DNS rebinding*: with `allowed_hosts` (the command line passes the local names when it binds a local
+      address), a `Host` header naming anything else gets 403: a page on `evil.example` whose name is made to
+      resolve to 127.0.0.1 would otherwise read the board as its own origin.
+
+    Clients that are not browsers (curl, scripts) send neither `Origin` nor a foreign `Host`, and pass.
+    """
+
+    SAFE = (b"GET", b"HEAD", b"OPTIONS")
+
+    def __init__(self, app, allowed_hosts: tuple[str, ...] | None):
+        self.app = app
+        self.allowed = None if allowed_hosts is None else {h.lower().strip("[]") for h in allowed_hosts}
+
+    async def __call__(self, scope, receive, send) -> None:
+        problem = self._problem(scope) if scope["type"] == "http" else None
+        if problem is None:
+            await self.app(scope, receive, send)
+            return
+        await JSONResponse({"error": problem}, status_code=403)(scope, receive, send)
+
+    def _problem(self, scope) -> str | None:
+        headers = dict(scope["headers"])
+        host = headers.get(b"host", b"").decode("latin-1")
+        if self.allowed is not None and _host_name(host) not in self.allowed:
+            return (
+                f"Host {host!r} is not this board's address: open it as http://127.0.0.1:<port>/ or "
+                "http://localhost:<port>/ (start it with --host to listen under another name)"
+            )
+        if scope["method"].encode() in self.SAFE:
+            return None
+        origin = headers.get(b"origin")
+        if headers.get(b"sec-fetch-site") == b"cross-site" or (
+            origin is not None and origin.decode("latin-1").partition("://")[2].lower() != host.lower()
+        ):
+            return "a request from another site's page was refused: use the board's own page"
+        return None
+
+
 async def _json_body(request: Request) -> dict[str, Any] | JSONResponse:
     try:
         body = await request.json()
@@ -74,8 +127,11 @@ async def _json_body(request: Request) -> dict[str, Any] | JSONResponse:
     return body
 
 
-def create_app(runs_dir: str, *, api_key: str | None = None) -> FastAPI:
-    """The UI app over `runs_dir` (created if missing). With `api_key`, every endpoint needs it."""
+def create_app(
+    runs_dir: str, *, api_key: str | None = None, allowed_hosts: tuple[str, ...] | None = None
+) -> FastAPI:
+    """The UI app over `runs_dir` (created if missing). With `api_key`, every endpoint needs it; with
+    `allowed_hosts`, a request's `Host` header must name one of them (see `_BrowserGuard`)."""
     os.makedirs(runs_dir, exist_ok=True)
     root = os.path.realpath(runs_dir)
     jobs = Jobs(root)
@@ -89,6 +145,7 @@ def create_app(runs_dir: str, *, api_key: str | None = None) -> FastAPI:
     app = FastAPI(title="deltatune ui", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.jobs, app.state.playground, app.state.root = jobs, playground, root
     app.add_middleware(_KeyGuard, api_key=api_key)
+    app.add_middleware(_BrowserGuard, allowed_hosts=allowed_hosts)  # added last: runs first
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     def not_found(e: Exception) -> HTTPException:
