@@ -102,3 +102,51 @@ def test_two_process_fsdp_matches_one_process(tmp_path):
     result = torchrun(tmp_path, out, [*args, "batch_size=2", "grad_accum=2", "strategy=fsdp"])
     assert result.returncode == 0, result.stderr[-3000:]
     check_against_one_process(tmp_path, out, args)
+
+
+FAILING_RANK0 = """
+import os, sys
+import deltatune.checkpoint as C
+from deltatune.cli import main
+
+if os.environ["RANK"] == "0":  # rank 0 alone finds output_dir unwritable (the others never look)
+    C.unwritable = lambda out: "rank 0 can't write there"
+sys.exit(main(["train", *sys.argv[1:]]))
+"""
+
+
+def test_when_rank_0_cant_prepare_output_dir_every_rank_ends_with_one_line(tmp_path):
+    """Rank 0 prepares output_dir alone between two barriers; when it failed, rank 1's barrier broke with gloo's
+    'Connection closed by peer' and printed a traceback and 'this is a bug in deltatune' above rank 0's message."""
+    launcher = tmp_path / "fail.py"
+    launcher.write_text(FAILING_RANK0)
+    out = tmp_path / "out"
+    exe = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    cmd = [exe] if os.path.exists(exe) else [sys.executable, "-m", "torch.distributed.run"]
+    args = [*common_args(tmp_path), "batch_size=2", "strategy=ddp", f"output_dir={out}"]
+    cmd += ["--standalone", "--nproc_per_node=2", str(launcher), *args]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    err = result.stderr
+    assert (
+        f"deltatune train: error: output_dir {str(out)!r} can't be written in: rank 0 can't write there"
+        in err
+    )
+    assert f"deltatune train: error: output_dir {str(out)!r} could not be prepared by rank 0" in err
+    assert "this is a bug in deltatune" not in err and "Connection closed by peer" not in err, err[-3000:]
+    assert not os.path.exists(out / "train_config.yaml")
+
+
+def test_a_collective_broken_by_another_ranks_exit_is_one_line_not_a_bug(monkeypatch):
+    """Wherever rank 0 stops with its own error, the ranks waiting for it in a collective get gloo's or NCCL's
+    error: one line saying so, not a traceback and a bug report that bury rank 0's message."""
+    from deltatune.cli import explain
+
+    broken = RuntimeError("[gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:48790")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    message, code = explain(broken)
+    assert code == 1 and message.startswith("rank 1 stopped: another process of this distributed run ended")
+    assert explain(RuntimeError("something else"))[0] is None  # other errors stay bugs
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert explain(broken)[0] is None  # outside a distributed run it is not about a peer

@@ -158,7 +158,30 @@ def explain(error: BaseException) -> tuple[str | None, int]:
         return f"a file is not UTF-8 text ({error}); save it as UTF-8", 2
     if isinstance(error, MemoryError):
         return "out of memory: use a smaller batch_size, max_length or model", 1
+    if _peer_gone(error):
+        return (
+            f"rank {os.environ.get('RANK', '?')} stopped: another process of this distributed run ended (its own "
+            "error, printed by it, says why)",
+            1,
+        )
     return None, 1
+
+
+# What gloo and NCCL say in a collective when another rank's process has exited
+_PEER_GONE = (
+    "Connection closed by peer",
+    "Connection reset by peer",
+    "remote worker crashing",
+    "Broken pipe",
+)
+
+
+def _peer_gone(error: BaseException) -> bool:
+    """A collective that failed because another rank of a `torchrun` run ended (with its own error): not a bug of
+    this rank, whose traceback would bury the real error above it."""
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1 or not isinstance(error, RuntimeError):
+        return False
+    return any(s in str(error) for s in _PEER_GONE)
 
 
 def api_key_from(flag_value: str | None, env_name: str) -> tuple[str | None, str | None]:

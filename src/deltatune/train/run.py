@@ -306,16 +306,27 @@ def _prepare_output(
             "replace it with --overwrite, or set another output_dir"
         )
     ctx.barrier()
+    failed: Exception | None = None
     if ctx.main:
-        if overwrite:
-            for name in found:
-                path = os.path.join(out, name)
-                shutil.rmtree(path) if os.path.isdir(path) else os.unlink(path)
-        if why := checkpoint.unwritable(out):  # a read-only place, /proc, a file on the way: before any work
-            raise ConfigError(f"output_dir {out!r} can't be written in: {why}; set another output_dir")
-        if not resume:  # a resumed run's settings are written once its checkpoint has been taken (loop.train)
-            _write_run_config(out, config)
-    ctx.barrier()
+        try:
+            if overwrite:
+                for name in found:
+                    path = os.path.join(out, name)
+                    shutil.rmtree(path) if os.path.isdir(path) else os.unlink(path)
+            # a read-only place, /proc, a file on the way: before any work
+            if why := checkpoint.unwritable(out):
+                raise ConfigError(f"output_dir {out!r} can't be written in: {why}; set another output_dir")
+            # a resumed run's settings are written once its checkpoint has been taken (loop.train)
+            if not resume:
+                _write_run_config(out, config)
+        except (ConfigError, OSError) as e:
+            failed = e
+    # every rank learns whether rank 0 could prepare the folder (the others waited in a barrier that then broke
+    # with gloo's "Connection closed by peer" and a traceback above rank 0's message)
+    if ctx.any(failed is not None)[0]:
+        if failed is not None:
+            raise failed
+        raise ConfigError(f"output_dir {out!r} could not be prepared by rank 0 (its error says why)")
     return resume_dir
 
 
