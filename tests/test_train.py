@@ -606,3 +606,25 @@ def test_a_runs_peak_memory_is_its_own_not_the_process_that_started_it():
     assert 20 < child < 1024, (
         child
     )  # torch and deltatune imported: a few hundred MB, not the parent's 1.5 GB+
+
+
+def test_print_config_shows_every_setting_as_a_config_that_loads_back_and_trains_nothing(tmp_path, capsys):
+    """The settings were listed only in the source (TrainConfig) and configs/*.yaml; `--print-config` checks them
+    and prints all of them, defaults included, in the form `--config` takes."""
+    from deltatune.train.cli import train_main
+
+    data = classification_data(tmp_path / "d.jsonl", n=8)
+    out = tmp_path / "never"
+    overrides = [f"data={data}", "method=dora", "lr=3e-4", "method_args.r=4", f"output_dir={out}"]
+    assert train_main(["--print-config", *overrides]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("model: embedded:minilm\n") and "\nmethod: dora\n" in printed
+    assert "\nlr: 0.0003\n" in printed and "\n  r: 4\n" in printed and "\nsave_every: 50\n" in printed
+    keys = {line.split(":")[0] for line in printed.splitlines() if line and not line.startswith(" ")}
+    assert keys == {f.name for f in dataclasses.fields(TrainConfig)}  # every setting, not only those given
+    (tmp_path / "printed.yaml").write_text(printed)
+    assert load_train_config(str(tmp_path / "printed.yaml")) == load_train_config(None, overrides)
+    assert not out.exists()  # nothing ran
+    # a bad setting is refused as without it
+    assert train_main(["--print-config", "method=lorax"]) == 2
+    assert "method: unknown 'lorax' (did you mean 'lora'?)" in capsys.readouterr().err

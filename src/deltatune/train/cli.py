@@ -28,6 +28,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
     p.add_argument("--overwrite", action="store_true", help="replace a run already in output_dir")
     p.add_argument(
+        "--print-config",
+        action="store_true",
+        help="check the settings and print all of them (defaults included) as YAML, a file --config takes, "
+        "then exit without training",
+    )
+    p.add_argument(
         "overrides", nargs="*", metavar="key=value", help="settings that replace the config's (e.g. lr=1e-4)"
     )
     return p
@@ -42,10 +48,13 @@ def train_main(argv: list[str]) -> int:
     from deltatune.errors import DeltatuneError
 
     try:
-        from deltatune.train.config import load_train_config
+        from deltatune.train.config import config_yaml, load_train_config
         from deltatune.train.run import run
 
         config = load_train_config(args.config, args.overrides)
+        if args.print_config:
+            print(config_yaml(config), end="")
+            return 0
         summary = run(config, resume=args.resume, overwrite=args.overwrite)
     except (DeltatuneError, OSError) as e:  # one line (also when called directly, as the web board does)
         from deltatune.cli import report

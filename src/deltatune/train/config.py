@@ -177,6 +177,12 @@ class TrainConfig:
 
 
 # ---- loading and validating a config --------------------------------------------------------------------
+def config_yaml(config: TrainConfig) -> str:
+    """Every setting of a config as YAML, a file `--config` takes (`train --print-config`, a run's
+    `train_config.yaml`)."""
+    return yaml.safe_dump(dataclasses.asdict(config), sort_keys=False, allow_unicode=True)
+
+
 def load_train_config(path: str | None = None, overrides: list[str] | None = None) -> TrainConfig:
     """Read a YAML config, apply `key=value` overrides (dotted keys for sections) and validate it in full.
 

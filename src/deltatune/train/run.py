@@ -14,7 +14,6 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import yaml
 from torch import nn
 
 from deltatune import checkpoint, dtypes
@@ -29,6 +28,7 @@ from deltatune.train.config import (
     RUN_FILES,
     TASK_TYPES,
     TrainConfig,
+    config_yaml,
     needs_validation,
     output_dir,
     resolve_dtypes,
@@ -331,8 +331,9 @@ def _prepare_output(
 
 
 def _write_run_config(out: str, config: TrainConfig) -> None:
-    text = yaml.safe_dump(dataclasses.asdict(dataclasses.replace(config, output_dir=out)), sort_keys=False)
-    checkpoint.atomic_write_text(os.path.join(out, "train_config.yaml"), text)
+    checkpoint.atomic_write_text(
+        os.path.join(out, "train_config.yaml"), config_yaml(dataclasses.replace(config, output_dir=out))
+    )
 
 
 def _keep_label_map(path: str, label_map: dict[str, int], ctx: Context, resume_dir: str | None) -> None:
