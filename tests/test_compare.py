@@ -259,3 +259,30 @@ def test_memory_estimate_against_the_measured_peak_on_the_default_model(tmp_path
     # test session's own size (see test_train's test of peak_memory_mb)
     assert 0.7 < predicted / (used["full"] - used["lora"]) < 1.3, (predicted, used)
     assert "overhead MB" in (out / "report.md").read_text()
+
+
+def test_a_second_compare_into_the_same_out_is_refused_while_the_first_runs(tmp_path, capsys, monkeypatch):
+    """Two compares into one --out interleaved their method folders and overwrote each other's results.json."""
+    from deltatune import checkpoint
+
+    model = save_with_tokenizer(bert_cls(num_labels=2), tmp_path / "bert")
+    data = _data(tmp_path / "train.jsonl", 24)
+    ran = []
+    monkeypatch.setattr(compare, "_run_worker", lambda spec, progress: ran.append(spec) or {"status": "failed"})
+    out = tmp_path / "out"
+    out.mkdir()
+    argv = ["--model", model, "--data", data, "--methods", "lora", "--steps", "1", "--no-progress"]
+    first = checkpoint.FolderLock()  # what the compare running there holds
+    assert first.acquire(str(out))
+    capsys.readouterr()  # the model's save
+    try:
+        assert compare.main([*argv, "--out", str(out)]) == 2
+    finally:
+        first.release()
+    assert capsys.readouterr().err == (
+        f"deltatune compare: nothing was run: --out {out} is in use: another deltatune compare is writing there "
+        "now; wait for it to end, or pick another --out\n"
+    )
+    assert ran == [] and os.listdir(out) == []
+    compare.main([*argv, "--out", str(out)])  # free again once the first has ended
+    assert len(ran) == 1 and (out / "results.json").exists()

@@ -628,3 +628,31 @@ def test_print_config_shows_every_setting_as_a_config_that_loads_back_and_trains
     # a bad setting is refused as without it
     assert train_main(["--print-config", "method=lorax"]) == 2
     assert "method: unknown 'lorax' (did you mean 'lora'?)" in capsys.readouterr().err
+
+
+def test_a_second_run_cant_write_into_the_folder_of_a_run_still_training(tmp_path):
+    """Nothing stopped `--overwrite` (or `--resume`, or a new run before the first wrote its config) in the
+    folder of a run still training: the second deleted or interleaved with the live run's files."""
+    from deltatune import checkpoint
+
+    bert = tiny_bert_folder(tmp_path / "bert")
+    data = classification_data(tmp_path / "d.jsonl", n=16)
+    out = tmp_path / "run"
+    args = [f"model={bert}", f"data={data}", "max_steps=2", "batch_size=4", "progress=false", "save_every=1"]
+    run(load_train_config(None, [*args, f"output_dir={out}"]))
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    live = checkpoint.FolderLock()  # the lock a run training there holds
+    assert live.acquire(str(out)) and live.fd is not None
+    try:
+        for extra, flags in (([], {}), ([], {"overwrite": True}), (["max_steps=3"], {"resume": True})):
+            with pytest.raises(ConfigError, match="is in use: another deltatune run is training there now"):
+                run(load_train_config(None, [*args, *extra, f"output_dir={out}"]), **flags)
+        assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before  # nothing removed or rewritten
+    finally:
+        live.release()
+    # once it has ended (its process exits, or it returns), the folder is free again: resume works
+    summary = run(load_train_config(None, [*args, "max_steps=3", f"output_dir={out}"]), resume=True)
+    assert summary["status"] == "completed" and summary["steps"] == 3
+    free = checkpoint.FolderLock()
+    assert free.acquire(str(out)) and free.fd is not None  # the run released its own lock
+    free.release()

@@ -121,6 +121,7 @@ def test_api_key_like_serve(runs_dir, monkeypatch, capsys):
     seen = {}
     monkeypatch.setenv("DELTATUNE_API_KEY", "from-env")
     monkeypatch.setattr("uvicorn.run", lambda app, **kw: seen.update(app=app, **kw))
+    monkeypatch.setattr(ui, "listen_problem", lambda host, port: None)  # 7860 may be taken by a real board
     assert ui.main(["--runs", str(runs_dir)]) == 0
     assert (
         seen["host"] == "127.0.0.1"

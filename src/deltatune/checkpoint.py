@@ -109,6 +109,45 @@ def unwritable(folder: str) -> str | None:
     return None
 
 
+class FolderLock:
+    """An exclusive advisory lock (`flock`) on a folder, held while a run writes into it, so that a second run
+    can't `--overwrite`, `--resume` or write into it meanwhile. The lock lives on the folder itself (no lock
+    file to clean up) and the OS drops it when the process ends, so a run that crashed or was killed leaves no
+    stale lock. Where locks aren't available (no `fcntl`, a file system without them) it does nothing."""
+
+    def __init__(self) -> None:
+        self.fd: int | None = None
+
+    def acquire(self, folder: str) -> bool:
+        """Take the lock on an existing folder (True), or find it held by another process (False)."""
+        try:
+            import fcntl
+        except ImportError:  # not a POSIX system
+            return True
+        try:
+            fd = os.open(folder, os.O_RDONLY)
+        except OSError:
+            return True  # can't be opened: the write check that follows says why
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        except OSError:  # locks not supported there
+            os.close(fd)
+            return True
+        self.release()
+        self.fd = fd
+        return True
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the descriptor drops the lock
+            self.fd = None
+
+    __del__ = release
+
+
 def save_adapter(directory: str, tensors: dict[str, torch.Tensor], config_dict: dict) -> None:
     """Write one adapter directory: weights first, then the config, each atomically."""
     os.makedirs(directory, exist_ok=True)

@@ -644,13 +644,29 @@ class _Progress:
 
 
 def compare(args: argparse.Namespace) -> dict[str, Any]:
-    """Run every method and write the results; returns the results dict."""
+    """Run every method and write the results; returns the results dict. The `--out` folder is locked meanwhile
+    (`checkpoint.FolderLock`): a second compare into it is refused, not interleaved with this one."""
+    from deltatune import checkpoint
+
+    os.makedirs(args.out, exist_ok=True)
+    lock = checkpoint.FolderLock()
+    if not lock.acquire(args.out):
+        raise ConfigError(
+            f"nothing was run: --out {args.out} is in use: another deltatune compare is writing there now; wait "
+            "for it to end, or pick another --out"
+        )
+    try:
+        return _compare(args)
+    finally:
+        lock.release()
+
+
+def _compare(args: argparse.Namespace) -> dict[str, Any]:
     from rich.console import Console
 
     from deltatune.builtin_data import default_eval
 
     console = Console(stderr=True)
-    os.makedirs(args.out, exist_ok=True)
     # What the eval_* numbers are measured on: only ever reported, never used to choose anything.
     eval_data = args.eval_data or (None if args.eval_fraction else default_eval(args.data))
     # Texts for the latency batches (any text of the task does).

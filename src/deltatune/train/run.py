@@ -76,10 +76,11 @@ def run(
     out = output_dir(config)
     created = not os.path.exists(out)
     owned = False  # whether the files in `out` are this run's (so a failure may remove them)
+    lock = checkpoint.FolderLock()  # rank 0 holds it on `out` while the run writes there
     loading = contextlib.ExitStack()  # until the loop's own handler: SIGTERM stops the run where it is
     try:
         loading.enter_context(_terminate_raises())
-        resume_dir = _prepare_output(out, config, ctx, resume=resume, overwrite=overwrite)
+        resume_dir = _prepare_output(out, config, ctx, lock, resume=resume, overwrite=overwrite)
         owned = not resume
         for name in (config.precision, config.base_dtype):
             dtypes.warn_if_slow(name, ctx.device.type)
@@ -199,6 +200,7 @@ def run(
             _remove_failed_run(out, created)
         raise
     finally:
+        lock.release()
         if ctx.world > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
@@ -287,10 +289,16 @@ def _finished(out: str) -> str:
 
 
 def _prepare_output(
-    out: str, config: TrainConfig, ctx: Context, *, resume: bool, overwrite: bool
+    out: str, config: TrainConfig, ctx: Context, lock: checkpoint.FolderLock, *, resume: bool, overwrite: bool
 ) -> str | None:
     if resume and overwrite:
         raise ConfigError("--resume and --overwrite contradict each other; pick one")
+    in_use = ctx.main and os.path.isdir(out) and not lock.acquire(out)
+    if ctx.any(in_use)[0]:  # before anything is read or removed there
+        raise ConfigError(
+            f"output_dir {out!r} is in use: another deltatune run is training there now; wait for it to end "
+            "(or stop it: it saves a checkpoint that --resume continues), or set another output_dir"
+        )
     found = [f for f in RUN_FILES if os.path.exists(os.path.join(out, f))]
     resume_dir = None
     if resume:
@@ -316,6 +324,10 @@ def _prepare_output(
             # a read-only place, /proc, a file on the way: before any work
             if why := checkpoint.unwritable(out):
                 raise ConfigError(f"output_dir {out!r} can't be written in: {why}; set another output_dir")
+            if lock.fd is None and not lock.acquire(
+                out
+            ):  # made just now, and taken by a run started meanwhile
+                raise ConfigError(f"output_dir {out!r} is in use: another deltatune run began training there")
             # a resumed run's settings are written once its checkpoint has been taken (loop.train)
             if not resume:
                 _write_run_config(out, config)
