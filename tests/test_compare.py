@@ -268,7 +268,9 @@ def test_a_second_compare_into_the_same_out_is_refused_while_the_first_runs(tmp_
     model = save_with_tokenizer(bert_cls(num_labels=2), tmp_path / "bert")
     data = _data(tmp_path / "train.jsonl", 24)
     ran = []
-    monkeypatch.setattr(compare, "_run_worker", lambda spec, progress: ran.append(spec) or {"status": "failed"})
+    monkeypatch.setattr(
+        compare, "_run_worker", lambda spec, progress: ran.append(spec) or {"status": "failed"}
+    )
     out = tmp_path / "out"
     out.mkdir()
     argv = ["--model", model, "--data", data, "--methods", "lora", "--steps", "1", "--no-progress"]
