@@ -402,3 +402,50 @@ def _timed_first_chunk(client, model: str) -> float:
             if line.startswith("data: "):
                 return time.monotonic() - t0
     raise AssertionError("no chunk")
+
+
+def test_bound_to_loopback_a_host_header_naming_another_machine_gets_403(files, monkeypatch):  # noqa: F811
+    """DNS rebinding (Ollama's CVE-2024-28224): a page on evil.example whose name resolves to 127.0.0.1 reads the
+    server as its own origin and can use every adapter. Bound to a loopback address, `serve` accepts only this
+    machine's names in `Host`."""
+    from openai import OpenAI
+
+    from deltatune import webguard
+
+    seen: dict = {}
+    _engine_args(monkeypatch)
+    import deltatune.serve.app as app_module
+
+    monkeypatch.setattr(app_module, "create_app", lambda engine, **kw: seen.update(kw) or object())
+    assert serve_main(["--base", files["base"], "--port", "0"]) == 0
+    assert (
+        seen["allowed_hosts"]
+        == webguard.allowed_hosts_for("127.0.0.1")
+        == (*webguard.LOCAL_HOSTS, "127.0.0.1")
+    )
+    assert serve_main(["--base", files["base"], "--host", "127.0.0.2", "--port", "0"]) == 0
+    assert "127.0.0.2" in seen["allowed_hosts"]
+    assert webguard.allowed_hosts_for("0.0.0.0") is None  # listening elsewhere: any name (the API key guards)
+    monkeypatch.undo()
+
+    engine = Engine(files["base"], None, base_name=BASE, device="cpu")
+    server = _Server(create_app(engine, allowed_hosts=webguard.allowed_hosts_for("127.0.0.1")))
+    port = server.url.rsplit(":", 1)[1]
+    try:
+        with _client(server.url, key=None) as client:
+            r = client.get("/v1/models", headers={"Host": f"evil.example:{port}"})
+            assert r.status_code == 403
+            error = r.json()["error"]
+            assert error["code"] == "host_not_allowed" and "is not this server's address" in error["message"]
+            for host in (f"127.0.0.1:{port}", f"localhost:{port}", "localhost"):
+                assert client.get("/v1/models", headers={"Host": host}).status_code == 200, host
+        for base_url in (
+            f"{server.url}/v1",
+            f"http://localhost:{port}/v1",
+        ):  # the official client, as users run it
+            answer = OpenAI(base_url=base_url, api_key="none").completions.create(
+                model=BASE, prompt="w1 w2", max_tokens=2, temperature=0
+            )
+            assert answer.choices[0].finish_reason in ("length", "stop")
+    finally:
+        server.stop()

@@ -274,7 +274,7 @@ def test_other_sites_pages_cant_launch_jobs_or_rebind_the_board(runs_dir, monkey
     assert client.post("/api/jobs/nope/stop").status_code == 404
     # DNS rebinding: the Host header names the attacker's domain; the local names pass, with or without port
     rebound = client.get("/api/runs", headers={"Host": "evil.example:7860"})
-    assert rebound.status_code == 403 and "is not this board's address" in rebound.json()["error"]
+    assert rebound.status_code == 403 and "is not this server's address" in rebound.json()["error"]
     for host in ("127.0.0.1:7860", "localhost:7860", "LOCALHOST", "[::1]:7860"):
         assert client.get("/api/runs", headers={"Host": host}).status_code == 200, host
     # listening on another address (behind a name the user chose) checks no Host; cross-site POSTs still fail

@@ -27,6 +27,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
+from deltatune import webguard
 from deltatune.methods.mixed import BASE
 from deltatune.serve.engine import Engine
 from deltatune.serve.errors import ApiError, redact, shutting_down
@@ -161,16 +162,24 @@ class _Guard:
     the last line: an exception nothing else handled is logged with its traceback here and answered with a
     JSON error, the connection kept."""
 
-    def __init__(self, app, api_key: str | None, max_body_bytes: int):
+    def __init__(
+        self, app, api_key: str | None, max_body_bytes: int, allowed_hosts: tuple[str, ...] | None = None
+    ):
         self.app = app
         self.api_key = api_key.encode() if api_key else None
         self.max_body = max_body_bytes
+        self.allowed = webguard.allowed_set(allowed_hosts)
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         headers = dict(scope["headers"])
+        if problem := webguard.host_problem(headers, self.allowed):  # DNS rebinding (see webguard)
+            await ApiError(403, problem, "host_not_allowed", type_="permission_error").response()(
+                scope, receive, send
+            )
+            return
         if self.api_key is not None and not self._key_ok(headers):
             error = ApiError(
                 401,
@@ -251,6 +260,7 @@ def create_app(
     api_key: str | None = None,
     max_tokens_cap: int = 512,
     max_body_bytes: int = 1 << 20,
+    allowed_hosts: tuple[str, ...] | None = None,
 ) -> FastAPI:
     """The FastAPI app over `engine` (closed when the app shuts down).
 
@@ -259,6 +269,8 @@ def create_app(
         api_key: when set, every endpoint needs `Authorization: Bearer <key>` (or `x-api-key: <key>`).
         max_tokens_cap: the most tokens one completion may ask for.
         max_body_bytes: bigger request bodies are refused with 413 before they are parsed.
+        allowed_hosts: when set, a request's `Host` header must name one of them, else 403 (`deltatune serve`
+            passes this machine's names when it binds a loopback address: see `deltatune.webguard`).
     """
 
     @contextlib.asynccontextmanager
@@ -267,7 +279,7 @@ def create_app(
         await run_in_threadpool(engine.close)
 
     app = FastAPI(title="deltatune serve", lifespan=lifespan)
-    app.add_middleware(_Guard, api_key=api_key, max_body_bytes=max_body_bytes)
+    app.add_middleware(_Guard, api_key=api_key, max_body_bytes=max_body_bytes, allowed_hosts=allowed_hosts)
     metrics = engine.metrics
 
     @app.exception_handler(ApiError)

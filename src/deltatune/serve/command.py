@@ -9,7 +9,7 @@ import math
 import os
 import sys
 
-from deltatune import dtypes
+from deltatune import dtypes, webguard
 
 # Kept here, not in the engine, so that `deltatune serve --help` imports neither torch nor the model code.
 TASKS = {"causal-lm": "CAUSAL_LM", "seq-cls": "SEQ_CLS"}
@@ -157,10 +157,14 @@ def serve_main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as e:
         return fail(str(e))
     freeze_startup_objects()
-    if args.host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
+    if not webguard.is_loopback(args.host) and api_key is None:
         logger.warning("listening on %s without an API key: anyone who can reach it can use it", args.host)
     app = create_app(
-        engine, api_key=api_key, max_tokens_cap=args.max_tokens_cap, max_body_bytes=args.max_body_bytes
+        engine,
+        api_key=api_key,
+        max_tokens_cap=args.max_tokens_cap,
+        max_body_bytes=args.max_body_bytes,
+        allowed_hosts=webguard.allowed_hosts_for(args.host),  # a loopback bind: this machine's names only
     )
     uvicorn.run(
         app,

@@ -17,9 +17,9 @@ import os
 import sys
 
 API_KEY_ENV = "DELTATUNE_API_KEY"
-LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 from deltatune.cli import HelpFormatter, api_key_from, listen_problem  # noqa: E402
+from deltatune.webguard import LOCAL_HOSTS, allowed_hosts_for  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -41,15 +41,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _loopback(host: str) -> bool:
-    import ipaddress
-
-    try:
-        return host in LOCAL_HOSTS or ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     import uvicorn
@@ -68,10 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     where = os.path.abspath(args.runs)
     if not os.path.isdir(args.runs):  # a mistyped --runs would show an empty board and say nothing
         where += ": a new folder, so no runs to show yet; runs launched from the board are written there"
-    # bound to this machine only: refuse a Host header naming anything else (DNS rebinding, see app.py)
-    app = create_app(
-        args.runs, api_key=api_key, allowed_hosts=(*LOCAL_HOSTS, args.host) if _loopback(args.host) else None
-    )
+    # bound to this machine only: refuse a Host header naming anything else (DNS rebinding, see webguard.py)
+    app = create_app(args.runs, api_key=api_key, allowed_hosts=allowed_hosts_for(args.host))
     print(f"deltatune ui: http://{args.host}:{args.port}/  (runs: {where})", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0

@@ -17,6 +17,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 
+from deltatune import webguard
 from deltatune.ui import runs as runs_mod
 from deltatune.ui.jobs import JobError, Jobs
 from deltatune.ui.playground import Playground, PlaygroundError
@@ -64,14 +65,6 @@ class _KeyGuard:
         return hmac.compare_digest(given, self.key)
 
 
-def _host_name(netloc: str) -> str:
-    """The host of a `Host` header or an origin's `host[:port]`, lower-case, IPv6 without brackets."""
-    netloc = netloc.strip().lower()
-    if netloc.startswith("["):
-        return netloc[1 : netloc.find("]")] if "]" in netloc else netloc
-    return netloc.rpartition(":")[0] if netloc.count(":") == 1 else netloc
-
-
 class _BrowserGuard:
     """ASGI middleware against other web pages the user's browser opens. The board launches jobs, so:
 
@@ -90,7 +83,7 @@ class _BrowserGuard:
 
     def __init__(self, app, allowed_hosts: tuple[str, ...] | None):
         self.app = app
-        self.allowed = None if allowed_hosts is None else {h.lower().strip("[]") for h in allowed_hosts}
+        self.allowed = webguard.allowed_set(allowed_hosts)
 
     async def __call__(self, scope, receive, send) -> None:
         problem = self._problem(scope) if scope["type"] == "http" else None
@@ -101,12 +94,9 @@ class _BrowserGuard:
 
     def _problem(self, scope) -> str | None:
         headers = dict(scope["headers"])
+        if problem := webguard.host_problem(headers, self.allowed):
+            return problem
         host = headers.get(b"host", b"").decode("latin-1")
-        if self.allowed is not None and _host_name(host) not in self.allowed:
-            return (
-                f"Host {host!r} is not this board's address: open it as http://127.0.0.1:<port>/ or "
-                "http://localhost:<port>/ (start it with --host to listen under another name)"
-            )
         if scope["method"].encode() in self.SAFE:
             return None
         origin = headers.get(b"origin")

@@ -1,0 +1,52 @@
+"""What the two HTTP servers (`serve`, `ui`) check of a request's `Host` header.
+
+Bound to a loopback address, a server can only be reached from this machine, so a request whose `Host` header
+names another machine comes from a web page that made its own domain name resolve to 127.0.0.1 (DNS
+rebinding): the browser then treats the server as that page's own origin and lets it read the answers. Such
+requests get 403 (as Ollama and Jupyter do); a server listening on another address checks no `Host`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a `--host` value binds this machine only (127.0.0.0/8, ::1, localhost)."""
+    try:
+        return host in LOCAL_HOSTS or ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def allowed_hosts_for(bind_host: str) -> tuple[str, ...] | None:
+    """The `Host` names a server bound to `bind_host` accepts: this machine's, when it binds a loopback address;
+    None (any) otherwise."""
+    return (*LOCAL_HOSTS, bind_host) if is_loopback(bind_host) else None
+
+
+def host_name(netloc: str) -> str:
+    """The host of a `Host` header or an origin's `host[:port]`, lower-case, IPv6 without brackets."""
+    netloc = netloc.strip().lower()
+    if netloc.startswith("["):
+        return netloc[1 : netloc.find("]")] if "]" in netloc else netloc
+    return netloc.rpartition(":")[0] if netloc.count(":") == 1 else netloc
+
+
+def host_problem(headers: dict[bytes, bytes], allowed: frozenset[str] | None) -> str | None:
+    """Why a request's `Host` header is refused (None: accepted, or `allowed` is None)."""
+    if allowed is None:
+        return None
+    host = headers.get(b"host", b"").decode("latin-1")
+    if host_name(host) in allowed:
+        return None
+    return (
+        f"Host {host!r} is not this server's address: it listens on this machine only, so use "
+        "http://127.0.0.1:<port>/ or http://localhost:<port>/ (or start it with --host to listen under another name)"
+    )
+
+
+def allowed_set(hosts: tuple[str, ...] | None) -> frozenset[str] | None:
+    return None if hosts is None else frozenset(h.lower().strip("[]") for h in hosts)
