@@ -228,6 +228,10 @@ def test_a_folder_of_train_runs_serves_each_run_s_adapter_by_the_run_s_name(
     assert engine.registry.failed == {}
     assert _complete(client, "spam-run", "w3 w4", 6) == reference("alpha", "w3 w4", 6)
     assert _complete(client, "poems", "w3 w4", 6) == reference("beta", "w3 w4", 6)
+    shutil.copytree(runs / "poems", runs / "later")  # a run finished after startup: POST /v1/adapters
+    r = client.post("/v1/adapters", json={"name": "later"})
+    assert r.status_code == 200 and r.json()["loaded"] is True, r.text
+    assert _complete(client, "later", "w3 w4", 6) == reference("beta", "w3 w4", 6)
     engine, client = serve(str(runs / "poems"))
     assert engine.adapter_names == ["poems"]
     assert _complete(client, "poems", "w3 w4", 6) == reference("beta", "w3 w4", 6)

@@ -214,6 +214,7 @@ class Registry:
                 "path",
             )
         directory = os.path.join(self.root, rel)
+        directory = _run_adapter(directory) or directory  # a run folder: its adapter/, as at startup
         if not _inside(os.path.realpath(directory), self.root):
             raise ApiError(400, "path leads outside the adapters folder", "invalid_path", "path")
         if not os.path.isfile(os.path.join(directory, CONFIG_NAME)):
