@@ -487,3 +487,15 @@ def test_demo_removes_its_temp_adapter_and_keeps_one_given_out(tmp_path, monkeyp
     assert cli.main(["demo", "--steps", "1", "--out", str(kept)]) == 0
     assert f"3. saved the adapter to {kept}: " in capsys.readouterr().out
     assert sorted(os.listdir(kept)) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
+def test_demo_out_in_a_busy_folder_reports_the_adapters_size(tmp_path, capsys):
+    """`demo --out .` in a folder holding other files reported their size as the adapter's (5178 KiB with a 5 MB
+    file beside it, where the adapter is 295 KiB): the size summed every file in the folder."""
+    (tmp_path / "big.bin").write_bytes(b"x" * 5_000_000)
+    (tmp_path / "sub").mkdir()
+    assert cli.main(["demo", "--steps", "1", "--out", str(tmp_path)]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("3. saved"))
+    adapter = sum(os.path.getsize(tmp_path / f) for f in ("adapter_config.json", "adapter_model.safetensors"))
+    assert f": {adapter / 1024:.0f} KiB;" in line
+    assert adapter < 1_000_000

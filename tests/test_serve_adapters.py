@@ -206,6 +206,37 @@ def test_adapters_pointing_at_one_adapter_folder_serves_it_by_its_name(files, se
     assert _complete(client, "beta", "w3 w4", 6) == reference("beta", "w3 w4", 6)
 
 
+def test_a_folder_of_train_runs_serves_each_run_s_adapter_by_the_run_s_name(
+    files,  # noqa: F811
+    tmp_path,
+    serve,
+    reference,  # noqa: F811
+):
+    """`deltatune serve --adapters runs` (the folder `deltatune train` writes runs into) started with "0 adapters
+    registered (0 failed)" and nothing in /health saying why: each run keeps its adapter in `<run>/adapter`, one
+    level below where the server looked. A run folder is served by its name, from its adapter/ (also as
+    `--adapters runs/NAME`); a run with no adapter yet stays unlisted, as any folder without one."""
+    runs = tmp_path / "runs"
+    for run, source in (("spam-run", "alpha"), ("poems", "beta")):
+        shutil.copytree(os.path.join(files["adapters"], source), runs / run / "adapter")
+        (runs / run / "train_config.yaml").write_text("method: lora\n")
+        (runs / run / "checkpoints").mkdir()
+    (runs / "interrupted" / "checkpoints").mkdir(parents=True)
+    (runs / "interrupted" / "train_config.yaml").write_text("method: lora\n")
+    engine, client = serve(str(runs))
+    assert engine.adapter_names == ["poems", "spam-run"]
+    assert engine.registry.failed == {}
+    assert _complete(client, "spam-run", "w3 w4", 6) == reference("alpha", "w3 w4", 6)
+    assert _complete(client, "poems", "w3 w4", 6) == reference("beta", "w3 w4", 6)
+    shutil.copytree(runs / "poems", runs / "later")  # a run finished after startup: POST /v1/adapters
+    r = client.post("/v1/adapters", json={"name": "later"})
+    assert r.status_code == 200 and r.json()["loaded"] is True, r.text
+    assert _complete(client, "later", "w3 w4", 6) == reference("beta", "w3 w4", 6)
+    engine, client = serve(str(runs / "poems"))
+    assert engine.adapter_names == ["poems"]
+    assert _complete(client, "poems", "w3 w4", 6) == reference("beta", "w3 w4", 6)
+
+
 def _bad_config(folder, source, text: bytes) -> None:
     shutil.copytree(source, folder)
     (folder / "adapter_config.json").write_bytes(text)

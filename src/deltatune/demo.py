@@ -88,9 +88,11 @@ def _save_reload_merge(model, batch, labels, logits, path: str, out: str, *, kep
     from transformers import AutoModelForSequenceClassification
 
     from deltatune import PeftModel
+    from deltatune.checkpoint import CONFIG_NAME, WEIGHTS_NAME
 
     model.save_pretrained(out)
-    size = sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out))
+    # the adapter's own two files: `--out` may be a folder that holds other things too
+    size = sum(os.path.getsize(os.path.join(out, f)) for f in (CONFIG_NAME, WEIGHTS_NAME))
     where = out if kept else f"a temp folder ({out}, removed at the end; --out FOLDER keeps it)"
     print(
         f"3. saved the adapter to {where}: {size / 1024:.0f} KiB; the base model is "

@@ -30,7 +30,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--base", required=True, help="base model folder, hub name or embedded:minilm")
     p.add_argument(
         "--adapters",
-        help="folder whose sub-folders are adapters, each served by its folder name (or one adapter folder)",
+        help="folder whose sub-folders are adapters or `deltatune train` run folders (their adapter/), each "
+        "served by its folder name (or one adapter or run folder)",
     )
     p.add_argument(
         "--base-name", help="the `model` name that selects the base (default: the base folder's name)"
