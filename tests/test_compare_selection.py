@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections import Counter
 
@@ -156,13 +157,25 @@ def _config(out, bert, emails, **overrides):
     return config_from_dict(values | overrides)
 
 
-def test_lr_auto_then_trains_exactly_as_with_the_chosen_rate(tmp_path, bert, emails):
+def test_lr_auto_then_trains_exactly_as_with_the_chosen_rate(tmp_path, bert, emails, caplog):
     """The search puts the weights and the random state back: the real run equals a run given that rate."""
-    auto = run(
-        _config(
-            tmp_path / "auto", bert, emails, lr="auto", lr_search_steps=3, max_steps=4, early_stopping=True
+    with caplog.at_level("INFO"):
+        auto = run(
+            _config(
+                tmp_path / "auto",
+                bert,
+                emails,
+                lr="auto",
+                lr_search_steps=3,
+                max_steps=4,
+                early_stopping=True,
+            )
         )
-    )
+    # each trial's score is reported once, as the validation loss it is (the loop's own line called it eval_loss)
+    lines = [r.getMessage() for r in caplog.records]
+    last_trial = max(i for i, line in enumerate(lines) if line.startswith("lr search: lr "))
+    assert not [line for line in lines[:last_trial] if "eval_loss=" in line]
+    assert logging.getLogger("deltatune.train.loop").level == logging.NOTSET  # put back
     search = auto["lr_search"]
     assert auto["lr_chosen_by"] == "auto" and auto["lr"] == search["lr"]
     assert search["lr"] == min(search["finalists"], key=lambda t: t["val_loss"])["lr"]

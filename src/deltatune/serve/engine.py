@@ -139,11 +139,12 @@ class Engine:
         self.takes_positions = "position_ids" in params
         self.takes_logits_to_keep = "logits_to_keep" in params
         logger.info(
-            "serving %s (%s) on %s, %d adapters registered (%d failed)",
+            "serving %s (%s) on %s, %d adapter%s registered (%d failed)",
             self.base_name,
             self.task,
             self.device,
             len(self.registry.entries),
+            "" if len(self.registry.entries) == 1 else "s",
             len(self.registry.failed),
         )
         kind = (

@@ -106,6 +106,11 @@ def search_lr(
             if on_progress:
                 on_progress({**event, "phase": f"lr search {label}"})
 
+        # the loop's own "step N: eval_loss=..." line would name this validation score an eval score; the
+        # line below reports it
+        loop_logger = logging.getLogger("deltatune.train.loop")
+        level = loop_logger.level
+        loop_logger.setLevel(max(level, logging.WARNING))
         try:
             summary = train_fn(
                 model,
@@ -127,6 +132,8 @@ def search_lr(
             row["train_loss"] = summary.get("train_loss")
         except TrainingError:
             row = {"lr": lr, "val_loss": math.inf, "diverged": True}
+        finally:
+            loop_logger.setLevel(level)
         row["steps"] = length
         logger.info("lr search: lr %.3g, %d steps -> val loss %.4f", lr, length, row["val_loss"])
         return row
