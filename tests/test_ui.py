@@ -275,7 +275,9 @@ def test_other_sites_pages_cant_launch_jobs_or_rebind_the_board(runs_dir, monkey
     # DNS rebinding: the Host header names the attacker's domain; the local names pass, with or without port
     rebound = client.get("/api/runs", headers={"Host": "evil.example:7860"})
     assert rebound.status_code == 403 and "is not this server's address" in rebound.json()["error"]
-    for host in ("127.0.0.1:7860", "localhost:7860", "LOCALHOST", "[::1]:7860"):
+    for bad in ("127.0.0.1.evil.example", "localhost.evil.example:7860", "evil.example#127.0.0.1"):
+        assert client.get("/api/runs", headers={"Host": bad}).status_code == 403, bad
+    for host in ("127.0.0.1:7860", "localhost:7860", "LOCALHOST", "[::1]:7860", ""):
         assert client.get("/api/runs", headers={"Host": host}).status_code == 200, host
     # listening on another address (behind a name the user chose) checks no Host; cross-site POSTs still fail
     assert ui.main(["--runs", str(runs_dir), "--host", "0.0.0.0", "--port", "0"]) == 0

@@ -40,7 +40,7 @@ def host_problem(headers: dict[bytes, bytes], allowed: frozenset[str] | None) ->
     if allowed is None:
         return None
     host = headers.get(b"host", b"").decode("latin-1")
-    if host_name(host) in allowed:
+    if not host or host_name(host) in allowed:  # no Host at all: an HTTP/1.0 tool, never a browser
         return None
     return (
         f"Host {host!r} is not this server's address: it listens on this machine only, so use "
