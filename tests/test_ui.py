@@ -279,9 +279,38 @@ def test_other_sites_pages_cant_launch_jobs_or_rebind_the_board(runs_dir, monkey
         assert client.get("/api/runs", headers={"Host": bad}).status_code == 403, bad
     for host in ("127.0.0.1:7860", "localhost:7860", "LOCALHOST", "[::1]:7860", ""):
         assert client.get("/api/runs", headers={"Host": host}).status_code == 200, host
+    # Chromium opens http://localhost.:7860/ (the absolute name) on this machine and sends it as the Host: the
+    # board's own page, on its own origin (it was refused 403, the page a JSON error)
+    dotted = {"Host": "localhost.:7860", "Origin": "http://localhost.:7860"}
+    assert client.get("/api/runs", headers=dotted).status_code == 200
+    assert client.post("/api/jobs/nope/stop", headers=dotted).status_code == 404
+    for bad in ("localhost..:7860", "evil.example.:7860", "localhost.evil.:7860"):
+        assert client.get("/api/runs", headers={"Host": bad}).status_code == 403, bad
     # listening on another address (behind a name the user chose) checks no Host; cross-site POSTs still fail
     assert ui.main(["--runs", str(runs_dir), "--host", "0.0.0.0", "--port", "0"]) == 0
     client = TestClient(seen["app"], base_url="http://board.lan:7860")
     assert client.get("/api/runs").status_code == 200
     r = client.post("/api/jobs", content=body, headers={"Origin": "https://evil.example"})
     assert r.status_code == 403
+
+
+def test_loopback_hosts_in_any_spelling_keep_the_host_check_and_no_warning(
+    runs_dir, monkeypatch, capsys, caplog
+):
+    """`--host 127.0.0.2` or `LOCALHOST` binds this machine only: it warned 'anyone who can reach it can use it',
+    and `LOCALHOST` turned the DNS-rebinding check off; `--host ::1` printed http://::1:7860/, not a URL."""
+    from deltatune import ui
+
+    seen = {}
+    monkeypatch.setattr("uvicorn.run", lambda app, **kw: seen.update(app=app, **kw))
+    for host in ("127.0.0.2", "LOCALHOST", "::1"):
+        caplog.clear()
+        assert ui.main(["--runs", str(runs_dir), "--host", host, "--port", "7861"]) == 0
+        assert "without an API key" not in caplog.text, host
+        client = TestClient(seen["app"], base_url="http://127.0.0.1:7861")
+        assert client.get("/api/runs", headers={"Host": "evil.example:7861"}).status_code == 403, host
+        assert client.get("/api/runs", headers={"Host": "localhost:7861"}).status_code == 200, host
+    assert "deltatune ui: http://[::1]:7861/" in capsys.readouterr().out
+    caplog.clear()
+    assert ui.main(["--runs", str(runs_dir), "--host", "0.0.0.0", "--port", "7861"]) == 0
+    assert "listening on 0.0.0.0 without an API key" in caplog.text
