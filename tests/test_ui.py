@@ -314,3 +314,43 @@ def test_loopback_hosts_in_any_spelling_keep_the_host_check_and_no_warning(
     caplog.clear()
     assert ui.main(["--runs", str(runs_dir), "--host", "0.0.0.0", "--port", "7861"]) == 0
     assert "listening on 0.0.0.0 without an API key" in caplog.text
+
+
+def test_a_run_training_in_another_process_shows_as_running_without_resume(runs_dir, tmp_path):
+    """A run resumed from a terminal keeps its old summary.json ('interrupted') until it ends: the board listed
+    it as interrupted with a Resume button, whose job then failed with 'output_dir is in use'. The lock that
+    train and compare hold on their folder says it is running."""
+    import subprocess
+    import sys
+
+    stopped = runs_dir / "stopped"
+    _write(stopped / "train_config.yaml", "model: m\nmethod: lora\ndata: d.jsonl\n")
+    _write(stopped / "summary.json", json.dumps({"status": "interrupted", "steps": 2}))
+    os.makedirs(stopped / "checkpoints" / "step-2")
+    old = 1_000_000_000  # not 'recently written' either
+    for p in (stopped, stopped / "train_config.yaml", stopped / "summary.json"):
+        os.utime(p, (old, old))
+    client = TestClient(create_app(str(runs_dir)))
+    info = client.get("/api/run", params={"path": "stopped"}).json()
+    assert (info["status"], info["resumable"]) == ("interrupted", True)
+    holder = subprocess.Popen(  # another process training there: it holds deltatune's own folder lock
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from deltatune.checkpoint import FolderLock; lock = FolderLock(); "
+            "assert lock.acquire(sys.argv[1]); print('locked', flush=True); time.sleep(60)",
+            str(stopped),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert runs.in_use(str(stopped)) and not runs.in_use(str(runs_dir / "good"))
+        assert client.get("/api/run", params={"path": "stopped"}).json()["status"] == "running"
+        listed = {r["name"]: r["status"] for r in client.get("/api/runs").json()["runs"]}
+        assert listed["stopped"] == "running" and listed["good"] == "completed"
+    finally:
+        holder.kill()
+        holder.wait()
+    assert client.get("/api/run", params={"path": "stopped"}).json()["status"] == "interrupted"  # lock gone
