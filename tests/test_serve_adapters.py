@@ -468,8 +468,13 @@ def test_bound_to_loopback_a_host_header_naming_another_machine_gets_403(files, 
             assert r.status_code == 403
             error = r.json()["error"]
             assert error["code"] == "host_not_allowed" and "is not this server's address" in error["message"]
-            for host in (f"127.0.0.1:{port}", f"localhost:{port}", "localhost"):
+            for host in (f"127.0.0.1:{port}", f"localhost:{port}", "localhost", f"localhost.:{port}"):
                 assert client.get("/v1/models", headers={"Host": host}).status_code == 200, host
+            for host in (
+                f"localhost..:{port}",
+                f"evil.example.:{port}",
+            ):  # only a single trailing dot is absolute
+                assert client.get("/v1/models", headers={"Host": host}).status_code == 403, host
         for base_url in (
             f"{server.url}/v1",
             f"http://localhost:{port}/v1",

@@ -656,3 +656,38 @@ def test_a_second_run_cant_write_into_the_folder_of_a_run_still_training(tmp_pat
     free = checkpoint.FolderLock()
     assert free.acquire(str(out)) and free.fd is not None  # the run released its own lock
     free.release()
+
+
+def _sleep_in_child(started, seconds: float) -> None:
+    import time
+
+    started.set()
+    time.sleep(seconds)
+
+
+def test_a_forked_worker_that_outlives_its_run_leaves_no_stale_lock(tmp_path):
+    """Tokenizing with num_proc forks workers while the run holds its folder lock; a run killed with SIGKILL
+    left them running (orphans), and their copies of the lock's descriptor kept the folder 'in use: another
+    deltatune run is training there now' until someone found and killed them."""
+    import multiprocessing
+
+    from deltatune import checkpoint
+
+    folder = str(tmp_path)
+    run_lock = checkpoint.FolderLock()
+    assert run_lock.acquire(folder)
+    fork = multiprocessing.get_context("fork")
+    started = fork.Event()
+    worker = fork.Process(target=_sleep_in_child, args=(started, 60))
+    worker.start()
+    try:
+        assert started.wait(30)
+        other = checkpoint.FolderLock()
+        assert not other.acquire(folder)  # the run itself still holds it
+        run_lock.release()  # the run ends (as its process does at SIGKILL); its forked worker lives on
+        assert worker.is_alive()
+        assert other.acquire(folder) and other.fd is not None  # free: the worker held no copy
+        other.release()
+    finally:
+        worker.kill()
+        worker.join()

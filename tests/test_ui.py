@@ -279,9 +279,78 @@ def test_other_sites_pages_cant_launch_jobs_or_rebind_the_board(runs_dir, monkey
         assert client.get("/api/runs", headers={"Host": bad}).status_code == 403, bad
     for host in ("127.0.0.1:7860", "localhost:7860", "LOCALHOST", "[::1]:7860", ""):
         assert client.get("/api/runs", headers={"Host": host}).status_code == 200, host
+    # Chromium opens http://localhost.:7860/ (the absolute name) on this machine and sends it as the Host: the
+    # board's own page, on its own origin (it was refused 403, the page a JSON error)
+    dotted = {"Host": "localhost.:7860", "Origin": "http://localhost.:7860"}
+    assert client.get("/api/runs", headers=dotted).status_code == 200
+    assert client.post("/api/jobs/nope/stop", headers=dotted).status_code == 404
+    for bad in ("localhost..:7860", "evil.example.:7860", "localhost.evil.:7860"):
+        assert client.get("/api/runs", headers={"Host": bad}).status_code == 403, bad
     # listening on another address (behind a name the user chose) checks no Host; cross-site POSTs still fail
     assert ui.main(["--runs", str(runs_dir), "--host", "0.0.0.0", "--port", "0"]) == 0
     client = TestClient(seen["app"], base_url="http://board.lan:7860")
     assert client.get("/api/runs").status_code == 200
     r = client.post("/api/jobs", content=body, headers={"Origin": "https://evil.example"})
     assert r.status_code == 403
+
+
+def test_loopback_hosts_in_any_spelling_keep_the_host_check_and_no_warning(
+    runs_dir, monkeypatch, capsys, caplog
+):
+    """`--host 127.0.0.2` or `LOCALHOST` binds this machine only: it warned 'anyone who can reach it can use it',
+    and `LOCALHOST` turned the DNS-rebinding check off; `--host ::1` printed http://::1:7860/, not a URL."""
+    from deltatune import ui
+
+    seen = {}
+    monkeypatch.setattr("uvicorn.run", lambda app, **kw: seen.update(app=app, **kw))
+    for host in ("127.0.0.2", "LOCALHOST", "::1"):
+        caplog.clear()
+        assert ui.main(["--runs", str(runs_dir), "--host", host, "--port", "7861"]) == 0
+        assert "without an API key" not in caplog.text, host
+        client = TestClient(seen["app"], base_url="http://127.0.0.1:7861")
+        assert client.get("/api/runs", headers={"Host": "evil.example:7861"}).status_code == 403, host
+        assert client.get("/api/runs", headers={"Host": "localhost:7861"}).status_code == 200, host
+    assert "deltatune ui: http://[::1]:7861/" in capsys.readouterr().out
+    caplog.clear()
+    assert ui.main(["--runs", str(runs_dir), "--host", "0.0.0.0", "--port", "7861"]) == 0
+    assert "listening on 0.0.0.0 without an API key" in caplog.text
+
+
+def test_a_run_training_in_another_process_shows_as_running_without_resume(runs_dir, tmp_path):
+    """A run resumed from a terminal keeps its old summary.json ('interrupted') until it ends: the board listed
+    it as interrupted with a Resume button, whose job then failed with 'output_dir is in use'. The lock that
+    train and compare hold on their folder says it is running."""
+    import subprocess
+    import sys
+
+    stopped = runs_dir / "stopped"
+    _write(stopped / "train_config.yaml", "model: m\nmethod: lora\ndata: d.jsonl\n")
+    _write(stopped / "summary.json", json.dumps({"status": "interrupted", "steps": 2}))
+    os.makedirs(stopped / "checkpoints" / "step-2")
+    old = 1_000_000_000  # not 'recently written' either
+    for p in (stopped, stopped / "train_config.yaml", stopped / "summary.json"):
+        os.utime(p, (old, old))
+    client = TestClient(create_app(str(runs_dir)))
+    info = client.get("/api/run", params={"path": "stopped"}).json()
+    assert (info["status"], info["resumable"]) == ("interrupted", True)
+    holder = subprocess.Popen(  # another process training there: it holds deltatune's own folder lock
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from deltatune.checkpoint import FolderLock; lock = FolderLock(); "
+            "assert lock.acquire(sys.argv[1]); print('locked', flush=True); time.sleep(60)",
+            str(stopped),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert runs.in_use(str(stopped)) and not runs.in_use(str(runs_dir / "good"))
+        assert client.get("/api/run", params={"path": "stopped"}).json()["status"] == "running"
+        listed = {r["name"]: r["status"] for r in client.get("/api/runs").json()["runs"]}
+        assert listed["stopped"] == "running" and listed["good"] == "completed"
+    finally:
+        holder.kill()
+        holder.wait()
+    assert client.get("/api/run", params={"path": "stopped"}).json()["status"] == "interrupted"  # lock gone

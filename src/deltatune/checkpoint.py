@@ -7,6 +7,7 @@ A directory holds `adapter_config.json` and `adapter_model.safetensors` whose ke
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -14,6 +15,7 @@ import re
 import shutil
 import tempfile
 import warnings
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -113,10 +115,25 @@ class FolderLock:
     """An exclusive advisory lock (`flock`) on a folder, held while a run writes into it, so that a second run
     can't `--overwrite`, `--resume` or write into it meanwhile. The lock lives on the folder itself (no lock
     file to clean up) and the OS drops it when the process ends, so a run that crashed or was killed leaves no
-    stale lock. Where locks aren't available (no `fcntl`, a file system without them) it does nothing."""
+    stale lock. Where locks aren't available (no `fcntl`, a file system without them) it does nothing.
+
+    A process forked while the lock is held (the tokenizing workers of `num_proc`) closes its copy of the
+    descriptor at once: a `flock` lasts while any copy is open, and those workers outlive a run killed with
+    SIGKILL, which then left its folder 'in use' until they were found and killed."""
+
+    _held: weakref.WeakSet[FolderLock] = weakref.WeakSet()
 
     def __init__(self) -> None:
         self.fd: int | None = None
+
+    @classmethod
+    def _forget_in_child(cls) -> None:
+        for lock in list(cls._held):
+            if lock.fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(lock.fd)  # the child's copy only: the parent keeps the lock
+                lock.fd = None
+        cls._held.clear()
 
     def acquire(self, folder: str) -> bool:
         """Take the lock on an existing folder (True), or find it held by another process (False)."""
@@ -138,14 +155,24 @@ class FolderLock:
             return True
         self.release()
         self.fd = fd
+        self._held.add(self)
         return True
 
     def release(self) -> None:
         if self.fd is not None:
             os.close(self.fd)  # closing the descriptor drops the lock
             self.fd = None
+        type(self)._held.discard(self)
 
-    __del__ = release
+    def __del__(self) -> None:
+        try:  # noqa: SIM105 (not contextlib.suppress: module globals may be None by then)
+            self.release()
+        except Exception:  # at interpreter exit, when `os` may be gone: the OS drops the lock anyway
+            pass
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=FolderLock._forget_in_child)
 
 
 def save_adapter(directory: str, tensors: dict[str, torch.Tensor], config_dict: dict) -> None:

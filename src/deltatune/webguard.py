@@ -13,10 +13,18 @@ import ipaddress
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
+def _name(host: str) -> str:
+    """A host name as compared here: lower-case, IPv6 without brackets, without the trailing dot of an absolute
+    name (`localhost.` is `localhost`: browsers reach http://localhost.:7860/ and send that `Host`)."""
+    host = host.strip().lower().strip("[]")
+    return host[:-1] if host.endswith(".") and not host.endswith("..") else host
+
+
 def is_loopback(host: str) -> bool:
-    """Whether a `--host` value binds this machine only (127.0.0.0/8, ::1, localhost)."""
+    """Whether a `--host` value binds this machine only (127.0.0.0/8, ::1, localhost, in any case)."""
+    host = _name(host)
     try:
-        return host in LOCAL_HOSTS or ipaddress.ip_address(host.strip("[]")).is_loopback
+        return host in LOCAL_HOSTS or ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
 
@@ -28,11 +36,12 @@ def allowed_hosts_for(bind_host: str) -> tuple[str, ...] | None:
 
 
 def host_name(netloc: str) -> str:
-    """The host of a `Host` header or an origin's `host[:port]`, lower-case, IPv6 without brackets."""
+    """The host of a `Host` header or an origin's `host[:port]`, lower-case, IPv6 without brackets, without the
+    trailing dot of an absolute name."""
     netloc = netloc.strip().lower()
     if netloc.startswith("["):
         return netloc[1 : netloc.find("]")] if "]" in netloc else netloc
-    return netloc.rpartition(":")[0] if netloc.count(":") == 1 else netloc
+    return _name(netloc.rpartition(":")[0] if netloc.count(":") == 1 else netloc)
 
 
 def host_problem(headers: dict[bytes, bytes], allowed: frozenset[str] | None) -> str | None:
@@ -49,4 +58,4 @@ def host_problem(headers: dict[bytes, bytes], allowed: frozenset[str] | None) ->
 
 
 def allowed_set(hosts: tuple[str, ...] | None) -> frozenset[str] | None:
-    return None if hosts is None else frozenset(h.lower().strip("[]") for h in hosts)
+    return None if hosts is None else frozenset(_name(h) for h in hosts)

@@ -19,7 +19,7 @@ import sys
 API_KEY_ENV = "DELTATUNE_API_KEY"
 
 from deltatune.cli import HelpFormatter, api_key_from, listen_problem  # noqa: E402
-from deltatune.webguard import LOCAL_HOSTS, allowed_hosts_for  # noqa: E402
+from deltatune.webguard import LOCAL_HOSTS, allowed_hosts_for, is_loopback  # noqa: E402,F401
 
 logger = logging.getLogger(__name__)
 
@@ -54,14 +54,15 @@ def main(argv: list[str] | None = None) -> int:
     if problem is not None:
         print(f"deltatune ui: error: {problem}", file=sys.stderr, flush=True)
         return 2
-    if args.host not in LOCAL_HOSTS and api_key is None:
+    if not is_loopback(args.host) and api_key is None:
         logger.warning("listening on %s without an API key: anyone who can reach it can use it", args.host)
     where = os.path.abspath(args.runs)
     if not os.path.isdir(args.runs):  # a mistyped --runs would show an empty board and say nothing
         where += ": a new folder, so no runs to show yet; runs launched from the board are written there"
     # bound to this machine only: refuse a Host header naming anything else (DNS rebinding, see webguard.py)
     app = create_app(args.runs, api_key=api_key, allowed_hosts=allowed_hosts_for(args.host))
-    print(f"deltatune ui: http://{args.host}:{args.port}/  (runs: {where})", flush=True)
+    shown = f"[{args.host}]" if ":" in args.host and not args.host.startswith("[") else args.host  # IPv6
+    print(f"deltatune ui: http://{shown}:{args.port}/  (runs: {where})", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
 

@@ -106,6 +106,21 @@ def _finite_or_text(value: Any) -> bool:
     return not isinstance(value, float) or math.isfinite(value)
 
 
+def in_use(path: str) -> bool:
+    """Whether a process holds the lock `deltatune train` / `compare` take on their output folder while they write
+    there (`checkpoint.FolderLock`): a run started from a terminal or another board, or resumed (its summary.json
+    still says "interrupted"). Read from Linux's /proc/locks, not by taking the lock, which would make a run
+    starting at that instant refuse its folder as in use; False where /proc/locks can't be read."""
+    try:
+        st = os.stat(path)
+        with open("/proc/locks") as f:
+            text = f.read()
+    except OSError:
+        return False
+    key = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    return any("FLOCK" in fields and key in fields for fields in map(str.split, text.splitlines()))
+
+
 def _newest_mtime(path: str) -> float:
     newest = os.path.getmtime(path)
     for name in os.listdir(path):
@@ -150,7 +165,7 @@ def train_run(root: str, path: str, running: set[str] | None = None) -> dict[str
         problems.append("no train_config.yaml")
     checkpoints = _checkpoints(path)
     mtime = _newest_mtime(path)
-    if running is not None and os.path.realpath(path) in running:
+    if (running is not None and os.path.realpath(path) in running) or in_use(path):
         status = "running"
     elif summary and summary.get("status"):
         status = str(summary["status"])
@@ -200,7 +215,7 @@ def compare_run(root: str, path: str, running: set[str] | None = None) -> dict[s
             break
     mtime = _newest_mtime(path)
     sub = [n for n in sorted(os.listdir(path)) if os.path.isfile(os.path.join(path, n, "compare_spec.json"))]
-    if running is not None and os.path.realpath(path) in running:
+    if (running is not None and os.path.realpath(path) in running) or in_use(path):
         status = "running"
     elif results is not None:
         failed = len(methods) - len(ok)
