@@ -282,8 +282,8 @@ def test_a_second_compare_into_the_same_out_is_refused_while_the_first_runs(tmp_
     finally:
         first.release()
     assert capsys.readouterr().err == (
-        f"deltatune compare: nothing was run: --out {out} is in use: another deltatune compare is writing there "
-        "now; wait for it to end, or pick another --out\n"
+        f"deltatune compare: nothing was run: --out {out} is in use: another deltatune compare or train is writing "
+        "there now; wait for it to end, or pick another --out\n"
     )
     assert ran == [] and os.listdir(out) == []
     compare.main([*argv, "--out", str(out)])  # free again once the first has ended

@@ -628,6 +628,10 @@ def test_print_config_shows_every_setting_as_a_config_that_loads_back_and_trains
     # a bad setting is refused as without it
     assert train_main(["--print-config", "method=lorax"]) == 2
     assert "method: unknown 'lorax' (did you mean 'lora'?)" in capsys.readouterr().err
+    for flag in ("--resume", "--overwrite"):  # they were accepted and ignored
+        with pytest.raises(SystemExit):
+            train_main(["--print-config", flag])
+        assert "--print-config prints the settings and runs nothing" in capsys.readouterr().err
 
 
 def test_a_second_run_cant_write_into_the_folder_of_a_run_still_training(tmp_path):
@@ -645,7 +649,9 @@ def test_a_second_run_cant_write_into_the_folder_of_a_run_still_training(tmp_pat
     assert live.acquire(str(out)) and live.fd is not None
     try:
         for extra, flags in (([], {}), ([], {"overwrite": True}), (["max_steps=3"], {"resume": True})):
-            with pytest.raises(ConfigError, match="is in use: another deltatune run is training there now"):
+            with pytest.raises(
+                ConfigError, match="is in use: another deltatune train or compare is writing there now"
+            ):
                 run(load_train_config(None, [*args, *extra, f"output_dir={out}"]), **flags)
         assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before  # nothing removed or rewritten
     finally:

@@ -354,3 +354,9 @@ def test_a_run_training_in_another_process_shows_as_running_without_resume(runs_
         holder.kill()
         holder.wait()
     assert client.get("/api/run", params={"path": "stopped"}).json()["status"] == "interrupted"  # lock gone
+
+
+def test_an_unknown_route_answers_the_boards_error_shape(runs_dir):
+    """Every other error of the board is `{"error": ...}`; an unknown route was FastAPI's `{"detail": ...}`."""
+    r = TestClient(create_app(str(runs_dir))).get("/api/nothing-here")
+    assert r.status_code == 404 and r.json() == {"error": "Not Found"}

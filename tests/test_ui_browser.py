@@ -46,8 +46,8 @@ def board(tmp_path_factory):
     import uvicorn
 
     from deltatune.train import config_from_dict, run
-    from deltatune.ui import LOCAL_HOSTS
     from deltatune.ui.app import create_app
+    from deltatune.webguard import LOCAL_HOSTS
 
     root = tmp_path_factory.mktemp("board")
     paths = {

@@ -652,8 +652,8 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
     lock = checkpoint.FolderLock()
     if not lock.acquire(args.out):
         raise ConfigError(
-            f"nothing was run: --out {args.out} is in use: another deltatune compare is writing there now; wait "
-            "for it to end, or pick another --out"
+            f"nothing was run: --out {args.out} is in use: another deltatune compare or train is writing there now; "
+            "wait for it to end, or pick another --out"
         )
     try:
         return _compare(args)

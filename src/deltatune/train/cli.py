@@ -45,6 +45,8 @@ def train_main(argv: list[str]) -> int:
     args, unknown = p.parse_known_intermixed_args(argv)  # options may come between key=value overrides
     if unknown:
         p.error(_unknown_options(unknown, argv))
+    if args.print_config and (args.resume or args.overwrite):
+        p.error("--print-config prints the settings and runs nothing: drop --resume/--overwrite")
     from deltatune.errors import DeltatuneError
 
     try:

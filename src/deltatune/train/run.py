@@ -296,8 +296,9 @@ def _prepare_output(
     in_use = ctx.main and os.path.isdir(out) and not lock.acquire(out)
     if ctx.any(in_use)[0]:  # before anything is read or removed there
         raise ConfigError(
-            f"output_dir {out!r} is in use: another deltatune run is training there now; wait for it to end "
-            "(or stop it: it saves a checkpoint that --resume continues), or set another output_dir"
+            f"output_dir {out!r} is in use: another deltatune train or compare is writing there now; wait for it "
+            "to end (a train stopped with Ctrl-C or SIGTERM saves a checkpoint that --resume continues), or set "
+            "another output_dir"
         )
     found = [f for f in RUN_FILES if os.path.exists(os.path.join(out, f))]
     resume_dir = None

@@ -19,7 +19,7 @@ import sys
 API_KEY_ENV = "DELTATUNE_API_KEY"
 
 from deltatune.cli import HelpFormatter, api_key_from, listen_problem  # noqa: E402
-from deltatune.webguard import LOCAL_HOSTS, allowed_hosts_for, is_loopback  # noqa: E402,F401
+from deltatune.webguard import allowed_hosts_for, is_loopback  # noqa: E402
 
 logger = logging.getLogger(__name__)
 

@@ -16,6 +16,7 @@ from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deltatune import webguard
 from deltatune.ui import runs as runs_mod
@@ -141,8 +142,8 @@ def create_app(
     def not_found(e: Exception) -> HTTPException:
         return HTTPException(404, str(e.args[0]) if e.args else str(e))
 
-    @app.exception_handler(HTTPException)
-    async def _http(_request, e: HTTPException):
+    @app.exception_handler(StarletteHTTPException)  # FastAPI's and Starlette's own (an unknown route's 404)
+    async def _http(_request, e: StarletteHTTPException):
         return JSONResponse({"error": str(e.detail)}, status_code=e.status_code)
 
     @app.get("/", include_in_schema=False)
