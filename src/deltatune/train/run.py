@@ -325,10 +325,11 @@ def _prepare_output(
             # a read-only place, /proc, a file on the way: before any work
             if why := checkpoint.unwritable(out):
                 raise ConfigError(f"output_dir {out!r} can't be written in: {why}; set another output_dir")
-            if lock.fd is None and not lock.acquire(
-                out
-            ):  # made just now, and taken by a run started meanwhile
-                raise ConfigError(f"output_dir {out!r} is in use: another deltatune run began training there")
+            # the folder was made just now: lock it, unless a run that started meanwhile took it first
+            if lock.fd is None and not lock.acquire(out):
+                raise ConfigError(
+                    f"output_dir {out!r} is in use: another deltatune train or compare began there"
+                )
             # a resumed run's settings are written once its checkpoint has been taken (loop.train)
             if not resume:
                 _write_run_config(out, config)
