@@ -482,6 +482,10 @@ def test_demo_removes_its_temp_adapter_and_keeps_one_given_out(tmp_path, monkeyp
         and "removed at the end; --out FOLDER keeps it" in out
     )
     assert "5. merged into the base" in out
+    # the README: reloaded onto a fresh base "(same outputs)" and merged "(same outputs again)"
+    diffs = [float(line.rsplit("= ", 1)[1]) for line in out.splitlines() if "max |diff| = " in line]
+    assert len(diffs) == 2 and diffs[0] == 0.0 and diffs[1] < 1e-5, out
+    assert "trainable params: 74,498 || " in out
     assert os.listdir(scratch) == []
     kept = tmp_path / "kept"
     assert cli.main(["demo", "--steps", "1", "--out", str(kept)]) == 0
