@@ -355,6 +355,17 @@ def test_inspect_shows_label_names_and_points_at_a_run_folders_adapter(classifie
         f"deltatune inspect: error: {run_folder!r} is a training run folder; its adapter is "
         f"{os.path.join(run_folder, 'adapter')!r} (use that path)"
     )
+    # "the tools say to use its adapter/": merge and generate too, before any model loads
+    for argv in (
+        ["merge", "--adapter", run_folder, "--out", os.path.join(run_folder, "merged")],
+        ["generate", "--adapter", run_folder, "--prompt", "hi"],
+    ):
+        assert cli.main(argv) == 1
+        assert capsys.readouterr().err.strip() == (
+            f"deltatune {argv[0]}: error: {run_folder!r} is a training run folder; its adapter is "
+            f"{os.path.join(run_folder, 'adapter')!r} (use that path)"
+        )
+    assert not os.path.exists(os.path.join(run_folder, "merged"))
     with pytest.raises(CheckpointError, match="adapter folder not found"):
         from deltatune.tools import adapter_dir
 
