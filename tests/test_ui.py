@@ -287,6 +287,9 @@ def test_other_sites_pages_cant_launch_jobs_or_rebind_the_board(runs_dir, monkey
         r = client.post("/api/jobs", content=body, headers=headers)
         assert r.status_code == 403 and "another site's page was refused" in r.json()["error"], headers
     assert client.post("/api/jobs/nope/stop", headers={"Origin": "https://evil.example"}).status_code == 403
+    # the playground too (the README: "launch or stop a job, the playground")
+    r = client.post("/api/playground", content="{}", headers={"Origin": "https://evil.example"})
+    assert r.status_code == 403 and "another site's page was refused" in r.json()["error"]
     assert started == []
     # the board's own page (same origin, as a browser sends it) and clients that send no Origin still work
     ok = client.post("/api/jobs", content="[]", headers={"Origin": "http://127.0.0.1:7860"})
