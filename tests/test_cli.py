@@ -355,6 +355,17 @@ def test_inspect_shows_label_names_and_points_at_a_run_folders_adapter(classifie
         f"deltatune inspect: error: {run_folder!r} is a training run folder; its adapter is "
         f"{os.path.join(run_folder, 'adapter')!r} (use that path)"
     )
+    # "the tools say to use its adapter/": merge and generate too, before any model loads
+    for argv in (
+        ["merge", "--adapter", run_folder, "--out", os.path.join(run_folder, "merged")],
+        ["generate", "--adapter", run_folder, "--prompt", "hi"],
+    ):
+        assert cli.main(argv) == 1
+        assert capsys.readouterr().err.strip() == (
+            f"deltatune {argv[0]}: error: {run_folder!r} is a training run folder; its adapter is "
+            f"{os.path.join(run_folder, 'adapter')!r} (use that path)"
+        )
+    assert not os.path.exists(os.path.join(run_folder, "merged"))
     with pytest.raises(CheckpointError, match="adapter folder not found"):
         from deltatune.tools import adapter_dir
 
@@ -482,6 +493,10 @@ def test_demo_removes_its_temp_adapter_and_keeps_one_given_out(tmp_path, monkeyp
         and "removed at the end; --out FOLDER keeps it" in out
     )
     assert "5. merged into the base" in out
+    # the README: reloaded onto a fresh base "(same outputs)" and merged "(same outputs again)"
+    diffs = [float(line.rsplit("= ", 1)[1]) for line in out.splitlines() if "max |diff| = " in line]
+    assert len(diffs) == 2 and diffs[0] == 0.0 and diffs[1] < 1e-5, out
+    assert "trainable params: 74,498 || " in out
     assert os.listdir(scratch) == []
     kept = tmp_path / "kept"
     assert cli.main(["demo", "--steps", "1", "--out", str(kept)]) == 0

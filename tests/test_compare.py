@@ -10,6 +10,7 @@ import pytest
 from tiny_models import bert_cls, opt, save_with_tokenizer
 
 from deltatune import compare
+from deltatune.methods import registry
 
 RECORD_KEYS = {
     "method",
@@ -69,7 +70,7 @@ def test_compare_classifier(tmp_path):
             "--price-per-hour",
             "2.5",
             "--lr",
-            "default",
+            "default,houlsby=3e-3",
         )
         == 0
     )
@@ -77,6 +78,12 @@ def test_compare_classifier(tmp_path):
     assert results["task"] == "seq-cls" and results["dataset"] == data
     by = {r["method"]: r for r in results["methods"]}
     assert list(by) == ["full", "houlsby", "lora"]
+    # `--lr default` was recorded as `lr_chosen_by: given` (the worker's train run is handed the rate as a number)
+    assert {m: (r["lr"], r["lr_chosen_by"]) for m, r in by.items()} == {
+        "full": (registry.get("full").lr, "default"),
+        "houlsby": (3e-3, "given"),
+        "lora": (registry.get("lora").lr, "default"),
+    }
     for r in by.values():
         assert r["status"] == "ok", r
         assert set(r) >= RECORD_KEYS and 0 <= r["eval_accuracy"] <= 1

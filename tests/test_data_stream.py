@@ -152,6 +152,15 @@ def test_streaming_settings_are_validated():
         config_from_dict({"streaming": True, "group_by_length": True, "eval_fraction": 0.1})
     for message in ("set max_steps", "eval_fraction can't hold rows", "group_by_length needs", "set labels"):
         assert message in str(e.value)
+    # the automatic choices need a validation split, which a stream can't give (the README: "refused")
+    with pytest.raises(ConfigError) as e:
+        config_from_dict({"streaming": True, "max_steps": 5, "lr": "auto", "early_stopping": True})
+    assert "lr: auto and early_stopping need a validation split, which streamed data can't give" in str(
+        e.value
+    )
+    for automatic in ({"lr": "auto"}, {"early_stopping": True}):
+        with pytest.raises(ConfigError, match="need a validation split, which streamed data can't give"):
+            config_from_dict({"streaming": True, "max_steps": 5, **automatic})
 
 
 def test_a_stream_without_eval_data_says_why_nothing_is_evaluated(tmp_path):

@@ -303,6 +303,15 @@ def test_bad_config_bad_data_missing_model_and_non_utf8_config_end_in_one_line(
 ):
     code, err = _train(capsys, *_options(tmp_path / "r1", bert_folder, data_file, learning_rate=1))
     assert code == 2 and "unknown key 'learning_rate' (did you mean 'lr'?)" in err and "Traceback" not in err
+    # a config's problems: the error line, then one indented line per problem (as the README says)
+    code, err = _train(
+        capsys, *_options(tmp_path / "r1", bert_folder, data_file, learning_rate=1, max_steps=0)
+    )
+    assert code == 2 and [line for line in err.splitlines() if line.strip()] == [
+        "deltatune train: error: invalid training config:",
+        "  unknown key 'learning_rate' (did you mean 'lr'?)",
+        "  max_steps: must be at least 1, got 0; leave it unset (null) to train for `epochs`",
+    ]
 
     code, err = _train(capsys, *_options(tmp_path / "r2", str(tmp_path / "no-such-model"), data_file))
     assert code == 2 and "model: folder not found:" in err and "Traceback" not in err

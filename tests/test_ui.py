@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import pytest
 import train_helpers
@@ -245,6 +246,25 @@ def test_checkpoint_folders_with_non_ascii_digits_are_not_checkpoints(runs_dir):
     assert found["good"]["checkpoints"] == ["step-2", "step-10"]
 
 
+def test_a_run_without_a_summary_is_running_stopped_or_incomplete_by_its_files(runs_dir):
+    """The README's run statuses: a run folder without summary.json is running while its files change, then
+    stopped (resumable) when it left a checkpoint, else incomplete."""
+    for name in ("fresh", "killed", "early"):
+        _write(runs_dir / name / "train_config.yaml", "model: m\nmethod: lora\ndata: d.jsonl\n")
+        _write(runs_dir / name / "metrics.jsonl", '{"step": 1, "train_loss": 1.0}\n')
+    os.makedirs(runs_dir / "killed" / "checkpoints" / "step-1")
+    old = time.time() - runs.RUNNING_WINDOW_S - 60
+    for name in ("killed", "early"):
+        for path in (runs_dir / name, *(runs_dir / name).iterdir()):
+            os.utime(path, (old, old))
+    found = {r["path"]: r for r in runs.scan(str(runs_dir))}
+    assert {n: (found[n]["status"], found[n]["resumable"]) for n in ("fresh", "killed", "early")} == {
+        "fresh": ("running", False),
+        "killed": ("stopped", True),
+        "early": ("incomplete", False),
+    }
+
+
 def test_other_sites_pages_cant_launch_jobs_or_rebind_the_board(runs_dir, monkeypatch):
     """The board launches jobs from POST /api/jobs and had no check of where a request came from: any web page
     the user opened could POST a `text/plain` body there (no CORS preflight, and `request.json()` doesn't look
@@ -267,6 +287,9 @@ def test_other_sites_pages_cant_launch_jobs_or_rebind_the_board(runs_dir, monkey
         r = client.post("/api/jobs", content=body, headers=headers)
         assert r.status_code == 403 and "another site's page was refused" in r.json()["error"], headers
     assert client.post("/api/jobs/nope/stop", headers={"Origin": "https://evil.example"}).status_code == 403
+    # the playground too (the README: "launch or stop a job, the playground")
+    r = client.post("/api/playground", content="{}", headers={"Origin": "https://evil.example"})
+    assert r.status_code == 403 and "another site's page was refused" in r.json()["error"]
     assert started == []
     # the board's own page (same origin, as a browser sends it) and clients that send no Origin still work
     ok = client.post("/api/jobs", content="[]", headers={"Origin": "http://127.0.0.1:7860"})

@@ -733,6 +733,8 @@ def _compare(args: argparse.Namespace) -> dict[str, Any]:
                 progress.start(method if len(seeds) == 1 else f"{method} seed {seed}")
                 record = _run_worker(spec, progress)
                 progress.done()
+                if method in getattr(args, "lr_default", ()) and record.get("lr_chosen_by") == "given":
+                    record["lr_chosen_by"] = "default"  # the worker's train run was handed it as a number
                 record["method"], record["run_dir"] = method, os.path.relpath(spec["out"], args.out)
                 runs.append(record)
             record = aggregate(runs)
@@ -927,13 +929,14 @@ def resolve(args: argparse.Namespace) -> list[str]:
         args.epochs = 15.0
     args.early_stopping = not args.fast and args.steps is None and not args.no_early_stopping
     every = args.lr.pop("*", None)
+    args.lr_default = set()  # the methods that run at their registry default (`--lr default`, `--fast`)
     for method in args.methods:
         value = args.lr.get(method, every)
         if value == "default" or (value is None and args.fast):
             args.lr.pop(method, None)
             value = registry.get("lora" if method == "peft-lora" else method).lr
+            args.lr_default.add(method)
         args.lr[method] = value if value is not None else "auto"
-    args.lr_given = {m for m in args.lr}
     return validate(args) + [f"unknown peer {p!r}; the peer is 'peft'" for p in unknown_peers]
 
 
