@@ -457,6 +457,9 @@ def test_bound_to_loopback_a_host_header_naming_another_machine_gets_403(files, 
     assert serve_main(["--base", files["base"], "--host", "127.0.0.2", "--port", "0"]) == 0
     assert "127.0.0.2" in seen["allowed_hosts"]
     assert webguard.allowed_hosts_for("0.0.0.0") is None  # listening elsewhere: any name (the API key guards)
+    assert serve_main(["--base", files["base"], "--port", "0", "--allowed-host", "llm.example.com"]) == 0
+    assert "llm.example.com" in seen["allowed_hosts"]  # a reverse proxy's name
+    assert serve_main(["--base", files["base"], "--allowed-host", "http://llm.example.com"]) == 2
     monkeypatch.undo()
 
     engine = Engine(files["base"], None, base_name=BASE, device="cpu")

@@ -383,3 +383,32 @@ def test_an_unknown_route_answers_the_boards_error_shape(runs_dir):
     """Every other error of the board is `{"error": ...}`; an unknown route was FastAPI's `{"detail": ...}`."""
     r = TestClient(create_app(str(runs_dir))).get("/api/nothing-here")
     assert r.status_code == 404 and r.json() == {"error": "Not Found"}
+
+
+def test_allowed_host_lets_a_reverse_proxys_names_through(runs_dir, monkeypatch, capsys):
+    """Behind a proxy, the browser's Host (or the page's Origin, where the proxy rewrites Host to 127.0.0.1) is the
+    proxy's name: without a way to name it, the board answered 403 to everything (or to every POST)."""
+    from deltatune import ui
+
+    seen = {}
+    monkeypatch.setattr("uvicorn.run", lambda app, **kw: seen.update(app=app, **kw))
+    argv = ["--runs", str(runs_dir), "--port", "0", "--allowed-host", "Board.Example.com"]
+    assert ui.main(argv) == 0
+    # the proxy passes the browser's Host
+    proxied = TestClient(seen["app"], base_url="http://board.example.com")
+    assert proxied.get("/api/runs").status_code == 200
+    r = proxied.post("/api/jobs", content="[]", headers={"Origin": "https://board.example.com"})
+    assert r.status_code == 400 and r.json()["error"] == "the request body must be a JSON object"
+    # nginx's default: the upstream's Host, the page's Origin
+    rewritten = TestClient(seen["app"], base_url="http://127.0.0.1:7860")
+    r = rewritten.post("/api/jobs", content="[]", headers={"Origin": "https://board.example.com"})
+    assert r.status_code == 400
+    for origin in ("https://evil.example", "https://board.example.com.evil.example"):
+        assert rewritten.post("/api/jobs", content="[]", headers={"Origin": origin}).status_code == 403
+    assert rewritten.get("/api/runs", headers={"Host": "evil.example"}).status_code == 403
+    capsys.readouterr()
+    for bad in ("https://board.example.com", "board.example.com:443", "a/b", ""):
+        assert ui.main(["--runs", str(runs_dir), "--allowed-host", bad]) == 2
+        err = capsys.readouterr().err
+        assert f"deltatune ui: error: --allowed-host {bad!r} is not a host name" in err
+        assert err.count("\n") == 1

@@ -9,6 +9,7 @@ requests get 403 (as Ollama and Jupyter do); a server listening on another addre
 from __future__ import annotations
 
 import ipaddress
+import re
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
@@ -29,10 +30,28 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def allowed_hosts_for(bind_host: str) -> tuple[str, ...] | None:
-    """The `Host` names a server bound to `bind_host` accepts: this machine's, when it binds a loopback address;
-    None (any) otherwise."""
-    return (*LOCAL_HOSTS, bind_host) if is_loopback(bind_host) else None
+ALLOWED_HOST_HELP = (
+    "a name this server is also reached by, e.g. through a reverse proxy that passes the browser's Host header "
+    "(repeatable). Bound to a loopback address, only this machine's names are accepted in Host otherwise (a "
+    "guard against DNS rebinding)"
+)
+
+
+def allowed_hosts_for(bind_host: str, extra: list[str] | tuple[str, ...] = ()) -> tuple[str, ...] | None:
+    """The `Host` names a server bound to `bind_host` accepts: this machine's and `extra` (`--allowed-host`),
+    when it binds a loopback address; None (any) otherwise."""
+    return (*LOCAL_HOSTS, bind_host, *extra) if is_loopback(bind_host) else None
+
+
+def names_problem(names: list[str] | None) -> str | None:
+    """Why an `--allowed-host` value is not a host name (None: all are)."""
+    for name in names or ():
+        if not re.fullmatch(r"\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_][A-Za-z0-9._-]*", name.strip()):
+            return (
+                f"--allowed-host {name!r} is not a host name: give the name alone (proxy.example.com), without "
+                "a scheme, port or path"
+            )
+    return None
 
 
 def host_name(netloc: str) -> str:
@@ -53,7 +72,8 @@ def host_problem(headers: dict[bytes, bytes], allowed: frozenset[str] | None) ->
         return None
     return (
         f"Host {host!r} is not this server's address: it listens on this machine only, so use "
-        "http://127.0.0.1:<port>/ or http://localhost:<port>/ (or start it with --host to listen under another name)"
+        "http://127.0.0.1:<port>/ or http://localhost:<port>/ (a name it is also reached by, through a proxy: "
+        "--allowed-host NAME)"
     )
 
 

@@ -38,6 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--task", choices=["auto", *TASKS], default="auto", help="default: from the adapters")
     p.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine only)")
+    p.add_argument("--allowed-host", action="append", metavar="NAME", help=webguard.ALLOWED_HOST_HELP)
     p.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
     p.add_argument("--api-key", help=f"require this key on every endpoint (or set ${API_KEY_ENV})")
     p.add_argument("--max-tokens-cap", type=int, default=512, help="most tokens one completion may ask for")
@@ -165,7 +166,8 @@ def serve_main(argv: list[str] | None = None) -> int:
         api_key=api_key,
         max_tokens_cap=args.max_tokens_cap,
         max_body_bytes=args.max_body_bytes,
-        allowed_hosts=webguard.allowed_hosts_for(args.host),  # a loopback bind: this machine's names only
+        # a loopback bind: this machine's names only, and those given
+        allowed_hosts=webguard.allowed_hosts_for(args.host, [n.strip() for n in args.allowed_host or ()]),
     )
     uvicorn.run(
         app,
@@ -200,7 +202,7 @@ def _check_options(args: argparse.Namespace) -> str | None:
     ):
         if not math.isfinite(value) or value < 0:
             return f"{flag} must be a finite number of {unit} >= 0, got {value}"
-    return None
+    return webguard.names_problem(args.allowed_host)
 
 
 def _device_error(device: str, torch) -> str | None:

@@ -19,7 +19,12 @@ import sys
 API_KEY_ENV = "DELTATUNE_API_KEY"
 
 from deltatune.cli import HelpFormatter, api_key_from, listen_problem  # noqa: E402
-from deltatune.webguard import allowed_hosts_for, is_loopback  # noqa: E402
+from deltatune.webguard import (  # noqa: E402
+    ALLOWED_HOST_HELP,
+    allowed_hosts_for,
+    is_loopback,
+    names_problem,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--runs", default="runs", help="folder holding train and compare output folders (default runs)"
     )
     p.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine only)")
+    p.add_argument("--allowed-host", action="append", metavar="NAME", help=ALLOWED_HOST_HELP)
     p.add_argument("--port", type=int, default=7860, help="TCP port to listen on")
     p.add_argument("--api-key", help=f"require this key on every page and endpoint (or set ${API_KEY_ENV})")
     p.add_argument("--log-level", default="warning", help="uvicorn's log level (default warning)")
@@ -50,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     api_key, problem = api_key_from(args.api_key, API_KEY_ENV)
     if problem is None and os.path.exists(args.runs) and not os.path.isdir(args.runs):
         problem = f"--runs {args.runs!r} is a file; give a folder"
-    problem = problem or listen_problem(args.host, args.port)
+    problem = problem or names_problem(args.allowed_host) or listen_problem(args.host, args.port)
     if problem is not None:
         print(f"deltatune ui: error: {problem}", file=sys.stderr, flush=True)
         return 2
@@ -60,7 +66,13 @@ def main(argv: list[str] | None = None) -> int:
     if not os.path.isdir(args.runs):  # a mistyped --runs would show an empty board and say nothing
         where += ": a new folder, so no runs to show yet; runs launched from the board are written there"
     # bound to this machine only: refuse a Host header naming anything else (DNS rebinding, see webguard.py)
-    app = create_app(args.runs, api_key=api_key, allowed_hosts=allowed_hosts_for(args.host))
+    extra = [n.strip() for n in args.allowed_host or ()]
+    app = create_app(
+        args.runs,
+        api_key=api_key,
+        allowed_hosts=allowed_hosts_for(args.host, extra),
+        proxy_hosts=tuple(extra),
+    )
     shown = f"[{args.host}]" if ":" in args.host and not args.host.startswith("[") else args.host  # IPv6
     print(f"deltatune ui: http://{shown}:{args.port}/  (runs: {where})", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)

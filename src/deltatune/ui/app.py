@@ -82,9 +82,12 @@ class _BrowserGuard:
 
     SAFE = (b"GET", b"HEAD", b"OPTIONS")
 
-    def __init__(self, app, allowed_hosts: tuple[str, ...] | None):
+    def __init__(self, app, allowed_hosts: tuple[str, ...] | None, proxy_hosts: tuple[str, ...] = ()):
         self.app = app
         self.allowed = webguard.allowed_set(allowed_hosts)
+        self.proxy_hosts = webguard.allowed_set(
+            proxy_hosts
+        )  # `--allowed-host`: pages served under those names
 
     async def __call__(self, scope, receive, send) -> None:
         problem = self._problem(scope) if scope["type"] == "http" else None
@@ -101,9 +104,12 @@ class _BrowserGuard:
         if scope["method"].encode() in self.SAFE:
             return None
         origin = headers.get(b"origin")
-        if headers.get(b"sec-fetch-site") == b"cross-site" or (
-            origin is not None and origin.decode("latin-1").partition("://")[2].lower() != host.lower()
-        ):
+        if origin is not None:  # the page's own origin, or a name the board is served under through a proxy
+            netloc = origin.decode("latin-1").partition("://")[2].lower()
+            if netloc == host.lower() or webguard.host_name(netloc) in self.proxy_hosts:
+                return None
+            return "a request from another site's page was refused: use the board's own page"
+        if headers.get(b"sec-fetch-site") == b"cross-site":
             return "a request from another site's page was refused: use the board's own page"
         return None
 
@@ -119,10 +125,15 @@ async def _json_body(request: Request) -> dict[str, Any] | JSONResponse:
 
 
 def create_app(
-    runs_dir: str, *, api_key: str | None = None, allowed_hosts: tuple[str, ...] | None = None
+    runs_dir: str,
+    *,
+    api_key: str | None = None,
+    allowed_hosts: tuple[str, ...] | None = None,
+    proxy_hosts: tuple[str, ...] = (),
 ) -> FastAPI:
     """The UI app over `runs_dir` (created if missing). With `api_key`, every endpoint needs it; with
-    `allowed_hosts`, a request's `Host` header must name one of them (see `_BrowserGuard`)."""
+    `allowed_hosts`, a request's `Host` header must name one of them; a page served under one of `proxy_hosts`
+    (`--allowed-host`) counts as the board's own (see `_BrowserGuard`)."""
     os.makedirs(runs_dir, exist_ok=True)
     root = os.path.realpath(runs_dir)
     jobs = Jobs(root)
@@ -136,7 +147,9 @@ def create_app(
     app = FastAPI(title="deltatune ui", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.jobs, app.state.playground, app.state.root = jobs, playground, root
     app.add_middleware(_KeyGuard, api_key=api_key)
-    app.add_middleware(_BrowserGuard, allowed_hosts=allowed_hosts)  # added last: runs first
+    app.add_middleware(
+        _BrowserGuard, allowed_hosts=allowed_hosts, proxy_hosts=proxy_hosts
+    )  # added last: runs first
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     def not_found(e: Exception) -> HTTPException:
