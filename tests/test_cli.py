@@ -344,28 +344,35 @@ def test_a_model_folder_without_tokenizer_files_is_refused_where_transformers_ma
     )  # refused before any work (each method's run failed with it, and compare said rc 0)
 
 
-def test_inspect_shows_label_names_and_points_at_a_run_folders_adapter(classifier, capsys):
+def test_inspect_shows_label_names_and_takes_a_run_folder_for_its_adapter(classifier, capsys, tmp_path):
+    """A run folder (what `deltatune train` wrote) was refused by the tools with "use its adapter/", while `serve
+    --adapters` takes it: the tools now take it too, for its `adapter/`."""
     _, adapter = classifier
     assert cli.main(["inspect", adapter]) == 0
-    assert "labels       3: negative, neutral, positive" in capsys.readouterr().out
+    direct = capsys.readouterr().out
+    assert "labels       3: negative, neutral, positive" in direct
     run_folder = os.path.dirname(adapter)
-    assert cli.main(["inspect", run_folder]) == 1
-    err = capsys.readouterr().err
-    assert err.strip() == (
-        f"deltatune inspect: error: {run_folder!r} is a training run folder; its adapter is "
-        f"{os.path.join(run_folder, 'adapter')!r} (use that path)"
-    )
-    # "the tools say to use its adapter/": merge and generate too, before any model loads
-    for argv in (
-        ["merge", "--adapter", run_folder, "--out", os.path.join(run_folder, "merged")],
-        ["generate", "--adapter", run_folder, "--prompt", "hi"],
-    ):
-        assert cli.main(argv) == 1
-        assert capsys.readouterr().err.strip() == (
-            f"deltatune {argv[0]}: error: {run_folder!r} is a training run folder; its adapter is "
-            f"{os.path.join(run_folder, 'adapter')!r} (use that path)"
-        )
-    assert not os.path.exists(os.path.join(run_folder, "merged"))
+    assert cli.main(["inspect", run_folder]) == 0
+    assert capsys.readouterr().out == direct  # the same adapter, the same report
+    merged = tmp_path / "merged"
+    assert cli.main(["merge", "--adapter", run_folder, "--out", str(merged)]) == 0
+    assert json.loads((merged / "config.json").read_text())["id2label"] == {
+        "0": "negative",
+        "1": "neutral",
+        "2": "positive",
+    }
+    capsys.readouterr()
+    answers = []
+    for given in (adapter, run_folder):
+        assert cli.main(["generate", "--adapter", given, "--prompt", "what a lovely day"]) == 0
+        answers.append(capsys.readouterr().out)
+    assert answers[0] == answers[1] and answers[0].endswith("\twhat a lovely day\n")
+    # a run that never finished has no adapter/: said so, with how to resume it
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    (unfinished / "train_config.yaml").write_text("method: lora\n")
+    assert cli.main(["inspect", str(unfinished)]) == 1
+    assert "is a training run folder with no adapter yet (the run did not finish)" in capsys.readouterr().err
     with pytest.raises(CheckpointError, match="adapter folder not found"):
         from deltatune.tools import adapter_dir
 

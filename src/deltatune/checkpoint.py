@@ -111,6 +111,16 @@ def unwritable(folder: str) -> str | None:
     return None
 
 
+def run_adapter(folder: str) -> str | None:
+    """`<folder>/adapter` when `folder` is a `deltatune train` run folder holding its finished adapter (the
+    folder has no adapter of its own, its `adapter/` has one), else None. The tools and `serve --adapters` take
+    a run folder for its adapter."""
+    if os.path.isfile(os.path.join(folder, CONFIG_NAME)):
+        return None
+    inner = os.path.join(folder, "adapter")
+    return inner if os.path.isfile(os.path.join(inner, CONFIG_NAME)) else None
+
+
 class FolderLock:
     """An exclusive advisory lock (`flock`) on a folder, held while a run writes into it, so that a second run
     can't `--overwrite`, `--resume` or write into it meanwhile. The lock lives on the folder itself (no lock

@@ -101,16 +101,15 @@ def load_base(
 
 
 def adapter_dir(path: str) -> str:
-    """`path` if it holds an adapter; a clear error otherwise (pointing at a run folder's `adapter/`)."""
+    """The adapter folder `path` names: itself, or a `deltatune train` run folder's `adapter/` (as `serve
+    --adapters` takes it); a clear error otherwise."""
+    from deltatune.checkpoint import run_adapter
     from deltatune.config import CONFIG_NAME
 
     if os.path.isfile(os.path.join(path, CONFIG_NAME)):
         return path
-    inner = os.path.join(path, "adapter")
-    if os.path.isfile(os.path.join(inner, CONFIG_NAME)):
-        raise CheckpointError(
-            f"{short(path)} is a training run folder; its adapter is {short(inner)} (use that path)"
-        )
+    if inner := run_adapter(path):
+        return inner
     if os.path.isfile(os.path.join(path, "train_config.yaml")):
         raise CheckpointError(
             f"{short(path)} is a training run folder with no adapter yet (the run did not finish); resume "

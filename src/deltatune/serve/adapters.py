@@ -27,7 +27,7 @@ from typing import Any
 
 from torch import nn
 
-from deltatune.checkpoint import LEGACY_WEIGHTS_NAME, WEIGHTS_NAME
+from deltatune.checkpoint import LEGACY_WEIGHTS_NAME, WEIGHTS_NAME, run_adapter
 from deltatune.config import CONFIG_NAME, load_config
 from deltatune.methods.mixed import BASE
 from deltatune.serve.errors import ApiError, hide_root, redact
@@ -77,18 +77,6 @@ class AdapterStats:
     by_name: dict[str, int] = field(default_factory=dict)
 
 
-def _run_adapter(folder: str) -> str | None:
-    """`<folder>/adapter` when `folder` is a `deltatune train` run folder holding its adapter, else None."""
-    if os.path.isfile(os.path.join(folder, CONFIG_NAME)):
-        return None
-    inner = os.path.join(folder, "adapter")
-    if os.path.isfile(os.path.join(folder, "train_config.yaml")) and os.path.isfile(
-        os.path.join(inner, CONFIG_NAME)
-    ):
-        return inner
-    return None
-
-
 class Registry:
     """Registered adapters (thread-safe lookups) and the LRU order of the loaded ones (model thread only)."""
 
@@ -116,7 +104,7 @@ class Registry:
         self.root = os.path.realpath(root)
         # `--adapters` may be one adapter folder itself, or one `deltatune train` run folder: it is served
         # under its folder name.
-        self.single = os.path.isfile(os.path.join(self.root, CONFIG_NAME)) or bool(_run_adapter(self.root))
+        self.single = os.path.isfile(os.path.join(self.root, CONFIG_NAME)) or bool(run_adapter(self.root))
         shown = os.path.basename(self.root) if self.single else "<adapters>"
         hide_root(root, shown)
 
@@ -132,7 +120,7 @@ class Registry:
         found = {}
         for entry, directory in candidates:
             # a `deltatune train` run folder (`--adapters runs`) is served by its run's name, from its adapter/
-            directory = _run_adapter(directory) or directory
+            directory = run_adapter(directory) or directory
             if not os.path.isfile(os.path.join(directory, CONFIG_NAME)):
                 continue
             why = name_error(entry) or (f"{entry!r} is the base model's name" if entry == base_name else None)
@@ -214,7 +202,7 @@ class Registry:
                 "path",
             )
         directory = os.path.join(self.root, rel)
-        directory = _run_adapter(directory) or directory  # a run folder: its adapter/, as at startup
+        directory = run_adapter(directory) or directory  # a run folder: its adapter/, as at startup
         if not _inside(os.path.realpath(directory), self.root):
             raise ApiError(400, "path leads outside the adapters folder", "invalid_path", "path")
         if not os.path.isfile(os.path.join(directory, CONFIG_NAME)):
