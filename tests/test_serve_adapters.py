@@ -488,3 +488,42 @@ def test_bound_to_loopback_a_host_header_naming_another_machine_gets_403(files, 
             assert answer.choices[0].finish_reason in ("length", "stop")
     finally:
         server.stop()
+
+
+def test_one_kind_of_adapter_per_server_the_others_listed_with_the_reason(files, tmp_path, serve, reference):  # noqa: F811
+    """`--adapters compare-results` registered LoRA and bottleneck adapters side by side, and whichever loaded
+    second failed at request time with 'this model holds a LORA adapter; another BOTTLENECK adapter can't be
+    added'. A server serves one kind (LoRA when there is any): the others are listed in /health with the reason
+    at startup, and a request or a runtime registration naming one gets a 400 saying so."""
+    from transformers import AutoModelForCausalLM
+
+    from deltatune import BottleneckConfig, get_peft_model
+
+    root = tmp_path / "mixed"
+    shutil.copytree(os.path.join(files["adapters"], "alpha"), root / "alpha")
+    for name in ("houlsby", "late"):
+        model = AutoModelForCausalLM.from_pretrained(files["base"])
+        get_peft_model(model, BottleneckConfig(task_type="CAUSAL_LM")).save_pretrained(str(tmp_path / name))
+    shutil.copytree(tmp_path / "houlsby", root / "houlsby")
+    engine, client = serve(str(root))
+    assert engine.adapter_names == ["alpha"]
+    reason = "it is a BOTTLENECK adapter and this server serves LORA adapters"
+    assert engine.registry.failed["houlsby"].startswith(reason)
+    assert reason in client.get("/health").json()["failed_adapters"]["houlsby"]
+    r = client.post("/v1/completions", json={"model": "houlsby", "prompt": "w3", "max_tokens": 2})
+    assert r.status_code == 400 and reason in r.json()["error"]["message"]
+    shutil.copytree(tmp_path / "late", root / "late")
+    r = client.post("/v1/adapters", json={"name": "late"})
+    assert r.status_code == 400 and reason in r.json()["error"]["message"]
+    assert _complete(client, "alpha", "w3 w4", 6) == reference(
+        "alpha", "w3 w4", 6
+    )  # the LoRA one still serves
+    # a folder of bottleneck adapters alone is served as such
+    alone = tmp_path / "alone"
+    shutil.copytree(tmp_path / "houlsby", alone / "houlsby")
+    engine, client = serve(str(alone))
+    assert engine.adapter_names == ["houlsby"]
+    r = client.post(
+        "/v1/completions", json={"model": "houlsby", "prompt": "w3 w4", "max_tokens": 3, "temperature": 0}
+    )
+    assert r.status_code == 200, r.text

@@ -71,9 +71,8 @@ def host_problem(headers: dict[bytes, bytes], allowed: frozenset[str] | None) ->
     if not host or host_name(host) in allowed:  # no Host at all: an HTTP/1.0 tool, never a browser
         return None
     return (
-        f"Host {host!r} is not this server's address: it listens on this machine only, so use "
-        "http://127.0.0.1:<port>/ or http://localhost:<port>/ (a name it is also reached by, through a proxy: "
-        "--allowed-host NAME)"
+        f"Host {host!r} is not this server's address: it listens on this machine only, so reach it as 127.0.0.1 "
+        "or localhost (a name it is also reached by, through a proxy, is given with --allowed-host NAME)"
     )
 
 

@@ -6,6 +6,7 @@ the event loop reads the registry and asks the model thread for loads and unload
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import inspect
 import logging
@@ -107,6 +108,7 @@ class Engine:
         self.metrics = Metrics()
 
         self.task = "?"
+        self.kind: str | None = "?"  # the adapters' peft_type: one kind per model (`PeftModel` holds one)
         self.registry = Registry(adapters_dir, self._check_task, max_loaded_adapters)
         found = self.registry.discover(self.base_name)
         configs = {}
@@ -115,6 +117,13 @@ class Engine:
                 configs[name] = self.registry.register(name, directory).config
         base_config = AutoConfig.from_pretrained(base)
         self.task = _decide_task(task, base_config, [c.task_type for c in configs.values()])
+        self.kind = _decide_kind(
+            [
+                c.peft_type
+                for c in configs.values()
+                if c.task_type in (None, self.task) and methods.method_type(c.peft_type).servable
+            ]
+        )
         self.registry.entries.clear()
         self.registry.register_all(found)
         self.tokenizer = load_tokenizer(base)
@@ -472,6 +481,23 @@ class Engine:
             raise ValueError(f"it is a {config.task_type} adapter and this server serves {self.task}")
         if not methods.method_type(config.peft_type).servable:
             raise ValueError(methods.not_servable(config.peft_type))
+        if self.kind not in ("?", None, config.peft_type):
+            raise ValueError(
+                f"it is a {config.peft_type} adapter and this server serves {self.kind} adapters (one model holds "
+                "adapters of one kind: serve these with a server of their own)"
+            )
+        if self.kind is None:  # no adapter at startup: the first one registered decides
+            self.kind = config.peft_type
+
+
+def _decide_kind(peft_types: list[str]) -> str | None:
+    """The kind of adapter a server serves (a model holds adapters of one kind): LoRA when any adapter is one
+    (the kind the mixed-adapter batches are built for), else the kind most adapters are (then by name); None when
+    there is none yet."""
+    if not peft_types:
+        return None
+    counts = collections.Counter(peft_types)
+    return min(counts, key=lambda t: (t != "LORA", -counts[t], t))
 
 
 def _decide_task(task: str, base_config: Any, task_types: list[str | None]) -> str:
