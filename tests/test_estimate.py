@@ -246,3 +246,25 @@ def test_the_rank_check_applies_to_the_methods_whose_count_the_rank_changes():
 
     ranked = {m for m in registry.names() if _uses_rank(m)}
     assert ranked == {"lora", "dora", "lora-plus", "qlora-nf4", "qlora-int8"}
+
+
+@pytest.mark.parametrize(
+    ("size", "method", "expected"),
+    [
+        # PEFT's print_trainable_parameters() for LoRA r=8 on q_proj/v_proj: the counts its users know
+        ("7b", "lora", 4_194_304),  # Llama-2-7B: v as wide as q
+        ("8b", "lora", 3_407_872),  # Llama-3-8B: v is 1024 wide (8 key/value heads)
+        # DoRA adds a magnitude per output row of q (4096) and v (1024) in each of 32 blocks
+        ("8b", "dora", 3_407_872 + 32 * (4096 + 1024)),
+        # (IA)^3 scales k and v outputs (1024 each) and the down-projection's input (14336) per block
+        ("8b", "ia3", 32 * (1024 + 1024 + 14336)),
+        ("7b", "ia3", 32 * (4096 + 4096 + 11008)),
+    ],
+)
+def test_trainable_counts_follow_the_released_shape_grouped_query_attention_included(size, method, expected):
+    """With the released shapes, the formulas counted v's output as the full hidden size and the feed-forward as
+    4h: Llama-3-8B's LoRA came out at 4,194,304 where PEFT counts 3,407,872."""
+    from deltatune.estimate import Shape, param_count, trainable_params
+
+    shape = Shape.from_params(param_count(size))
+    assert trainable_params(shape, method, r=8) == expected

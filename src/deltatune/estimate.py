@@ -105,6 +105,16 @@ class Shape:
     heads: int
     published: Published | None = None  # the released model whose shape this is
 
+    @property
+    def kv_hidden(self) -> int:
+        """The keys'/values' width: narrower than `hidden` for a released model with grouped-query attention."""
+        model = self.published
+        return model.kv_heads * (model.hidden // model.heads) if model else self.hidden
+
+    @property
+    def intermediate(self) -> int | None:
+        return self.published.intermediate if self.published else None
+
     @classmethod
     def from_params(
         cls, params: float, hidden: int | None = None, layers: int | None = None, heads: int | None = None

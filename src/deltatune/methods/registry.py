@@ -143,6 +143,20 @@ class ModelShape:
     hidden: int
     layers: int
     heads: int
+    kv_hidden: int | None = None  # keys'/values' width with grouped-query attention (None: `hidden`)
+    intermediate: int | None = None  # the feed-forward width (None: 4 x `hidden`)
+
+
+def _kv(shape: ModelShape) -> int:
+    return getattr(shape, "kv_hidden", None) or shape.hidden
+
+
+def _outputs(shape: ModelShape, o: Mapping[str, Any]) -> int:
+    """The output widths of one block's adapted matrices: `targets_per_layer` of them, q then v (PEFT's default
+    targets), then any others as hidden -> hidden; v is as wide as the keys/values (narrower with grouped-query
+    attention)."""
+    t = o["targets_per_layer"]
+    return t * shape.hidden + (_kv(shape) - shape.hidden if t >= 2 else 0)
 
 
 # Options the estimate formulas read (the `deltatune estimate` flags), with their defaults.
@@ -158,11 +172,12 @@ def _top_layers(shape: ModelShape, o: Mapping[str, Any]) -> float:
 
 
 def _lora(shape: ModelShape, o: Mapping[str, Any]) -> float:
-    return shape.layers * o["targets_per_layer"] * o["r"] * 2 * shape.hidden
+    # per adapted matrix: A (r x in) and B (out x r)
+    return shape.layers * o["r"] * (o["targets_per_layer"] * shape.hidden + _outputs(shape, o))
 
 
 def _dora(shape: ModelShape, o: Mapping[str, Any]) -> float:
-    return _lora(shape, o) + shape.layers * o["targets_per_layer"] * shape.hidden
+    return _lora(shape, o) + shape.layers * _outputs(shape, o)  # and a magnitude per output row
 
 
 def _bottleneck(per_block: int) -> Callable[[ModelShape, Mapping[str, Any]], float]:
@@ -175,13 +190,14 @@ def _bottleneck(per_block: int) -> Callable[[ModelShape, Mapping[str, Any]], flo
 
 
 def _ia3(shape: ModelShape, o: Mapping[str, Any]) -> float:
-    # PEFT's defaults: key and value outputs (h each) and the FFN down-projection's input (4h).
-    return shape.layers * (2 * shape.hidden + 4 * shape.hidden)
+    # PEFT's defaults: key and value outputs and the FFN down-projection's input (its width, 4h unless known).
+    ffn = getattr(shape, "intermediate", None) or 4 * shape.hidden
+    return shape.layers * (2 * _kv(shape) + ffn)
 
 
 def _vera(shape: ModelShape, o: Mapping[str, Any]) -> float:
     # Per adapted layer: lambda_b (out) + lambda_d (r, 256 by default); the shared random matrices are frozen.
-    return shape.layers * o["targets_per_layer"] * (shape.hidden + o.get("vera_r", 256))
+    return shape.layers * (_outputs(shape, o) + o["targets_per_layer"] * o.get("vera_r", 256))
 
 
 def _oft(shape: ModelShape, o: Mapping[str, Any]) -> float:
