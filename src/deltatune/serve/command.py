@@ -167,7 +167,7 @@ def serve_main(argv: list[str] | None = None) -> int:
         max_tokens_cap=args.max_tokens_cap,
         max_body_bytes=args.max_body_bytes,
         # a loopback bind: this machine's names only, and those given
-        allowed_hosts=webguard.allowed_hosts_for(args.host, [n.strip() for n in args.allowed_host or ()]),
+        allowed_hosts=webguard.allowed_hosts_for(args.host, args.allowed_host or ()),
     )
     uvicorn.run(
         app,

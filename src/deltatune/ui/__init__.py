@@ -66,12 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     if not os.path.isdir(args.runs):  # a mistyped --runs would show an empty board and say nothing
         where += ": a new folder, so no runs to show yet; runs launched from the board are written there"
     # bound to this machine only: refuse a Host header naming anything else (DNS rebinding, see webguard.py)
-    extra = [n.strip() for n in args.allowed_host or ()]
+    extra = tuple(args.allowed_host or ())  # normalized where compared (`webguard.allowed_set`)
     app = create_app(
-        args.runs,
-        api_key=api_key,
-        allowed_hosts=allowed_hosts_for(args.host, extra),
-        proxy_hosts=tuple(extra),
+        args.runs, api_key=api_key, allowed_hosts=allowed_hosts_for(args.host, extra), proxy_hosts=extra
     )
     shown = f"[{args.host}]" if ":" in args.host and not args.host.startswith("[") else args.host  # IPv6
     print(f"deltatune ui: http://{shown}:{args.port}/  (runs: {where})", flush=True)

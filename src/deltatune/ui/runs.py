@@ -106,19 +106,30 @@ def _finite_or_text(value: Any) -> bool:
     return not isinstance(value, float) or math.isfinite(value)
 
 
-def in_use(path: str) -> bool:
-    """Whether a process holds the lock `deltatune train` / `compare` take on their output folder while they write
-    there (`checkpoint.FolderLock`): a run started from a terminal or another board, or resumed (its summary.json
-    still says "interrupted"). Read from Linux's /proc/locks, not by taking the lock, which would make a run
-    starting at that instant refuse its folder as in use; False where /proc/locks can't be read."""
+def locked_folders() -> set[str]:
+    """The `dev:inode` keys of everything a process holds an `flock` on, read once from Linux's /proc/locks
+    (empty where it can't be read)."""
     try:
-        st = os.stat(path)
         with open("/proc/locks") as f:
             text = f.read()
     except OSError:
+        return set()
+    lines = (fields for fields in map(str.split, text.splitlines()) if "FLOCK" in fields)
+    return {field for fields in lines for field in fields if field.count(":") == 2}  # `maj:min:inode`
+
+
+def in_use(path: str, locked: set[str] | None = None) -> bool:
+    """Whether a process holds the lock `deltatune train` / `compare` take on their output folder while they write
+    there (`checkpoint.FolderLock`): a run started from a terminal or another board, or resumed (its summary.json
+    still says "interrupted"). Read from /proc/locks (`locked`: what `locked_folders` gave, so that a scan of many
+    runs reads it once), not by taking the lock, which would make a run starting at that instant refuse its
+    folder as in use; False where /proc/locks can't be read."""
+    try:
+        st = os.stat(path)
+    except OSError:
         return False
     key = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
-    return any("FLOCK" in fields and key in fields for fields in map(str.split, text.splitlines()))
+    return key in (locked_folders() if locked is None else locked)
 
 
 def _newest_mtime(path: str) -> float:
@@ -150,7 +161,9 @@ def best_metric(rows: list[dict[str, Any]], summary: dict[str, Any] | None = Non
     return None
 
 
-def train_run(root: str, path: str, running: set[str] | None = None) -> dict[str, Any]:
+def train_run(
+    root: str, path: str, running: set[str] | None = None, locked: set[str] | None = None
+) -> dict[str, Any]:
     """What the run list shows of one train output folder."""
     problems: list[str] = []
     config = read_yaml(os.path.join(path, "train_config.yaml"), problems) or {}
@@ -165,7 +178,7 @@ def train_run(root: str, path: str, running: set[str] | None = None) -> dict[str
         problems.append("no train_config.yaml")
     checkpoints = _checkpoints(path)
     mtime = _newest_mtime(path)
-    if (running is not None and os.path.realpath(path) in running) or in_use(path):
+    if (running is not None and os.path.realpath(path) in running) or in_use(path, locked):
         status = "running"
     elif summary and summary.get("status"):
         status = str(summary["status"])
@@ -197,7 +210,9 @@ def train_run(root: str, path: str, running: set[str] | None = None) -> dict[str
     }
 
 
-def compare_run(root: str, path: str, running: set[str] | None = None) -> dict[str, Any]:
+def compare_run(
+    root: str, path: str, running: set[str] | None = None, locked: set[str] | None = None
+) -> dict[str, Any]:
     """What the run list shows of one compare folder."""
     problems: list[str] = []
     results = read_json(os.path.join(path, "results.json"), problems)
@@ -215,7 +230,7 @@ def compare_run(root: str, path: str, running: set[str] | None = None) -> dict[s
             break
     mtime = _newest_mtime(path)
     sub = [n for n in sorted(os.listdir(path)) if os.path.isfile(os.path.join(path, n, "compare_spec.json"))]
-    if (running is not None and os.path.realpath(path) in running) or in_use(path):
+    if (running is not None and os.path.realpath(path) in running) or in_use(path, locked):
         status = "running"
     elif results is not None:
         failed = len(methods) - len(ok)
@@ -261,6 +276,7 @@ def scan(root: str, running: set[str] | None = None) -> list[dict[str, Any]]:
     root_real = os.path.realpath(root)
     if not os.path.isdir(root_real):
         return found
+    locked = locked_folders()  # once for the whole scan
 
     def walk(path: str, depth: int) -> bool:
         try:
@@ -268,10 +284,10 @@ def scan(root: str, running: set[str] | None = None) -> list[dict[str, Any]]:
         except OSError:
             return False
         if kind == "compare":
-            found.append(compare_run(root_real, path, running))
+            found.append(compare_run(root_real, path, running, locked))
             return True
         if kind == "train":
-            found.append(train_run(root_real, path, running))
+            found.append(train_run(root_real, path, running, locked))
             return True
         if depth >= MAX_DEPTH:
             return False
