@@ -240,6 +240,27 @@ def test_the_estimate_and_its_header_use_the_released_shape(capsys):
     assert capsys.readouterr().out.startswith("1.75e+11 parameters (hidden 12288, 96 blocks, 96 heads); ")
 
 
+def test_the_json_says_which_shape_each_estimate_assumed(capsys):
+    import json
+
+    from deltatune import cli
+
+    assert cli.main(["estimate", "--params", "8b", "--method", "lora", "--json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert row["shape"] == {
+        "hidden": 4096,
+        "layers": 32,
+        "heads": 32,
+        "kv_hidden": 1024,  # Llama-3-8B: 8 key/value heads of 128
+        "intermediate": 14336,
+        "published_model": "Llama-3-8B",
+    }
+    assert row["trainable"] == 3_407_872  # q (4096 -> 4096) and v (4096 -> 1024), r=8, 32 blocks: as PEFT counts
+    assert cli.main(["estimate", "--params", "175e9", "--method", "lora", "--json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert row["shape"]["published_model"] is None and row["shape"]["hidden"] == 12288
+
+
 def test_the_rank_check_applies_to_the_methods_whose_count_the_rank_changes():
     from deltatune.estimate import _uses_rank
     from deltatune.methods import registry

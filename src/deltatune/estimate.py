@@ -367,7 +367,16 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as e:
             parser.error(str(e))
     if args.json:
-        print(json.dumps([asdict(r) for r in rows], indent=2))
+        # each row says which shape it assumed (the released model's name, or null for a given/aspect-ratio shape)
+        where = {
+            "hidden": shape.hidden,
+            "layers": shape.layers,
+            "heads": shape.heads,
+            "kv_hidden": shape.kv_hidden,
+            "intermediate": shape.intermediate,
+            "published_model": shape.published.name if shape.published else None,
+        }
+        print(json.dumps([{**asdict(r), "shape": where} for r in rows], indent=2))
         return 0
     print(
         f"{args.params:.3g} parameters ({_shape_source(shape)}hidden {shape.hidden}, {shape.layers} blocks, "
