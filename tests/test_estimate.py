@@ -255,7 +255,7 @@ def test_the_json_says_which_shape_each_estimate_assumed(capsys):
         "intermediate": 14336,
         "published_model": "Llama-3-8B",
     }
-    assert row["trainable"] == 3_407_872  # q (4096 -> 4096) and v (4096 -> 1024), r=8, 32 blocks: as PEFT counts
+    assert row["trainable"] == 3_407_872  # q (4096 -> 4096) and v (4096 -> 1024), r=8, 32 blocks, as PEFT
     assert cli.main(["estimate", "--params", "175e9", "--method", "lora", "--json"]) == 0
     (row,) = json.loads(capsys.readouterr().out)
     assert row["shape"]["published_model"] is None and row["shape"]["hidden"] == 12288
