@@ -298,8 +298,10 @@ def merge_main(argv: list[str]) -> int:
     if os.path.exists(args.out):
         raise ConfigError(f"{short(args.out)} exists already; pick a new folder for --out")
     dtype = dtypes.torch_dtype(args.dtype)
+    from safetensors import SafetensorError
+
     from deltatune.checkpoint import umask as checkpoint_umask
-    from deltatune.checkpoint import unwritable
+    from deltatune.checkpoint import unwritable, write_failure
 
     parent = os.path.dirname(os.path.abspath(args.out))
     # Made if missing; a place that can't be written fails before the models load.
@@ -324,8 +326,13 @@ def merge_main(argv: list[str]) -> int:
         for name in os.listdir(tmp):  # safetensors writes its files 0600 whatever the umask
             os.chmod(os.path.join(tmp, name), 0o666 & ~mask)
         os.rename(tmp, args.out)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, (OSError, SafetensorError)):  # a full disk, `ulimit -f`: safetensors says neither
+            raise CheckpointError(
+                f"could not write the merged model to {short(args.out)}: {write_failure(e, parent)}; nothing "
+                "was kept"
+            ) from e
         raise
     print(f"merged {args.adapter} into {base_path} -> {args.out} ({type(merged).__name__}, {args.dtype})")
     return 0
