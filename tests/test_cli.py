@@ -314,6 +314,32 @@ def test_generate_refuses_empty_prompts_too_many_tokens_and_a_base_without_token
         Engine(str(lm), device="cpu")
 
 
+@pytest.mark.parametrize(
+    "option, message",
+    [
+        (
+            ["--seed", str(10**23)],
+            f"--seed must be an integer from 0 to 4294967295 (2**32 - 1), got {10**23}",
+        ),
+        (["--seed", "-1"], "--seed must be an integer from 0 to 4294967295 (2**32 - 1), got -1"),
+        # a prompt typed in a Latin-1 terminal: Python gets the byte 0xe9 as the lone surrogate '\udce9'
+        (
+            ["--prompt", "caf\udce9"],
+            "--prompt 'caf\\udce9' is not UTF-8 text (at character 3): pass the prompt",
+        ),
+    ],
+)
+def test_generate_refuses_a_seed_torch_cant_take_and_a_prompt_that_is_not_utf8_before_loading(
+    tmp_path, capsys, option, message
+):
+    """`--seed 10**23` was "ValueError: Overflow when unpacking long long" and a non-UTF-8 prompt a tokenizers
+    TypeError, both tracebacks after the models had loaded."""
+    argv = ["generate", "--adapter", str(tmp_path / "not-loaded"), "--prompt", "w1", *option]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"deltatune generate: error: {message}") and err.count("\n") == 1, err
+
+
 def test_a_model_folder_without_tokenizer_files_is_refused_where_transformers_makes_an_empty_one(tmp_path):
     from transformers import AutoTokenizer
 

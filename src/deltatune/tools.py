@@ -361,6 +361,20 @@ def generate_main(argv: list[str]) -> int:
         raise ConfigError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     if not args.temperature >= 0 or args.temperature == float("inf"):
         raise ConfigError(f"--temperature must be a finite number >= 0, got {args.temperature}")
+    from deltatune.train.config import MAX_SEED  # as a training run's seed
+
+    if not 0 <= args.seed <= MAX_SEED:
+        raise ConfigError(
+            f"--seed must be an integer from 0 to {MAX_SEED} (2**32 - 1), got {short(args.seed, 40)}"
+        )
+    for prompt in args.prompt:
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError as e:  # bytes that aren't UTF-8 reach Python as lone surrogates
+            raise ConfigError(
+                f"--prompt {short(prompt, 60)} is not UTF-8 text (at character {e.start}): pass the prompt in "
+                "UTF-8 (a terminal with a UTF-8 locale)"
+            ) from None
     model, base_path, info = _load(args.base, args.adapter, dtypes.torch_dtype(args.dtype))
     tokenizer = load_tokenizer(adapter_dir(args.adapter), base_path)
     if info["task_type"] == "SEQ_CLS" or not hasattr(model.get_base_model(), "generate"):
