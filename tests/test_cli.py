@@ -314,6 +314,32 @@ def test_generate_refuses_empty_prompts_too_many_tokens_and_a_base_without_token
         Engine(str(lm), device="cpu")
 
 
+@pytest.mark.parametrize(
+    "option, message",
+    [
+        (
+            ["--seed", str(10**23)],
+            f"--seed must be an integer from 0 to 4294967295 (2**32 - 1), got {10**23}",
+        ),
+        (["--seed", "-1"], "--seed must be an integer from 0 to 4294967295 (2**32 - 1), got -1"),
+        # a prompt typed in a Latin-1 terminal: Python gets the byte 0xe9 as the lone surrogate '\udce9'
+        (
+            ["--prompt", "caf\udce9"],
+            "--prompt 'caf\\udce9' is not UTF-8 text (at character 3): pass the prompt",
+        ),
+    ],
+)
+def test_generate_refuses_a_seed_torch_cant_take_and_a_prompt_that_is_not_utf8_before_loading(
+    tmp_path, capsys, option, message
+):
+    """`--seed 10**23` was "ValueError: Overflow when unpacking long long" and a non-UTF-8 prompt a tokenizers
+    TypeError, both tracebacks after the models had loaded."""
+    argv = ["generate", "--adapter", str(tmp_path / "not-loaded"), "--prompt", "w1", *option]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"deltatune generate: error: {message}") and err.count("\n") == 1, err
+
+
 def test_a_model_folder_without_tokenizer_files_is_refused_where_transformers_makes_an_empty_one(tmp_path):
     from transformers import AutoTokenizer
 
@@ -509,6 +535,28 @@ def test_demo_removes_its_temp_adapter_and_keeps_one_given_out(tmp_path, monkeyp
     assert cli.main(["demo", "--steps", "1", "--out", str(kept)]) == 0
     assert f"3. saved the adapter to {kept}: " in capsys.readouterr().out
     assert sorted(os.listdir(kept)) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
+def test_merge_and_demo_that_cannot_write_end_in_one_line_and_leave_nothing(tmp_path, classifier):
+    """Under `ulimit -f` (as on a full disk) safetensors raises its own SafetensorError, which `merge` and `demo`
+    showed as a traceback ("a bug in deltatune"); `demo --out NEW` also left the empty folder it had made."""
+    base, adapter = classifier
+    code = (
+        "import resource, sys; resource.setrlimit(resource.RLIMIT_FSIZE, (4_000, resource.RLIM_INFINITY)); "
+        "from deltatune.cli import main; sys.exit(main(sys.argv[1:]))"
+    )
+    for argv, said in (
+        (["merge", "--base", base, "--adapter", adapter, "--out", str(tmp_path / "merged")], "merged model"),
+        (["demo", "--steps", "1", "--out", str(tmp_path / "demo")], "adapter"),
+    ):
+        proc = subprocess.run(
+            [sys.executable, "-c", code, *argv], capture_output=True, text=True, env=ENV, timeout=300
+        )
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+        line = proc.stderr.strip().splitlines()[-1]
+        assert line.startswith(f"deltatune {argv[0]}: error: could not ") and f"the {said} to " in line, line
+        assert "file-size limit, ulimit -f" in line
+    assert sorted(os.listdir(tmp_path)) == ["base", "run"]  # no merged/, demo/ or .merge-* temp folder
 
 
 def test_demo_out_in_a_busy_folder_reports_the_adapters_size(tmp_path, capsys):

@@ -207,6 +207,38 @@ def test_a_refused_resume_keeps_the_run_s_settings_and_a_rank_change_names_both_
     )  # an accepted resume: its settings
 
 
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("state.json", b"[1]", "state.json is not a JSON object with the step it was written at"),
+        ("state.json", b"{bad", "state.json can't be read"),
+        ("training_state.pt", b"garbage", "training_state.pt can't be read: UnpicklingError: Unsupported"),
+        ("training_state.pt", None, "training_state.pt can't be read: RuntimeError: PytorchStreamReader"),
+    ],
+)
+def test_resuming_from_a_damaged_checkpoint_is_a_one_line_error_that_keeps_the_run(
+    tmp_path, bert, emails, name, content, message, capsys
+):
+    """A damaged state.json or training_state.pt was an AttributeError / UnpicklingError traceback ("a bug")."""
+    from deltatune.cli import main
+
+    out = tmp_path / "run"
+    run(make_config(out, bert, emails, max_steps=2, save_every=2))
+    damaged = out / "checkpoints" / "step-2" / name
+    damaged.write_bytes(damaged.read_bytes()[:200] if content is None else content)
+    before = sorted(p.name for p in out.iterdir())
+    args = [f"{k}={v}" for k, v in {"model": bert, "data": emails, "output_dir": out}.items()]
+    args += ["eval_fraction=0.25", "batch_size=4", "max_steps=3", "max_length=32", "progress=false"]
+    args += ["method_args.r=2", "method_args.lora_alpha=4"]
+    assert main(["train", *args, "--resume"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(
+        f"deltatune train: error: the checkpoint {out / 'checkpoints' / 'step-2'} is damaged ("
+    )
+    assert message in err[-1] and "Traceback" not in "\n".join(err)
+    assert sorted(p.name for p in out.iterdir()) == before and damaged.exists()
+
+
 class SignalAtForward:
     """Calls `action` on the k-th training-mode forward of the whole model (a global hook)."""
 

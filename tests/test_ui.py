@@ -211,6 +211,67 @@ def test_playground_answers_equal_generate(tmp_path, capsys):
 
 
 @pytest.mark.parametrize(
+    "route, body, message",
+    [
+        # each was a 500: an OverflowError, a TypeError iterating a number, a tokenizers TypeError, a ValueError
+        (
+            "/api/playground",
+            '{"prompt": "w1", "max_new_tokens": Infinity}',
+            "max_new_tokens and temperature must",
+        ),
+        (
+            "/api/playground",
+            '{"prompt": "w1", "max_new_tokens": 1e999}',
+            "max_new_tokens and temperature must",
+        ),
+        ("/api/playground", '{"prompt": "w1", "adapters": 5}', "adapters must be a list of adapter folders"),
+        (
+            "/api/playground",
+            '{"prompt": "w1", "adapters": [7]}',
+            "adapters must be a list of adapter folders",
+        ),
+        ("/api/playground", '{"prompt": "\\ud800"}', "the request body holds a lone surrogate"),
+        (
+            "/api/playground",
+            '{"prompt": "w1", "temperature": NaN}',
+            "temperature must be a finite number >= 0",
+        ),
+        ("/api/jobs", '{"kind": "train", "report_to": 5}', "report_to must be a list of names, got 5"),
+        ("/api/jobs", '{"kind": "train", "report_to": [5]}', "report_to must be a list of names, got [5]"),
+        ("/api/jobs", '{"kind": "compare", "methods": ["lora", 5]}', "methods must be a list of names"),
+        ("/api/jobs", '{"kind": "train", "resume": "x\\u0000"}', "the request body holds a NUL character"),
+        ("/api/jobs", '{"kind": "compare", "model": "\\u0000"}', "the request body holds a NUL character"),
+        (
+            "/api/jobs",
+            '{"kind": "train", "name": {"a\\ud800": 1}}',
+            "the request body holds a lone surrogate",
+        ),
+        ("/api/jobs", "[" * 100_000 + "]" * 100_000, "the request body is not valid JSON"),
+    ],
+)
+def test_bodies_of_the_wrong_shape_are_a_400_and_start_nothing(runs_dir, route, body, message):
+    client = TestClient(create_app(str(runs_dir)), raise_server_exceptions=False)
+    r = client.post(route, content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 400 and message in r.json()["error"], r.text
+    assert client.get("/api/jobs").json()["jobs"] == []
+
+
+def test_a_nul_in_a_run_path_is_a_404_and_a_classifier_base_alone_answers_with_its_head(runs_dir, tmp_path):
+    """`/api/run?path=%00` was a 500 (realpath's ValueError); the playground with a classifier base and no adapter
+    loaded it without its head and failed on `.logits` (a 500)."""
+    client = TestClient(create_app(str(runs_dir)), raise_server_exceptions=False)
+    for route in ("/api/run", "/api/metrics"):
+        r = client.get(route, params={"path": "good\x00"})
+        assert r.status_code == 404 and r.json()["error"] == "no run folder 'good\\x00'"
+    base = train_helpers.tiny_bert_folder(tmp_path / "bert")
+    r = client.post("/api/playground", json={"base": base, "prompt": "w1 w2"})
+    assert r.status_code == 200, r.text
+    (answer,) = r.json()["answers"]
+    assert r.json()["task"] == "classify" and len(answer["scores"]) == 2
+    assert abs(sum(answer["scores"]) - 1) < 1e-5
+
+
+@pytest.mark.parametrize(
     "argv, message",
     [
         (["--port", "70000"], "--port must be from 0 (any free port) to 65535, got 70000"),

@@ -457,6 +457,46 @@ def _check_shapes(directory: str, weights: dict[str, torch.Tensor], model: nn.Mo
         )
 
 
+def _damaged(directory: str, what: str) -> CheckpointError:
+    return CheckpointError(
+        f"the checkpoint {directory} is damaged ({what}): move that folder out of checkpoints/ to resume from "
+        "the one before it, or start again with --overwrite"
+    )
+
+
+def _read_state(directory: str) -> dict:
+    """A checkpoint's `state.json`: a JSON object with the step it was written at."""
+    path = os.path.join(directory, "state.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+    except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8
+        raise _damaged(directory, f"state.json can't be read: {short(str(e), 200)}") from e
+    if not isinstance(saved, dict) or not isinstance(saved.get("step"), int):
+        raise _damaged(directory, "state.json is not a JSON object with the step it was written at")
+    return saved
+
+
+def _read_training_state(directory: str) -> dict:
+    """A checkpoint's `training_state.pt` (optimizer, scheduler, scaler, RNG), read as plain data only."""
+    path = os.path.join(directory, "training_state.pt")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            training = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated zip, a foreign pickle refused by weights_only, a missing file
+        # torch's message runs over lines and advises weights_only=False: only its reason is kept
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        reason = next((ln for ln in lines if ln.startswith("Unsupported")), lines[0] if lines else "")
+        reason = reason.split(". ")[0] if reason.startswith("Pytorch") else reason
+        raise _damaged(
+            directory, f"training_state.pt can't be read: {type(e).__name__}: {reason[:200]}"
+        ) from e
+    if not isinstance(training, dict) or not {"optimizer", "scheduler", "scaler", "rng"} <= set(training):
+        raise _damaged(directory, "training_state.pt lacks the optimizer, scheduler, scaler or RNG state")
+    return training
+
+
 def load_checkpoint(
     directory: str, model: nn.Module, optimizer: Any, scheduler: Any, scaler: Any, ctx: Any, state: dict
 ) -> dict:
@@ -467,8 +507,7 @@ def load_checkpoint(
         set_optimizer_state_dict,
     )
 
-    with open(os.path.join(directory, "state.json"), encoding="utf-8") as f:
-        saved = json.load(f)
+    saved = _read_state(directory)
     changed = [k for k in ("world", "batch_size", "grad_accum") if saved.get(k) != state[k]]
     if changed:
         raise TrainingError(
@@ -488,7 +527,7 @@ def load_checkpoint(
     _check_shapes(directory, weights, model)
     options = StateDictOptions(full_state_dict=True, strict=False)
     set_model_state_dict(model, weights, options=options)
-    training = torch.load(os.path.join(directory, "training_state.pt"), map_location="cpu", weights_only=True)
+    training = _read_training_state(directory)
     set_optimizer_state_dict(model, optimizer, training["optimizer"], options=options)
     scheduler.load_state_dict(training["scheduler"])
     scaler.load_state_dict(training["scaler"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import tempfile
 import time
 
@@ -33,11 +34,21 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.steps < 1:
         parser.error(f"--steps must be at least 1, got {args.steps}")
+    created = args.out is not None and not os.path.lexists(args.out)
     if args.out is not None:
         from deltatune.checkpoint import unwritable
 
         if why := unwritable(args.out):
             parser.error(f"--out {args.out}: {why}; give a folder the adapter can be saved in")
+    try:
+        return _run(args)
+    except BaseException:
+        if created:  # the folder this run made for --out: a failed or interrupted demo leaves nothing
+            shutil.rmtree(args.out, ignore_errors=True)
+        raise
+
+
+def _run(args: argparse.Namespace) -> int:
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -85,12 +96,17 @@ def main(argv: list[str] | None = None) -> int:
 def _save_reload_merge(model, batch, labels, logits, path: str, out: str, *, kept: bool) -> None:
     """Steps 3-5: save the adapter to `out`, reload it onto a fresh base, merge it; each compared to `logits`."""
     import torch
+    from safetensors import SafetensorError
     from transformers import AutoModelForSequenceClassification
 
     from deltatune import PeftModel
-    from deltatune.checkpoint import CONFIG_NAME, WEIGHTS_NAME
+    from deltatune.checkpoint import CONFIG_NAME, WEIGHTS_NAME, write_failure
+    from deltatune.errors import CheckpointError
 
-    model.save_pretrained(out)
+    try:
+        model.save_pretrained(out)
+    except (OSError, SafetensorError) as e:  # a full disk, `ulimit -f`: safetensors says neither
+        raise CheckpointError(f"could not save the adapter to {out}: {write_failure(e, out)}") from e
     # the adapter's own two files: `--out` may be a folder that holds other things too
     size = sum(os.path.getsize(os.path.join(out, f)) for f in (CONFIG_NAME, WEIGHTS_NAME))
     where = out if kept else f"a temp folder ({out}, removed at the end; --out FOLDER keeps it)"

@@ -298,8 +298,10 @@ def merge_main(argv: list[str]) -> int:
     if os.path.exists(args.out):
         raise ConfigError(f"{short(args.out)} exists already; pick a new folder for --out")
     dtype = dtypes.torch_dtype(args.dtype)
+    from safetensors import SafetensorError
+
     from deltatune.checkpoint import umask as checkpoint_umask
-    from deltatune.checkpoint import unwritable
+    from deltatune.checkpoint import unwritable, write_failure
 
     parent = os.path.dirname(os.path.abspath(args.out))
     # Made if missing; a place that can't be written fails before the models load.
@@ -324,8 +326,13 @@ def merge_main(argv: list[str]) -> int:
         for name in os.listdir(tmp):  # safetensors writes its files 0600 whatever the umask
             os.chmod(os.path.join(tmp, name), 0o666 & ~mask)
         os.rename(tmp, args.out)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, (OSError, SafetensorError)):  # a full disk, `ulimit -f`: safetensors says neither
+            raise CheckpointError(
+                f"could not write the merged model to {short(args.out)}: {write_failure(e, parent)}; nothing "
+                "was kept"
+            ) from e
         raise
     print(f"merged {args.adapter} into {base_path} -> {args.out} ({type(merged).__name__}, {args.dtype})")
     return 0
@@ -354,6 +361,20 @@ def generate_main(argv: list[str]) -> int:
         raise ConfigError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     if not args.temperature >= 0 or args.temperature == float("inf"):
         raise ConfigError(f"--temperature must be a finite number >= 0, got {args.temperature}")
+    from deltatune.train.config import MAX_SEED  # as a training run's seed
+
+    if not 0 <= args.seed <= MAX_SEED:
+        raise ConfigError(
+            f"--seed must be an integer from 0 to {MAX_SEED} (2**32 - 1), got {short(args.seed, 40)}"
+        )
+    for prompt in args.prompt:
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError as e:  # bytes that aren't UTF-8 reach Python as lone surrogates
+            raise ConfigError(
+                f"--prompt {short(prompt, 60)} is not UTF-8 text (at character {e.start}): pass the prompt in "
+                "UTF-8 (a terminal with a UTF-8 locale)"
+            ) from None
     model, base_path, info = _load(args.base, args.adapter, dtypes.torch_dtype(args.dtype))
     tokenizer = load_tokenizer(adapter_dir(args.adapter), base_path)
     if info["task_type"] == "SEQ_CLS" or not hasattr(model.get_base_model(), "generate"):

@@ -117,11 +117,32 @@ class _BrowserGuard:
 async def _json_body(request: Request) -> dict[str, Any] | JSONResponse:
     try:
         body = await request.json()
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested too deeply
         return JSONResponse({"error": "the request body is not valid JSON"}, status_code=400)
     if not isinstance(body, dict):
         return JSONResponse({"error": "the request body must be a JSON object"}, status_code=400)
+    if problem := _bad_text(body):
+        return JSONResponse({"error": f"the request body holds {problem}; send plain text"}, status_code=400)
     return body
+
+
+def _bad_text(value: Any) -> str | None:
+    """What no path, name or prompt may hold, anywhere in a parsed body: a NUL (which no file name can hold) or an
+    escaped lone surrogate (`\\ud800` parses, but is no character: paths and tokenizers fail on it)."""
+    if isinstance(value, str):
+        if "\x00" in value:
+            return "a NUL character"
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return "a lone surrogate (half of a UTF-16 pair)"
+        return None
+    items = value.items() if isinstance(value, dict) else value if isinstance(value, list) else ()
+    for item in items:
+        for part in item if isinstance(value, dict) else (item,):
+            if problem := _bad_text(part):
+                return problem
+    return None
 
 
 def create_app(
@@ -267,12 +288,16 @@ def create_app(
         body = await _json_body(request)
         if isinstance(body, JSONResponse):
             return body
-        adapters = [str(a) for a in body.get("adapters") or [] if a]
+        adapters = body.get("adapters") or []
+        if not isinstance(adapters, list) or not all(isinstance(a, str) for a in adapters):
+            return JSONResponse({"error": "adapters must be a list of adapter folders"}, status_code=400)
         try:
             max_new = int(body.get("max_new_tokens") or 40)
             temperature = float(body.get("temperature") or 0.0)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # OverflowError: Infinity or 1e999 as max_new_tokens
             return JSONResponse({"error": "max_new_tokens and temperature must be numbers"}, status_code=400)
+        if not 0.0 <= temperature < float("inf"):  # NaN too
+            return JSONResponse({"error": "temperature must be a finite number >= 0"}, status_code=400)
         try:
             return await run_in_threadpool(
                 playground.answer,

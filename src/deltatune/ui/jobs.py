@@ -79,6 +79,16 @@ def _text(form: dict[str, Any], key: str) -> str:
     return "" if value is None else str(value).strip()
 
 
+def _names(form: dict[str, Any], key: str) -> list[str]:
+    """A list field of the form (`methods`, `report_to`): a list of names or one comma-separated string."""
+    value = form.get(key) or []
+    if isinstance(value, str):
+        value = value.split(",")
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise JobError(f"{key} must be a list of names, got {str(value)[:80]}")
+    return [v.strip() for v in value if v.strip()]
+
+
 def train_argv(form: dict[str, Any], runs_root: str) -> tuple[list[str], str]:
     """The `deltatune train` command line for a form, and its output folder; checked like the CLI does."""
     from deltatune.train import load_train_config
@@ -100,7 +110,7 @@ def train_argv(form: dict[str, Any], runs_root: str) -> tuple[list[str], str]:
     for key in ("lr", "batch_size", "max_length", "log_every", "save_every", "eval_every"):
         if _text(form, key):
             overrides.append(f"{key}={_text(form, key)}")
-    report_to = [r for r in form.get("report_to") or [] if r]
+    report_to = _names(form, "report_to")
     if report_to:
         overrides.append(f"report_to=[{','.join(report_to)}]")
     out = _output_dir(form, runs_root, _text(form, "method") or "lora")
@@ -133,12 +143,10 @@ def compare_argv(form: dict[str, Any], runs_root: str) -> tuple[list[str], str]:
     ):
         if _text(form, key):
             argv += [flag, _text(form, key)]
-    methods = form.get("methods")
-    if isinstance(methods, list):
-        methods = ",".join(m for m in methods if m)
+    methods = _names(form, "methods")
     if methods:
-        argv += ["--methods", str(methods)]
-    report_to = [r for r in form.get("report_to") or [] if r]
+        argv += ["--methods", ",".join(methods)]
+    report_to = _names(form, "report_to")
     if report_to:
         argv += ["--report-to", ",".join(report_to)]
     out = _output_dir(form, runs_root, "compare")

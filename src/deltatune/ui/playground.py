@@ -75,6 +75,11 @@ class Playground:
         task = infos[0]["task_type"] if infos else None
         num_labels = infos[0]["num_labels"] if infos else None
         model = tools.load_base(base_path, task, num_labels)
+        if not adapters and any(
+            a.endswith("ForSequenceClassification") for a in model.config.architectures or []
+        ):  # a classifier base alone answers with its own head, which load_base leaves out without a task
+            task = "SEQ_CLS"
+            model = tools.load_base(base_path, task)
         slots = []  # (model, adapter name) per adapter
         for i, path in enumerate(adapters):
             name = f"adapter{i + 1}"
@@ -96,10 +101,7 @@ class Playground:
         tokenizers = [tools.load_tokenizer(path, base_path) for path in adapters]
         if not adapters:
             tokenizers = [tools.load_tokenizer(base_path, base_path)]
-        classify = task == "SEQ_CLS" or (
-            not adapters
-            and any(a.endswith("ForSequenceClassification") for a in model.config.architectures or [])
-        )
+        classify = task == "SEQ_CLS"
         self.loaded = {
             "model": model,
             "slots": slots,

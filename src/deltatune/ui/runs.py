@@ -30,7 +30,10 @@ class RunNotFound(LookupError):
 def resolve(root: str, rel: str) -> str:
     """The folder `rel` under `root`; refuses anything that leaves `root` (.., absolute paths, links out)."""
     root_real = os.path.realpath(root)
-    path = os.path.realpath(os.path.join(root_real, rel or "."))
+    try:
+        path = os.path.realpath(os.path.join(root_real, rel or "."))
+    except ValueError:  # a NUL in the name, which no folder can have
+        raise RunNotFound(f"no run folder {rel!r}") from None
     if path != root_real and not path.startswith(root_real + os.sep):
         raise RunNotFound(f"{rel!r} is not inside the runs folder")
     if not os.path.isdir(path):
