@@ -129,19 +129,21 @@ async def _json_body(request: Request) -> dict[str, Any] | JSONResponse:
 def _bad_text(value: Any) -> str | None:
     """What no path, name or prompt may hold, anywhere in a parsed body: a NUL (which no file name can hold) or an
     escaped lone surrogate (`\\ud800` parses, but is no character: paths and tokenizers fail on it)."""
-    if isinstance(value, str):
-        if "\x00" in value:
-            return "a NUL character"
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            return "a lone surrogate (half of a UTF-16 pair)"
-        return None
-    items = value.items() if isinstance(value, dict) else value if isinstance(value, list) else ()
-    for item in items:
-        for part in item if isinstance(value, dict) else (item,):
-            if problem := _bad_text(part):
-                return problem
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, str):
+            if "\x00" in item:
+                return "a NUL character"
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return "a lone surrogate (half of a UTF-16 pair)"
     return None
 
 

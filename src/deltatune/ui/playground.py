@@ -74,12 +74,9 @@ class Playground:
             raise PlaygroundError(f"base model folder {base_path!r} does not exist")
         task = infos[0]["task_type"] if infos else None
         num_labels = infos[0]["num_labels"] if infos else None
-        model = tools.load_base(base_path, task, num_labels)
-        if not adapters and any(
-            a.endswith("ForSequenceClassification") for a in model.config.architectures or []
-        ):  # a classifier base alone answers with its own head, which load_base leaves out without a task
+        if not adapters and _is_classifier(base_path):  # a classifier base alone answers with its own head
             task = "SEQ_CLS"
-            model = tools.load_base(base_path, task)
+        model = tools.load_base(base_path, task, num_labels)
         slots = []  # (model, adapter name) per adapter
         for i, path in enumerate(adapters):
             name = f"adapter{i + 1}"
@@ -166,3 +163,14 @@ class Playground:
                     answer["labels"] = _labels(path, len(answer["scores"]))
                 answers.append(answer)
             return {"task": "classify" if loaded["classify"] else "generate", "answers": answers}
+
+
+def _is_classifier(base_path: str) -> bool:
+    """Whether a model folder's config names a sequence classifier (its head is loaded only for that task)."""
+    from transformers import AutoConfig
+
+    try:
+        architectures = AutoConfig.from_pretrained(base_path).architectures or []
+    except (OSError, ValueError):
+        return False  # load_base says what is wrong with the folder
+    return any(a.endswith("ForSequenceClassification") for a in architectures)
