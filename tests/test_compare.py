@@ -7,7 +7,8 @@ import os
 import random
 
 import pytest
-from tiny_models import bert_cls, opt, save_with_tokenizer
+import torch
+from tiny_models import VOCAB, bert_cls, save_with_tokenizer
 
 from deltatune import compare
 from deltatune.methods import registry
@@ -108,7 +109,20 @@ def test_compare_classifier(tmp_path):
 
 
 def test_compare_causal_lm_with_peer_and_a_failing_method(tmp_path):
-    model = save_with_tokenizer(opt(), tmp_path / "opt")
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(0)
+    one_block = OPTConfig(
+        hidden_size=32,
+        num_hidden_layers=1,
+        ffn_dim=64,
+        num_attention_heads=2,
+        vocab_size=VOCAB,
+        max_position_embeddings=64,
+        word_embed_proj_dim=32,
+    )
+    # top-layers trains the top 2 blocks: on a model of one it fails in its own process, the others run
+    model = save_with_tokenizer(OPTForCausalLM(one_block).eval(), tmp_path / "opt")
     data = _data(tmp_path / "train.jsonl", 24, labels=False)
     out = tmp_path / "out"
     code = _run(
@@ -127,7 +141,7 @@ def test_compare_causal_lm_with_peer_and_a_failing_method(tmp_path):
         "--peers",
         "peft",
         "--lr",
-        "default,top-layers=-1",
+        "default",
         "--steps",
         "2",
         "--out",
@@ -136,7 +150,8 @@ def test_compare_causal_lm_with_peer_and_a_failing_method(tmp_path):
     assert code == 0
     results = json.loads((out / "results.json").read_text())
     by = {r["method"]: r for r in results["methods"]}
-    assert by["top-layers"]["status"] == "failed" and "lr: must be positive" in by["top-layers"]["error"]
+    assert by["top-layers"]["status"] == "failed"
+    assert "num_layers=2 but the model has 1 blocks" in by["top-layers"]["error"]
     for name in ("lora", "peft-lora"):
         assert by[name]["status"] == "ok", by[name]
         assert by[name]["eval_perplexity"] > 1 and "reference_ppl_change" in by[name]["forgetting"]
@@ -165,6 +180,15 @@ def test_compare_causal_lm_with_peer_and_a_failing_method(tmp_path):
             "--seed must be an integer from 0 to 4294967295 (2**32 - 1), got 4294967296",
         ),
         (["--seed", str(2**32 - 1), "--seeds", "2"], "less --seeds - 1 (1), got 4294967295"),
+        # each method's run refused these only when it came to train, after results.json was begun
+        (
+            ["--methods", "lora,full", "--lr", "-1"],
+            "at most 10 (AdamW's are usually 1e-5 to 1e-2), got lora=-1, full=-1",
+        ),
+        (["--methods", "lora,full", "--lr", "full=nan"], "got full=nan"),
+        (["--methods", "lora", "--lr", "inf"], "got lora=inf"),
+        (["--methods", "lora", "--lr", "lora=0"], "got lora=0"),
+        (["--methods", "lora", "--lr", "11"], "got lora=11"),
     ],
 )
 def test_bad_input_fails_before_anything_runs(tmp_path, capsys, argv, message):

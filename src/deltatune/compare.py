@@ -96,6 +96,13 @@ def validate(args: argparse.Namespace) -> list[str]:
     for method in args.lr:
         if method not in args.methods:
             errors.append(f"--lr names {method!r}, which is not among --methods")
+    # as `train` checks its `lr` (each method's run found it only when it came to train)
+    bad = {m: lr for m, lr in args.lr.items() if isinstance(lr, float) and not 0 < lr <= 10}
+    if bad:
+        errors.append(
+            "--lr must be positive and at most 10 (AdamW's are usually 1e-5 to 1e-2), got "
+            + ", ".join(f"{m}={lr:g}" for m, lr in bad.items())
+        )
     errors += tracking.check(getattr(args, "report_to", None))
     if not 0 <= args.val_fraction < 1:
         errors.append(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
