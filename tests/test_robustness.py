@@ -130,6 +130,8 @@ def _edit_config(directory, **changes) -> str:
         ({"use_dora": "yes"}, "field 'use_dora' must be true/false, got str 'yes'"),
         ({"r": 0}, "r must be a positive integer, got 0"),
         ({"peft_type": "PREFIX"}, "unsupported peft_type 'PREFIX'"),
+        # a list was "unhashable type: 'list'"
+        ({"peft_type": [1]}, "unsupported peft_type [1]; deltatune reads FULL"),
     ],
 )
 def test_adapter_config_fields_are_type_checked_naming_file_and_field(saved_adapter, changes, message):

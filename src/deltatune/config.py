@@ -771,7 +771,7 @@ def config_from_dict(data: dict[str, Any], *, strict: bool = True) -> _BaseConfi
 
     peft_type = data.get("peft_type")
     types = registry.config_types()
-    if peft_type not in types:
+    if not isinstance(peft_type, str) or peft_type not in types:  # a list would be unhashable: a TypeError
         raise ConfigError(f"unsupported peft_type {short(peft_type)}; deltatune reads {', '.join(types)}")
     return types[peft_type].from_dict(data, strict=strict)
 
