@@ -106,6 +106,10 @@ def test_max_loaded_adapters_below_one_is_refused_at_startup(files, capsys):  # 
         (["--device", "meta"], "--device meta: the server runs on cpu or cuda"),
         (["--host", "no-such-host.invalid"], "--host 'no-such-host.invalid' can't be resolved"),
         (["--port", "{busy}"], "is already in use: stop what listens there or pick another --port"),
+        # a base no client could name (' ' was served as the model ' ')
+        (["--base-name", " "], "--base-name ' ': is empty; give the name clients send as `model`"),
+        (["--base-name", "tiny\n"], "has spaces at an end or control characters"),
+        (["--base-name", "x" * 300], "is 300 characters long; at most 256"),
     ],
 )
 def test_bad_serve_options_end_with_one_line_before_the_model_loads(

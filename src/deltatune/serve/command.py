@@ -202,7 +202,21 @@ def _check_options(args: argparse.Namespace) -> str | None:
     ):
         if not math.isfinite(value) or value < 0:
             return f"{flag} must be a finite number of {unit} >= 0, got {value}"
+    if args.base_name is not None and (why := _base_name_problem(args.base_name)):
+        return f"--base-name {args.base_name!r}: {why}"
     return webguard.names_problem(args.allowed_host)
+
+
+def _base_name_problem(name: str) -> str | None:
+    """Why a `--base-name` can't be the `model` clients send (None when it can). Slashes and colons are fine
+    (`org/model`, as vLLM names its models)."""
+    if not name.strip():
+        return "is empty; give the name clients send as `model`, or leave it out for the base folder's name"
+    if name != name.strip() or any(ord(c) < 32 or ord(c) == 127 for c in name):
+        return "has spaces at an end or control characters; clients send the name exactly"
+    if len(name) > 256:
+        return f"is {len(name)} characters long; at most 256"
+    return None
 
 
 def _device_error(device: str, torch) -> str | None:
