@@ -169,3 +169,23 @@ def test_head_num_labels_reads_the_head_not_a_pre_classifier():
     assert head_num_labels(tensors) == 3
     assert head_num_labels({"base_model.model.score.weight": torch.zeros(5, 8)}) == 5
     assert head_num_labels({"base_model.model.pre_classifier.weight": torch.zeros(32, 32)}) is None
+
+
+def test_a_failed_command_takes_away_the_folders_it_made_and_nothing_else(tmp_path):
+    from deltatune.checkpoint import first_missing, remove_made
+
+    (tmp_path / "kept").mkdir()
+    out = tmp_path / "kept" / "a" / "b" / "run"
+    top = first_missing(str(out))
+    assert top == str(tmp_path / "kept" / "a") and first_missing(str(tmp_path / "kept")) is None
+    out.mkdir(parents=True)
+    (out.parent / "other").mkdir()  # something else came to live in b/: b/ and a/ stay
+    remove_made(str(out), top)
+    assert not out.exists() and (out.parent / "other").is_dir()
+    (out.parent / "other").rmdir()
+    out.mkdir()
+    remove_made(str(out), top)
+    assert sorted(os.listdir(tmp_path / "kept")) == []  # a/ went, kept/ (which was there) stays
+    assert (tmp_path / "kept").is_dir()
+    remove_made(str(tmp_path / "kept"), str(tmp_path / "kept" / "x"))  # never above the outermost made
+    assert (tmp_path / "kept").is_dir()

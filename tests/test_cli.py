@@ -539,15 +539,19 @@ def test_demo_removes_its_temp_adapter_and_keeps_one_given_out(tmp_path, monkeyp
 
 def test_merge_and_demo_that_cannot_write_end_in_one_line_and_leave_nothing(tmp_path, classifier):
     """Under `ulimit -f` (as on a full disk) safetensors raises its own SafetensorError, which `merge` and `demo`
-    showed as a traceback ("a bug in deltatune"); `demo --out NEW` also left the empty folder it had made."""
+    showed as a traceback ("a bug in deltatune"); `demo --out NEW` also left the empty folder it had made, and
+    both left the parent folders they had made for --out."""
     base, adapter = classifier
     code = (
         "import resource, sys; resource.setrlimit(resource.RLIMIT_FSIZE, (4_000, resource.RLIM_INFINITY)); "
         "from deltatune.cli import main; sys.exit(main(sys.argv[1:]))"
     )
     for argv, said in (
-        (["merge", "--base", base, "--adapter", adapter, "--out", str(tmp_path / "merged")], "merged model"),
-        (["demo", "--steps", "1", "--out", str(tmp_path / "demo")], "adapter"),
+        (
+            ["merge", "--base", base, "--adapter", adapter, "--out", str(tmp_path / "m" / "merged")],
+            "merged model",
+        ),
+        (["demo", "--steps", "1", "--out", str(tmp_path / "d" / "e" / "demo")], "adapter"),
     ):
         proc = subprocess.run(
             [sys.executable, "-c", code, *argv], capture_output=True, text=True, env=ENV, timeout=300
@@ -556,7 +560,7 @@ def test_merge_and_demo_that_cannot_write_end_in_one_line_and_leave_nothing(tmp_
         line = proc.stderr.strip().splitlines()[-1]
         assert line.startswith(f"deltatune {argv[0]}: error: could not ") and f"the {said} to " in line, line
         assert "file-size limit, ulimit -f" in line
-    assert sorted(os.listdir(tmp_path)) == ["base", "run"]  # no merged/, demo/ or .merge-* temp folder
+    assert sorted(os.listdir(tmp_path)) == ["base", "run"]  # no m/, d/ or .merge-* temp folder
 
 
 def test_demo_out_in_a_busy_folder_reports_the_adapters_size(tmp_path, capsys):

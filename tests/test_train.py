@@ -292,7 +292,8 @@ def test_sigterm_while_the_model_loads_exits_143_and_leaves_no_run_behind(
     tmp_path, bert, emails, monkeypatch, capsys
 ):
     """SIGTERM before the loop's handler (loading the model, tokenizing) killed the process by the default
-    action, leaving train_config.yaml and label_map.json: the rerun was refused as 'already holds a run'."""
+    action, leaving train_config.yaml and label_map.json: the rerun was refused as 'already holds a run'. The
+    folders made for output_dir go too (an empty `new/` was left behind)."""
     import importlib
 
     from deltatune import cli
@@ -302,7 +303,7 @@ def test_sigterm_while_the_model_loads_exits_143_and_leaves_no_run_behind(
 
     def build_then_sigterm(*args, **kwargs):
         model = real(*args, **kwargs)
-        assert (tmp_path / "run" / "train_config.yaml").exists()  # the run's files were made by now
+        assert (tmp_path / "new" / "run" / "train_config.yaml").exists()  # the run's files were made by now
         os.kill(os.getpid(), signal.SIGTERM)
         return model
 
@@ -313,7 +314,7 @@ def test_sigterm_while_the_model_loads_exits_143_and_leaves_no_run_behind(
         argv = [
             f"model={bert}",
             f"data={emails}",
-            f"output_dir={tmp_path / 'run'}",
+            f"output_dir={tmp_path / 'new' / 'run'}",
             "max_steps=1",
             "progress=false",
         ]
@@ -321,7 +322,7 @@ def test_sigterm_while_the_model_loads_exits_143_and_leaves_no_run_behind(
     finally:
         placeholder = signal.signal(signal.SIGTERM, before)
     assert "stopped by SIGTERM before training began" in capsys.readouterr().err
-    assert not (tmp_path / "run").exists()
+    assert not (tmp_path / "new").exists()
     assert placeholder.__name__ == "<lambda>"  # run's handler was undone
     monkeypatch.setattr(run_module, "build_model", real)
     assert cli.main(["train", *argv]) == 0  # the rerun needs no --overwrite

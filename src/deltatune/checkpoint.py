@@ -97,18 +97,46 @@ def write_adapter_config(directory: str, config_dict: dict) -> None:
 
 def unwritable(folder: str) -> str | None:
     """Why files can't be written into `folder` (checked before any work: a file there, a read-only or missing
-    place), or None. Makes the folder; leaves nothing else."""
+    place), or None. Makes the folder when it can be written in; otherwise leaves nothing it made."""
     if not str(folder).strip():
         return "names no folder (it is empty)"
     if os.path.exists(folder) and not os.path.isdir(folder):
         return "is a file, not a folder"
+    made = first_missing(folder)
     try:
         os.makedirs(folder, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):
             pass
     except OSError as e:
+        remove_made(folder, made)
         return e.strerror or type(e).__name__
     return None
+
+
+def first_missing(path: str) -> str | None:
+    """The outermost folder of `path` that doesn't exist yet (what making `path` creates), or None when `path`
+    exists. With `remove_made`, a command that fails takes away the folders it made and nothing else."""
+    path, top = os.path.abspath(path), None
+    while not os.path.lexists(path):
+        top, parent = path, os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return top
+
+
+def remove_made(path: str, top: str | None) -> None:
+    """Remove `path` and its parents up to `top` (from `first_missing`, taken before they were made), each only
+    while it is empty: a folder that holds anything, and everything above it, stays."""
+    if top is None:
+        return
+    path = os.path.abspath(path)
+    while path == top or path.startswith(top.rstrip(os.sep) + os.sep):  # never above `top`
+        try:
+            os.rmdir(path)
+        except OSError:
+            return
+        path = os.path.dirname(path)
 
 
 def run_adapter(folder: str) -> str | None:

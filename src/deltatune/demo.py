@@ -34,17 +34,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.steps < 1:
         parser.error(f"--steps must be at least 1, got {args.steps}")
-    created = args.out is not None and not os.path.lexists(args.out)
-    if args.out is not None:
-        from deltatune.checkpoint import unwritable
+    from deltatune.checkpoint import first_missing, remove_made, unwritable
 
-        if why := unwritable(args.out):
-            parser.error(f"--out {args.out}: {why}; give a folder the adapter can be saved in")
+    made = first_missing(args.out) if args.out is not None else None  # the folders this demo makes for --out
+    if args.out is not None and (why := unwritable(args.out)):
+        parser.error(f"--out {args.out}: {why}; give a folder the adapter can be saved in")
     try:
         return _run(args)
     except BaseException:
-        if created:  # the folder this run made for --out: a failed or interrupted demo leaves nothing
+        if (
+            made is not None
+        ):  # the folders this run made for --out: a failed or interrupted demo leaves nothing
             shutil.rmtree(args.out, ignore_errors=True)
+            remove_made(os.path.dirname(os.path.abspath(args.out)), made)
         raise
 
 

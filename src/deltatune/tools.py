@@ -300,18 +300,23 @@ def merge_main(argv: list[str]) -> int:
     dtype = dtypes.torch_dtype(args.dtype)
     from safetensors import SafetensorError
 
+    from deltatune.checkpoint import first_missing, remove_made, unwritable, write_failure
     from deltatune.checkpoint import umask as checkpoint_umask
-    from deltatune.checkpoint import unwritable, write_failure
 
     parent = os.path.dirname(os.path.abspath(args.out))
+    made = first_missing(parent)  # the folders made for --out, taken away again if the merge fails
     # Made if missing; a place that can't be written fails before the models load.
     if why := unwritable(parent):
         raise ConfigError(f"can't write into {short(parent)} ({why}); pick another --out")
-    model, base_path, _ = _load(args.base, args.adapter, dtype)
     try:
-        merged = model.merge_and_unload(dtype=dtype)
-    except ValueError as e:  # e.g. bottleneck adapters, which have a non-linearity and can't merge
-        raise ConfigError(f"can't merge {short(args.adapter)}: {e}") from e
+        model, base_path, _ = _load(args.base, args.adapter, dtype)
+        try:
+            merged = model.merge_and_unload(dtype=dtype)
+        except ValueError as e:  # e.g. bottleneck adapters, which have a non-linearity and can't merge
+            raise ConfigError(f"can't merge {short(args.adapter)}: {e}") from e
+    except BaseException:
+        remove_made(parent, made)
+        raise
     tmp = tempfile.mkdtemp(prefix=".merge-", dir=parent)
     try:
         os.chmod(
@@ -328,6 +333,7 @@ def merge_main(argv: list[str]) -> int:
         os.rename(tmp, args.out)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        remove_made(parent, made)
         if isinstance(e, (OSError, SafetensorError)):  # a full disk, `ulimit -f`: safetensors says neither
             raise CheckpointError(
                 f"could not write the merged model to {short(args.out)}: {write_failure(e, parent)}; nothing "

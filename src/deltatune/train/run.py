@@ -74,7 +74,7 @@ def run(
     ctx = _init_context(config)
     config = resolve_dtypes(config, ctx.device)  # `auto` dtypes: what this machine computes fastest
     out = output_dir(config)
-    created = not os.path.exists(out)
+    made = checkpoint.first_missing(out)  # the folders this run makes for `out`, if any
     owned = False  # whether the files in `out` are this run's (so a failure may remove them)
     lock = checkpoint.FolderLock()  # rank 0 holds it on `out` while the run writes there
     loading = contextlib.ExitStack()  # until the loop's own handler: SIGTERM stops the run where it is
@@ -197,7 +197,7 @@ def run(
         loading.close()
         loop.close_trackers("interrupted" if isinstance(e, KeyboardInterrupt) else "failed")
         if owned and ctx.main:
-            _remove_failed_run(out, created)
+            _remove_failed_run(out, made)
         raise
     finally:
         lock.release()
@@ -205,9 +205,9 @@ def run(
             torch.distributed.destroy_process_group()
 
 
-def _remove_failed_run(out: str, created: bool) -> None:
+def _remove_failed_run(out: str, made: str | None) -> None:
     """A run that failed with nothing to resume from leaves nothing behind (so the rerun needs no
-    --overwrite): its run files go, and its folder too when this run created it and it is empty."""
+    --overwrite): its run files go, and the folders this run made for it (`made`, the outermost) while empty."""
     if checkpoint.latest_checkpoint(out) is not None:
         return  # resumable: keep everything; the error says how to continue
     for name in RUN_FILES:
@@ -217,9 +217,7 @@ def _remove_failed_run(out: str, created: bool) -> None:
         elif os.path.lexists(path):
             with contextlib.suppress(OSError):
                 os.unlink(path)
-    if created:
-        with contextlib.suppress(OSError):
-            os.rmdir(out)  # only if empty
+    checkpoint.remove_made(out, made)
 
 
 def _evaluated_on(config: TrainConfig, has_eval: bool, has_val: bool) -> str | None:
