@@ -7,8 +7,7 @@ import os
 import random
 
 import pytest
-import torch
-from tiny_models import VOCAB, bert_cls, save_with_tokenizer
+from tiny_models import bert_cls, opt, save_with_tokenizer
 
 from deltatune import compare
 from deltatune.methods import registry
@@ -109,20 +108,8 @@ def test_compare_classifier(tmp_path):
 
 
 def test_compare_causal_lm_with_peer_and_a_failing_method(tmp_path):
-    from transformers import OPTConfig, OPTForCausalLM
-
-    torch.manual_seed(0)
-    one_block = OPTConfig(
-        hidden_size=32,
-        num_hidden_layers=1,
-        ffn_dim=64,
-        num_attention_heads=2,
-        vocab_size=VOCAB,
-        max_position_embeddings=64,
-        word_embed_proj_dim=32,
-    )
     # top-layers trains the top 2 blocks: on a model of one it fails in its own process, the others run
-    model = save_with_tokenizer(OPTForCausalLM(one_block).eval(), tmp_path / "opt")
+    model = save_with_tokenizer(opt(layers=1), tmp_path / "opt")
     data = _data(tmp_path / "train.jsonl", 24, labels=False)
     out = tmp_path / "out"
     code = _run(

@@ -23,11 +23,11 @@ def gpt2(seed: int = 0) -> GPT2LMHeadModel:
     return GPT2LMHeadModel(cfg).eval()
 
 
-def opt(seed: int = 0, hidden: int = 32) -> OPTForCausalLM:
+def opt(seed: int = 0, hidden: int = 32, layers: int = 2) -> OPTForCausalLM:
     torch.manual_seed(seed)
     cfg = OPTConfig(
         hidden_size=hidden,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         ffn_dim=2 * hidden,
         num_attention_heads=2,
         vocab_size=VOCAB,
