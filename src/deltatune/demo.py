@@ -41,10 +41,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--out {args.out}: {why}; give a folder the adapter can be saved in")
     try:
         return _run(args)
-    except BaseException:
-        if (
-            made is not None
-        ):  # the folders this run made for --out: a failed or interrupted demo leaves nothing
+    except BaseException:  # a failed or interrupted demo leaves none of the folders it made for --out
+        if made is not None:
             shutil.rmtree(args.out, ignore_errors=True)
             remove_made(os.path.dirname(os.path.abspath(args.out)), made)
         raise
