@@ -123,6 +123,15 @@ def test_a_bare_small_number_is_refused_with_the_unit_it_lacks(text, capsys):
         (["--method", "all", "--r", str(10**23)], f"--r {10**23} is larger than the hidden size 4096"),
         (["--params", "1e30"], "--params 1e+30 is beyond any model"),
         (["--hidden", "7", "--heads", "3"], "--heads 3 doesn't divide the hidden size 7"),
+        # a typo'd shape printed a table of 1e+29 GB
+        (
+            ["--hidden", "99999999999999", "--heads", "1"],
+            "hidden 99999999999999 x 781249999999 blocks needs at least 1.56e+40 parameters",
+        ),
+        (
+            ["--hidden", "16384", "--layers", "80"],
+            "hidden 16384 x 80 blocks needs at least 4.29e+10 parameters",
+        ),
         (["--batch", "0"], "--batch must be a positive number, got 0"),
         (["--batch", "-4"], "--batch must be a positive number, got -4"),
     ],

@@ -329,6 +329,15 @@ def main(argv: list[str] | None = None) -> int:
     shape = Shape.from_params(args.params, args.hidden, args.layers, args.heads)
     if shape.hidden % shape.heads:
         parser.error(f"--heads {shape.heads} doesn't divide the hidden size {shape.hidden}")
+    # every block has at least its query and output projections (h x h each): a shape given beyond --params is a
+    # typo (the shape made from --params alone is what it is, even for a toy count)
+    least = 2 * shape.layers * shape.hidden**2
+    if (args.hidden is not None or args.layers is not None) and least > args.params:
+        parser.error(
+            f"hidden {shape.hidden} x {shape.layers} blocks needs at least {least:.3g} parameters (the query and "
+            f"output projections alone), more than --params {args.params:.3g}: give a matching --params, "
+            "--hidden or --layers"
+        )
     methods = registry.names() if args.method == "all" else [args.method]
     ranked = [m for m in methods if _uses_rank(m)]
     if ranked and args.r > shape.hidden:
