@@ -92,7 +92,15 @@ def test_a_damaged_or_half_written_cache_is_rebuilt_never_read(tmp_path, data, c
     again = load(data, tok, tmp_path)
     assert not again.cached and len(again.train) == 30 and "incomplete or damaged" in caplog.text
     os.unlink(os.path.join(again.cache_path, "meta.json"))
-    assert not load(data, tok, tmp_path).cached
+    rebuilt = load(data, tok, tmp_path)
+    assert not rebuilt.cached
+    # a damaged lengths file (read only by group_by_length and the validation split) was read as cached,
+    # then failed with numpy's ValueError in every later run
+    for damage in (lambda f: f.truncate(100), lambda f: f.truncate(os.path.getsize(f.name) - 8)):
+        with open(rebuilt.train.lengths_path, "r+b") as f:
+            damage(f)
+        rebuilt = load(data, tok, tmp_path)
+        assert not rebuilt.cached and len(rebuilt.train.column("length")) == 30
     # a run killed while building leaves only its temporary folder: removed by the next build
     abandoned = tmp_path / "cache" / "0123.tmp-999999999-abcd"
     abandoned.mkdir()

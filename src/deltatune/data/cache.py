@@ -475,6 +475,8 @@ def _load(folder: str, settings: dict[str, Any]) -> Datasets | None:
             splits[split] = ArrowExamples(*(os.path.join(folder, n) for n in names)) if names else []
             if len(splits[split]) != meta["rows"][split]:
                 raise ValueError(f"{split} has {len(splits[split])} rows, not {meta['rows'][split]}")
+            if names and splits[split].column("length").shape != (meta["rows"][split],):
+                raise ValueError(f"{split}'s lengths file does not have one length per row")
     except Exception as e:  # a missing meta.json, a truncated Arrow file, ...: rebuild
         logger.warning("the data cache %s is incomplete or damaged (%s); building it again", folder, e)
         shutil.rmtree(folder, ignore_errors=True)
