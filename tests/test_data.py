@@ -183,6 +183,8 @@ def test_labels_option_is_validated():
     for value, message in [
         ([1], "two or more"),
         (["a", "a", "b"], "a appear more than once"),
+        (["00", "0", "1"], r"0 appear more than once \('00', '0': a string of digits is its number\)"),
+        ([1, "01", "0"], "1 appear more than once"),  # (both were classes: training failed with IndexError)
         ("a,b", "expected a list"),
         ([[1], 2], "expected a list"),
     ]:

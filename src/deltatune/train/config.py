@@ -20,6 +20,7 @@ import yaml
 from deltatune import dtypes, tracking
 from deltatune.config import method_config
 from deltatune.data import Fields, check_source
+from deltatune.data.tokenize import _label_name
 from deltatune.embedded import DEFAULT_MODEL, check_model
 from deltatune.errors import ConfigError, short
 from deltatune.methods import registry
@@ -610,12 +611,20 @@ def _check_labels(config: TrainConfig) -> list[str]:
         isinstance(v, (str, int)) and not isinstance(v, bool) for v in labels
     ):
         return [f"labels: expected a list of label names or integers, got {str(labels)[:200]!r}"]
-    names = [str(v) for v in labels]
+    names = [_label_name(v) for v in labels]  # as the data's labels are read: "00", "0" and 0 are class 0
     if len(names) < 2:
         return [f"labels: a classifier needs two or more labels, got {names}"]
     if len(set(names)) < len(names):
         twice = sorted({n for n in names if names.count(n) > 1})
-        return [f"labels: each label once, but {', '.join(twice)[:200]} appear more than once"]
+        spelled = [short(v, 40) for v, n in zip(labels, names) if n in twice]
+        return [
+            f"labels: each label once, but {', '.join(twice)[:200]} appear more than once"
+            + (
+                f" ({', '.join(spelled)[:200]}: a string of digits is its number)"
+                if len(set(spelled)) > 1
+                else ""
+            )
+        ]
     return []
 
 
