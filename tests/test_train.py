@@ -468,6 +468,20 @@ def test_causal_lm_masks_the_prompt_out_of_the_loss(tmp_path):
     assert summary["eval_perplexity"] > 1 and "eval_accuracy" not in summary
 
 
+def test_a_classifier_base_whose_head_has_other_classes_is_a_one_line_error(tmp_path, bert):
+    # the tiny BERT is saved with a 2-class head: 3 classes failed in from_pretrained with a RuntimeError
+    data = tmp_path / "three.jsonl"
+    data.write_text(
+        "".join(json.dumps({"text": f"w{5 + i} w{9 + i}", "label": "abc"[i % 3]}) + "\n" for i in range(9))
+    )
+    config = make_config(tmp_path / "r", bert, str(data), eval_fraction=0.0, val_fraction=0.0, max_steps=1)
+    with pytest.raises(
+        ConfigError, match=r"a head for 2 classes, but this run has 3 classes \(\['a', 'b', 'c'\]\)"
+    ):
+        run(config)
+    assert not (tmp_path / "r").exists()
+
+
 @pytest.mark.parametrize("method, longest", [("lora", 64), ("prompt-tuning", 64 - 20)])
 def test_max_length_beyond_the_models_positions_is_cut_to_them(tmp_path, caplog, method, longest):
     """Rows longer than OPT's 64-position table ended in an IndexError traceback inside the model."""
