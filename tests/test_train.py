@@ -120,6 +120,20 @@ def test_bad_config_is_rejected_with_a_clear_message(overrides, message):
     assert message in str(e.value)
 
 
+def test_automatic_choices_with_the_training_data_as_eval_data_are_refused_up_front(tmp_path):
+    # every example equals an eval example, so none may be validated on: after tokenizing, the run failed
+    # with "val_fraction=0.2 of 24 training examples leaves no validation examples"
+    data = classification_data(tmp_path / "d.jsonl")
+    for overrides in (
+        [f"data={data}", f"eval_data={tmp_path}/./d.jsonl", "lr=auto"],
+        ["eval_data=builtin:spam:train", "early_stopping=true"],
+    ):
+        with pytest.raises(ConfigError, match="is the training data itself"):
+            load_train_config(None, overrides)
+    load_train_config(None, ["eval_data=builtin:spam:eval", "early_stopping=true"])
+    load_train_config(None, [f"data={data}", f"eval_data={data}"])  # allowed (a warning says what it means)
+
+
 def test_every_problem_is_reported_at_once():
     with pytest.raises(ConfigError) as e:
         load_train_config(None, ["batchsize=4", "data=missing.jsonl", "method=lorra", "max_steps=x"])

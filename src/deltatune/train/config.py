@@ -530,6 +530,12 @@ def validate(config: TrainConfig) -> list[str]:
             f"{' and '.join(automatic)} choose on the validation split, but val_fraction is 0; set val_fraction "
             "(e.g. 0.2) or a fixed lr and max_steps"
         )
+    if automatic and config.eval_data is not None and same_source(config.data, config.eval_data):
+        errors.append(
+            f"{' and '.join(automatic)} choose on a validation split that holds no eval example, but eval_data "
+            f"{short(config.eval_data)} is the training data itself, so every example is one; give held-out "
+            "eval_data, or leave it out (the validation split is then evaluated)"
+        )
     if automatic and config.streaming:
         errors.append(
             f"{' and '.join(automatic)} need a validation split, which streamed data can't give; "
@@ -583,6 +589,20 @@ def validate(config: TrainConfig) -> list[str]:
             f"{config.base_dtype} base: set precision=bf16 (or fp16 on CUDA)"
         )
     return errors
+
+
+def same_source(data: str, eval_data: str) -> bool:
+    """Whether `eval_data` names the same data as `data` (the same file or folder, or built-in split)."""
+    if data.startswith("builtin:") or eval_data.startswith("builtin:"):
+
+        def split(spec: str) -> str:  # builtin:spam is builtin:spam:train
+            return f"{spec}:train" if spec.count(":") == 1 else spec
+
+        return split(data) == split(eval_data)
+    try:
+        return os.path.samefile(data, eval_data)
+    except (OSError, ValueError):  # not there (said elsewhere), a NUL in the name
+        return False
 
 
 def _uncreatable(folder: str) -> str | None:

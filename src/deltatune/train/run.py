@@ -32,6 +32,7 @@ from deltatune.train.config import (
     needs_validation,
     output_dir,
     resolve_dtypes,
+    same_source,
     validate,
     why_no_evaluation,
 )
@@ -102,6 +103,11 @@ def run(
         data_load_s = time.perf_counter() - started  # reading + tokenizing, or reading the cache
         if data.label_map is not None:
             _keep_label_map(os.path.join(out, "label_map.json"), data.label_map, ctx, resume_dir)
+        if config.eval_data is not None and same_source(config.data, config.eval_data) and ctx.main:
+            logger.warning(
+                "eval_data is the training data: its scores say how well the run fits what it trained on, "
+                "not how it does on data it has not seen"
+            )
         val, split = None, None
         if needs_validation(config, bool(data.eval)):
             train_rows, val, split = split_validation(
