@@ -114,6 +114,14 @@ def test_a_damaged_or_half_written_cache_is_rebuilt_never_read(tmp_path, data, c
     assert not abandoned.exists() and not any(stray.exists() for stray in strays)
 
 
+def test_a_cache_folder_that_cant_be_written_is_a_data_error_saying_how_to_move_it(tmp_path, data):
+    (tmp_path / "cache").write_text("a file where the cache goes")  # was OSError "File exists" (no hint)
+    with pytest.raises(
+        DataError, match=r"the data cache .*/cache can't be written in .*DELTATUNE_DATA_CACHE"
+    ):
+        load(data, tiny_tokenizer(), tmp_path)
+
+
 def test_tokenizing_in_processes_gives_the_same_examples(tmp_path, data):
     tok = tiny_tokenizer()
     one = load(data, tok, tmp_path)
