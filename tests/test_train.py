@@ -112,6 +112,7 @@ def test_overrides_with_dotted_keys_and_yaml_floats(tmp_path):
         (["batch_size=0"], "batch_size: must be at least 1"),
         (["eval_fraction=0.2", "eval_data=builtin:spam:eval"], "set one of them, not both"),
         (["lr"], "is not key=value"),
+        (['output_dir="a\\0b"'], r"output_dir: 'a\x00b' holds a NUL character"),  # was ValueError in makedirs
     ],
 )
 def test_bad_config_is_rejected_with_a_clear_message(overrides, message):

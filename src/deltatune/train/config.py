@@ -516,6 +516,10 @@ def validate(config: TrainConfig) -> list[str]:
             f"output_dir: {config.output_dir!r} names no folder; give one, or leave output_dir out for the "
             "default runs/<method>"
         )
+    elif "\0" in out:  # os.makedirs: ValueError: embedded null byte
+        errors.append(
+            f"output_dir: {short(out)} holds a NUL character, which no path can; set another output_dir"
+        )
     elif os.path.exists(out) and not os.path.isdir(out):
         errors.append(f"output_dir: {short(out)} is a file, not a folder; set another output_dir")
     elif problem := _uncreatable(out):
