@@ -209,6 +209,18 @@ def test_a_utf8_byte_order_mark_is_accepted(tmp_path, kind):
     assert [r for _, r in read_rows(str(text))] == [{"text": "w1 w2"}]
 
 
+@pytest.mark.parametrize("kind", ["jsonl", "txt"])
+def test_bytes_that_are_not_utf8_are_named_by_line(tmp_path, kind):
+    # was "d.jsonl: not UTF-8 text ('utf-8' codec can't decode byte 0xff in position 10: ...)": no line
+    path = tmp_path / f"d.{kind}"
+    rows = [json.dumps(r).encode() if kind == "jsonl" else r["text"].encode() for r in RECORDS]
+    path.write_bytes(b"\n".join(rows[:2] + [rows[2].replace(b"w6", b"w\xff6")]) + b"\n")
+    with pytest.raises(
+        DataError, match=rf"^{path} line 3: not UTF-8 text \(byte \d+ of the line: invalid start byte\); save"
+    ):
+        read_rows(str(path))
+
+
 def test_truncation_to_max_length(tmp_path, tok):
     path = write(
         tmp_path / "d.jsonl",
