@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from deltatune.data import (
     DataError,
     Fields,
     collate,
+    encode_causal,
     epoch_batches,
     eval_batches,
     load_datasets,
@@ -183,6 +185,8 @@ def test_labels_option_is_validated():
     for value, message in [
         ([1], "two or more"),
         (["a", "a", "b"], "a appear more than once"),
+        (["00", "0", "1"], r"0 appear more than once \('00', '0': a string of digits is its number\)"),
+        ([1, "01", "0"], "1 appear more than once"),  # (both were classes: training failed with IndexError)
         ("a,b", "expected a list"),
         ([[1], 2], "expected a list"),
     ]:
@@ -203,6 +207,18 @@ def test_a_utf8_byte_order_mark_is_accepted(tmp_path, kind):
     text = tmp_path / "t.txt"
     text.write_bytes(b"\xef\xbb\xbfw1 w2\n")
     assert [r for _, r in read_rows(str(text))] == [{"text": "w1 w2"}]
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "txt"])
+def test_bytes_that_are_not_utf8_are_named_by_line(tmp_path, kind):
+    # was "d.jsonl: not UTF-8 text ('utf-8' codec can't decode byte 0xff in position 10: ...)": no line
+    path = tmp_path / f"d.{kind}"
+    rows = [json.dumps(r).encode() if kind == "jsonl" else r["text"].encode() for r in RECORDS]
+    path.write_bytes(b"\n".join(rows[:2] + [rows[2].replace(b"w6", b"w\xff6")]) + b"\n")
+    with pytest.raises(
+        DataError, match=rf"^{path} line 3: not UTF-8 text \(byte \d+ of the line: invalid start byte\); save"
+    ):
+        read_rows(str(path))
 
 
 def test_truncation_to_max_length(tmp_path, tok):
@@ -272,6 +288,39 @@ def test_messages_use_the_chat_template_and_learn_only_assistant_turns(tmp_path,
     learned = [w for w, label in zip(words, example["labels"]) if label != IGNORE_INDEX]
     assert words == ["user", "w1", "w2", "assistant", "w3", "user", "w4", "assistant", "w5", "w6"]
     assert learned == ["w3", "w5", "w6"]
+
+
+def test_odd_conversations_train_or_are_refused_naming_the_line(tmp_path):
+    # an empty list and a template's raise_exception were tracebacks (ValueError, jinja2's TemplateError); a
+    # conversation opening with the assistant rendered an empty one (ValueError) to find where its turn starts
+    tok = tiny_tokenizer()
+    tok.chat_template = (
+        "{% for m in messages %}{% if m.role == 'tool' %}{{ raise_exception('no tool turns') }}{% endif %}"
+        "{{ m.role }} {{ m.content }} {% endfor %}{% if add_generation_prompt %}assistant {% endif %}"
+    )
+    for word in ("user", "assistant"):
+        tok.add_tokens([word])
+    opening = [{"role": "assistant", "content": "w3 w4"}, {"role": "user", "content": "w5"}]
+    path = write(tmp_path / "a.jsonl", [{"messages": opening}], "jsonl")
+    (example,) = load_datasets(path, tok, task="causal-lm", max_length=64).train
+    learned = [
+        w
+        for w, label in zip(tok.convert_ids_to_tokens(example["input_ids"]), example["labels"])
+        if label != IGNORE_INDEX
+    ]
+    assert learned == ["assistant", "w3", "w4"]
+    good = {"messages": [{"role": "user", "content": "w1"}, {"role": "assistant", "content": "w2"}]}
+    tool = {"messages": [{"role": "tool", "content": "w1"}, {"role": "assistant", "content": "w2"}]}
+    for bad, message in [
+        ({"messages": []}, "d.jsonl line 2: 'messages' must be a non-empty list"),
+        (tool, "d.jsonl line 2: the tokenizer's chat template refuses this conversation .*no tool turns"),
+    ]:
+        path = write(tmp_path / "d.jsonl", [good, bad], "jsonl")
+        with pytest.raises(DataError, match=message):
+            load_datasets(path, tok, task="causal-lm", cache_dir=str(tmp_path / "cache"))
+        with pytest.raises(DataError, match=message.split(": ", 1)[1]):
+            encode_causal(read_rows(path), tok, Fields(), 64, "messages")
+    assert not [name for name in os.listdir(tmp_path / "cache") if not name.startswith(".")]
 
 
 def test_messages_need_a_chat_template(tmp_path):

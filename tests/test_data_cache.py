@@ -92,7 +92,15 @@ def test_a_damaged_or_half_written_cache_is_rebuilt_never_read(tmp_path, data, c
     again = load(data, tok, tmp_path)
     assert not again.cached and len(again.train) == 30 and "incomplete or damaged" in caplog.text
     os.unlink(os.path.join(again.cache_path, "meta.json"))
-    assert not load(data, tok, tmp_path).cached
+    rebuilt = load(data, tok, tmp_path)
+    assert not rebuilt.cached
+    # a damaged lengths file (read only by group_by_length and the validation split) was read as cached,
+    # then failed with numpy's ValueError in every later run
+    for damage in (lambda f: f.truncate(100), lambda f: f.truncate(os.path.getsize(f.name) - 8)):
+        with open(rebuilt.train.lengths_path, "r+b") as f:
+            damage(f)
+        rebuilt = load(data, tok, tmp_path)
+        assert not rebuilt.cached and len(rebuilt.train.column("length")) == 30
     # a run killed while building leaves only its temporary folder: removed by the next build
     abandoned = tmp_path / "cache" / "0123.tmp-999999999-abcd"
     abandoned.mkdir()
@@ -104,6 +112,14 @@ def test_a_damaged_or_half_written_cache_is_rebuilt_never_read(tmp_path, data, c
         stray.mkdir()
     load(data, tok, tmp_path, max_length=5)
     assert not abandoned.exists() and not any(stray.exists() for stray in strays)
+
+
+def test_a_cache_folder_that_cant_be_written_is_a_data_error_saying_how_to_move_it(tmp_path, data):
+    (tmp_path / "cache").write_text("a file where the cache goes")  # was OSError "File exists" (no hint)
+    with pytest.raises(
+        DataError, match=r"the data cache .*/cache can't be written in .*DELTATUNE_DATA_CACHE"
+    ):
+        load(data, tiny_tokenizer(), tmp_path)
 
 
 def test_tokenizing_in_processes_gives_the_same_examples(tmp_path, data):

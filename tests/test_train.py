@@ -112,12 +112,27 @@ def test_overrides_with_dotted_keys_and_yaml_floats(tmp_path):
         (["batch_size=0"], "batch_size: must be at least 1"),
         (["eval_fraction=0.2", "eval_data=builtin:spam:eval"], "set one of them, not both"),
         (["lr"], "is not key=value"),
+        (['output_dir="a\\0b"'], r"output_dir: 'a\x00b' holds a NUL character"),  # was ValueError in makedirs
     ],
 )
 def test_bad_config_is_rejected_with_a_clear_message(overrides, message):
     with pytest.raises(ConfigError) as e:
         load_train_config(None, overrides)
     assert message in str(e.value)
+
+
+def test_automatic_choices_with_the_training_data_as_eval_data_are_refused_up_front(tmp_path):
+    # every example equals an eval example, so none may be validated on: after tokenizing, the run failed
+    # with "val_fraction=0.2 of 24 training examples leaves no validation examples"
+    data = classification_data(tmp_path / "d.jsonl")
+    for overrides in (
+        [f"data={data}", f"eval_data={tmp_path}/./d.jsonl", "lr=auto"],
+        ["eval_data=builtin:spam:train", "early_stopping=true"],
+    ):
+        with pytest.raises(ConfigError, match="is the training data itself"):
+            load_train_config(None, overrides)
+    load_train_config(None, ["eval_data=builtin:spam:eval", "early_stopping=true"])
+    load_train_config(None, [f"data={data}", f"eval_data={data}"])  # allowed (a warning says what it means)
 
 
 def test_every_problem_is_reported_at_once():
@@ -466,6 +481,20 @@ def test_causal_lm_masks_the_prompt_out_of_the_loss(tmp_path):
     )
     summary = run(config)
     assert summary["eval_perplexity"] > 1 and "eval_accuracy" not in summary
+
+
+def test_a_classifier_base_whose_head_has_other_classes_is_a_one_line_error(tmp_path, bert):
+    # the tiny BERT is saved with a 2-class head: 3 classes failed in from_pretrained with a RuntimeError
+    data = tmp_path / "three.jsonl"
+    data.write_text(
+        "".join(json.dumps({"text": f"w{5 + i} w{9 + i}", "label": "abc"[i % 3]}) + "\n" for i in range(9))
+    )
+    config = make_config(tmp_path / "r", bert, str(data), eval_fraction=0.0, val_fraction=0.0, max_steps=1)
+    with pytest.raises(
+        ConfigError, match=r"a head for 2 classes, but this run has 3 classes \(\['a', 'b', 'c'\]\)"
+    ):
+        run(config)
+    assert not (tmp_path / "r").exists()
 
 
 @pytest.mark.parametrize("method, longest", [("lora", 64), ("prompt-tuning", 64 - 20)])

@@ -299,10 +299,16 @@ def load_datasets(
     if cached is not None:
         logger.info("tokenized data from the cache %s", folder)
         return cached
-    os.makedirs(root, exist_ok=True)
-    _remove_abandoned(root)
     tmp = f"{folder}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    os.makedirs(tmp)
+    try:
+        os.makedirs(root, exist_ok=True)
+        _remove_abandoned(root)
+        os.makedirs(tmp)
+    except OSError as e:  # a file in the way, no permission, a read-only file system
+        raise DataError(
+            f"the data cache {root} can't be written in ({e.strerror or e}); set DELTATUNE_DATA_CACHE to a "
+            "folder you can write"
+        ) from e
     try:
         meta = _build(
             tmp, data, eval_data, tokenizer, task, fields, max_length, eval_fraction, seed, labels, num_proc
@@ -475,6 +481,8 @@ def _load(folder: str, settings: dict[str, Any]) -> Datasets | None:
             splits[split] = ArrowExamples(*(os.path.join(folder, n) for n in names)) if names else []
             if len(splits[split]) != meta["rows"][split]:
                 raise ValueError(f"{split} has {len(splits[split])} rows, not {meta['rows'][split]}")
+            if names and splits[split].column("length").shape != (meta["rows"][split],):
+                raise ValueError(f"{split}'s lengths file does not have one length per row")
     except Exception as e:  # a missing meta.json, a truncated Arrow file, ...: rebuild
         logger.warning("the data cache %s is incomplete or damaged (%s); building it again", folder, e)
         shutil.rmtree(folder, ignore_errors=True)

@@ -148,7 +148,14 @@ def _lines(path: str, offset: int, number: int) -> Iterator[tuple[int, str, int]
             number += 1
             if number == 1 and raw.startswith(codecs.BOM_UTF8):
                 raw = raw[len(codecs.BOM_UTF8) :]
-            yield number, raw.decode("utf-8"), offset
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:  # which line: in a big file, the file's name alone won't find it
+                raise DataError(
+                    f"{path} line {number}: not UTF-8 text (byte {e.start + 1} of the line: {e.reason}); "
+                    "save the file as UTF-8"
+                ) from e
+            yield number, text, offset
 
 
 def _read_jsonl(path: str, fields: Fields, offset: int = 0, number: int = 0) -> Iterator:

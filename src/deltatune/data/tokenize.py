@@ -185,8 +185,10 @@ def learnable(labels: list[int]) -> bool:
 
 def _encode_messages(row: Row, tokenizer: Any, fields: Fields) -> tuple[list[int], list[int]]:
     messages = _field(row, fields.messages, (list,))
-    if not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages):
-        raise DataError(f"{row[0]}: {fields.messages!r} must be a list of {{'role': ..., 'content': ...}}")
+    if not messages or not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages):
+        raise DataError(
+            f"{row[0]}: {fields.messages!r} must be a non-empty list of {{'role': ..., 'content': ...}}"
+        )
     if not getattr(tokenizer, "chat_template", None):
         raise DataError(
             f"{row[0]}: the tokenizer has no chat template, so 'messages' can't be rendered; "
@@ -194,7 +196,15 @@ def _encode_messages(row: Row, tokenizer: Any, fields: Fields) -> tuple[list[int
         )
 
     def encode(turns: list[dict], generation_prompt: bool = False) -> list[int]:
-        text = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=generation_prompt)
+        try:
+            text = tokenizer.apply_chat_template(
+                turns, tokenize=False, add_generation_prompt=generation_prompt
+            )
+        except Exception as e:  # the template's own checks (`raise_exception`: roles must alternate, ...)
+            raise DataError(
+                f"{row[0]}: the tokenizer's chat template refuses this conversation ({type(e).__name__}: "
+                f"{str(e)[:200]}); fix the line"
+            ) from e
         return tokenizer(text, add_special_tokens=False)["input_ids"]
 
     ids = encode(messages)
@@ -202,7 +212,9 @@ def _encode_messages(row: Row, tokenizer: Any, fields: Fields) -> tuple[list[int
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        start, end = len(encode(messages[:i], True)), len(encode(messages[: i + 1]))
+        # a conversation may open with the assistant: nothing before it (no empty one to render; its role
+        # header, if the template writes one, is learned with it)
+        start, end = len(encode(messages[:i], True)) if i else 0, len(encode(messages[: i + 1]))
         if encode(messages[: i + 1]) != ids[:end]:
             logger.warning(
                 "%s: the chat template renders a conversation's start differently from the whole, so the "
@@ -251,9 +263,9 @@ def normalize(row: Row, fmt: str, fields: Fields) -> dict[str, str]:
         out["prompt"], out["completion"] = _field(row, fields.prompt), _field(row, fields.completion)
     else:
         messages = _field(row, fields.messages, (list,))
-        if not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages):
+        if not messages or not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages):
             raise DataError(
-                f"{row[0]}: {fields.messages!r} must be a list of {{'role': ..., 'content': ...}}"
+                f"{row[0]}: {fields.messages!r} must be a non-empty list of {{'role': ..., 'content': ...}}"
             )
         out["messages"] = json.dumps(messages, ensure_ascii=False)
     return out

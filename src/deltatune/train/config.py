@@ -20,6 +20,7 @@ import yaml
 from deltatune import dtypes, tracking
 from deltatune.config import method_config
 from deltatune.data import Fields, check_source
+from deltatune.data.tokenize import _label_name
 from deltatune.embedded import DEFAULT_MODEL, check_model
 from deltatune.errors import ConfigError, short
 from deltatune.methods import registry
@@ -515,6 +516,10 @@ def validate(config: TrainConfig) -> list[str]:
             f"output_dir: {config.output_dir!r} names no folder; give one, or leave output_dir out for the "
             "default runs/<method>"
         )
+    elif "\0" in out:  # os.makedirs: ValueError: embedded null byte
+        errors.append(
+            f"output_dir: {short(out)} holds a NUL character, which no path can; set another output_dir"
+        )
     elif os.path.exists(out) and not os.path.isdir(out):
         errors.append(f"output_dir: {short(out)} is a file, not a folder; set another output_dir")
     elif problem := _uncreatable(out):
@@ -528,6 +533,12 @@ def validate(config: TrainConfig) -> list[str]:
         errors.append(
             f"{' and '.join(automatic)} choose on the validation split, but val_fraction is 0; set val_fraction "
             "(e.g. 0.2) or a fixed lr and max_steps"
+        )
+    if automatic and config.eval_data is not None and same_source(config.data, config.eval_data):
+        errors.append(
+            f"{' and '.join(automatic)} choose on a validation split that holds no eval example, but eval_data "
+            f"{short(config.eval_data)} is the training data itself, so every example is one; give held-out "
+            "eval_data, or leave it out (the validation split is then evaluated)"
         )
     if automatic and config.streaming:
         errors.append(
@@ -584,6 +595,20 @@ def validate(config: TrainConfig) -> list[str]:
     return errors
 
 
+def same_source(data: str, eval_data: str) -> bool:
+    """Whether `eval_data` names the same data as `data` (the same file or folder, or built-in split)."""
+    if data.startswith("builtin:") or eval_data.startswith("builtin:"):
+
+        def split(spec: str) -> str:  # builtin:spam is builtin:spam:train
+            return f"{spec}:train" if spec.count(":") == 1 else spec
+
+        return split(data) == split(eval_data)
+    try:
+        return os.path.samefile(data, eval_data)
+    except (OSError, ValueError):  # not there (said elsewhere), a NUL in the name
+        return False
+
+
 def _uncreatable(folder: str) -> str | None:
     """Why `folder` (not there yet) can't be made, as far as can be told without making it: the nearest
     existing folder above it is a file, or can't be written in; None otherwise (`run` makes it, and says
@@ -610,12 +635,20 @@ def _check_labels(config: TrainConfig) -> list[str]:
         isinstance(v, (str, int)) and not isinstance(v, bool) for v in labels
     ):
         return [f"labels: expected a list of label names or integers, got {str(labels)[:200]!r}"]
-    names = [str(v) for v in labels]
+    names = [_label_name(v) for v in labels]  # as the data's labels are read: "00", "0" and 0 are class 0
     if len(names) < 2:
         return [f"labels: a classifier needs two or more labels, got {names}"]
     if len(set(names)) < len(names):
         twice = sorted({n for n in names if names.count(n) > 1})
-        return [f"labels: each label once, but {', '.join(twice)[:200]} appear more than once"]
+        spelled = [short(v, 40) for v, n in zip(labels, names) if n in twice]
+        return [
+            f"labels: each label once, but {', '.join(twice)[:200]} appear more than once"
+            + (
+                f" ({', '.join(spelled)[:200]}: a string of digits is its number)"
+                if len(set(spelled)) > 1
+                else ""
+            )
+        ]
     return []
 
 

@@ -32,6 +32,7 @@ from deltatune.train.config import (
     needs_validation,
     output_dir,
     resolve_dtypes,
+    same_source,
     validate,
     why_no_evaluation,
 )
@@ -102,6 +103,11 @@ def run(
         data_load_s = time.perf_counter() - started  # reading + tokenizing, or reading the cache
         if data.label_map is not None:
             _keep_label_map(os.path.join(out, "label_map.json"), data.label_map, ctx, resume_dir)
+        if config.eval_data is not None and same_source(config.data, config.eval_data) and ctx.main:
+            logger.warning(
+                "eval_data is the training data: its scores say how well the run fits what it trained on, "
+                "not how it does on data it has not seen"
+            )
         val, split = None, None
         if needs_validation(config, bool(data.eval)):
             train_rows, val, split = split_validation(
@@ -399,6 +405,10 @@ def build_model(
         model = auto.from_pretrained(resolve_model(config.model), **kwargs)
     except OSError as e:
         raise ConfigError(_cannot_load(config.model, e)) from e
+    except RuntimeError as e:  # transformers: "You set `ignore_mismatched_sizes` to `False` ..."
+        if label_map is None or "ignore_mismatched_sizes" not in str(e):
+            raise
+        raise ConfigError(_head_mismatch(config.model, label_map)) from e
     fix_pad_token(tokenizer, model)
     model.to(device)
     peft_config, quantize = method_config(config.method, TASK_TYPES[config.task], **config.method_args)
@@ -440,6 +450,21 @@ def _cannot_load(model: str, error: Exception) -> str:
         f"could not load the model {short(model)}: {short(str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__, 300)}. "
         "Give a local Hugging Face model folder (with config.json and the tokenizer files), "
         "or a hub name while the hub is reachable"
+    )
+
+
+def _head_mismatch(model: str, label_map: dict[str, int]) -> str:
+    """The message for a base whose classification head has another number of classes than the data."""
+    from transformers import AutoConfig
+
+    try:
+        head = f"a head for {AutoConfig.from_pretrained(resolve_model(model)).num_labels} classes"
+    except Exception:  # only for the message
+        head = "a head of another size"
+    return (
+        f"model {short(model)} is a classifier with {head}, but this run has {len(label_map)} classes "
+        f"({short(list(label_map), 120)}); its head can't take them: give its base model (without the head), "
+        "or data (or labels: [...]) with the head's classes"
     )
 
 
