@@ -439,6 +439,14 @@ def test_csv_row_with_wrong_column_count_is_named(tmp_path):
         read_rows(str(path))
 
 
+def test_csv_header_naming_a_column_twice_is_refused(tmp_path):
+    """`text,text,label` read the second text column and dropped the first without a word."""
+    path = tmp_path / "d.csv"
+    path.write_text("text,text,label\nw1,w2,a\n")
+    with pytest.raises(DataError, match=r"d.csv line 1: the header names 'text' more than once"):
+        read_rows(str(path))
+
+
 def test_missing_field_names_the_line_and_field(tmp_path, tok):
     path = write(tmp_path / "d.jsonl", [{"text": "w1", "label": "a"}, {"txt": "w2", "label": "b"}], "jsonl")
     with pytest.raises(DataError, match=r"line 2: no field 'text' \(it has 'txt', 'label'\)"):

@@ -217,6 +217,13 @@ def _read_csv(path: str, fields: Fields, offset: int = 0, number: int = 0, delim
     with open(path, encoding="utf-8-sig", newline="") as f:  # -sig: a UTF-8 byte-order mark is skipped
         reader = csv.DictReader(f, delimiter=delimiter)
         try:
+            header = reader.fieldnames or []
+            if twice := sorted({name for name in header if header.count(name) > 1}):
+                # DictReader keeps the last column of a name: the others would be dropped without a word
+                raise DataError(
+                    f"{path} line 1: the header names {', '.join(map(repr, twice))[:200]} more than once; "
+                    "give each column its own name"
+                )
             for i, record in enumerate(reader):
                 if i < offset:
                     continue
