@@ -163,6 +163,16 @@ def test_did_you_mean_covers_common_aliases(override, suggestion):
         load_train_config(None, [override])
 
 
+def test_an_override_yaml_reads_otherwise_says_to_quote_it():
+    """`data=*.jsonl` (a glob) is a YAML alias: the error quoted PyYAML's scanner and nothing else."""
+    with pytest.raises(ConfigError, match=r"""quote it to give it as text: data='"\*\.jsonl"'$"""):
+        load_train_config(None, ["data=*.jsonl"])
+    with pytest.raises(ConfigError, match=r"not valid YAML \(.*\)$"):  # no hint where quoting isn't it
+        load_train_config(None, ["data=[a"])
+    with pytest.raises(ConfigError, match=r"data file not found: '\*\.jsonl'"):  # quoted: read as the text
+        load_train_config(None, ['data="*.jsonl"'])
+
+
 def test_max_steps_zero_is_refused_and_unset_means_epochs():
     with pytest.raises(ConfigError, match=r"max_steps: must be at least 1, got 0; leave it unset \(null\)"):
         load_train_config(None, ["max_steps=0"])

@@ -245,8 +245,15 @@ def load_train_config(path: str | None = None, overrides: list[str] | None = Non
         except _DuplicateKey as e:
             raise ConfigError(f"override {short(item)}: {e}") from e
         except yaml.YAMLError as e:
+            # `*`, `&`, `!`, `%`, `@`, a backquote, `|` or `>` at the start mean something else in YAML (a glob
+            # `data=*.jsonl` reads as an alias): such a value is text only when quoted
+            hint = (
+                f"; quote it to give it as text: {leaf}='\"{value}\"'"
+                if value.lstrip()[:1] in tuple("*&!%@`|>")
+                else ""
+            )
             raise ConfigError(
-                f"override {short(item)}: the value is not valid YAML ({' '.join(str(e).split())[:200]})"
+                f"override {short(item)}: the value is not valid YAML ({' '.join(str(e).split())[:200]}){hint}"
             ) from e
     return config_from_dict(raw)
 
