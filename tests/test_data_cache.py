@@ -129,6 +129,27 @@ def test_tokenizing_in_processes_gives_the_same_examples(tmp_path, data):
     assert list(one.train) == list(two.train)
 
 
+def test_num_proc_beyond_four_per_core_is_lowered_with_a_warning(tmp_path, data, monkeypatch, caplog):
+    """`num_proc=1000` started a thousand tokenizing processes."""
+    import datasets
+
+    seen = []
+    real = datasets.Dataset.map
+
+    def spy(self, *args, **kwargs):
+        seen.append(kwargs.get("num_proc"))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(datasets.Dataset, "map", spy)
+    monkeypatch.setattr("os.cpu_count", lambda: 1)
+    tok = tiny_tokenizer()
+    with caplog.at_level("WARNING", logger="deltatune.data.cache"):
+        lowered = load_datasets(data, tok, task="seq-cls", cache_dir=str(tmp_path / "c"), num_proc=1000)
+    assert "num_proc=1000 on 1 CPU cores: tokenizing in 4 processes" in caplog.text
+    assert 1000 not in seen and set(seen) <= {4, None}
+    assert list(lowered.train) == list(load(data, tok, tmp_path).train)
+
+
 def test_a_row_the_tokenizer_fails_on_is_named():
     def tokenizer(texts, **kwargs):
         if isinstance(texts, str):

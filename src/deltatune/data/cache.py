@@ -244,6 +244,9 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return h.hexdigest()
 
 
+PROCS_PER_CORE = 4  # the most tokenizing processes per CPU core (`num_proc` beyond it is lowered to it)
+
+
 def load_datasets(
     data: str,
     tokenizer: Any,
@@ -347,6 +350,14 @@ def _build(
 ) -> dict[str, Any]:
     import datasets
 
+    if num_proc > (most := PROCS_PER_CORE * (os.cpu_count() or 1)):  # `num_proc=1000`: a thousand processes
+        logger.warning(
+            "num_proc=%d on %d CPU cores: tokenizing in %d processes (more would only wait for each other)",
+            num_proc,
+            os.cpu_count() or 1,
+            most,
+        )
+        num_proc = most
     if task == "seq-cls":
         fmt = "classification"
     else:
