@@ -139,6 +139,17 @@ def test_odd_digit_strings_and_mixed_integer_and_text_labels_are_refused_naming_
     assert len(load_datasets(write(tmp_path / f"l.{kind}", long, kind), tok, task="seq-cls").label_map) == 2
 
 
+@pytest.mark.parametrize("blank", ["", "  "])
+def test_an_empty_label_is_refused_naming_the_line(tmp_path, tok, blank):
+    """A blank CSV cell (or `"label": ""`) was a class named ''."""
+    path = tmp_path / "d.csv"
+    path.write_text(f"text,label\nw1,a\nw2,{blank}\nw3,b\n")
+    with pytest.raises(
+        DataError, match=r"d.csv line 3: field 'label' is empty; every example needs its label"
+    ):
+        load_datasets(str(path), tok, task="seq-cls")
+
+
 def test_declared_labels_fix_the_ids_and_refuse_anything_else(tmp_path, tok):
     records = [{"text": "w1", "label": 2}, {"text": "w2", "label": 0}]
     path = write(tmp_path / "d.jsonl", records, "jsonl")
@@ -313,6 +324,10 @@ def test_odd_conversations_train_or_are_refused_naming_the_line(tmp_path):
     tool = {"messages": [{"role": "tool", "content": "w1"}, {"role": "assistant", "content": "w2"}]}
     for bad, message in [
         ({"messages": []}, "d.jsonl line 2: 'messages' must be a non-empty list"),
+        # a null or numeric content, or a role that is no text, was rendered as 'None' / '5' and trained on
+        ({"messages": [{"role": "user", "content": None}]}, "d.jsonl line 2: 'messages' must be a non-empty"),
+        ({"messages": [{"role": "user", "content": 5}]}, "d.jsonl line 2: 'messages' must be a non-empty"),
+        ({"messages": [{"role": 1, "content": "w1"}]}, "d.jsonl line 2: 'messages' must be a non-empty"),
         (tool, "d.jsonl line 2: the tokenizer's chat template refuses this conversation .*no tool turns"),
     ]:
         path = write(tmp_path / "d.jsonl", [good, bad], "jsonl")

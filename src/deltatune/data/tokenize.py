@@ -29,7 +29,21 @@ def _field(row: Row, name: str, types: tuple[type, ...] = (str,), label: bool = 
         raise DataError(
             f"{where}: field {name!r} should be {' or '.join(t.__name__ for t in types)}, got {value!r}"
         )
+    if label and isinstance(value, str) and not value.strip():  # it was a class named ''
+        raise DataError(
+            f"{where}: field {name!r} is empty; every example needs its label (a blank CSV cell?)"
+        )
     return value
+
+
+def _is_turn(message: Any) -> bool:
+    """A chat turn: `{"role": <text>, "content": <text, or a list of parts as multimodal templates take>}` (a
+    null or numeric content was rendered as 'None' or '5' and trained on)."""
+    return (
+        isinstance(message, dict)
+        and isinstance(message.get("role"), str)
+        and isinstance(message.get("content"), (str, list))
+    )
 
 
 def _is_int_label(value: Any) -> bool:
@@ -185,9 +199,9 @@ def learnable(labels: list[int]) -> bool:
 
 def _encode_messages(row: Row, tokenizer: Any, fields: Fields) -> tuple[list[int], list[int]]:
     messages = _field(row, fields.messages, (list,))
-    if not messages or not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages):
+    if not messages or not all(_is_turn(m) for m in messages):
         raise DataError(
-            f"{row[0]}: {fields.messages!r} must be a non-empty list of {{'role': ..., 'content': ...}}"
+            f"{row[0]}: {fields.messages!r} must be a non-empty list of {{'role': <text>, 'content': <text>}}"
         )
     if not getattr(tokenizer, "chat_template", None):
         raise DataError(
@@ -263,9 +277,9 @@ def normalize(row: Row, fmt: str, fields: Fields) -> dict[str, str]:
         out["prompt"], out["completion"] = _field(row, fields.prompt), _field(row, fields.completion)
     else:
         messages = _field(row, fields.messages, (list,))
-        if not messages or not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages):
+        if not messages or not all(_is_turn(m) for m in messages):
             raise DataError(
-                f"{row[0]}: {fields.messages!r} must be a non-empty list of {{'role': ..., 'content': ...}}"
+                f"{row[0]}: {fields.messages!r} must be a non-empty list of {{'role': <text>, 'content': <text>}}"
             )
         out["messages"] = json.dumps(messages, ensure_ascii=False)
     return out
