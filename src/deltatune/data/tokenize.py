@@ -54,21 +54,22 @@ def _is_int_label(value: Any) -> bool:
     )
 
 
-def _label_name(value: Any) -> str:
+def label_name(value: Any) -> str:
+    """A label as a class name: an integer or a string of digits as its number (`"00"`, `"0"` and 0 are "0")."""
     return str(int(value)) if _is_int_label(value) else str(value)
 
 
 def build_label_map(rows: list[Row], field: str, declared: list[str | int] | None = None) -> dict[str, int]:
     """Label name -> class id for the rows' `field` (see `label_map_of`)."""
     return label_map_of(
-        ((r[0], _label_name(_field(r, field, (str, int), label=True))) for r in rows), declared
+        ((r[0], label_name(_field(r, field, (str, int), label=True))) for r in rows), declared
     )
 
 
 def label_map_of(
     labels: Iterable[tuple[str, str]], declared: list[str | int] | None = None
 ) -> dict[str, int]:
-    """Label name -> class id, from `(where, label name)` pairs (names as `_label_name` makes them).
+    """Label name -> class id, from `(where, label name)` pairs (names as `label_name` makes them).
 
     With `declared` (the config's `labels:`), class `i` is its `i`-th entry and every label must be one of
     them. Otherwise string labels are sorted and numbered, and integer labels (or digit strings, as CSV gives
@@ -77,7 +78,7 @@ def label_map_of(
     every id up to it.
     """
     if declared is not None:
-        label_map = {_label_name(v): i for i, v in enumerate(declared)}
+        label_map = {label_name(v): i for i, v in enumerate(declared)}
         for where, name in labels:
             if name not in label_map:
                 raise DataError(
@@ -132,7 +133,7 @@ def encode_classification(
     for row in rows:
         text = _field(row, fields.text)
         value = _field(row, fields.label, (str, int), label=True)
-        label = _label_name(value)
+        label = label_name(value)
         if label not in label_map:
             raise DataError(
                 f"{row[0]}: label {_short(value)} never appears in the training data "
@@ -270,7 +271,7 @@ def normalize(row: Row, fmt: str, fields: Fields) -> dict[str, str]:
     out = {"_where": row[0]}
     if fmt == "classification":
         out["text"] = _field(row, fields.text)
-        out["label"] = _label_name(_field(row, fields.label, (str, int), label=True))
+        out["label"] = label_name(_field(row, fields.label, (str, int), label=True))
     elif fmt == "text":
         out["text"] = _field(row, fields.text)
     elif fmt == "prompt-completion":

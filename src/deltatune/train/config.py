@@ -20,7 +20,7 @@ import yaml
 from deltatune import dtypes, tracking
 from deltatune.config import method_config
 from deltatune.data import Fields, check_source
-from deltatune.data.tokenize import _label_name
+from deltatune.data.tokenize import label_name
 from deltatune.embedded import DEFAULT_MODEL, check_model
 from deltatune.errors import ConfigError, short
 from deltatune.methods import registry
@@ -642,7 +642,7 @@ def _check_labels(config: TrainConfig) -> list[str]:
         isinstance(v, (str, int)) and not isinstance(v, bool) for v in labels
     ):
         return [f"labels: expected a list of label names or integers, got {str(labels)[:200]!r}"]
-    names = [_label_name(v) for v in labels]  # as the data's labels are read: "00", "0" and 0 are class 0
+    names = [label_name(v) for v in labels]  # as the data's labels are read: "00", "0" and 0 are class 0
     if len(names) < 2:
         return [f"labels: a classifier needs two or more labels, got {names}"]
     if len(set(names)) < len(names):
