@@ -583,3 +583,13 @@ def test_demo_out_in_a_busy_folder_reports_the_adapters_size(tmp_path, capsys):
     adapter = sum(os.path.getsize(tmp_path / f) for f in ("adapter_config.json", "adapter_model.safetensors"))
     assert f": {adapter / 1024:.0f} KiB;" in line
     assert adapter < 1_000_000
+
+
+def test_a_label_map_nested_too_deeply_ends_in_one_line(classifier, capsys):
+    """json.load raises RecursionError on deep nesting: `inspect` printed a traceback and "this is a bug"."""
+    _, adapter = classifier
+    with open(os.path.join(adapter, "label_map.json"), "w") as f:
+        f.write("[" * 100000 + "]" * 100000)
+    assert cli.main(["inspect", adapter]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("deltatune inspect: error: ") and "nests too deeply" in err and err.count("\n") == 1
