@@ -583,3 +583,52 @@ def test_demo_out_in_a_busy_folder_reports_the_adapters_size(tmp_path, capsys):
     adapter = sum(os.path.getsize(tmp_path / f) for f in ("adapter_config.json", "adapter_model.safetensors"))
     assert f": {adapter / 1024:.0f} KiB;" in line
     assert adapter < 1_000_000
+
+
+def test_a_label_map_nested_too_deeply_ends_in_one_line(classifier, capsys):
+    """json.load raises RecursionError on deep nesting: `inspect` printed a traceback and "this is a bug"."""
+    _, adapter = classifier
+    with open(os.path.join(adapter, "label_map.json"), "w") as f:
+        f.write("[" * 100000 + "]" * 100000)
+    assert cli.main(["inspect", adapter]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("deltatune inspect: error: ") and "nests too deeply" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    ("name", "text"),
+    [
+        ("tokenizer.json", ""),
+        ("tokenizer.json", "[1]"),
+        ("tokenizer_config.json", "[1]"),
+        ("tokenizer.json", "{x"),
+    ],
+)
+def test_damaged_tokenizer_files_of_an_adapter_end_in_one_line(classifier, capsys, name, text):
+    """An empty, torn or list-shaped tokenizer.json / tokenizer_config.json in the adapter folder was a
+    JSONDecodeError, TypeError or AttributeError traceback reported as a bug."""
+    _, adapter = classifier
+    with open(os.path.join(adapter, name), "w") as f:
+        f.write(text)
+    assert cli.main(["generate", "--adapter", adapter, "--prompt", "what a lovely day"]) == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]  # (transformers' weight-loading bar may come before it)
+    assert "Traceback" not in err and last.startswith(
+        f"deltatune generate: error: the tokenizer files in {adapter} can't be read ("
+    ), err
+
+
+def test_an_adapter_config_edited_to_another_task_is_an_adapter_that_does_not_fit(classifier, capsys):
+    """task_type edited from SEQ_CLS to CAUSAL_LM loads the base without its classifier, which the saved
+    modules_to_save then matched nowhere: a plain ValueError traceback reported as a bug."""
+    _, adapter = classifier
+    path = os.path.join(adapter, "adapter_config.json")
+    with open(path) as f:
+        config = json.load(f)
+    with open(path, "w") as f:
+        json.dump({**config, "task_type": "CAUSAL_LM"}, f)
+    assert cli.main(["generate", "--adapter", adapter, "--prompt", "what a lovely day"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith(
+        f"deltatune generate: error: the adapter in {adapter} does not fit this model"
+    ), err

@@ -531,3 +531,28 @@ def test_one_kind_of_adapter_per_server_the_others_listed_with_the_reason(files,
         "/v1/completions", json={"model": "houlsby", "prompt": "w3 w4", "max_tokens": 3, "temperature": 0}
     )
     assert r.status_code == 200, r.text
+
+
+def test_a_label_map_edited_to_another_count_or_nested_too_deeply_breaks_no_other_adapter(files, tmp_path):  # noqa: F811
+    """The base's head was sized from the first classification adapter's label_map.json: one edited to two labels
+    (its head has three) made every adapter of the server fail to load; one nested too deeply was a
+    RecursionError that skipped its adapter (the other bad label maps are only ignored)."""
+    root = tmp_path / "cls"
+    shutil.copytree(files["cls_adapters"], root)
+    shutil.copytree(root / "topic", root / "a_edited")
+    (root / "a_edited" / "label_map.json").write_text('{"news": 0, "sport": 1}')
+    shutil.copytree(root / "topic", root / "deep")
+    (root / "deep" / "label_map.json").write_text("[" * 100000 + "]" * 100000)
+    engine = Engine(files["cls_base"], str(root), base_name="cls", device="cpu")
+    server = _Server(create_app(engine))
+    try:
+        with _client(server.url, key=None) as client:
+            assert client.get("/health").json()["failed_adapters"] == {}
+            for model in ("a_edited", "deep", "sentiment", "topic"):
+                r = client.post("/v1/classify", json={"model": model, "input": "w1 w2"})
+                assert r.status_code == 200, (model, r.text)
+                assert len(r.json()["data"][0]["probabilities"]) == 3
+            r = client.post("/v1/classify", json={"model": "topic", "input": "w1"})
+            assert sorted(r.json()["data"][0]["probabilities"]) == ["news", "sport", "tech"]
+    finally:
+        server.stop()

@@ -222,6 +222,38 @@ def test_a_refused_resume_keeps_the_run_s_settings_and_a_rank_change_names_both_
     )  # an accepted resume: its settings
 
 
+def test_a_resume_reads_back_a_torn_metrics_line_and_refuses_damaged_labels_or_lr_search(
+    tmp_path, bert, emails
+):
+    """A run killed while appending to metrics.jsonl leaves a half line: --resume ended in a JSONDecodeError
+    traceback ("a bug"); so did a damaged label_map.json, and for `lr: auto` a damaged lr_search.json."""
+    out = tmp_path / "run"
+    run(make_config(out, bert, emails, max_steps=2, save_every=1))
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('["not a row"]\n{"step": "2"}\n{"step": 2, "train_lo')
+    labels = (out / "label_map.json").read_text()
+    for damaged in ('{"low": 0, "hi', "[1, 2]", "\xff"):
+        (out / "label_map.json").write_text(damaged)
+        with pytest.raises(
+            ConfigError, match="label_map.json, the labels of the run being resumed, is damaged"
+        ):
+            run(make_config(out, bert, emails, max_steps=3, save_every=1), resume=True)
+    (out / "label_map.json").write_text(labels)
+    assert run(make_config(out, bert, emails, max_steps=3, save_every=1), resume=True)["steps"] == 3
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows and max(r["step"] for r in rows) == 3
+    from deltatune.train.run import _read_lr_search
+
+    for damaged in ('{"lr": 0.0', '{"lr": NaN}', '["lr"]', ""):
+        (out / "lr_search.json").write_text(damaged)
+        with pytest.raises(
+            ConfigError, match="lr_search.json, the learning rate `lr: auto` chose .* is damaged"
+        ):
+            _read_lr_search(str(out / "lr_search.json"))
+    (out / "lr_search.json").write_text('{"lr": 0.001, "trials": []}')
+    assert _read_lr_search(str(out / "lr_search.json"))["lr"] == 0.001
+
+
 @pytest.mark.parametrize(
     "name, content, message",
     [

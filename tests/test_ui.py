@@ -473,3 +473,50 @@ def test_allowed_host_lets_a_reverse_proxys_names_through(runs_dir, monkeypatch,
         err = capsys.readouterr().err
         assert f"deltatune ui: error: --allowed-host {bad!r} is not a host name" in err
         assert err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    ("name", "files"),
+    [
+        (
+            "nan-summary",
+            {"summary.json": '{"status": "completed", "eval_accuracy": NaN, "total_steps": Infinity}'},
+        ),
+        (
+            "nan-step",
+            {"metrics.jsonl": '{"step": NaN, "eval_accuracy": 0.5}\n{"step": 1e999, "eval_loss": 1}\n'},
+        ),
+        ("nested-nan", {"metrics.jsonl": '{"step": 1, "lr_trials": [NaN, Infinity]}\n'}),
+        ("deep", {"metrics.jsonl": '{"step": 1, "x": ' + "[" * 5000 + "]" * 5000 + "}\n"}),
+        ("deep-summary", {"summary.json": '{"status": ' + "[" * 5000 + "]" * 5000 + "}"}),
+        (
+            "yaml-binary",
+            {"train_config.yaml": "model: !!binary /w==\nmethod: lora\ndata: d\nmax_steps: .nan\n"},
+        ),
+        ("metrics-folder", {"metrics.jsonl/x": ""}),
+        ("adapter-list", {"adapter/adapter_config.json": "[1]"}),
+        ("adapter-nan", {"adapter/adapter_config.json": '{"peft_type": NaN}'}),
+        (
+            "cmp-inf",
+            {"results.json": '{"methods": [{"method": "lora", "eval_accuracy": NaN, "lr": Infinity}]}'},
+        ),
+        ("cmp-spec-list", {"lora/compare_spec.json": "[1]", "lora/metrics.jsonl": ""}),
+    ],
+)
+def test_a_damaged_run_file_is_a_problem_of_its_run_never_a_500(runs_dir, name, files):
+    """NaN and Infinity (which Python's json writes: a diverged lr trial), nesting deeper than the encoder
+    recurses, YAML's bytes, a folder for a file, and JSON of another shape each made a 500 of the whole run
+    list, or of the run's page, metrics or the adapters list, hiding the good runs."""
+    _write(runs_dir / name / "train_config.yaml", "model: m\nmethod: lora\ndata: d.jsonl\n")
+    for rel, text in files.items():
+        _write(runs_dir / name / rel, text)
+    client = TestClient(create_app(str(runs_dir)), raise_server_exceptions=False)
+    listed = client.get("/api/runs")
+    assert listed.status_code == 200, listed.text
+    assert {"good", name} <= {r["path"] for r in listed.json()["runs"]}
+    for url in ("/api/run", "/api/metrics"):
+        r = client.get(url, params={"path": name})
+        assert r.status_code == 200, (url, r.text)
+    assert client.get("/api/adapters").status_code == 200
+    good = client.get("/api/metrics", params={"path": "good"}).json()
+    assert [r["step"] for r in good["rows"]] == [0, 1, 2, 3]

@@ -163,7 +163,7 @@ def output_head_names(model: nn.Module) -> set[str]:
 
 
 class NoTargetsError(ValueError):
-    """`target_modules` matched no module of the model."""
+    """`target_modules` (or `modules_to_save`) matched no module of the model."""
 
 
 def find_targets(

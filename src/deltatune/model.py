@@ -124,7 +124,7 @@ class PeftModel(nn.Module):
             if config.modules_to_save:
                 found = mts.inject_modules(self.base_model, config.modules_to_save, adapter_name)
                 if not found and not _is_auto_heads(config):
-                    raise ValueError(
+                    raise inject.NoTargetsError(  # a ValueError; from a saved adapter, one that doesn't fit
                         f"modules_to_save={config.modules_to_save} matched no module of the model"
                     )
         except Exception:

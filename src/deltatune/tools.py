@@ -130,6 +130,8 @@ def read_label_map(directory: str) -> dict[str, int] | None:
             data = json.load(f)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path} is not valid UTF-8 JSON ({e})") from e
+    except RecursionError as e:
+        raise CheckpointError(f"{path} nests too deeply to be a label map") from e
     if not isinstance(data, dict) or not all(
         isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) for k, v in data.items()
     ):

@@ -109,7 +109,18 @@ def load_tokenizer(source: str, **kwargs: Any) -> Any:
 
     from deltatune.errors import ConfigError
 
-    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    except (OSError, ImportError):  # a missing folder or package: their own messages say so
+        raise
+    except Exception as e:  # a tokenizer file that is damaged or of another shape (JSON errors, a list, ...)
+        if not os.path.isdir(source):
+            raise
+        why = str(e).splitlines()[0][:200] if str(e) else ""
+        raise ConfigError(
+            f"the tokenizer files in {source} can't be read ({type(e).__name__}: {why}): restore them, or copy "
+            "the tokenizer files of the model it came from into that folder"
+        ) from e
     if os.path.isdir(source) and len(tokenizer) <= len(set(tokenizer.all_special_tokens)):
         raise ConfigError(
             f"{source} has no tokenizer files (tokenizer.json, tokenizer_config.json, vocab.txt, ...), so "

@@ -322,7 +322,7 @@ def _adapter_labels(directory: str) -> list[str] | None:
             id2label = {v: k for k, v in data.items()} if name == "label_map.json" else data.get("id2label")
             if id2label:
                 return [str(id2label[k]) for k in sorted(id2label, key=int)]
-        except (OSError, ValueError, AttributeError, KeyError, TypeError):
+        except (OSError, ValueError, AttributeError, KeyError, TypeError, RecursionError):
             continue
     return None
 

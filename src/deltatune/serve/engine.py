@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from deltatune.checkpoint import head_num_labels, load_adapter_weights
+from deltatune.checkpoint import adapter_weights_file, head_num_labels, tensor_shapes
 from deltatune.methods import registry as methods  # the method table (self.registry is the adapters')
 from deltatune.methods.mixed import BASE
 from deltatune.model import PeftModel, read_adapter_tensors
@@ -526,12 +526,13 @@ def _load_base(base, task, entries: dict[str, Entry], tokenizer, dtype, device) 
 
 
 def _adapter_num_labels(entry: Entry) -> int | None:
-    """How many labels an adapter's classification head has (its saved labels, else its head's shape)."""
-    if entry.labels:
-        return len(entry.labels)
+    """How many labels an adapter's classification head has (its head's shape, read from the weights' header;
+    else its saved labels). The head decides: a label_map.json edited to another count made a base that no
+    adapter of the server fitted."""
     with contextlib.suppress(Exception):
-        return head_num_labels(load_adapter_weights(entry.directory))
-    return None
+        if (num := head_num_labels(tensor_shapes(adapter_weights_file(entry.directory)))) is not None:
+            return num
+    return len(entry.labels) if entry.labels else None
 
 
 def _base_labels(config: Any) -> list[str]:

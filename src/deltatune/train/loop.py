@@ -633,6 +633,19 @@ def close_trackers(status: str) -> None:
         _OPEN[-1].close(status)
 
 
+def _row_step(line: str) -> float:
+    """The step of a `metrics.jsonl` line; infinite for a line that is no metrics row (the half-written last line
+    of a killed run, a hand edit), which a resumed run drops with the lines past its checkpoint."""
+    try:
+        row = json.loads(line)
+    except (ValueError, RecursionError):
+        return math.inf
+    step = row.get("step", 0) if isinstance(row, dict) else None
+    return (
+        step if isinstance(step, (int, float)) and not isinstance(step, bool) and step == step else math.inf
+    )
+
+
 class _Metrics:
     """`metrics.jsonl`, one JSON object per line; a resumed run first drops lines past its checkpoint."""
 
@@ -642,11 +655,9 @@ class _Metrics:
         if trackers:
             _OPEN.append(self)
         if enabled and truncate_after and os.path.isfile(path):
-            with open(path, encoding="utf-8") as f:
-                kept = [
-                    line for line in f if line.strip() and json.loads(line).get("step", 0) <= truncate_after
-                ]
-            checkpoint.atomic_write_text(path, "".join(kept))
+            with open(path, encoding="utf-8", errors="replace") as f:
+                kept = [line for line in f if _row_step(line) <= truncate_after]
+            checkpoint.atomic_write_text(path, "".join(line.rstrip("\n") + "\n" for line in kept))
 
     def log(self, step: int, values: dict[str, float]) -> dict[str, float]:
         if self.enabled:

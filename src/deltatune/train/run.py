@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -151,8 +152,7 @@ def run(
                         os.path.join(out, "lr_search.json"), json.dumps(lr_search, indent=2)
                     )
             elif config.lr == "auto":  # resumed: the rate the interrupted run chose
-                with open(os.path.join(out, "lr_search.json"), encoding="utf-8") as f:
-                    lr_search = json.load(f)
+                lr_search = _read_lr_search(os.path.join(out, "lr_search.json"))
             train_config = (
                 dataclasses.replace(config, lr=lr_search["lr"]) if lr_search is not None else config
             )
@@ -354,10 +354,44 @@ def _write_run_config(out: str, config: TrainConfig) -> None:
     )
 
 
-def _keep_label_map(path: str, label_map: dict[str, int], ctx: Context, resume_dir: str | None) -> None:
-    if resume_dir and os.path.isfile(path):
+def _read_lr_search(path: str) -> dict:
+    """The `lr: auto` search of the run being resumed (`lr_search.json`): the rate it chose is the run's rate."""
+    try:
         with open(path, encoding="utf-8") as f:
             saved = json.load(f)
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: not JSON, or not UTF-8
+        saved = e
+    lr = saved.get("lr") if isinstance(saved, dict) else None
+    if isinstance(lr, (int, float)) and not isinstance(lr, bool) and math.isfinite(lr) and lr > 0:
+        return saved
+    why = (
+        f"{type(saved).__name__}: {str(saved)[:200]}"
+        if isinstance(saved, Exception)
+        else "no positive 'lr' in it"
+    )
+    raise ConfigError(
+        f"{path}, the learning rate `lr: auto` chose for the run being resumed, is damaged ({why}): restore it, "
+        "or resume with the rate set (lr=<the rate>)"
+    )
+
+
+def _keep_label_map(path: str, label_map: dict[str, int], ctx: Context, resume_dir: str | None) -> None:
+    if resume_dir and os.path.isfile(path):
+        try:
+            with open(path, encoding="utf-8") as f:
+                saved = json.load(f)
+        except (OSError, ValueError, RecursionError) as e:  # ValueError: not JSON, or not UTF-8
+            saved = e
+        if not isinstance(saved, dict) or not all(isinstance(k, str) for k in saved):
+            why = (
+                f"{type(saved).__name__}: {str(saved)[:200]}"
+                if isinstance(saved, Exception)
+                else f"not an object of label names: {short(saved)}"
+            )
+            raise ConfigError(
+                f"{path}, the labels of the run being resumed, is damaged ({why}): restore it, or remove it to "
+                "resume with this data's labels as they are numbered now"
+            )
         if saved != label_map:
             raise ConfigError(
                 f"the labels of this data ({', '.join(label_map)}) differ from the run being resumed "

@@ -46,14 +46,36 @@ def _rel(root: str, path: str) -> str:
     return "" if rel == "." else rel.replace(os.sep, "/")
 
 
+MAX_NESTING = 32  # deeper values are dropped: no run file nests so, and the JSON encoder recurses on them
+
+
+def plain(value: Any, depth: int = 0) -> Any:
+    """`value` (parsed from a run's JSON or YAML) as what a JSON response can hold: NaN and infinities (which
+    Python's json reads and writes) become None, YAML's bytes, dates and sets text or lists, and anything
+    nested deeper than MAX_NESTING None; a file edited by hand or half-written thus never makes a 500."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if value is None or isinstance(value, (str, int)):
+        return value
+    if depth >= MAX_NESTING:
+        return None
+    if isinstance(value, dict):
+        return {str(k): plain(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [plain(v, depth + 1) for v in value]
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    return str(value)
+
+
 def read_json(path: str, problems: list[str]) -> Any:
     name = os.path.basename(path)
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
+            return plain(json.load(f))
     except FileNotFoundError:
         return None
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:  # RecursionError: nested too deeply
         problems.append(f"{name} is unreadable ({type(e).__name__}: {str(e)[:120]})")
         return None
 
@@ -61,10 +83,10 @@ def read_json(path: str, problems: list[str]) -> Any:
 def read_yaml(path: str, problems: list[str]) -> Any:
     try:
         with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
+            data = plain(yaml.safe_load(f))
     except FileNotFoundError:
         return None
-    except (OSError, ValueError, yaml.YAMLError) as e:
+    except (OSError, ValueError, RecursionError, yaml.YAMLError) as e:
         problems.append(
             f"train_config.yaml is unreadable ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
         )
@@ -86,7 +108,7 @@ def read_metrics(path: str, start: int = 0) -> tuple[list[dict[str, Any]], int, 
     try:
         with open(path, "rb") as f:
             text = f.read().decode("utf-8", errors="replace")
-    except FileNotFoundError:
+    except OSError:  # missing; or a folder, which train_run reports
         return [], start, 0
     lines = text.split("\n")[:-1]  # what follows the last newline is still being written
     rows, bad = [], 0
@@ -95,11 +117,12 @@ def read_metrics(path: str, start: int = 0) -> tuple[list[dict[str, Any]], int, 
             continue
         try:
             row = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):
             bad += 1
             continue
-        if isinstance(row, dict) and isinstance(row.get("step"), (int, float)):
-            rows.append({k: v for k, v in row.items() if _finite_or_text(v)})
+        step = row.get("step") if isinstance(row, dict) else None
+        if isinstance(step, (int, float)) and math.isfinite(step):
+            rows.append({k: plain(v) for k, v in row.items() if _finite_or_text(v)})
         else:
             bad += 1
     return rows, max(len(lines), start), bad
@@ -177,6 +200,8 @@ def train_run(
     rows, _next, bad = read_metrics(os.path.join(path, "metrics.jsonl"))
     if bad:
         problems.append(f"metrics.jsonl: {bad} line(s) that aren't metrics rows were skipped")
+    if os.path.isdir(os.path.join(path, "metrics.jsonl")):
+        problems.append("metrics.jsonl is a folder, not a file")
     if not os.path.isfile(os.path.join(path, "train_config.yaml")):
         problems.append("no train_config.yaml")
     checkpoints = _checkpoints(path)
@@ -245,6 +270,9 @@ def compare_run(
     spec: dict[str, Any] = {}
     if results is None and sub:
         spec = read_json(os.path.join(path, sub[0], "compare_spec.json"), problems) or {}
+        if not isinstance(spec, dict):
+            problems.append(f"{sub[0]}/compare_spec.json is not a deltatune compare spec (not an object)")
+            spec = {}
     return {
         "path": _rel(root, path),
         "name": os.path.basename(path),
@@ -342,6 +370,8 @@ def adapters(root: str) -> list[dict[str, Any]]:
         for rel, folder in paths:
             problems: list[str] = []
             config = read_json(os.path.join(folder, "adapter_config.json"), problems) or {}
+            if not isinstance(config, dict):
+                config = {}
             out.append(
                 {
                     "run": rel,
