@@ -354,44 +354,46 @@ def _write_run_config(out: str, config: TrainConfig) -> None:
     )
 
 
-def _read_lr_search(path: str) -> dict:
-    """The `lr: auto` search of the run being resumed (`lr_search.json`): the rate it chose is the run's rate."""
+def _saved_json(path: str, what: str, shape_ok: Any, shape: str, remedy: str) -> Any:
+    """A JSON file the run being resumed wrote (`what` it holds), when `shape_ok(value)`; otherwise a ConfigError
+    naming the file and its damage (unreadable, or not `shape`) and the `remedy`."""
     try:
         with open(path, encoding="utf-8") as f:
             saved = json.load(f)
     except (OSError, ValueError, RecursionError) as e:  # ValueError: not JSON, or not UTF-8
-        saved = e
-    lr = saved.get("lr") if isinstance(saved, dict) else None
-    if isinstance(lr, (int, float)) and not isinstance(lr, bool) and math.isfinite(lr) and lr > 0:
-        return saved
-    why = (
-        f"{type(saved).__name__}: {str(saved)[:200]}"
-        if isinstance(saved, Exception)
-        else "no positive 'lr' in it"
-    )
-    raise ConfigError(
-        f"{path}, the learning rate `lr: auto` chose for the run being resumed, is damaged ({why}): restore it, "
-        "or resume with the rate set (lr=<the rate>)"
+        why = f"{type(e).__name__}: {str(e)[:200]}"
+    else:
+        if shape_ok(saved):
+            return saved
+        why = f"not {shape}: {short(saved)}"
+    raise ConfigError(f"{path}, {what} of the run being resumed, is damaged ({why}): {remedy}")
+
+
+def _read_lr_search(path: str) -> dict:
+    """The `lr: auto` search of the run being resumed (`lr_search.json`): the rate it chose is the run's rate."""
+
+    def has_lr(saved: Any) -> bool:
+        lr = saved.get("lr") if isinstance(saved, dict) else None
+        return isinstance(lr, (int, float)) and not isinstance(lr, bool) and math.isfinite(lr) and lr > 0
+
+    return _saved_json(
+        path,
+        "the learning rate `lr: auto` chose",
+        has_lr,
+        "an object with a positive 'lr'",
+        "restore it, or resume with the rate set (lr=<the rate>)",
     )
 
 
 def _keep_label_map(path: str, label_map: dict[str, int], ctx: Context, resume_dir: str | None) -> None:
     if resume_dir and os.path.isfile(path):
-        try:
-            with open(path, encoding="utf-8") as f:
-                saved = json.load(f)
-        except (OSError, ValueError, RecursionError) as e:  # ValueError: not JSON, or not UTF-8
-            saved = e
-        if not isinstance(saved, dict) or not all(isinstance(k, str) for k in saved):
-            why = (
-                f"{type(saved).__name__}: {str(saved)[:200]}"
-                if isinstance(saved, Exception)
-                else f"not an object of label names: {short(saved)}"
-            )
-            raise ConfigError(
-                f"{path}, the labels of the run being resumed, is damaged ({why}): restore it, or remove it to "
-                "resume with this data's labels as they are numbered now"
-            )
+        saved = _saved_json(
+            path,
+            "the labels",
+            lambda v: isinstance(v, dict) and all(isinstance(k, str) for k in v),
+            "an object of label names",
+            "restore it, or remove it to resume with this data's labels as they are numbered now",
+        )
         if saved != label_map:
             raise ConfigError(
                 f"the labels of this data ({', '.join(label_map)}) differ from the run being resumed "
