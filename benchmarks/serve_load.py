@@ -106,6 +106,8 @@ def start(base: str, adapters: str, scheduler: str, args) -> tuple[subprocess.Po
         cmd += ["--adapter-slice", str(args.adapter_slice)]
     if scheduler == "continuous" and args.max_prefill_tokens:
         cmd += ["--max-prefill-tokens", str(args.max_prefill_tokens)]
+    if scheduler == "continuous" and not args.fold_prefill:
+        cmd += ["--no-fold-prefill"]
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL), f"http://127.0.0.1:{port}"
 
 
@@ -502,6 +504,12 @@ def main() -> None:
         type=int,
         default=0,
         help="the continuous server's --max-prefill-tokens (0: no cap)",
+    )
+    p.add_argument(
+        "--no-fold-prefill",
+        dest="fold_prefill",
+        action="store_false",
+        help="the continuous server's --no-fold-prefill (prompts prefilled in model calls of their own)",
     )
     p.add_argument("--small", action="store_true", help="a smaller model than OPT-125m, for slow machines")
     p.add_argument("--out", default="serve_load.json")

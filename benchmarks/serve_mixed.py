@@ -40,6 +40,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="base-only / 8-adapter round pairs")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument(
+        "--no-fold-prefill",
+        dest="fold_prefill",
+        action="store_false",
+        help="prefill new prompts in model calls of their own (the engine's fold_prefill=False)",
+    )
+    parser.add_argument(
         "--small", action="store_true", help="a small random OPT (a quick check of the script)"
     )
     parser.add_argument("--out", help="write the results as JSON here")
@@ -51,10 +57,18 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="deltatune-serve-mixed-") as folder:
         base, adapters, words = build(folder, small=args.small)
-        engine = Engine(base, adapters, base_name="base", scheduler="continuous", max_loaded_adapters=8)
+        engine = Engine(
+            base,
+            adapters,
+            base_name="base",
+            scheduler="continuous",
+            max_loaded_adapters=8,
+            fold_prefill=args.fold_prefill,
+        )
         sched = engine.scheduler
-        spent = {"prefill": 0.0, "decode": 0.0}
-        for name in ("_prefill", "_decode"):  # time the model calls of each kind
+        spent = {"prefill": 0.0, "prefill_chunk": 0.0, "decode": 0.0, "decode_folded": 0.0}
+        calls = ("_prefill", "_prefill_chunk", "_decode", "_decode_folded")
+        for name in calls:  # time the model calls of each kind
             original = getattr(sched, name)
 
             def timed(*a, _original=original, _kind=name[1:], **k):
@@ -103,8 +117,10 @@ def main() -> None:
                 "tokens": tokens[0],
                 "seconds": round(wall, 2),
                 "decode_steps": sched.stats["decode_steps"] - steps,
-                "prefill_s": round(spent["prefill"], 2),
+                "prefill_s": round(spent["prefill"] + spent["prefill_chunk"], 2),
                 "decode_s": round(spent["decode"], 2),
+                # decoding steps that prompts rode along in (prefill and decoding in one call)
+                "folded_s": round(spent["decode_folded"], 2),
             }
 
         run(eight)  # warm-up; loads the 8 adapters

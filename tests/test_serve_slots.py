@@ -187,13 +187,18 @@ def test_a_prefill_token_budget_admits_a_burst_over_several_steps_with_the_same_
     answer still equals `generate` of its adapter alone."""
     engine = Engine(files["base"], files["adapters"], base_name=BASE, device="cpu", max_prefill_tokens=5)
     sched = engine.scheduler
-    prefill, calls = sched._prefill, []
+    prefill, folded, calls = sched._prefill, sched._decode_folded, []
 
     def recorded(solo, rows):
         calls.append(({(r.adapter, tuple(r.ids)) for r in rows}, sched._steps))
         prefill(solo, rows)
 
-    sched._prefill = recorded
+    def recorded_folded(lane, fresh, chunk):  # prompts that ride along in the running rows' step
+        if fresh:
+            calls.append(({(r.adapter, tuple(r.ids)) for r in fresh}, sched._steps))
+        folded(lane, fresh, chunk)
+
+    sched._prefill, sched._decode_folded = recorded, recorded_folded
     burst = [("alpha", "w1 w2 w3"), ("beta", "w4 w5"), ("alpha", "w6 w7 w8 w9 w10 w11"), ("beta", "w12")]
     burst += [("alpha", "w13 w14"), ("alpha", "w13 w14")]  # the same prompt twice: one prefill, counted once
     got: dict[int, list[int]] = {i: [] for i in range(len(burst))}
@@ -232,5 +237,6 @@ def test_a_prefill_token_budget_admits_a_burst_over_several_steps_with_the_same_
         tokens = [len(ids) for _, ids in prompts]
         assert sum(tokens) <= 5 or len(tokens) == 1, prompts  # within the budget, or one prompt alone
     assert sum(len(p) for p, _ in calls) == len(lengths)  # each distinct prompt prefilled once
+    assert sched.stats["folded_prefills"] > 0  # (most of them in the running rows' steps)
     for i, (adapter, prompt) in enumerate(burst):
         assert engine.tokenizer.decode(got[i], skip_special_tokens=True) == reference(adapter, prompt, 6)

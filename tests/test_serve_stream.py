@@ -48,14 +48,22 @@ def _sse(lines) -> list[dict | str]:
 def _slow_steps(engine, seconds: float):
     """Make each decoding step take at least `seconds` (so a test can act while rows are running)."""
     sched = engine.scheduler
-    decode = sched._decode
+    decode, folded = sched._decode, sched._decode_folded
 
     def slow(lane):
         time.sleep(seconds)
         decode(lane)
 
-    sched._decode = slow
-    return lambda: setattr(sched, "_decode", decode)
+    def slow_folded(lane, fresh, chunk):  # a step that new prompts ride along in
+        time.sleep(seconds)
+        folded(lane, fresh, chunk)
+
+    sched._decode, sched._decode_folded = slow, slow_folded
+
+    def restore():
+        sched._decode, sched._decode_folded = decode, folded
+
+    return restore
 
 
 def test_rows_joining_mid_flight_get_their_answer_alone(served, reference):  # noqa: F811
@@ -189,14 +197,19 @@ def test_long_prompts_are_prefilled_in_chunks_between_decoding_steps(files, refe
     )
     server = _Server(create_app(engine, api_key=KEY, max_tokens_cap=CAP))
     sched = engine.scheduler
-    chunk = sched._prefill_chunk
+    chunk, folded = sched._prefill_chunk, sched._decode_folded
     steps_at_chunks: list[int] = []
 
     def recorded():
         steps_at_chunks.append(sched.stats["decode_steps"])
         chunk()
 
-    sched._prefill_chunk = recorded
+    def recorded_folded(lane, fresh, with_chunk):  # a chunk that rides along in the running rows' step
+        if with_chunk:
+            steps_at_chunks.append(sched.stats["decode_steps"])
+        folded(lane, fresh, with_chunk)
+
+    sched._prefill_chunk, sched._decode_folded = recorded, recorded_folded
     restore = _slow_steps(engine, 0.03)
     long_prompt = " ".join(f"w{i}" for i in range(3, 14))  # 11 words: 4 chunks of 3
     try:

@@ -59,7 +59,14 @@ def _parser() -> argparse.ArgumentParser:
         "--prefill-chunk",
         type=int,
         default=256,
-        help="continuous scheduler: longer prompts are prefilled this many tokens per step, between decoding steps",
+        help="continuous scheduler: longer prompts are prefilled this many tokens per step",
+    )
+    p.add_argument(
+        "--no-fold-prefill",
+        dest="fold_prefill",
+        action="store_false",
+        help="continuous scheduler: prefill new prompts in model calls of their own, between decoding steps (by "
+        "default they ride along in the running rows' decoding step, where the model allows it)",
     )
     p.add_argument(
         "--adapter-slice",
@@ -155,6 +162,7 @@ def serve_main(argv: list[str] | None = None) -> int:
             prefill_chunk=args.prefill_chunk,
             adapter_slice=args.adapter_slice,
             max_prefill_tokens=args.max_prefill_tokens,
+            fold_prefill=args.fold_prefill,
         )
     except (OSError, ValueError) as e:
         return fail(str(e))

@@ -54,13 +54,16 @@ class Engine:
             (the rows that arrive together run as one `generate`).
         max_loaded_adapters: adapters kept in memory at once (least recently used evicted beyond it).
         prefill_chunk: continuous scheduler: a prompt longer than this many tokens is prefilled this many tokens
-            per step, between the running rows' decoding steps (so they don't stall while it is read).
+            per step (so the running rows don't stall while it is read).
         adapter_slice: continuous scheduler: when a request waits for an adapter slot and every loaded adapter has
             running rows, the adapter that has had rows the longest, at least this many steps, is paused (its rows
             keep their caches and resume when it is loaded again) so the waiting one gets the slot; 0: never.
         max_prefill_tokens: continuous scheduler: the most prompt tokens one step prefills for new rows (the first
             prompt of a step is taken whatever its length; a prompt shared by `n` rows counts once); a burst of
             requests then joins over several steps while the running rows go on decoding; 0: no limit.
+        fold_prefill: continuous scheduler: new prompts (and chunks of long ones) of the mixed lane are prefilled
+            inside the running rows' decoding step, one model call for both (`packed.py`), where the model allows
+            it; False: a prefill is a model call of its own, between two steps.
     """
 
     def __init__(
@@ -80,6 +83,7 @@ class Engine:
         prefill_chunk: int = 256,
         adapter_slice: int = 16,
         max_prefill_tokens: int = 0,
+        fold_prefill: bool = True,
     ):
         from transformers import AutoConfig
 
@@ -165,6 +169,7 @@ class Engine:
                 "prefill_chunk": prefill_chunk,
                 "adapter_slice": adapter_slice,
                 "max_prefill_tokens": max_prefill_tokens,
+                "fold_prefill": fold_prefill,
             }
             if kind is ContinuousScheduler
             else {}

@@ -35,9 +35,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 
 from deltatune.methods.mixed import BASE
+from deltatune.serve import packed
 from deltatune.serve.errors import ApiError, overloaded, shutting_down
 from deltatune.serve.kvcache import RowCache
 from deltatune.serve.sampling import RowSampler, pick_rows
@@ -381,6 +382,7 @@ class ContinuousScheduler(_Scheduler):
         prefill_chunk: int = 256,
         adapter_slice: int = 16,
         max_prefill_tokens: int = 0,
+        fold_prefill: bool = True,
         **kwargs,
     ):
         if prefill_chunk < 1:
@@ -394,11 +396,14 @@ class ContinuousScheduler(_Scheduler):
         self.prefill_chunk = prefill_chunk
         self.adapter_slice = adapter_slice
         self.max_prefill_tokens = max_prefill_tokens
+        self.fold_prefill = fold_prefill
         self._waiting = False  # every pending row waits for its adapter's files (the reader wakes us)
         self._steps = 0  # scheduling steps taken
         self._since: dict[str, int] = {}  # the step since which each adapter of the running rows has had rows
         super().__init__(engine, **kwargs)
-        self.stats.update(prefill_chunks=0, adapter_pauses=0, paused_rows=0, resumed_rows=0)
+        self.stats.update(
+            prefill_chunks=0, adapter_pauses=0, paused_rows=0, resumed_rows=0, folded_prefills=0
+        )
 
     def _all_rows(self) -> list[Row]:
         return [
@@ -425,6 +430,9 @@ class ContinuousScheduler(_Scheduler):
             # files were read in the reader thread meanwhile), so a load holds neither them nor, for long, the
             # running rows.
             admitted, busy = False, bool(self.running())
+            # New prompts of the mixed lane ride along in its decoding step when it has running rows (packed.py)
+            fold = self._can_fold()
+            folding: list[Row] = []
             budget = _Budget(self.max_prefill_tokens, self.prefill_chunk) if self.max_prefill_tokens else None
             for max_loads in (0, 1):
                 free = self.max_batch - self.running()
@@ -440,7 +448,9 @@ class ContinuousScheduler(_Scheduler):
                     self._resume(solo, [row for row in rows if row.paused is not None])
                     rows = fresh
                     short = [row for row in rows if len(row.ids) <= self.prefill_chunk]
-                    if short:
+                    if short and fold and solo is None:
+                        folding += short
+                    elif short:
                         self._prefill(solo, short)
                     self._queue_chunked(solo, [row for row in rows if len(row.ids) > self.prefill_chunk])
             # Block for the reader only when nothing ran: rows that held adapters may leave at this step's decode,
@@ -450,10 +460,15 @@ class ContinuousScheduler(_Scheduler):
             self._steps += 1
             active = {row.adapter for lane in self.lanes.values() for row in lane.rows} - {BASE}
             self._since = {a: self._since.get(a, self._steps) for a in active}
-            if self.chunked:  # one chunk of a long prompt per step, between the running rows' steps
+            # one chunk of a long prompt per step, in the running rows' step (folded) or between the steps
+            chunk = bool(self.chunked)
+            if chunk and not (fold and self.chunked[0].solo is None):
                 self._prefill_chunk()
-            for lane in list(self.lanes.values()):
-                if lane.rows:
+                chunk = False
+            if folding or chunk:
+                self._decode_folded(self.lanes[None], folding, chunk)
+            for solo, lane in list(self.lanes.items()):
+                if lane.rows and not (solo is None and (folding or chunk)):
                     self._decode(lane)
             self.metrics.running.set(self.running())
             self.metrics.queue_depth.set(self.queued())
@@ -618,11 +633,11 @@ class ContinuousScheduler(_Scheduler):
                 self._prefill(solo, [row for row, w in zip(rows, which) if w == u])
             return
         self._note_call(rows)
-        self._start(solo, rows, which, logits, cache, mask)
+        self._start(solo, rows, which, logits, _pairs(cache), mask)
 
-    def _start(self, solo: str | None, rows: list[Row], which: list[int], logits, cache, mask) -> None:
+    def _start(self, solo: str | None, rows: list[Row], which: list[int], logits, pairs, mask) -> None:
         """After a prefill: pick the rows' first tokens (row i from `logits[which[i]]`) and move the rows that go
-        on, with their rows of the prefill's `cache` and `mask`, into their lane."""
+        on, with their rows of the prefill's keys/values (`pairs`, per layer) and `mask`, into their lane."""
         self.stats["prefills"] += 1
         lane = self.lanes.get(solo)
         if lane is not None and lane.rows:
@@ -643,9 +658,7 @@ class ContinuousScheduler(_Scheduler):
         if not going:
             return
         index = torch.tensor([which[i] for i in going], device=logits.device)
-        pairs = [
-            (layer.keys.index_select(0, index), layer.values.index_select(0, index)) for layer in cache.layers
-        ]
+        pairs = [(k.index_select(0, index), v.index_select(0, index)) for k, v in pairs]
         lane = self.lanes.setdefault(solo, _Lane(solo))
         lane.cache.join(pairs, mask.index_select(0, index.cpu()))
         lane.rows += [rows[i] for i in going]
@@ -660,7 +673,10 @@ class ContinuousScheduler(_Scheduler):
         mask = torch.ones((1, end), dtype=torch.long)
         positions = torch.arange(start, end, dtype=torch.long).view(1, -1)
         try:
-            logits, cache = self._forward(job.solo, [job.adapter], ids, mask, positions, job.cache)
+            past = job.cache
+            if isinstance(past, list):  # an earlier chunk went in a folded step
+                past = DynamicCache(ddp_cache_data=past)
+            logits, cache = self._forward(job.solo, [job.adapter], ids, mask, positions, past)
         except Exception as e:
             self.chunked.popleft()
             for row in job.rows:
@@ -672,7 +688,63 @@ class ContinuousScheduler(_Scheduler):
         self._note_call(job.rows)
         if end == len(job.ids):
             self.chunked.popleft()
-            self._start(job.solo, job.rows, [0] * len(job.rows), logits, cache, mask)
+            self._start(job.solo, job.rows, [0] * len(job.rows), logits, _pairs(cache), mask)
+
+    def _can_fold(self) -> bool:
+        """Whether this step's new prompts (of the mixed lane) can ride along in its decoding step: it has running
+        rows, and the model's attention can be folded (packed.py)."""
+        lane = self.lanes.get(None)
+        return bool(
+            self.fold_prefill and lane is not None and lane.rows and packed.supports(self.engine.base)
+        )
+
+    def _decode_folded(self, lane: _Lane, fresh: list[Row], chunk: bool) -> None:
+        """The mixed lane's decoding step with the `fresh` rows' prompts (each distinct one once) and, with `chunk`,
+        the next chunk of the oldest long prompt, in one model call. The fresh rows then join the lane with their
+        first token, as after a prefill of their own. If the call throws, each part runs on its own, as without
+        folding (and the failures are found row by row there)."""
+        engine = self.engine
+        unique: dict[tuple[str, tuple[int, ...]], int] = {}
+        which = [unique.setdefault((row.adapter, tuple(row.ids)), len(unique)) for row in fresh]
+        segments = [packed.Segment(adapter, list(ids)) for adapter, ids in unique]
+        job = self.chunked[0] if chunk else None
+        if job is not None:
+            end = min(len(job.ids), job.done + self.prefill_chunk)
+            past = _pairs(job.cache) if job.cache is not None else None
+            segments.append(packed.Segment(job.adapter, job.ids[job.done : end], job.done, past))
+        rows = lane.rows
+        lane.cache.step_inputs()
+        names = packed.adapter_names([row.adapter for row in rows], segments)
+        module, extra = engine.module_for(names, None)
+        try:
+            logits = packed.run(
+                module, engine.base, extra, lane.cache, lane.last, segments, engine.device, engine.cache_kwarg
+            )
+        except Exception as e:
+            lane.cache.undo_step()
+            logger.debug("a folded step failed (%s); its parts run on their own", e)
+            if fresh:
+                self._prefill(None, fresh)
+            if job is not None:
+                self._prefill_chunk()
+            if lane.rows:
+                self._decode(lane)
+            return
+        self._note_call([*rows, *fresh, *(job.rows if job is not None else [])])
+        self.stats["folded_prefills"] += len(segments)
+        self._decoded(lane, logits)
+        for u, seg in enumerate(segments[: len(unique)]):
+            mine = [row for row, w in zip(fresh, which) if w == u]
+            mask = torch.ones((1, len(seg.ids)), dtype=torch.long)
+            self._start(None, mine, [0] * len(mine), seg.logits, seg.pairs, mask)
+        if job is not None:
+            seg = segments[-1]
+            job.cache, job.done = seg.pairs, seg.start + len(seg.ids)
+            self.stats["prefill_chunks"] += 1
+            if job.done == len(job.ids):
+                self.chunked.popleft()
+                mask = torch.ones((1, job.done), dtype=torch.long)
+                self._start(job.solo, job.rows, [0] * len(job.rows), seg.logits, seg.pairs, mask)
 
     def _select(self, lane: _Lane, keep: list[int]) -> None:
         """Keep only rows `keep` of a lane (the cache moves the last rows into the holes: the order changes)."""
@@ -693,10 +765,15 @@ class ContinuousScheduler(_Scheduler):
             lane.cache.undo_step()
             self._isolate(lane, ids, mask, positions)
             return
+        self._note_call(rows)
+        self._decoded(lane, logits)
+
+    def _decoded(self, lane: _Lane, logits) -> None:
+        """After a decoding step went through: advance the cache, pick each row's token, let finished rows go."""
+        rows = lane.rows
         lane.cache.advance()
         self.stats["decode_steps"] += 1
         self.metrics.steps.labels(kind="decode").inc()
-        self._note_call(rows)
         keep = []
         for i, (row, token) in enumerate(zip(rows, pick_rows([row.sampler for row in rows], logits))):
             if isinstance(token, BaseException):
@@ -739,6 +816,13 @@ class ContinuousScheduler(_Scheduler):
             self._select(lane, [])
             return
         self._select(lane, [i for i in range(len(lane.rows)) if i not in bad])
+
+
+def _pairs(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer `(keys, values)` of a model call's cache (or such a list already)."""
+    if isinstance(cache, list):
+        return cache
+    return [(layer.keys, layer.values) for layer in cache.layers]
 
 
 # ---- static batching -----------------------------------------------------------------------------------------

@@ -1,0 +1,207 @@
+"""Folded prefill (serve.packed): new prompts, and the next chunk of a long one, ride along in the running rows'
+decoding step. Every row's logits must be what the model gives that row's text alone, each prompt's keys/values
+what its own prefill leaves, with one adapter per row (the mixed-adapter path) as well as on the base."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_serve import BASE, files, reference  # noqa: F401  (fixtures)
+from tiny_models import gpt2, llama, opt
+
+from deltatune import get_peft_model
+from deltatune.methods.lora import LoraConfig
+from deltatune.serve import packed
+from deltatune.serve.kvcache import RowCache
+
+
+def _alone(model, text, **kwargs):
+    return model(input_ids=torch.tensor([text]), **kwargs).logits[0, -1]
+
+
+def _running(model, prompts):
+    """A RowCache holding `prompts` (left-padded together, as a prefill of them leaves it) and their texts."""
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros((len(prompts), width), dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :] = torch.tensor(p)
+        mask[i, width - len(p) :] = 1
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+    cache = RowCache()
+    cache.join([(layer.keys, layer.values) for layer in out.past_key_values.layers], mask)
+    return cache, [p + [int(t)] for p, t in zip(prompts, out.logits[:, -1].argmax(-1))]
+
+
+@pytest.mark.parametrize("factory", [opt, llama, gpt2])
+def test_a_folded_step_gives_each_row_and_prompt_what_it_gets_alone(factory):
+    torch.manual_seed(0)
+    model = factory()
+    assert packed.supports(model)
+    long = [int(t) for t in torch.randint(2, 90, (11,))]
+    with torch.inference_mode():
+        cache, texts = _running(model, [[5, 6, 7], [8, 9], [10, 11, 12, 13, 14]])
+        # a first chunk of the long prompt goes with a new short prompt and the running rows' step
+        fresh = packed.Segment("__base__", [20, 21, 22, 23])
+        first = packed.Segment("__base__", long[:6])
+        cache.step_inputs()
+        logits = packed.run(
+            model, model, {}, cache, [t[-1] for t in texts], [fresh, first], torch.device("cpu"), "cache"
+        )
+        cache.advance()
+        for i, text in enumerate(texts):
+            torch.testing.assert_close(logits[i], _alone(model, text), atol=1e-5, rtol=0)
+            text.append(int(logits[i].argmax()))
+        torch.testing.assert_close(fresh.logits[0], _alone(model, fresh.ids), atol=1e-5, rtol=0)
+        own = model(input_ids=torch.tensor([fresh.ids]), use_cache=True).past_key_values
+        for (k, v), layer in zip(fresh.pairs, own.layers):
+            torch.testing.assert_close(k, layer.keys, atol=1e-5, rtol=0)
+            torch.testing.assert_close(v, layer.values, atol=1e-5, rtol=0)
+        # the rest of the long prompt, after its first chunk's keys/values, in the next step
+        rest = packed.Segment("__base__", long[6:], start=6, past=first.pairs)
+        cache.step_inputs()
+        logits = packed.run(
+            model, model, {}, cache, [t[-1] for t in texts], [rest], torch.device("cpu"), "cache"
+        )
+        cache.advance()
+        for i, text in enumerate(texts):
+            torch.testing.assert_close(logits[i], _alone(model, text), atol=1e-5, rtol=0)
+        torch.testing.assert_close(rest.logits[0], _alone(model, long), atol=1e-5, rtol=0)
+        assert rest.pairs[0][0].shape[2] == len(long)
+    assert model.config._attn_implementation == "sdpa"  # selected for the call only
+    assert not model.get_output_embeddings()._forward_pre_hooks
+
+
+def test_a_folded_step_gives_each_row_and_prompt_token_its_own_adapter():
+    torch.manual_seed(0)
+    base = opt()
+    model = get_peft_model(
+        base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "fc1"]), "a"
+    )
+    model.add_adapter("b", LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj", "fc1"]))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)
+    model.eval()
+    with torch.inference_mode():
+        prompts, adapters = [[5, 6, 7], [8, 9]], ["a", "b"]
+        texts = []
+        cache = RowCache()
+        for p, a in zip(prompts, adapters):  # each row prefilled with its own adapter
+            out = model(input_ids=torch.tensor([p]), use_cache=True, adapter_names=[a])
+            cache.join(
+                [(layer.keys, layer.values) for layer in out.past_key_values.layers], torch.ones(1, len(p))
+            )
+            texts.append(p + [int(out.logits[0, -1].argmax())])
+        segs = [packed.Segment("b", [30, 31, 32]), packed.Segment("__base__", [40, 41])]
+        cache.step_inputs()
+        names = packed.adapter_names(adapters, segs)
+        assert names == ["a", "b", "b", "b", "b", "__base__", "__base__"]
+        logits = packed.run(
+            model,
+            base,
+            {"adapter_names": names},
+            cache,
+            [t[-1] for t in texts],
+            segs,
+            torch.device("cpu"),
+            "cache",
+        )
+        for i, (text, a) in enumerate(zip(texts, adapters)):
+            torch.testing.assert_close(logits[i], _alone(model, text, adapter_names=[a]), atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            segs[0].logits[0], _alone(model, [30, 31, 32], adapter_names=["b"]), atol=1e-5, rtol=0
+        )
+        torch.testing.assert_close(
+            segs[1].logits[0], _alone(model, [40, 41], adapter_names=["__base__"]), atol=1e-5, rtol=0
+        )
+        # the adapters make a difference here, so the test would see a row given another's
+        assert (_alone(model, texts[0], adapter_names=["b"]) - logits[0]).abs().max() > 1e-3
+
+
+def test_models_whose_attention_cant_be_folded_are_not():
+    model = opt()
+    model.config._attn_implementation = "flash_attention_2"  # (only read here)
+    assert not packed.supports(model)
+    model.config._attn_implementation = "sdpa"
+    model.lm_head = torch.nn.Sequential(
+        model.lm_head
+    )  # a head that isn't a plain linear layer (an adapter's)
+    assert not packed.supports(model)
+    with pytest.raises(RuntimeError, match="only inside a folded decoding step"):
+        packed.attention(None, None, None, None, None)
+
+
+# ---- in the scheduler ------------------------------------------------------------------------------------------
+BURST = [("alpha", "w1 w2 w3", 9), ("beta", "w4 w5", 5), ("__base__", "w6 w7 w8 w9 w10 w11 w12", 7)]
+BURST += [("alpha", "w13", 3), ("beta", "w14 w15 w16", 6), ("alpha", "w1 w2 w3", 4)]
+
+
+def _drive(engine):
+    """One row running, then the burst arriving while it decodes (two rows share a prompt); every row's text."""
+    import threading
+
+    from deltatune.serve.scheduler import Row
+
+    sched = engine.scheduler
+    got = {i: [] for i in range(len(BURST) + 1)}
+    done = threading.Semaphore(0)
+
+    def sink_for(i):
+        def sink(event):
+            if event[0] == "token":
+                got[i].append(event[1])
+                if i == 0 and len(got[0]) == 2:  # the first row is running: the burst comes
+                    sched.submit([row(j + 1, *job) for j, job in enumerate(BURST)])
+            else:
+                assert event[0] == "done", event
+                done.release()
+
+        return sink
+
+    def row(i, adapter, prompt, max_tokens):
+        return Row("generate", adapter, engine.tokenizer(prompt)["input_ids"], max_tokens, sink=sink_for(i))
+
+    try:
+        sched.submit([row(0, "alpha", "w20 w21", 20)])
+        for _ in range(len(BURST) + 1):
+            assert done.acquire(timeout=120), "the requests did not finish"
+        texts = {i: engine.tokenizer.decode(tokens, skip_special_tokens=True) for i, tokens in got.items()}
+        return texts, dict(sched.stats)
+    finally:
+        engine.close()
+
+
+def test_prompts_folded_into_the_running_step_get_generates_answers(files, reference, monkeypatch):  # noqa: F811
+    from deltatune.serve import Engine
+
+    folded, stats = _drive(
+        Engine(files["base"], files["adapters"], base_name=BASE, device="cpu", prefill_chunk=4)
+    )
+    assert stats["folded_prefills"] >= 4 and stats["prefill_chunks"] >= 2  # the 7-word prompt went in chunks
+    plain, stats = _drive(
+        Engine(
+            files["base"],
+            files["adapters"],
+            base_name=BASE,
+            device="cpu",
+            prefill_chunk=4,
+            fold_prefill=False,
+        )
+    )
+    assert stats["folded_prefills"] == 0
+    assert folded == plain
+    for i, (adapter, prompt, max_tokens) in enumerate(BURST, start=1):
+        assert folded[i] == reference(BASE if adapter == "__base__" else adapter, prompt, max_tokens)
+
+    # a folded call that throws: its parts run on their own, with the same answers
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(packed, "run", broken)
+    again, stats = _drive(
+        Engine(files["base"], files["adapters"], base_name=BASE, device="cpu", prefill_chunk=4)
+    )
+    assert stats["folded_prefills"] == 0 and stats["failed_rows"] == 0
+    assert again == plain
