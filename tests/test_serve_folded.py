@@ -15,6 +15,39 @@ from deltatune.serve import packed
 from deltatune.serve.kvcache import RowCache
 
 
+def qwen2():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=96,
+        max_position_embeddings=64,
+    )
+    return Qwen2ForCausalLM(cfg).eval()
+
+
+def mistral(sliding_window=None):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    cfg = MistralConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=96,
+        max_position_embeddings=64,
+        sliding_window=sliding_window,
+    )
+    return MistralForCausalLM(cfg).eval()
+
+
 def _alone(model, text, **kwargs):
     return model(input_ids=torch.tensor([text]), **kwargs).logits[0, -1]
 
@@ -34,7 +67,7 @@ def _running(model, prompts):
     return cache, [p + [int(t)] for p, t in zip(prompts, out.logits[:, -1].argmax(-1))]
 
 
-@pytest.mark.parametrize("factory", [opt, llama, gpt2])
+@pytest.mark.parametrize("factory", [opt, llama, gpt2, qwen2, mistral])
 def test_a_folded_step_gives_each_row_and_prompt_what_it_gets_alone(factory):
     torch.manual_seed(0)
     model = factory()

@@ -32,7 +32,7 @@ from deltatune.serve.kvcache import RowCache
 
 NAME = "deltatune_folded"
 # Model types checked to route attention through `AttentionInterface`, after the cache update, with causal
-# attention over every earlier token (tests: opt, gpt2, llama).
+# attention over every earlier token (each tested: tests/test_serve_folded.py).
 MODEL_TYPES = frozenset({"opt", "gpt2", "llama", "mistral", "qwen2"})
 
 _ACTIVE: contextvars.ContextVar[FoldedStep | None] = contextvars.ContextVar(

@@ -1,16 +1,18 @@
 """The schedulers: the one thread that runs every model call, and how it forms batches.
 
 `ContinuousScheduler` (the default) keeps a running batch and takes one decoding step for all its rows at a
-time. A new request joins at the next step: its prompt is prefilled (prompts arriving together are prefilled
-together; the `n` choices of one prompt share one prefill; a prompt longer than `prefill_chunk` tokens is prefilled
-one chunk per step, between the running rows' decoding steps), its keys/values are written into a free slot of the
-running batch's preallocated cache (`kvcache.RowCache`: joining and leaving copy only the rows concerned, and a step
-writes one column in place), and from then on it decodes with the others; a row leaves the step it finishes (its
-length, EOS, a stop string or a disconnect seen by the event loop). Each row keeps its own adapter through the
-mixed-adapter path (`adapter_names=`: one gathered matmul per layer over the rows, never a loop over adapters);
-DoRA adapters, which can't share a mixed batch, run in a lane of their own. Positions are per row, so a greedy row
-gets what `generate` gives for its adapter alone. Adapter files are read in the engine's reader thread; this
-thread only attaches them. When more adapters are wanted than `max_loaded_adapters` fit, a row waiting for one
+time. A new request joins at the next step: its prompt is prefilled (the `n` choices of one prompt share one
+prefill; a prompt longer than `prefill_chunk` tokens is prefilled one chunk per step), its keys/values are written
+into a free slot of the running batch's preallocated cache (`kvcache.RowCache`: joining and leaving copy only the
+rows concerned, and a step writes one column in place), and from then on it decodes with the others. While rows
+are running, new prompts and the next chunk of a long one ride along in their decoding step: one model call reads
+the weights once for both (`packed.py`; where the model's attention can't be folded, or `fold_prefill` is off,
+prompts arriving together are prefilled together in a call of their own, before the step). A row leaves the step
+it finishes (its length, EOS, a stop string or a disconnect seen by the event loop). Each row keeps its own adapter
+through the mixed-adapter path (`adapter_names=`: one gathered matmul per layer over the rows, never a loop over
+adapters); DoRA adapters, which can't share a mixed batch, run in a lane of their own. Positions are per row, so a
+greedy row gets what `generate` gives for its adapter alone. Adapter files are read in the engine's reader thread;
+this thread only attaches them. When more adapters are wanted than `max_loaded_adapters` fit, a row waiting for one
 doesn't wait for a loaded adapter's rows to run dry: once an adapter has had its slot `adapter_slice` steps, it is
 paused for the waiting row (its rows keep their caches, queue again and resume where they were, bit for bit).
 
