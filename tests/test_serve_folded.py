@@ -7,45 +7,13 @@ from __future__ import annotations
 import pytest
 import torch
 from test_serve import BASE, files, reference  # noqa: F401  (fixtures)
-from tiny_models import gpt2, llama, opt
+from test_serve_kvcache import _prefill
+from tiny_models import gpt2, llama, mistral, opt, qwen2
 
 from deltatune import get_peft_model
 from deltatune.methods.lora import LoraConfig
 from deltatune.serve import packed
 from deltatune.serve.kvcache import RowCache
-
-
-def qwen2():
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(0)
-    cfg = Qwen2Config(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=96,
-        max_position_embeddings=64,
-    )
-    return Qwen2ForCausalLM(cfg).eval()
-
-
-def mistral(sliding_window=None):
-    from transformers import MistralConfig, MistralForCausalLM
-
-    torch.manual_seed(0)
-    cfg = MistralConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=96,
-        max_position_embeddings=64,
-        sliding_window=sliding_window,
-    )
-    return MistralForCausalLM(cfg).eval()
 
 
 def _alone(model, text, **kwargs):
@@ -54,17 +22,10 @@ def _alone(model, text, **kwargs):
 
 def _running(model, prompts):
     """A RowCache holding `prompts` (left-padded together, as a prefill of them leaves it) and their texts."""
-    width = max(len(p) for p in prompts)
-    ids = torch.zeros((len(prompts), width), dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p) :] = torch.tensor(p)
-        mask[i, width - len(p) :] = 1
-    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+    pairs, mask, firsts = _prefill(model, prompts)
     cache = RowCache()
-    cache.join([(layer.keys, layer.values) for layer in out.past_key_values.layers], mask)
-    return cache, [p + [int(t)] for p, t in zip(prompts, out.logits[:, -1].argmax(-1))]
+    cache.join(pairs, mask)
+    return cache, [p + [f] for p, f in zip(prompts, firsts)]
 
 
 @pytest.mark.parametrize("factory", [opt, llama, gpt2, qwen2, mistral])

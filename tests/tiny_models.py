@@ -37,18 +37,35 @@ def opt(seed: int = 0, hidden: int = 32, layers: int = 2) -> OPTForCausalLM:
     return OPTForCausalLM(cfg).eval()
 
 
+# Llama's shape (grouped-query attention: 4 query heads, 2 key/value heads); Qwen2 and Mistral take it too
+_LLAMA_SHAPE = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=VOCAB,
+    max_position_embeddings=64,
+)
+
+
 def llama(seed: int = 0) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=VOCAB,
-        max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(cfg).eval()
+    return LlamaForCausalLM(LlamaConfig(**_LLAMA_SHAPE)).eval()
+
+
+def qwen2(seed: int = 0):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    return Qwen2ForCausalLM(Qwen2Config(**_LLAMA_SHAPE)).eval()
+
+
+def mistral(seed: int = 0, sliding_window: int | None = None):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(seed)
+    return MistralForCausalLM(MistralConfig(**_LLAMA_SHAPE, sliding_window=sliding_window)).eval()
 
 
 def bert_cls(seed: int = 0, num_labels: int = 3) -> BertForSequenceClassification:
