@@ -128,26 +128,47 @@ def test_models_whose_attention_cant_be_folded_are_not():
 
 
 # ---- in the scheduler ------------------------------------------------------------------------------------------
+# Rows running when the burst comes: one in the mixed lane, one in the lane of `delta` (a DoRA adapter, which
+# can't share a mixed batch); the burst joins both, a 7-word prompt in chunks (prefill_chunk=4), two rows share one
+# prompt.
+RUNNING = [("alpha", "w20 w21", 20), ("delta", "w22 w23", 20)]
 BURST = [("alpha", "w1 w2 w3", 9), ("beta", "w4 w5", 5), ("__base__", "w6 w7 w8 w9 w10 w11 w12", 7)]
-BURST += [("alpha", "w13", 3), ("beta", "w14 w15 w16", 6), ("alpha", "w1 w2 w3", 4)]
+BURST += [("alpha", "w13", 3), ("delta", "w14 w15 w16", 6), ("alpha", "w1 w2 w3", 4), ("delta", "w17", 4)]
+
+
+def _engine(files, folder, **kwargs):  # noqa: F811
+    import shutil
+
+    from deltatune.serve import Engine
+
+    adapters = folder / "adapters"
+    if not adapters.exists():
+        shutil.copytree(files["adapters"], adapters)
+        shutil.copytree(files["root"] / "spare" / "delta", adapters / "delta")
+    return Engine(files["base"], str(adapters), base_name=BASE, device="cpu", prefill_chunk=4, **kwargs)
 
 
 def _drive(engine):
-    """One row running, then the burst arriving while it decodes (two rows share a prompt); every row's text."""
+    """The running rows, then the burst arriving while they decode; every row's text and the scheduler's stats."""
     import threading
 
     from deltatune.serve.scheduler import Row
 
     sched = engine.scheduler
-    got = {i: [] for i in range(len(BURST) + 1)}
+    jobs = RUNNING + BURST
+    got = {i: [] for i in range(len(jobs))}
     done = threading.Semaphore(0)
+    sent = []
 
     def sink_for(i):
         def sink(event):
             if event[0] == "token":
                 got[i].append(event[1])
-                if i == 0 and len(got[0]) == 2:  # the first row is running: the burst comes
-                    sched.submit([row(j + 1, *job) for j, job in enumerate(BURST)])
+                if not sent and all(
+                    len(got[r]) >= 2 for r in range(len(RUNNING))
+                ):  # both lanes run: the burst
+                    sent.append(True)
+                    sched.submit([row(j, *jobs[j]) for j in range(len(RUNNING), len(jobs))])
             else:
                 assert event[0] == "done", event
                 done.release()
@@ -158,8 +179,8 @@ def _drive(engine):
         return Row("generate", adapter, engine.tokenizer(prompt)["input_ids"], max_tokens, sink=sink_for(i))
 
     try:
-        sched.submit([row(0, "alpha", "w20 w21", 20)])
-        for _ in range(len(BURST) + 1):
+        sched.submit([row(i, *jobs[i]) for i in range(len(RUNNING))])
+        for _ in jobs:
             assert done.acquire(timeout=120), "the requests did not finish"
         texts = {i: engine.tokenizer.decode(tokens, skip_special_tokens=True) for i, tokens in got.items()}
         return texts, dict(sched.stats)
@@ -167,35 +188,22 @@ def _drive(engine):
         engine.close()
 
 
-def test_prompts_folded_into_the_running_step_get_generates_answers(files, reference, monkeypatch):  # noqa: F811
-    from deltatune.serve import Engine
-
-    folded, stats = _drive(
-        Engine(files["base"], files["adapters"], base_name=BASE, device="cpu", prefill_chunk=4)
-    )
-    assert stats["folded_prefills"] >= 4 and stats["prefill_chunks"] >= 2  # the 7-word prompt went in chunks
-    plain, stats = _drive(
-        Engine(
-            files["base"],
-            files["adapters"],
-            base_name=BASE,
-            device="cpu",
-            prefill_chunk=4,
-            fold_prefill=False,
-        )
-    )
+def test_prompts_folded_into_the_running_step_get_generates_answers(files, reference, monkeypatch, tmp_path):  # noqa: F811
+    folded, stats = _drive(_engine(files, tmp_path))
+    # every burst prompt folded, in both lanes: 5 short ones (the shared one once) and the 7-word one in 2 chunks;
+    # only the running rows' prompts were prefilled on their own (prefills: those 2, the 5, the long one's end)
+    assert stats["folded_prefills"] == 7 and stats["prefill_chunks"] == 2 and stats["prefills"] == 8
+    plain, stats = _drive(_engine(files, tmp_path, fold_prefill=False))
     assert stats["folded_prefills"] == 0
     assert folded == plain
-    for i, (adapter, prompt, max_tokens) in enumerate(BURST, start=1):
-        assert folded[i] == reference(BASE if adapter == "__base__" else adapter, prompt, max_tokens)
+    for i, (adapter, prompt, max_tokens) in enumerate(RUNNING + BURST):
+        assert folded[i] == reference(BASE if adapter == "__base__" else adapter, prompt, max_tokens), adapter
 
     # a folded call that throws: its parts run on their own, with the same answers
     def broken(*args, **kwargs):
         raise RuntimeError("boom")
 
     monkeypatch.setattr(packed, "run", broken)
-    again, stats = _drive(
-        Engine(files["base"], files["adapters"], base_name=BASE, device="cpu", prefill_chunk=4)
-    )
+    again, stats = _drive(_engine(files, tmp_path))
     assert stats["folded_prefills"] == 0 and stats["failed_rows"] == 0
     assert again == plain

@@ -61,9 +61,9 @@ class Engine:
         max_prefill_tokens: continuous scheduler: the most prompt tokens one step prefills for new rows (the first
             prompt of a step is taken whatever its length; a prompt shared by `n` rows counts once); a burst of
             requests then joins over several steps while the running rows go on decoding; 0: no limit.
-        fold_prefill: continuous scheduler: new prompts (and chunks of long ones) of the mixed lane are prefilled
-            inside the running rows' decoding step, one model call for both (`packed.py`), where the model allows
-            it; False: a prefill is a model call of its own, between two steps.
+        fold_prefill: continuous scheduler: new prompts (and chunks of long ones) are prefilled inside their
+            lane's decoding step, one model call for both (`packed.py`), where the model allows it; False: a
+            prefill is a model call of its own, between two steps.
     """
 
     def __init__(

@@ -13,7 +13,8 @@ step does) and each prompt's tokens causally to themselves and to what earlier c
 output head sees only the rows whose next token is picked (a running row; a prompt's last token).
 
 Only models whose attention goes through the interface with full (not sliding-window) causal attention are folded
-(`supports`); others, and a lane of one unmixable adapter, prefill on their own as before.
+(`supports`); others prefill on their own as before. A DoRA adapter's lane (its rows can't share a mixed batch)
+folds its own prompts the same way, with the adapter set for the call.
 """
 
 from __future__ import annotations

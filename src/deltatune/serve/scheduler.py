@@ -432,9 +432,9 @@ class ContinuousScheduler(_Scheduler):
             # files were read in the reader thread meanwhile), so a load holds neither them nor, for long, the
             # running rows.
             admitted, busy = False, bool(self.running())
-            # New prompts of the mixed lane ride along in its decoding step when it has running rows (packed.py)
-            fold = self._can_fold()
-            folding: list[Row] = []
+            # New prompts ride along in their lane's decoding step when it has running rows (packed.py)
+            fold = self._foldable()
+            folding: dict[str | None, list[Row]] = {}
             budget = _Budget(self.max_prefill_tokens, self.prefill_chunk) if self.max_prefill_tokens else None
             for max_loads in (0, 1):
                 free = self.max_batch - self.running()
@@ -450,8 +450,8 @@ class ContinuousScheduler(_Scheduler):
                     self._resume(solo, [row for row in rows if row.paused is not None])
                     rows = fresh
                     short = [row for row in rows if len(row.ids) <= self.prefill_chunk]
-                    if short and fold and solo is None:
-                        folding += short
+                    if short and solo in fold:
+                        folding.setdefault(solo, []).extend(short)
                     elif short:
                         self._prefill(solo, short)
                     self._queue_chunked(solo, [row for row in rows if len(row.ids) > self.prefill_chunk])
@@ -462,15 +462,15 @@ class ContinuousScheduler(_Scheduler):
             self._steps += 1
             active = {row.adapter for lane in self.lanes.values() for row in lane.rows} - {BASE}
             self._since = {a: self._since.get(a, self._steps) for a in active}
-            # one chunk of a long prompt per step, in the running rows' step (folded) or between the steps
-            chunk = bool(self.chunked)
-            if chunk and not (fold and self.chunked[0].solo is None):
+            # one chunk of a long prompt per step, in its lane's step (folded) or between the steps
+            chunk_lane = self.chunked[0].solo if self.chunked else _NO_LANE
+            if chunk_lane is not _NO_LANE and chunk_lane not in fold:
                 self._prefill_chunk()
-                chunk = False
-            if folding or chunk:
-                self._decode_folded(self.lanes[None], folding, chunk)
+                chunk_lane = _NO_LANE
             for solo, lane in list(self.lanes.items()):
-                if lane.rows and not (solo is None and (folding or chunk)):
+                if solo in folding or solo == chunk_lane:
+                    self._decode_folded(lane, folding.get(solo, []), solo == chunk_lane)
+                elif lane.rows:
                     self._decode(lane)
             self.metrics.running.set(self.running())
             self.metrics.queue_depth.set(self.queued())
@@ -692,17 +692,16 @@ class ContinuousScheduler(_Scheduler):
             self.chunked.popleft()
             self._start(job.solo, job.rows, [0] * len(job.rows), logits, _pairs(cache), mask)
 
-    def _can_fold(self) -> bool:
-        """Whether this step's new prompts (of the mixed lane) can ride along in its decoding step: it has running
-        rows, and the model's attention can be folded (packed.py)."""
-        lane = self.lanes.get(None)
-        return bool(
-            self.fold_prefill and lane is not None and lane.rows and packed.supports(self.engine.base)
-        )
+    def _foldable(self) -> set[str | None]:
+        """The lanes whose decoding step this step's new prompts can ride along in: those with running rows, when
+        the model's attention can be folded (packed.py)."""
+        if not self.fold_prefill or not packed.supports(self.engine.base):
+            return set()
+        return {solo for solo, lane in self.lanes.items() if lane.rows}
 
     def _decode_folded(self, lane: _Lane, fresh: list[Row], chunk: bool) -> None:
-        """The mixed lane's decoding step with the `fresh` rows' prompts (each distinct one once) and, with `chunk`,
-        the next chunk of the oldest long prompt, in one model call. The fresh rows then join the lane with their
+        """A lane's decoding step with the `fresh` rows' prompts (each distinct one once) and, with `chunk`, the
+        next chunk of the oldest long prompt (of this lane), in one model call. The fresh rows then join the lane with their
         first token, as after a prefill of their own. If the call throws, each part runs on its own, as without
         folding (and the failures are found row by row there)."""
         engine = self.engine
@@ -717,7 +716,7 @@ class ContinuousScheduler(_Scheduler):
         rows = lane.rows
         lane.cache.step_inputs()
         names = packed.adapter_names([row.adapter for row in rows], segments)
-        module, extra = engine.module_for(names, None)
+        module, extra = engine.module_for(names, lane.solo)
         try:
             logits = packed.run(
                 module, engine.base, extra, lane.cache, lane.last, segments, engine.device, engine.cache_kwarg
@@ -726,7 +725,7 @@ class ContinuousScheduler(_Scheduler):
             lane.cache.undo_step()
             logger.debug("a folded step failed (%s); its parts run on their own", e)
             if fresh:
-                self._prefill(None, fresh)
+                self._prefill(lane.solo, fresh)
             if job is not None:
                 self._prefill_chunk()
             if lane.rows:
@@ -738,7 +737,7 @@ class ContinuousScheduler(_Scheduler):
         for u, seg in enumerate(segments[: len(unique)]):
             mine = [row for row, w in zip(fresh, which) if w == u]
             mask = torch.ones((1, len(seg.ids)), dtype=torch.long)
-            self._start(None, mine, [0] * len(mine), seg.logits, seg.pairs, mask)
+            self._start(lane.solo, mine, [0] * len(mine), seg.logits, seg.pairs, mask)
         if job is not None:
             seg = segments[-1]
             job.cache, job.done = seg.pairs, seg.start + len(seg.ids)
@@ -818,6 +817,9 @@ class ContinuousScheduler(_Scheduler):
             self._select(lane, [])
             return
         self._select(lane, [i for i in range(len(lane.rows)) if i not in bad])
+
+
+_NO_LANE = object()  # no long prompt's chunk this step
 
 
 def _pairs(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
