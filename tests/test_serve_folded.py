@@ -144,7 +144,8 @@ def _engine(files, folder, **kwargs):  # noqa: F811
     adapters = folder / "adapters"
     if not adapters.exists():
         shutil.copytree(files["adapters"], adapters)
-        shutil.copytree(files["root"] / "spare" / "delta", adapters / "delta")
+        for spare in ("gamma", "delta"):
+            shutil.copytree(files["root"] / "spare" / spare, adapters / spare)
     return Engine(files["base"], str(adapters), base_name=BASE, device="cpu", prefill_chunk=4, **kwargs)
 
 
@@ -207,3 +208,71 @@ def test_prompts_folded_into_the_running_step_get_generates_answers(files, refer
     again, stats = _drive(_engine(files, tmp_path))
     assert stats["folded_prefills"] == 0 and stats["failed_rows"] == 0
     assert again == plain
+
+
+def test_rows_waiting_to_fold_count_against_max_batch(files, tmp_path):  # noqa: F811
+    """Rows taken to ride along in this step are not in their lane yet; the second pass of admission (rows whose
+    adapter must be attached) must still see them, or a step would run more rows than `max_batch`."""
+    import threading
+
+    from deltatune.serve.scheduler import Row
+
+    engine = _engine(files, tmp_path, max_batch=2)
+    sched = engine.scheduler
+    seen, done, sent = [], threading.Semaphore(0), []
+    record = sched.metrics.running.set
+    sched.metrics.running.set = lambda n: (seen.append(n), record(n))
+
+    def sink(event):
+        if event[0] == "token" and not sent:
+            sent.append(True)
+            sched.submit([Row("generate", "__base__", [5 + i, 6], 3, sink=sink) for i in range(3)])
+        elif event[0] != "token":
+            done.release()
+
+    try:
+        sched.submit([Row("generate", "alpha", [7, 8], 12, sink=sink)])
+        for _ in range(4):
+            assert done.acquire(timeout=120)
+    finally:
+        engine.close()
+    assert max(seen) == 2 and sched.stats["folded_prefills"] >= 1
+
+
+def test_the_adapters_of_rows_waiting_to_fold_are_not_evicted_for_another(files, tmp_path):  # noqa: F811
+    """A row taken in admission's first pass rides along in this step's decoding call, so its adapter must stay
+    in memory through the second pass, which may attach another adapter (evicting one that no row holds)."""
+    import threading
+
+    from deltatune.serve.scheduler import Row
+
+    engine = _engine(files, tmp_path, max_loaded_adapters=2)
+    sched = engine.scheduler
+    asked, done, sent = [], threading.Semaphore(0), []
+    ensure = engine.ensure_loaded
+
+    def recorded(adapter, pinned, **kwargs):
+        asked.append((adapter, set(pinned), kwargs.get("may_load")))
+        return ensure(adapter, pinned, **kwargs)
+
+    engine.ensure_loaded = recorded
+
+    def sink(event):
+        if event[0] == "token" and not sent:
+            sent.append(True)
+            sched.submit([Row("generate", a, [5, 6], 3, sink=sink) for a in ("beta", "gamma")])
+        elif event[0] != "token":
+            done.release()
+
+    try:
+        first = threading.Event()  # a beta request first: beta is in memory, with no rows
+        sched.submit([Row("generate", "beta", [9], 1, sink=lambda e: e[0] != "token" and first.set())])
+        assert first.wait(120)
+        sched.submit([Row("generate", "alpha", [7, 8], 12, sink=sink)])
+        for _ in range(3):
+            assert done.acquire(timeout=120)
+    finally:
+        engine.close()
+    # the first time gamma may be attached is the second pass of the step that beta's row rides along in
+    gamma = [pinned for adapter, pinned, may_load in asked if adapter == "gamma" and may_load]
+    assert gamma and "beta" in gamma[0], asked

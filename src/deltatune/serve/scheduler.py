@@ -437,11 +437,14 @@ class ContinuousScheduler(_Scheduler):
             folding: dict[str | None, list[Row]] = {}
             budget = _Budget(self.max_prefill_tokens, self.prefill_chunk) if self.max_prefill_tokens else None
             for max_loads in (0, 1):
-                free = self.max_batch - self.running()
+                # (rows taken to ride along in this step are not in their lane yet: they count, and their adapters
+                # stay in memory through the second pass's load)
+                free = self.max_batch - self.running() - sum(map(len, folding.values()))
                 if free <= 0 or not self.pending:
                     break
                 by_lane: dict[str | None, list[Row]] = {}
-                for row in self._admit(free, self.pinned(), max_loads, held, budget):
+                pinned = self.pinned() | {row.adapter for rows in folding.values() for row in rows}
+                for row in self._admit(free, pinned, max_loads, held, budget):
                     solo = row.adapter if self.engine.is_solo(row.adapter) else None
                     by_lane.setdefault(solo, []).append(row)
                     admitted = True
