@@ -276,3 +276,51 @@ def test_the_adapters_of_rows_waiting_to_fold_are_not_evicted_for_another(files,
     # the first time gamma may be attached is the second pass of the step that beta's row rides along in
     gamma = [pinned for adapter, pinned, may_load in asked if adapter == "gamma" and may_load]
     assert gamma and "beta" in gamma[0], asked
+
+
+def test_rows_waiting_to_fold_are_failed_not_lost_when_the_model_thread_stops(files, tmp_path):  # noqa: F811
+    """Rows taken to ride along in this step are in no queue and no lane until their lane's step: if the model
+    thread stops before (here: the step can't make room in the running rows' cache), they must get the error the
+    other rows get, not wait for ever for an answer."""
+    import threading
+
+    from deltatune.serve.scheduler import Row
+
+    engine = _engine(files, tmp_path)
+    sched = engine.scheduler
+    events: dict[int, list] = {0: [], 1: [], 2: []}
+    running = threading.Event()
+    decode_folded = sched._decode_folded
+
+    def out_of_memory(tokens):
+        raise torch.OutOfMemoryError("no room for one more column")
+
+    def step(lane, fresh, chunk):
+        lane.cache.reserve = out_of_memory
+        decode_folded(lane, fresh, chunk)
+
+    sched._decode_folded = step
+
+    def sink(i):
+        def put(event):
+            events[i].append(event)
+            if i == 0 and event[0] == "token":
+                running.set()
+
+        return put
+
+    try:
+        sched.submit([Row("generate", "alpha", [7, 8], 30, sink=sink(0))])
+        assert running.wait(120)
+        sched.submit(
+            [
+                Row("generate", "__base__", [9, 10], 4, sink=sink(1)),
+                Row("generate", "alpha", [11], 4, sink=sink(2)),
+            ]
+        )
+        sched._thread.join(timeout=120)
+        assert not sched._thread.is_alive()
+    finally:
+        engine.close()
+    for i in (0, 1, 2):
+        assert events[i] and events[i][-1][0] == "error" and events[i][-1][1].status == 503, (i, events[i])

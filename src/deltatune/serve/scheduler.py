@@ -402,6 +402,9 @@ class ContinuousScheduler(_Scheduler):
         self._waiting = False  # every pending row waits for its adapter's files (the reader wakes us)
         self._steps = 0  # scheduling steps taken
         self._since: dict[str, int] = {}  # the step since which each adapter of the running rows has had rows
+        # Rows taken this step to ride along in their lane's decoding step (per lane): in no queue and no lane until
+        # that step, so `_all_rows` must see them here (if the thread stops before it, they are failed, not lost).
+        self._folding: dict[str | None, list[Row]] = {}
         super().__init__(engine, **kwargs)
         self.stats.update(
             prefill_chunks=0, adapter_pauses=0, paused_rows=0, resumed_rows=0, folded_prefills=0
@@ -412,6 +415,7 @@ class ContinuousScheduler(_Scheduler):
             *self.pending,
             *(r for job in self.chunked for r in job.rows),
             *(r for lane in self.lanes.values() for r in lane.rows),
+            *(r for rows in self._folding.values() for r in rows),
         ]
 
     def running(self) -> int:
@@ -434,7 +438,7 @@ class ContinuousScheduler(_Scheduler):
             admitted, busy = False, bool(self.running())
             # New prompts ride along in their lane's decoding step when it has running rows (packed.py)
             fold = self._foldable()
-            folding: dict[str | None, list[Row]] = {}
+            self._folding = folding = {}
             budget = _Budget(self.max_prefill_tokens, self.prefill_chunk) if self.max_prefill_tokens else None
             for max_loads in (0, 1):
                 # (rows taken to ride along in this step are not in their lane yet: they count, and their adapters
@@ -475,6 +479,7 @@ class ContinuousScheduler(_Scheduler):
                     self._decode_folded(lane, folding.get(solo, []), solo == chunk_lane)
                 elif lane.rows:
                     self._decode(lane)
+            self._folding = {}
             self.metrics.running.set(self.running())
             self.metrics.queue_depth.set(self.queued())
 
