@@ -324,3 +324,30 @@ def test_rows_waiting_to_fold_are_failed_not_lost_when_the_model_thread_stops(fi
         engine.close()
     for i in (0, 1, 2):
         assert events[i] and events[i][-1][0] == "error" and events[i][-1][1].status == 503, (i, events[i])
+
+
+def test_requests_after_the_model_thread_ended_are_refused_not_left_waiting(files, tmp_path):  # noqa: F811
+    """If the model thread ends on an error of its own, what it held fails with 503, and so does every later
+    request (it was queued for a thread that would never take it, and its client waited for ever)."""
+    from deltatune.serve.errors import ApiError
+    from deltatune.serve.scheduler import Row
+
+    engine = _engine(files, tmp_path)
+    sched = engine.scheduler
+    errors = []
+
+    def boom():
+        raise RuntimeError("a defect of the model thread")
+
+    sched._reap = boom
+    try:
+        sched.submit(
+            [Row("generate", "__base__", [5, 6], 3, sink=lambda e: e[0] == "error" and errors.append(e[1]))]
+        )
+        sched._thread.join(30)
+        assert not sched._thread.is_alive() and [e.code for e in errors] == ["shutting_down"]
+        with pytest.raises(ApiError) as refused:
+            sched.submit([Row("generate", "__base__", [5, 6], 3, sink=lambda e: None)])
+        assert refused.value.status == 503 and refused.value.code == "shutting_down"
+    finally:
+        engine.close()

@@ -36,7 +36,11 @@ class Metrics:
             registry=r,
         )
         self.steps = Counter(
-            "deltatune_decode_steps", "model calls (prefills and decoding steps)", ["kind"], registry=r
+            "deltatune_decode_steps",
+            "decoding steps (kind=decode) and prompts prefilled (kind=prefill: on their own, or folded into a "
+            "decoding step, which then counts once as a decoding step too)",
+            ["kind"],
+            registry=r,
         )
         self.adapter_events = Counter(
             "deltatune_adapter_events",

@@ -144,12 +144,16 @@ class _Scheduler:
 
     # ---- event loop side -----------------------------------------------------------------------------
     def submit(self, rows: list[Row]) -> None:
-        if self.closing:
+        if self.closing or self._stopped:  # (stopped: the model thread ended, on an error of its own)
             raise shutting_down()
         if self.queued() + len(rows) > self.max_queue:
             raise overloaded()
         for row in rows:
             self._queue.put(row)
+        if (
+            self._stopped
+        ):  # it ended meanwhile, perhaps after its last look at the queue: nothing would take them
+            self._drain()
 
     def command(self, fn: Callable[[], Any]) -> Future:
         future: Future = Future()
@@ -181,15 +185,19 @@ class _Scheduler:
             self._stopped = True
             for row in self._all_rows():
                 row.fail(shutting_down())
-            while True:
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if isinstance(item, Row):
-                    item.fail(shutting_down())
-                elif isinstance(item, _Command):
-                    item.future.set_exception(shutting_down())
+            self._drain()
+
+    def _drain(self) -> None:
+        """Fail what is in the queue (the model thread has ended)."""
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(item, Row):
+                item.fail(shutting_down())
+            elif isinstance(item, _Command):
+                item.future.set_exception(shutting_down())
 
     def _all_rows(self) -> list[Row]:
         return list(self.pending)
