@@ -1,8 +1,12 @@
 """Folded prefill (serve.packed): new prompts, and the next chunk of a long one, ride along in the running rows'
 decoding step. Every row's logits must be what the model gives that row's text alone, each prompt's keys/values
-what its own prefill leaves, with one adapter per row (the mixed-adapter path) as well as on the base."""
+what its own prefill leaves, with one adapter per row (the mixed-adapter path) as well as on the base. In the
+scheduler: the same answers folded or not, and the rows waiting to ride along counted, pinned and never lost."""
 
 from __future__ import annotations
+
+import shutil
+import threading
 
 import pytest
 import torch
@@ -12,8 +16,10 @@ from tiny_models import gpt2, llama, mistral, opt, qwen2
 
 from deltatune import get_peft_model
 from deltatune.methods.lora import LoraConfig
-from deltatune.serve import packed
+from deltatune.serve import Engine, packed
+from deltatune.serve.errors import ApiError
 from deltatune.serve.kvcache import RowCache
+from deltatune.serve.scheduler import Row
 
 
 def _alone(model, text, **kwargs):
@@ -137,10 +143,6 @@ BURST += [("alpha", "w13", 3), ("delta", "w14 w15 w16", 6), ("alpha", "w1 w2 w3"
 
 
 def _engine(files, folder, **kwargs):  # noqa: F811
-    import shutil
-
-    from deltatune.serve import Engine
-
     adapters = folder / "adapters"
     if not adapters.exists():
         shutil.copytree(files["adapters"], adapters)
@@ -151,10 +153,6 @@ def _engine(files, folder, **kwargs):  # noqa: F811
 
 def _drive(engine):
     """The running rows, then the burst arriving while they decode; every row's text and the scheduler's stats."""
-    import threading
-
-    from deltatune.serve.scheduler import Row
-
     sched = engine.scheduler
     jobs = RUNNING + BURST
     got = {i: [] for i in range(len(jobs))}
@@ -165,9 +163,8 @@ def _drive(engine):
         def sink(event):
             if event[0] == "token":
                 got[i].append(event[1])
-                if not sent and all(
-                    len(got[r]) >= 2 for r in range(len(RUNNING))
-                ):  # both lanes run: the burst
+                both_run = all(len(got[r]) >= 2 for r in range(len(RUNNING)))
+                if both_run and not sent:  # the burst comes
                     sent.append(True)
                     sched.submit([row(j, *jobs[j]) for j in range(len(RUNNING), len(jobs))])
             else:
@@ -213,10 +210,6 @@ def test_prompts_folded_into_the_running_step_get_generates_answers(files, refer
 def test_rows_waiting_to_fold_count_against_max_batch(files, tmp_path):  # noqa: F811
     """Rows taken to ride along in this step are not in their lane yet; the second pass of admission (rows whose
     adapter must be attached) must still see them, or a step would run more rows than `max_batch`."""
-    import threading
-
-    from deltatune.serve.scheduler import Row
-
     engine = _engine(files, tmp_path, max_batch=2)
     sched = engine.scheduler
     seen, done, sent = [], threading.Semaphore(0), []
@@ -242,10 +235,6 @@ def test_rows_waiting_to_fold_count_against_max_batch(files, tmp_path):  # noqa:
 def test_the_adapters_of_rows_waiting_to_fold_are_not_evicted_for_another(files, tmp_path):  # noqa: F811
     """A row taken in admission's first pass rides along in this step's decoding call, so its adapter must stay
     in memory through the second pass, which may attach another adapter (evicting one that no row holds)."""
-    import threading
-
-    from deltatune.serve.scheduler import Row
-
     engine = _engine(files, tmp_path, max_loaded_adapters=2)
     sched = engine.scheduler
     asked, done, sent = [], threading.Semaphore(0), []
@@ -282,10 +271,6 @@ def test_rows_waiting_to_fold_are_failed_not_lost_when_the_model_thread_stops(fi
     """Rows taken to ride along in this step are in no queue and no lane until their lane's step: if the model
     thread stops before (here: the step can't make room in the running rows' cache), they must get the error the
     other rows get, not wait for ever for an answer."""
-    import threading
-
-    from deltatune.serve.scheduler import Row
-
     engine = _engine(files, tmp_path)
     sched = engine.scheduler
     events: dict[int, list] = {0: [], 1: [], 2: []}
@@ -329,9 +314,6 @@ def test_rows_waiting_to_fold_are_failed_not_lost_when_the_model_thread_stops(fi
 def test_requests_after_the_model_thread_ended_are_refused_not_left_waiting(files, tmp_path):  # noqa: F811
     """If the model thread ends on an error of its own, what it held fails with 503, and so does every later
     request (it was queued for a thread that would never take it, and its client waited for ever)."""
-    from deltatune.serve.errors import ApiError
-    from deltatune.serve.scheduler import Row
-
     engine = _engine(files, tmp_path)
     sched = engine.scheduler
     errors = []
