@@ -201,10 +201,14 @@ def test_prompts_folded_into_the_running_step_get_generates_answers(files, refer
     def broken(*args, **kwargs):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(packed, "run", broken)
-    again, stats = _drive(_engine(files, tmp_path))
+    calls = []
+    monkeypatch.setattr(packed, "run", lambda *a, **k: (calls.append(1), broken()))
+    engine = _engine(files, tmp_path)
+    again, stats = _drive(engine)
     assert stats["folded_prefills"] == 0 and stats["failed_rows"] == 0
     assert again == plain
+    # no row failed on its own, so folding itself failed: it was tried once, then turned off
+    assert len(calls) == 1 and not engine.scheduler.fold_prefill
 
 
 def test_rows_waiting_to_fold_count_against_max_batch(files, tmp_path):  # noqa: F811

@@ -717,14 +717,18 @@ class ContinuousScheduler(_Scheduler):
 
     def _decode_folded(self, lane: _Lane, fresh: list[Row], chunk: bool) -> None:
         """A lane's decoding step with the `fresh` rows' prompts (each distinct one once) and, with `chunk`, the
-        next chunk of the oldest long prompt (of this lane), in one model call. The fresh rows then join the lane with their
-        first token, as after a prefill of their own. If the call throws, each part runs on its own, as without
-        folding (and the failures are found row by row there)."""
+        next chunk of the oldest long prompt (of this lane), in one model call. The fresh rows then join the lane
+        with their first token, as after a prefill of their own. If the call throws, each part runs on its own, as
+        without folding (and the failures are found row by row there); if none fails there, folding is what
+        failed, and it is turned off for this server."""
+        job = self.chunked[0] if chunk else None
+        if not self.fold_prefill:  # turned off earlier in this step (another lane's folded call failed)
+            self._unfolded(lane, fresh, job)
+            return
         engine = self.engine
         unique: dict[tuple[str, tuple[int, ...]], int] = {}
         which = [unique.setdefault((row.adapter, tuple(row.ids)), len(unique)) for row in fresh]
         segments = [packed.Segment(adapter, list(ids)) for adapter, ids in unique]
-        job = self.chunked[0] if chunk else None
         if job is not None:
             end = min(len(job.ids), job.done + self.prefill_chunk)
             past = _pairs(job.cache) if job.cache is not None else None
@@ -739,13 +743,18 @@ class ContinuousScheduler(_Scheduler):
             )
         except Exception as e:
             lane.cache.undo_step()
-            logger.debug("a folded step failed (%s); its parts run on their own", e)
-            if fresh:
-                self._prefill(lane.solo, fresh)
-            if job is not None:
-                self._prefill_chunk()
-            if lane.rows:
-                self._decode(lane)
+            failed = self.stats["failed_rows"]
+            self._unfolded(lane, fresh, job)
+            if self.stats["failed_rows"] == failed:  # every part ran on its own: folding itself failed
+                self.fold_prefill = False  # (else each step would try, fail and run twice)
+                logger.warning(
+                    "a folded prefill failed (%s: %s) where its parts ran on their own; prompts are prefilled on "
+                    "their own from now on",
+                    type(e).__name__,
+                    e,
+                )
+            else:
+                logger.debug("a folded step failed (%s); its parts ran on their own", e)
             return
         self._note_call([*rows, *fresh, *(job.rows if job is not None else [])])
         self.stats["folded_prefills"] += len(segments)
@@ -762,6 +771,16 @@ class ContinuousScheduler(_Scheduler):
                 self.chunked.popleft()
                 mask = torch.ones((1, job.done), dtype=torch.long)
                 self._start(job.solo, job.rows, [0] * len(job.rows), seg.logits, seg.pairs, mask)
+
+    def _unfolded(self, lane: _Lane, fresh: list[Row], job: _Chunked | None) -> None:
+        """What `_decode_folded` does in one call, in a call each: the fresh rows' prefill, the long prompt's
+        chunk, the lane's decoding step."""
+        if fresh:
+            self._prefill(lane.solo, fresh)
+        if job is not None:
+            self._prefill_chunk()
+        if lane.rows:
+            self._decode(lane)
 
     def _select(self, lane: _Lane, keep: list[int]) -> None:
         """Keep only rows `keep` of a lane (the cache moves the last rows into the holes: the order changes)."""
