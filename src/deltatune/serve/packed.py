@@ -142,11 +142,11 @@ class FoldedStep(Cache):
 
 
 def _attend(query, key, value, mask, scaling, is_causal=False):
-    if key.shape[1] != query.shape[1]:  # grouped-query attention: each key/value head serves several queries
-        groups = query.shape[1] // key.shape[1]
-        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    gqa = (
+        key.shape[1] != query.shape[1]
+    )  # grouped-query attention: each key/value head serves several queries
     return F.scaled_dot_product_attention(
-        query, key, value, attn_mask=mask, is_causal=is_causal, scale=scaling
+        query, key, value, attn_mask=mask, is_causal=is_causal, scale=scaling, enable_gqa=gqa
     )
 
 
